@@ -1,0 +1,304 @@
+"""Execute an `AveragePlan`: read, accumulate and write, overlapped, in bounded memory.
+
+Three stages run at once, handing fixed-size pieces to each other through bounded queues:
+a reader thread copies each input's piece of a tensor into a pooled buffer (large
+sequential `pread`s), the calling thread accumulates the pieces in float32/float64 in
+cache-sized chunks and casts once to the output dtype, and a writer thread appends the
+result to the current output shard. File I/O and torch kernels release the GIL, so wall
+time tends to the slowest stage rather than the sum, and memory is the buffer pools:
+O(piece size x inputs), independent of model size.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import CkptavgError
+from .hashing import file_sha256
+from .plan import AveragePlan, TensorJob, check_weights, plan_average, uniform_weights
+from .tensors import Checkpoint, TensorReader, open_checkpoint
+from .writer import OutputDir, ShardFile, check_free_space, copy_side_files, write_index
+
+PIECE_ELEMENTS = 4 * 1024 * 1024  # per input per hand-off: 8 MB of fp16
+CHUNK_ELEMENTS = 1024 * 1024  # arithmetic granularity: keeps the fp32 temporaries in cache
+PIPELINE_DEPTH = 3  # pieces in flight per stage boundary
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    shard: int
+    job: TensorJob
+    start: int
+    count: int
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CkptavgError("--device cuda was asked for, but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise CkptavgError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return dev
+
+
+def _pieces(plan: AveragePlan, piece_elements: int) -> list[_Piece]:
+    out = []
+    for s, shard in enumerate(plan.shards):
+        for job in shard.jobs:
+            starts = range(0, job.numel, piece_elements) if job.numel else [0]
+            out += [_Piece(s, job, a, min(piece_elements, job.numel - a)) for a in starts]
+    return out
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Pipeline:
+    def __init__(self, plan: AveragePlan, folder: Path, device: torch.device, piece_elements: int,
+                 progress: Progress | None) -> None:
+        self.plan, self.folder, self.device = plan, folder, device
+        self.pieces = _pieces(plan, piece_elements)
+        self.progress = progress
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        jobs = plan.jobs
+        n_in = max(len(j.sources) for j in jobs)
+        in_bytes = piece_elements * max(r.dtype.itemsize for j in jobs for r in j.sources)
+        out_bytes = piece_elements * max(j.out_dtype.itemsize for j in jobs)
+        pin = device.type == "cuda"
+        self.in_pool: queue.Queue[torch.Tensor] = queue.Queue()
+        self.out_pool: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(PIPELINE_DEPTH * n_in):
+            self.in_pool.put(torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin))
+        for _ in range(PIPELINE_DEPTH):
+            self.out_pool.put(torch.empty(out_bytes, dtype=torch.uint8, pin_memory=pin))
+        self.read_q: queue.Queue = queue.Queue(PIPELINE_DEPTH)
+        self.write_q: queue.Queue = queue.Queue(PIPELINE_DEPTH)
+        chunk = piece_elements if device.type == "cuda" else min(CHUNK_ELEMENTS, piece_elements)
+        self.acc = torch.empty(chunk, dtype=plan.accumulate, device=device)
+        self.tmp = torch.empty(chunk, dtype=plan.accumulate, device=device)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _get(self, q: queue.Queue):
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+
+    def _put(self, q: queue.Queue, item) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                return q.put(item, timeout=0.05)
+            except queue.Full:
+                continue
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except _Stopped:
+                pass
+            except BaseException as e:  # handed to the main thread, which re-raises it
+                self.errors.append(e)
+                self.stop.set()
+        return run
+
+    # -- stages -----------------------------------------------------------------------------
+    def _read(self) -> None:
+        with TensorReader() as reader:
+            for p in self.pieces:
+                bufs = [self._get(self.in_pool) for _ in p.job.sources]
+                views = [reader.read(r, p.start, p.count, b) for r, b in zip(p.job.sources, bufs)]
+                self._put(self.read_q, (p, bufs, views))
+        self._put(self.read_q, None)
+
+    def _write(self) -> None:
+        shard_file: ShardFile | None = None
+        current = -1
+        try:
+            while (item := self._get(self.write_q)) is not None:
+                p, buf = item
+                if p.shard != current:
+                    if shard_file is not None:
+                        shard_file.finish()
+                    current = p.shard
+                    shard_file = ShardFile(self.folder / self.plan.shards[current].filename,
+                                           self.plan.shards[current])
+                nbytes = p.count * p.job.out_dtype.itemsize
+                shard_file.write(buf[:nbytes].numpy())
+                self.out_pool.put(buf)
+                if self.progress is not None:
+                    self.progress(nbytes)
+            if shard_file is not None:
+                shard_file.finish()
+                shard_file = None
+        finally:
+            if shard_file is not None:
+                shard_file.abort()
+
+    def _accumulate(self, views: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        w = self.plan.weights
+        n, step = out.numel(), self.acc.numel()
+        on_gpu = self.device.type == "cuda"
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            acc, tmp = self.acc[: e - s], self.tmp[: e - s]
+            # mul then add, never fused: the same rounding as the plain reference sum
+            acc.copy_(views[0][s:e], non_blocking=on_gpu).mul_(w[0])
+            for v, wi in zip(views[1:], w[1:]):
+                tmp.copy_(v[s:e], non_blocking=on_gpu).mul_(wi)
+                acc.add_(tmp)
+            out[s:e].copy_(acc)  # the one cast to the output dtype (a synchronising copy on CUDA)
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._guard(f), daemon=True, name=f"ckptavg-{f.__name__}")
+                   for f in (self._read, self._write)]
+        for t in threads:
+            t.start()
+        try:
+            while (item := self._get(self.read_q)) is not None:
+                p, bufs, views = item
+                out_buf = self._get(self.out_pool)
+                out = out_buf[: p.count * p.job.out_dtype.itemsize].view(p.job.out_dtype)
+                if p.job.action == "copy":
+                    out.copy_(views[0])
+                else:
+                    self._accumulate(views, out)
+                for b in bufs:
+                    self.in_pool.put(b)
+                self._put(self.write_q, (p, out_buf))
+            self._put(self.write_q, None)
+            threads[1].join()
+        except _Stopped:
+            pass
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            if self.errors:
+                self.stop.set()
+            for t in threads:
+                t.join()
+        if self.errors:
+            raise self.errors[0]
+
+
+def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None) -> None:
+    """Write the plan's shards (and index) into an existing folder."""
+    _Pipeline(plan, Path(folder), resolve_device(device), piece_elements, progress).run()
+    write_index(Path(folder), plan.shards)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "auto (as stored in the newest input)" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    return {"ckptavg": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            "python": platform.python_version()}
+
+
+def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple[str, str]] | None,
+                     extra: Sequence[dict] | None) -> list[dict]:
+    inputs = []
+    for i, c in enumerate(checkpoints):
+        files = []
+        for f in c.files:
+            entry: dict = {"name": f.name, "size": f.stat().st_size}
+            if hashes is not None:
+                entry["sha256"], entry["sha256_source"] = hashes[f]
+            files.append(entry)
+        inputs.append({"path": str(c.path.absolute()), "format": c.format, "files": files,
+                       **(extra[i] if extra else {})})
+    return inputs
+
+
+def average_checkpoints(
+    inputs: Sequence[str | os.PathLike | Checkpoint],
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    out_dtype: torch.dtype | None = None,
+    accumulate: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
+    shard_bytes: int = 5 * 10**9,
+    force: bool = False,
+    hash_inputs: bool = True,
+    method: dict | None = None,
+    input_info: Sequence[dict] | None = None,
+    piece_elements: int = PIECE_ELEMENTS,
+    progress: Callable[[AveragePlan], Progress | None] | None = None,
+) -> Path:
+    """Average checkpoints (oldest first, newest last) into the Hugging Face model folder `out`.
+
+    Config and tokenizer files, and every tensor that is not averaged, come from the newest
+    input. `method` and `input_info` are recorded verbatim in the manifest, so callers such
+    as trajectory runs can say where the inputs came from. Returns the output folder.
+    """
+    output = OutputDir(out, force=force)
+    output.check()
+    dev = resolve_device(device)
+    checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
+    weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
+    plan = plan_average(checkpoints, weights, out_dtype=out_dtype, accumulate=accumulate,
+                        shard_bytes=shard_bytes)
+    output.final.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(output.final.parent, plan.output_bytes)
+    started = time.time()
+    with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
+        files = sorted({f for c in checkpoints for f in c.files})
+        pending = {f: pool.submit(file_sha256, f) for f in files} if hash_inputs else {}
+        execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
+                     progress=progress(plan) if progress else None)
+        side = copy_side_files(checkpoints[-1].folder, output.path)
+        hashes = {f: fut.result() for f, fut in pending.items()} if hash_inputs else None
+        manifest = {
+            "ckptavg_manifest": 1,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "method": method or {"name": "weighted_average"},
+            "weights": list(plan.weights),
+            "normalized": normalize,
+            "inputs": _describe_inputs(checkpoints, hashes, input_info),
+            "dtype_policy": {
+                "output": _dtype_name(out_dtype),
+                "accumulate": _dtype_name(accumulate),
+                "not_averaged": "copied from the newest input: non-float tensors and non-trained buffers",
+            },
+            "copied_tensors": plan.copied,
+            "output": {
+                "files": [{"name": s.filename, "tensors": len(s.jobs), "bytes": s.nbytes} for s in plan.shards],
+                "tensor_bytes": plan.output_bytes,
+                "side_files_from_newest_input": side,
+            },
+            "device": str(dev),
+            "seconds": round(time.time() - started, 3),
+            "versions": _versions(),
+        }
+        output.commit(manifest, fsync_files=[output.path / n for n in side])
+    return output.final

@@ -1,0 +1,186 @@
+"""Pure planning of one weighted average: which tensors, which action, which output shard.
+
+Everything here works on metadata (`TensorRef`s) and never touches tensor data, so every
+inconsistency between the inputs is found before a single byte is read or written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MismatchError, WeightsError
+from .tensors import Checkpoint, TensorRef
+
+# Buffers that ride along in real Pythia checkpoints but are not trained weights: averaging
+# them is meaningless at best (a causal mask) and lossy at worst (masked_bias = -1e9).
+DEFAULT_COPY_PATTERNS = (
+    "*.attention.bias",
+    "*.attention.masked_bias",
+    "*.rotary_emb.inv_freq",
+    "*.rotary_emb.original_inv_freq",
+)
+WEIGHT_SUM_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: the weighted sum of `sources`, or a copy of the newest source."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    action: str  # "average" | "copy"
+    sources: tuple[TensorRef, ...]  # one per input for "average"; the newest input's for "copy"
+    reason: str = ""  # why a tensor is copied
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    jobs: tuple[TensorJob, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+
+@dataclass(frozen=True)
+class AveragePlan:
+    weights: tuple[float, ...]
+    accumulate: torch.dtype
+    shards: tuple[Shard, ...]
+    copied: dict[str, str] = field(default_factory=dict)  # name -> reason
+
+    @property
+    def jobs(self) -> list[TensorJob]:
+        return [j for s in self.shards for j in s.jobs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(r.nbytes for j in self.jobs for r in j.sources)
+
+
+def uniform_weights(n: int) -> tuple[float, ...]:
+    return tuple([1.0 / n] * n)
+
+
+def check_weights(weights: Sequence[float], n_inputs: int, normalized: bool = True) -> tuple[float, ...]:
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != n_inputs:
+        raise WeightsError(f"got {len(weights)} weights for {n_inputs} inputs")
+    if not all(math.isfinite(w) for w in weights):
+        raise WeightsError(f"weights must be finite numbers, got {list(weights)}")
+    if normalized and abs(math.fsum(weights) - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise WeightsError(
+            f"weights sum to {math.fsum(weights):.6g}, not 1 (pass --no-normalize to use them as given)"
+        )
+    return weights
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def plan_average(
+    checkpoints: Sequence[Checkpoint],
+    weights: Sequence[float],
+    *,
+    out_dtype: torch.dtype | None = None,
+    accumulate: torch.dtype = torch.float32,
+    shard_bytes: int = 5 * 10**9,
+    copy_patterns: Sequence[str] = DEFAULT_COPY_PATTERNS,
+) -> AveragePlan:
+    """Plan `sum_i weights[i] * checkpoints[i]`; the last checkpoint is the newest.
+
+    `out_dtype=None` keeps each tensor's dtype as stored in the newest checkpoint. Tensors
+    that are not floating point, or that match `copy_patterns`, are copied from the newest
+    checkpoint. Output tensors follow the newest checkpoint's on-disk order (grouped by
+    item size, so every tensor stays aligned), which keeps all reads sequential when the
+    inputs share a layout, as consecutive checkpoints of one run do.
+    """
+    if not checkpoints:
+        raise MismatchError("no checkpoints to average")
+    if accumulate not in (torch.float32, torch.float64):
+        raise ValueError("accumulate must be float32 or float64")
+    if out_dtype is not None and not _is_float(out_dtype):
+        raise ValueError("out_dtype must be a floating point dtype")
+    newest = checkpoints[-1]
+    names = set(newest.tensors)
+    for ckpt in checkpoints[:-1]:
+        if set(ckpt.tensors) != names:
+            extra = sorted(set(ckpt.tensors) - names)
+            missing = sorted(names - set(ckpt.tensors))
+            which = f"{missing[0]!r} is missing from {ckpt.path}" if missing else (
+                f"{extra[0]!r} is in {ckpt.path} but not in {newest.path}"
+            )
+            count = len(extra) + len(missing)
+            raise MismatchError(f"tensor names differ ({count} tensor(s)): {which}")
+
+    ordered = list(newest.tensors.values())
+    if newest.format == "safetensors":
+        ordered.sort(key=lambda r: (newest.files.index(r.file), r.offset))
+    jobs, copied = [], {}
+    for ref in ordered:
+        refs = [c.tensors[ref.name] for c in checkpoints]
+        for c, r in zip(checkpoints, refs):
+            if r.shape != ref.shape:
+                raise MismatchError(
+                    f"tensor {ref.name!r} has shape {list(r.shape)} in {c.path} "
+                    f"but {list(ref.shape)} in {newest.path}"
+                )
+            if _is_float(r.dtype) != _is_float(ref.dtype):
+                raise MismatchError(
+                    f"tensor {ref.name!r} is {r.dtype} in {c.path} but {ref.dtype} in {newest.path}"
+                )
+        if not _is_float(ref.dtype):
+            reason = f"{str(ref.dtype).removeprefix('torch.')} buffer, not averaged"
+        elif any(fnmatch.fnmatchcase(ref.name, p) for p in copy_patterns):
+            reason = "non-trained buffer, not averaged"
+        else:
+            reason = ""
+        if reason:
+            copied[ref.name] = reason
+            jobs.append(TensorJob(ref.name, ref.shape, ref.dtype, "copy", (ref,), reason))
+        else:
+            dtype = out_dtype or ref.dtype
+            jobs.append(TensorJob(ref.name, ref.shape, dtype, "average", tuple(refs)))
+    # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
+    # also after a dtype change.
+    jobs.sort(key=lambda j: -j.out_dtype.itemsize)
+    return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), accumulate,
+                       assign_shards(jobs, shard_bytes), copied)
+
+
+def assign_shards(jobs: Sequence[TensorJob], shard_bytes: int) -> tuple[Shard, ...]:
+    """Greedy, order-preserving split into shards of at most `shard_bytes` (a bigger tensor gets its own)."""
+    if shard_bytes <= 0:
+        raise ValueError("shard size must be positive")
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size + job.nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.nbytes
+    if len(groups) == 1:
+        return (Shard("model.safetensors", tuple(groups[0])),)
+    n = len(groups)
+    return tuple(Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups))

@@ -1,0 +1,288 @@
+"""A lazy index over the tensors of one checkpoint, and the readers that fetch their bytes.
+
+Opening a checkpoint reads metadata only: safetensors headers (parsed here, because the
+averaging engine needs each tensor's byte offset to read it with large `pread` calls
+instead of page faults), or the pickle of a zipfile `.bin` loaded with
+`torch.load(mmap=True, weights_only=True)`, whose storages stay on disk until touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptCheckpointError, InputError, UnsafeCheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# Looked for in this order: the first one present decides the checkpoint's format.
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "safetensors"),
+    ("model.safetensors", "safetensors"),
+    ("pytorch_model.bin.index.json", "bin"),
+    ("pytorch_model.bin", "bin"),
+)
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives. `offset` is the absolute byte offset for safetensors, None for `.bin`."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int | None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder (or single weight file) and its tensor index."""
+
+    path: Path
+    format: str  # "safetensors" | "bin"
+    files: tuple[Path, ...]
+    tensors: dict[str, TensorRef]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Parse and fully validate a safetensors header, so a truncated file fails before any work."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptCheckpointError(f"{file}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CorruptCheckpointError(f"{file}: corrupt or truncated safetensors header")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{file}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptCheckpointError(f"{file}: corrupt safetensors header (not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    refs: dict[str, TensorRef] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(f"{file}: bad header entry for tensor {name!r}") from None
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+            raise CorruptCheckpointError(f"{file}: tensor {name!r} has inconsistent data offsets")
+        refs[name] = TensorRef(name, dtype, shape, file, data_start + begin)
+        spans.append((begin, end))
+    spans.sort()
+    covered = 0
+    for begin, end in spans:
+        if begin != covered:
+            raise CorruptCheckpointError(f"{file}: tensor data overlaps or leaves gaps")
+        covered = end
+    if data_start + covered != size:
+        what = "truncated" if data_start + covered > size else "has trailing bytes"
+        raise CorruptCheckpointError(
+            f"{file}: {what} (header needs {data_start + covered} bytes, file has {size})"
+        )
+    return refs, metadata
+
+
+def _is_zipfile(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def load_torch_bin(file: Path) -> dict[str, torch.Tensor]:
+    """Open a `.bin` state dict without executing code from it.
+
+    Zipfile checkpoints are memory-mapped, so their tensors cost no anonymous memory.
+    Legacy (pre-1.6, non-zip) files cannot be mapped: they are loaded whole, still with
+    `weights_only=True`, and a warning says so.
+    """
+    try:
+        zipped = _is_zipfile(file)
+    except OSError as e:
+        raise InputError(f"{file}: cannot read ({e.strerror})") from None
+    if zipped:
+        try:
+            zipfile.ZipFile(file).close()
+        except zipfile.BadZipFile:
+            raise CorruptCheckpointError(f"{file}: truncated or corrupt zip checkpoint") from None
+    else:
+        warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it is loaded whole into memory")
+    try:
+        sd = torch.load(file, map_location="cpu", mmap=zipped, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"{file}: refusing to unpickle: it needs more than weights_only=True allows ({first})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise CorruptCheckpointError(f"{file}: cannot load ({str(e).splitlines()[0]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CorruptCheckpointError(f"{file}: not a state dict of tensors")
+    return sd
+
+
+def _bin_refs(file: Path) -> dict[str, TensorRef]:
+    sd = load_torch_bin(file)
+    return {k: TensorRef(k, v.dtype, tuple(v.shape), file, None) for k, v in sd.items()}
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CorruptCheckpointError(f"{index_file}: not a valid weight index") from None
+    return weight_map
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Index a Hugging Face model folder (or one weight file) without reading tensor data."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            fmt, files, index = "safetensors", [path], None
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            fmt, files, index = "bin", [path], None
+        else:
+            raise InputError(f"{path}: unknown checkpoint format (expected .safetensors or .bin)")
+    else:
+        for name, fmt in WEIGHT_LAYOUTS:
+            if (path / name).is_file():
+                break
+        else:
+            wanted = ", ".join(n for n, _ in WEIGHT_LAYOUTS)
+            raise InputError(f"{path}: no weights found (looked for {wanted})")
+        if name.endswith(".index.json"):
+            index = _read_index(path / name)
+            shards = sorted(set(index.values()))
+            files = [path / s for s in shards]
+            for f in files:
+                if not f.is_file():
+                    raise CorruptCheckpointError(f"{path / name}: names missing shard {f.name}")
+        else:
+            files, index = [path / name], None
+
+    tensors: dict[str, TensorRef] = {}
+    for f in files:
+        refs = read_safetensors_header(f)[0] if fmt == "safetensors" else _bin_refs(f)
+        for key, ref in refs.items():
+            if index is not None and index.get(key) != f.name:
+                continue  # a shard may hold stray copies; the index decides
+            if key in tensors:
+                raise CorruptCheckpointError(f"{path}: tensor {key!r} appears in two files")
+            tensors[key] = ref
+    if index is not None:
+        missing = sorted(set(index) - set(tensors))
+        if missing:
+            raise CorruptCheckpointError(
+                f"{path}: index lists {len(missing)} tensor(s) its shards lack, e.g. {missing[0]!r}"
+            )
+    if not tensors:
+        raise InputError(f"{path}: checkpoint holds no tensors")
+    return Checkpoint(path, fmt, tuple(files), tensors)
+
+
+class TensorReader:
+    """Copies byte ranges of tensors into caller-owned buffers.
+
+    safetensors data is read with `os.preadv` straight into the buffer: one system call per
+    piece, sequential within each file, no page-fault storms when k files are interleaved.
+    `.bin` storages are memory-mapped by `torch.load`, so those are copied from the mapping.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def read(self, ref: TensorRef, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill `out` (a uint8 buffer) with elements [start, start+count) of `ref`; return a typed view."""
+        nbytes = count * ref.dtype.itemsize
+        dst = out[:nbytes]
+        if ref.offset is not None:
+            fd = self._fds.get(ref.file)
+            if fd is None:
+                fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY)
+            view = memoryview(dst.numpy())
+            pos, done = ref.offset + start * ref.dtype.itemsize, 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], pos + done)
+                if got <= 0:
+                    raise CorruptCheckpointError(f"{ref.file}: file shrank while reading {ref.name!r}")
+                done += got
+            return dst.view(ref.dtype)
+        sd = self._state_dicts.get(ref.file)
+        if sd is None:
+            sd = self._state_dicts[ref.file] = load_torch_bin(ref.file)
+        typed = dst.view(ref.dtype)
+        typed.copy_(sd[ref.name].reshape(-1)[start : start + count])
+        return typed
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._state_dicts.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

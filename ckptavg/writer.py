@@ -1,0 +1,206 @@
+"""Streaming safetensors output and atomic output folders.
+
+A shard's header depends only on names, dtypes and shapes, all known from the plan, so
+it is written first and each tensor's bytes follow as soon as they are computed: the
+writer never holds more than the piece it is given. The whole output is built in a
+hidden temporary folder beside the destination and renamed into place after every file
+is fsynced and the manifest, written last, is in: a folder named like the destination
+is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .errors import DiskSpaceError, OutputExistsError
+from .plan import Shard, TensorJob
+from .tensors import DTYPE_NAMES
+
+MANIFEST = "ckptavg.json"
+INDEX = "model.safetensors.index.json"
+TMP_MARK = ".ckptavg-tmp-"
+# Non-weight files a model folder needs to be loaded and used; copied from the newest input.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+def safetensors_header(jobs: Sequence[TensorJob], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header of a file holding `jobs` back to back, in order."""
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for job in jobs:
+        header[job.name] = {
+            "dtype": DTYPE_NAMES[job.out_dtype],
+            "shape": list(job.shape),
+            "data_offsets": [offset, offset + job.nbytes],
+        }
+        offset += job.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardFile:
+    """One output safetensors file, written front to back exactly once."""
+
+    def __init__(self, path: Path, shard: Shard) -> None:
+        header = safetensors_header(shard.jobs)
+        self.path = path
+        self.expected = len(header) + shard.nbytes
+        self._f = open(path, "wb", buffering=0)
+        self.written = 0
+        self.write(header)
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = self._f.write(view)
+            self.written += n
+            view = view[n:]
+
+    def finish(self) -> None:
+        if self.written != self.expected:
+            raise RuntimeError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON durably under a temporary name, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_index(folder: Path, shards: Sequence[Shard]) -> None:
+    if len(shards) < 2:
+        return
+    weight_map = {job.name: shard.filename for shard in shards for job in shard.jobs}
+    total = sum(s.nbytes for s in shards)
+    write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a finished output, or None when the folder is absent or unfinished."""
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise DiskSpaceError(
+            f"{folder}: {needed / 1e9:.2f} GB needed for the output, only {free / 1e9:.2f} GB free"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> None:
+    """Delete temporary folders that killed runs left beside `final`."""
+    prefix = f".{final.name}{TMP_MARK}"
+    if not final.parent.is_dir():
+        return
+    for entry in final.parent.iterdir():
+        if entry.name.startswith(prefix):
+            pid = entry.name[len(prefix):].split("-")[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+class OutputDir:
+    """Build a folder under a temporary name; `commit` makes it appear whole, or not at all.
+
+    Leaving the `with` block without `commit` (an error, Ctrl-C) deletes the temporary folder.
+    """
+
+    def __init__(self, final: str | os.PathLike, force: bool = False) -> None:
+        self.final = Path(final).absolute()
+        self.force = force
+        self.path = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._committed = False
+
+    def check(self) -> None:
+        if self.final.exists() and not self.force:
+            raise OutputExistsError(f"{self.final} exists (pass --force to replace it)")
+
+    def __enter__(self) -> OutputDir:
+        self.check()
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.final)
+        self.path.mkdir()
+        return self
+
+    def commit(self, manifest: dict, fsync_files: Iterable[Path] = ()) -> Path:
+        for f in fsync_files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        write_json(self.path / MANIFEST, manifest)
+        fsync_dir(self.path)
+        old = None
+        if self.final.exists():
+            if not self.force:
+                raise OutputExistsError(f"{self.final} appeared while writing (pass --force to replace it)")
+            old = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.final, old)
+        os.rename(self.path, self.final)
+        fsync_dir(self.final.parent)
+        self._committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            shutil.rmtree(self.path, ignore_errors=True)

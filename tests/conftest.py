@@ -1,0 +1,144 @@
+"""Tiny Pythia-architecture checkpoints, built once per session, in every on-disk layout ckptavg reads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+LAYERS = 2
+CTX = 64
+
+
+def tiny_config():
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=CTX, rotary_pct=0.25,
+                         use_parallel_residual=True, tie_word_embeddings=False)
+
+
+def pythia_state_dict(seed: int, dtype: torch.dtype, buffers: bool = True) -> dict[str, torch.Tensor]:
+    """A GPT-NeoX state dict named and laid out like EleutherAI's Pythia `.bin` files."""
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(tiny_config())
+    sd = {("embed_out.weight" if k == "lm_head.weight" else k): v.detach().to(dtype).contiguous()
+          for k, v in model.state_dict().items()}
+    if buffers:
+        for i in range(LAYERS):
+            p = f"gpt_neox.layers.{i}.attention."
+            sd[p + "bias"] = torch.tril(torch.ones(1, 1, CTX, CTX, dtype=torch.bool)).view(1, 1, CTX, CTX)
+            sd[p + "masked_bias"] = torch.tensor(-1e9)
+            sd[p + "rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, 2, 2).float() / 2)) * (1 + seed)
+        sd["gpt_neox.step_counter"] = torch.tensor([seed], dtype=torch.int64)
+    return sd
+
+
+def _split(sd: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    keys = list(sd)
+    half = len(keys) // 2
+    return [{k: sd[k] for k in keys[:half]}, {k: sd[k] for k in keys[half:]}]
+
+
+def write_checkpoint(folder: Path, sd: dict[str, torch.Tensor], fmt: str) -> Path:
+    """fmt: safetensors | safetensors-sharded | bin | bin-sharded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_config().save_pretrained(folder)
+    if fmt == "safetensors":
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    elif fmt == "bin":
+        torch.save(sd, folder / "pytorch_model.bin")
+    elif fmt in ("safetensors-sharded", "bin-sharded"):
+        parts = _split(sd)
+        weight_map = {}
+        for i, part in enumerate(parts):
+            if fmt == "safetensors-sharded":
+                name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+                save_file(part, folder / name, metadata={"format": "pt"})
+            else:
+                name = f"pytorch_model-{i + 1:05d}-of-{len(parts):05d}.bin"
+                torch.save(part, folder / name)
+            weight_map.update({k: name for k in part})
+        index = "model.safetensors.index.json" if fmt.startswith("safetensors") else "pytorch_model.bin.index.json"
+        (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        raise ValueError(fmt)
+    return folder
+
+
+def load_reference(folder: Path) -> dict[str, torch.Tensor]:
+    """Load every tensor of a checkpoint the plain way: the independent side of every comparison."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix == ".safetensors":
+            out.update(load_file(f))
+        elif f.suffix == ".bin":
+            out.update(torch.load(f, weights_only=True))
+    return out
+
+
+def reference_average(folders, weights=None, out_dtype=None):
+    """Load everything, sum in float64 in input order, cast once; copy non-float and buffer tensors.
+
+    Returns (reference, scale): scale[name] = sum_i |w_i x_i| in float64, the magnitude that bounds
+    the rounding error of any accumulation order (needed where the inputs cancel to about zero).
+    """
+    sds = [load_reference(f) for f in folders]
+    weights = weights or [1.0 / len(sds)] * len(sds)
+    newest = sds[-1]
+    ref, scale = {}, {}
+    for name, t in newest.items():
+        buffer = name.endswith(("attention.bias", "masked_bias", "inv_freq"))
+        if not t.is_floating_point() or buffer:
+            ref[name] = t.clone()
+            continue
+        acc = sds[0][name].double() * weights[0]
+        mag = acc.abs()
+        for sd, w in zip(sds[1:], weights[1:]):
+            term = sd[name].double() * w
+            acc = acc + term
+            mag = mag + term.abs()
+        ref[name] = acc.to(out_dtype or t.dtype)
+        scale[name] = mag
+    return ref, scale
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values apart two same-dtype float tensors are, element-wise."""
+    assert a.dtype == b.dtype
+    ints = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64}[a.dtype]
+    lowest = torch.iinfo(ints).min
+
+    def ordered(x):
+        i = x.contiguous().view(ints).long()
+        return torch.where(i < 0, lowest - i, i)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict:
+    """Three-checkpoint trajectories: {(dtype_name, fmt): [folder, ...]} built on first use."""
+    root = tmp_path_factory.mktemp("ckpts")
+    cache: dict = {}
+
+    def get(dtype: str = "float16", fmt: str = "safetensors", n: int = 3) -> list[Path]:
+        key = (dtype, fmt, n)
+        if key not in cache:
+            cache[key] = [write_checkpoint(root / f"{dtype}-{fmt}-{n}" / f"step{i}",
+                                           pythia_state_dict(seed=i, dtype=getattr(torch, dtype)), fmt)
+                          for i in range(n)]
+        return cache[key]
+
+    return get

@@ -1,0 +1,159 @@
+"""The averaging engine against a plain load-everything-and-average reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_reference, pythia_state_dict, reference_average, ulp_distance, write_checkpoint
+from safetensors import safe_open
+
+from ckptavg.average import average_checkpoints
+from ckptavg.writer import MANIFEST
+
+FORMATS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]
+
+
+def assert_matches(out_dir, reference, max_ulp: int, accumulate=torch.float32):
+    """Every float within `max_ulp` of the float64 reference; where inputs cancel to about zero,
+    within the accumulation dtype's rounding error of sum |w_i x_i| instead (0 slack for float64)."""
+    ref, scale = reference
+    got = load_reference(out_dir)
+    assert set(got) == set(ref)
+    slack = 0.0 if accumulate == torch.float64 else 4 * torch.finfo(accumulate).eps
+    for name, r in ref.items():
+        g = got[name]
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        if name in scale:
+            far = ulp_distance(g, r) > max_ulp
+            cancelled = (g.double() - r.double()).abs() <= slack * scale[name]
+            assert not (far & ~cancelled).any(), name
+        else:
+            assert torch.equal(g, r), name
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_input_format_matches_reference(ckpts, tmp_path, fmt):
+    inputs = ckpts("float16", fmt)
+    out = average_checkpoints(inputs, tmp_path / "avg", device="cpu")
+    assert_matches(out, reference_average(inputs), max_ulp=1)
+    assert (out / "config.json").is_file()
+
+
+def test_float32_float64_accumulation_is_bit_identical(ckpts, tmp_path):
+    inputs = ckpts("float32", "safetensors")
+    out = average_checkpoints(inputs, tmp_path / "avg", accumulate=torch.float64, device="cpu")
+    assert_matches(out, reference_average(inputs), max_ulp=0, accumulate=torch.float64)
+
+
+def test_bfloat16_within_one_ulp(ckpts, tmp_path):
+    inputs = ckpts("bfloat16", "bin")
+    out = average_checkpoints(inputs, tmp_path / "avg", device="cpu")
+    assert_matches(out, reference_average(inputs), max_ulp=1)
+
+
+def test_mixed_formats_and_explicit_weights(ckpts, tmp_path):
+    inputs = [ckpts("float16", "bin")[0], ckpts("float16", "safetensors-sharded")[1],
+              ckpts("float16", "safetensors")[2]]
+    weights = [0.5, 0.3, 0.2]
+    out = average_checkpoints(inputs, tmp_path / "avg", weights=weights, device="cpu")
+    assert_matches(out, reference_average(inputs, weights), max_ulp=1)
+
+
+def test_output_dtype_cast_once(ckpts, tmp_path):
+    inputs = ckpts("float16", "safetensors")
+    out = average_checkpoints(inputs, tmp_path / "avg", out_dtype=torch.float32, device="cpu")
+    ref = reference_average(inputs, out_dtype=torch.float32)
+    # float32 accumulation of float16 inputs: a few float32 ulps from the float64 sum at most
+    assert_matches(out, ref, max_ulp=4)
+    assert load_reference(out)["embed_out.weight"].dtype == torch.float32
+
+
+def test_tiny_pieces_split_tensors_without_changing_results(ckpts, tmp_path):
+    inputs = ckpts("float32", "safetensors")
+    out = average_checkpoints(inputs, tmp_path / "avg", accumulate=torch.float64, device="cpu",
+                              piece_elements=100)
+    assert_matches(out, reference_average(inputs), max_ulp=0, accumulate=torch.float64)
+
+
+def test_sharded_output_with_index(ckpts, tmp_path):
+    inputs = ckpts("float16", "safetensors")
+    out = average_checkpoints(inputs, tmp_path / "avg", shard_bytes=4000, device="cpu")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    for shard in shards:  # every shard is a valid safetensors file on its own
+        with safe_open(out / shard, "pt") as f:
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == shard}
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in load_reference(out).values())
+    assert_matches(out, reference_average(inputs), max_ulp=1)
+
+
+def test_non_float_and_buffers_copied_from_newest_and_recorded(ckpts, tmp_path):
+    inputs = ckpts("float16", "bin")
+    out = average_checkpoints(inputs, tmp_path / "avg", device="cpu")
+    got, newest = load_reference(out), load_reference(inputs[-1])
+    for name in ("gpt_neox.step_counter", "gpt_neox.layers.0.attention.bias",
+                 "gpt_neox.layers.1.attention.masked_bias", "gpt_neox.layers.0.attention.rotary_emb.inv_freq"):
+        assert torch.equal(got[name], newest[name]), name
+    manifest = json.loads((out / MANIFEST).read_text())
+    copied = manifest["copied_tensors"]
+    assert "gpt_neox.step_counter" in copied and "int64" in copied["gpt_neox.step_counter"]
+    assert "gpt_neox.layers.0.attention.bias" in copied
+    assert "embed_out.weight" not in copied
+
+
+def test_manifest_records_inputs_hashes_weights_versions(ckpts, tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    inputs = ckpts("float16", "safetensors-sharded")
+    out = average_checkpoints(inputs, tmp_path / "avg", weights=[0.2, 0.3, 0.5], device="cpu")
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["weights"] == [0.2, 0.3, 0.5]
+    assert [i["path"] for i in m["inputs"]] == [str(p.absolute()) for p in inputs]
+    first = m["inputs"][0]["files"][0]
+    path = inputs[0] / first["name"]
+    assert first["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert first["size"] == path.stat().st_size
+    assert m["dtype_policy"]["accumulate"] == "float32"
+    assert {"ckptavg", "torch", "safetensors"} <= set(m["versions"])
+    # the second run finds the hashes in the cache
+    out2 = average_checkpoints(inputs, tmp_path / "avg2", weights=[0.2, 0.3, 0.5], device="cpu")
+    m2 = json.loads((out2 / MANIFEST).read_text())
+    assert m2["inputs"][0]["files"][0]["sha256_source"] == "cache"
+    assert m2["inputs"][0]["files"][0]["sha256"] == first["sha256"]
+
+
+def test_output_loads_in_transformers(ckpts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    inputs = ckpts("float16", "bin-sharded")
+    out = average_checkpoints(inputs, tmp_path / "avg", out_dtype=torch.float32, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    written = load_reference(out)
+    assert torch.equal(model.lm_head.weight.detach(), written["embed_out.weight"])
+    assert torch.equal(model.gpt_neox.embed_in.weight.detach(), written["gpt_neox.embed_in.weight"])
+    assert_matches(out, reference_average(inputs, out_dtype=torch.float32), max_ulp=4)
+    logits = model(torch.arange(10).unsqueeze(0)).logits
+    assert logits.shape == (1, 10, 128) and torch.isfinite(logits).all()
+
+
+def test_same_dtype_family_mix_is_allowed(tmp_path):
+    a = write_checkpoint(tmp_path / "a", pythia_state_dict(1, torch.bfloat16), "safetensors")
+    b = write_checkpoint(tmp_path / "b", pythia_state_dict(2, torch.float16), "safetensors")
+    out = average_checkpoints([a, b], tmp_path / "avg", device="cpu")
+    # auto dtype: the newest input's (float16)
+    assert_matches(out, reference_average([a, b]), max_ulp=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference(ckpts, tmp_path):
+    inputs = ckpts("float32", "safetensors")
+    out = average_checkpoints(inputs, tmp_path / "avg", accumulate=torch.float64, device="cuda")
+    assert_matches(out, reference_average(inputs), max_ulp=0, accumulate=torch.float64)
+    inputs16 = ckpts("float16", "bin")
+    out16 = average_checkpoints(inputs16, tmp_path / "avg16", device="cuda")
+    assert_matches(out16, reference_average(inputs16), max_ulp=1)
