@@ -74,11 +74,13 @@ class _Pipeline:
     def __init__(self, plan: AveragePlan, folder: Path, device: torch.device, piece_elements: int,
                  progress: Progress | None) -> None:
         self.plan, self.folder, self.device = plan, folder, device
-        self.pieces = _pieces(plan, piece_elements)
         self.progress = progress
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         jobs = plan.jobs
+        # No buffer needs to be larger than the largest tensor: small models get small pools.
+        piece_elements = max(1, min(piece_elements, max(j.numel for j in jobs)))
+        self.pieces = _pieces(plan, piece_elements)
         n_in = max(len(j.sources) for j in jobs)
         in_bytes = piece_elements * max(r.dtype.itemsize for j in jobs for r in j.sources)
         out_bytes = piece_elements * max(j.out_dtype.itemsize for j in jobs)
