@@ -1,0 +1,224 @@
+"""ckptavg against the I/O floor and a naive load-everything average, on Pythia-1B-shaped inputs.
+
+Builds k=5 synthetic float16 checkpoints shaped like EleutherAI/pythia-1b (about 2 GB each) once
+under bench/data/, then, in one run and for each repetition, measures:
+
+  floor     reading every input once (sequential 16 MB readinto) + writing one output of the
+            same size and fsyncing it, the way ckptavg flushes its own
+  ckptavg   `python -m ckptavg average ... --no-hash` (wall time of the whole command,
+            interpreter and torch import included) and its peak RssAnon
+  +hash     the same with input sha256 computed (fresh hash cache): the manifest's default
+  naive     load every file fully (safetensors.torch.load_file), sum in float32, save_file
+
+Warm runs read from the page cache; cold runs drop it first (root only). Speeds are reported
+as ratios to the floor taken in the same repetition; min and median over repetitions.
+Timings are noisy on shared machines: never put them in a test.
+
+    python bench/average.py [--reps 3] [--cold/--no-cold] [--naive-reps 1] [--data bench/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+K = 5
+# pythia-1b: 16 layers, d=2048, d_ff=8192, vocab 50304, untied embeddings, 2048 context
+LAYERS, D, FF, VOCAB, CTX = 16, 2048, 8192, 50304, 2048
+BLOCK = 16 * 1024 * 1024
+
+
+def pythia_1b_shapes() -> dict[str, tuple[tuple[int, ...], str]]:
+    s: dict[str, tuple[tuple[int, ...], str]] = {"gpt_neox.embed_in.weight": ((VOCAB, D), "f16")}
+    for i in range(LAYERS):
+        p = f"gpt_neox.layers.{i}."
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            s[p + n + ".weight"] = ((D,), "f16")
+            s[p + n + ".bias"] = ((D,), "f16")
+        s[p + "attention.bias"] = ((1, 1, CTX, CTX), "bool")
+        s[p + "attention.masked_bias"] = ((), "f16")
+        s[p + "attention.rotary_emb.inv_freq"] = ((64,), "f32")
+        s[p + "attention.query_key_value.weight"] = ((3 * D, D), "f16")
+        s[p + "attention.query_key_value.bias"] = ((3 * D,), "f16")
+        s[p + "attention.dense.weight"] = ((D, D), "f16")
+        s[p + "attention.dense.bias"] = ((D,), "f16")
+        s[p + "mlp.dense_h_to_4h.weight"] = ((FF, D), "f16")
+        s[p + "mlp.dense_h_to_4h.bias"] = ((FF,), "f16")
+        s[p + "mlp.dense_4h_to_h.weight"] = ((D, FF), "f16")
+        s[p + "mlp.dense_4h_to_h.bias"] = ((D,), "f16")
+    s["gpt_neox.final_layer_norm.weight"] = ((D,), "f16")
+    s["gpt_neox.final_layer_norm.bias"] = ((D,), "f16")
+    s["embed_out.weight"] = ((VOCAB, D), "f16")
+    return s
+
+
+def build_inputs(data: Path) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    folders = [data / f"step{1000 * (i + 1)}" for i in range(K)]
+    for i, folder in enumerate(folders):
+        if (folder / "model.safetensors").is_file():
+            continue
+        print(f"building {folder} ...", flush=True)
+        g = torch.Generator().manual_seed(i)
+        sd = {}
+        for name, (shape, kind) in pythia_1b_shapes().items():
+            if kind == "bool":
+                sd[name] = torch.ones(shape, dtype=torch.bool).tril()
+            elif kind == "f32":
+                sd[name] = torch.rand(shape, generator=g)
+            else:
+                sd[name] = (torch.randn(shape, generator=g) * 0.02).half()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "model.safetensors.tmp"
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+        del sd
+    return folders
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def floor_read(files: list[Path]) -> float:
+    buf = bytearray(BLOCK)
+    t = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t
+
+
+def floor_write(path: Path, nbytes: int) -> float:
+    buf = os.urandom(BLOCK)
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as fh:
+        left = nbytes
+        while left > 0:
+            left -= fh.write(memoryview(buf)[: min(BLOCK, left)])
+        os.fsync(fh.fileno())
+    dt = time.perf_counter() - t
+    path.unlink()
+    return dt
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall time and peak RssAnon (sampled every 5 ms from /proc) of a command."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.005)
+    dt = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr.read().decode()}")
+    return dt, peak
+
+
+NAIVE = r"""
+import sys, torch
+from safetensors.torch import load_file, save_file
+*inputs, out = sys.argv[1:]
+sds = [load_file(p) for p in inputs]
+avg = {}
+for name, t in sds[-1].items():
+    if not t.is_floating_point() or name.endswith(("attention.bias", "masked_bias", "inv_freq")):
+        avg[name] = t
+        continue
+    acc = sds[0][name].float()
+    for sd in sds[1:]:
+        acc += sd[name].float()
+    avg[name] = (acc / len(sds)).to(t.dtype)
+save_file(avg, out, metadata={"format": "pt"})
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--naive-reps", type=int, default=1)
+    ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+
+    folders = build_inputs(args.data)
+    files = [f / "model.safetensors" for f in folders]
+    in_bytes = sum(f.stat().st_size for f in files)
+    out_bytes = files[-1].stat().st_size
+    work = Path(tempfile.mkdtemp(prefix="ckptavg-bench-", dir=args.data))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ckptavg = [sys.executable, "-m", "ckptavg", "average", *map(str, folders), "--out", str(work / "avg"),
+               "--force", "-q", "--device", "cpu"]
+    modes = ["warm"] + (["cold"] if args.cold and os.geteuid() == 0 else [])
+    rows: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        rows.setdefault(key, []).append(value)
+
+    print(f"inputs: {K} x {out_bytes / 1e9:.2f} GB float16 (Pythia-1B shapes), {in_bytes / 1e9:.1f} GB in all; "
+          f"{os.cpu_count()} cores", flush=True)
+    try:
+        for rep in range(args.reps):
+            for mode in modes:
+                prep = drop_caches if mode == "cold" else (lambda: floor_read(files))
+                prep()
+                floor = floor_read(files) + floor_write(work / "floor.bin", out_bytes)
+                record(f"{mode} floor s", floor)
+                prep()
+                t, peak = run_measured(ckptavg + ["--no-hash"], env)
+                manifest = json.loads((work / "avg" / "ckptavg.json").read_text())
+                record(f"{mode} ckptavg s", t)
+                record(f"{mode} ckptavg/floor", t / floor)
+                record(f"{mode} ckptavg engine s", manifest["seconds"])
+                record(f"{mode} ckptavg engine/floor", manifest["seconds"] / floor)
+                record(f"{mode} ckptavg peak RssAnon MB", peak / 1e6)
+                prep()
+                henv = dict(env, CKPTAVG_CACHE=str(work / f"hash-cache-{rep}-{mode}"))
+                t, peak = run_measured(ckptavg, henv)
+                record(f"{mode} ckptavg+hash s", t)
+                record(f"{mode} ckptavg+hash/floor", t / floor)
+                print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, ckptavg {rows[f'{mode} ckptavg s'][-1]:.2f} s "
+                      f"(engine {manifest['seconds']:.2f} s), +hash {t:.2f} s", flush=True)
+                if rep < args.naive_reps and mode == "warm":
+                    t, peak = run_measured([sys.executable, "-c", NAIVE, *map(str, files),
+                                            str(work / "naive.safetensors")], env)
+                    record("warm naive s", t)
+                    record("warm naive/floor", t / floor)
+                    record("warm naive peak RssAnon MB", peak / 1e6)
+                    print(f"rep {rep + 1} naive: {t:.2f} s, peak RssAnon {peak / 1e9:.2f} GB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n{'measure':34} {'min':>9} {'median':>9}  (n)")
+    for key, values in rows.items():
+        print(f"{key:34} {min(values):9.2f} {statistics.median(values):9.2f}  ({len(values)})")
+
+
+if __name__ == "__main__":
+    main()
