@@ -163,6 +163,185 @@ def average(
               highlight=False)
 
 
+def _spec(method: str, k: int, nu: int, interval: int, start: int, end: int, ema_alpha: float,
+          swa_start: Optional[int], skip_incomplete: bool):
+    from .runner import RunSpec
+    from .schedule import METHODS
+
+    if method not in METHODS:
+        raise _fail(f"unknown --method {method!r} (choose from {', '.join(METHODS)})")
+    return RunSpec(method, k, nu, interval, start, end, ema_alpha, swa_start, skip_incomplete)
+
+
+def _print_plan(title: str, plan) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("output step", "checkpoints", "to fetch", "disk after"):
+        table.add_column(col, justify="right" if col != "checkpoints" else "left")
+    fetched: list[int] = []
+    for a in plan.fetch.actions:
+        if a.kind == "fetch":
+            fetched.append(a.step)
+        elif a.kind == "average":
+            w = next(w for w in plan.todo if w.step == a.step)
+            members = (", ".join(map(str, w.members)) if len(w.members) <= 5
+                       else f"{w.members[0]} ... {w.members[-1]} ({len(w.members)})")
+            table.add_row(str(w.step), members, str(len(fetched)), format_size(a.disk_after))
+            fetched = []
+    out.print(table)
+    done = len(plan.windows) - len(plan.todo)
+    out.print(f"{len(plan.todo)} window(s) to average ({done} already finished), "
+              f"{len(plan.fetch.fetches)} revision(s) to fetch, {format_size(plan.fetch.download_bytes)} to download, "
+              f"peak disk {format_size(plan.fetch.peak_disk)}", highlight=False, soft_wrap=True)
+
+
+def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downloads: bool, disk_budget: str,
+         device: str, dtype: str, quiet: bool, sizes=None) -> None:
+    from .runner import execute_run, plan_run
+
+    budget = _size(disk_budget, "--disk-budget") if disk_budget else None
+    plan = plan_run(source, spec, out_dir, force=force, keep_downloads=keep_downloads, disk_budget=budget,
+                    sizes=sizes)
+    if dry_run or not quiet:
+        _print_plan(f"{source.name}: {spec.tag()}", plan)
+    if dry_run:
+        return
+    start, stop = _byte_progress("averaging", quiet)
+    try:
+        written = execute_run(source, spec, plan, force=force, device=device, out_dtype=_torch_dtype(dtype),
+                              progress=start,
+                              on_window=lambda w, p: (stop(), err.print(f"wrote {p}", highlight=False, soft_wrap=True)))
+    finally:
+        stop()
+    err.print(f"{len(written)} output(s) written under {out_dir}", highlight=False)
+
+
+K_HELP = "Checkpoints per LAWA window (EMA and SWA use the same checkpoint sequence)."
+NU_HELP = "Steps between the checkpoints of one window."
+INTERVAL_HELP = "Steps between consecutive outputs."
+METHOD_HELP = "lawa (uniform over the latest k), ema or swa."
+
+
+@app.command()
+@user_errors
+def trajectory(
+    source: Path = typer.Argument(..., help="A local trajectory: a folder of checkpoint folders named by step "
+                                  "(step1000/, step2000/, ...)."),
+    steps_from: str = typer.Option(r"step(\d+)", "--steps-from-branches", "--steps-from",
+                                   help="Regular expression matching a checkpoint's name; group 1 is its step."),
+    k: int = typer.Option(5, "--k", help=K_HELP),
+    nu: int = typer.Option(1000, "--nu", help=NU_HELP),
+    interval: int = typer.Option(3000, "--interval", help=INTERVAL_HELP),
+    start: Optional[int] = typer.Option(None, help="First output step (default: the first step with a full window)."),
+    end: Optional[int] = typer.Option(None, help="Last output step (default: the last step of the trajectory)."),
+    method: str = typer.Option("lawa", help=METHOD_HELP),
+    ema_alpha: float = typer.Option(0.9, help="EMA: e_i = (1-alpha) e_(i-1) + alpha c_i."),
+    swa_start: Optional[int] = typer.Option(None, help="SWA: first step of the running mean (default: the first "
+                                            "checkpoint of the sequence)."),
+    skip_incomplete: bool = typer.Option(False, help="Skip windows whose checkpoints are not all present "
+                                         "instead of failing."),
+    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/NAME/METHOD-TAG/stepN/."),
+    device: str = typer.Option("auto", help="auto (cuda if available), cpu or cuda."),
+    dtype: str = typer.Option("auto", help="Output dtype of averaged tensors (auto: as stored)."),
+    disk_budget: Optional[str] = typer.Option(None, help="Refuse plans whose peak disk use exceeds this (e.g. 200GB)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
+    force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bar."),
+) -> None:
+    """Average a local training trajectory window by window (LAWA, EMA or SWA).
+
+    Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes where it stopped.
+    """
+    from .sources import LocalTrajectory
+
+    src = LocalTrajectory(source, steps_from)
+    steps = src.steps()
+    spec = _spec(method, k, nu, interval, start if start is not None else steps[0] + (k - 1) * nu,
+                 end if end is not None else steps[-1], ema_alpha, swa_start, skip_incomplete)
+    _run(src, spec, out_dir, dry_run=dry_run, force=force, keep_downloads=True, disk_budget=disk_budget,
+         device=device, dtype=dtype, quiet=quiet)
+
+
+@app.command()
+@user_errors
+def pythia(
+    model: str = typer.Option(..., "--model", help="Pythia size: 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b or 12b."),
+    k: int = typer.Option(5, "--k", help=K_HELP),
+    nu: int = typer.Option(1000, "--nu", help=NU_HELP),
+    interval: int = typer.Option(3000, "--interval", help=INTERVAL_HELP),
+    start: int = typer.Option(21000, help="First output step."),
+    end: int = typer.Option(141000, help="Last output step."),
+    deduped: bool = typer.Option(True, "--deduped/--no-deduped", help="The -deduped repos (default) or the originals."),
+    method: str = typer.Option("lawa", help=METHOD_HELP),
+    ema_alpha: float = typer.Option(0.9, help="EMA: e_i = (1-alpha) e_(i-1) + alpha c_i."),
+    swa_start: Optional[int] = typer.Option(None, help="SWA: first step of the running mean."),
+    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/REPO/METHOD-TAG/stepN/."),
+    disk_budget: Optional[str] = typer.Option("200GB", help="Refuse plans whose peak disk use exceeds this."),
+    keep_downloads: bool = typer.Option(False, help="Keep every downloaded revision instead of deleting each "
+                                        "after its last window."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from the catalogue, offline) and exit."),
+) -> None:
+    """Plan LAWA/EMA/SWA over EleutherAI Pythia revisions (step21000 ... step141000).
+
+    Only --dry-run works in this version: it prints every window, the revisions each needs, bytes to
+    download and the peak disk, from the built-in catalogue and without network access.
+    """
+    from . import pythia as catalogue
+
+    info = catalogue.model(model)
+
+    class CatalogueSource:
+        name = info.repo_id(deduped).split("/")[1]
+
+        @staticmethod
+        def steps() -> list[int]:
+            return catalogue.steps()
+
+    spec = _spec(method, k, nu, interval, start, end, ema_alpha, swa_start, False)
+    if not dry_run:
+        raise _fail("downloading Pythia revisions from the Hub is not available yet: use --dry-run to see the "
+                    "plan, or `ckptavg trajectory` on local checkpoints")
+    sizes = {s: info.fp16_bytes for s in catalogue.steps()}
+    _run(CatalogueSource(), spec, out_dir, dry_run=True, force=False, keep_downloads=keep_downloads,
+         disk_budget=disk_budget, device="cpu", dtype="auto", quiet=False, sizes=sizes)
+
+
+@app.command()
+@user_errors
+def interpolate(
+    a: Path = typer.Argument(..., help="Checkpoint A."),
+    b: Path = typer.Argument(..., help="Checkpoint B (config, tokenizer and non-averaged tensors come from B)."),
+    alphas: str = typer.Option("0,0.2,0.4,0.6,0.8,1", help="Comma-separated alphas; each output is "
+                               "alpha*A + (1-alpha)*B (values outside [0, 1] extrapolate)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Outputs go to OUT/alpha{ALPHA}/."),
+    device: str = typer.Option("auto", help="auto (cuda if available), cpu or cuda."),
+    dtype: str = typer.Option("auto", help="Output dtype (auto: as stored in B)."),
+    force: bool = typer.Option(False, "--force", help="Redo finished outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Linear interpolation between two checkpoints, a probe of linear mode connectivity."""
+    from .average import average_checkpoints
+    from .writer import read_manifest
+
+    values = _parse_floats(alphas, "--alphas")
+    if not values:
+        raise _fail("--alphas is empty")
+    for alpha in values:
+        target = out_dir / f"alpha{alpha:g}"
+        if not force and read_manifest(target) is not None:
+            err.print(f"skipped {target} (finished)", highlight=False)
+            continue
+        start, stop = _byte_progress(f"alpha {alpha:g}", quiet)
+        try:
+            average_checkpoints([a, b], target, weights=[alpha, 1 - alpha], normalize=False, force=force,
+                                device=device, out_dtype=_torch_dtype(dtype), progress=start,
+                                method={"name": "interpolate", "alpha": alpha, "a": str(a), "b": str(b)})
+        finally:
+            stop()
+        err.print(f"wrote {target}", highlight=False)
+
+
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 

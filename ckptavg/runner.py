@@ -1,0 +1,116 @@
+"""A trajectory run: plan every window of a method over a source, then fetch, average and evict in order.
+
+Finished outputs (those with a manifest) are left out of the plan, so an interrupted run
+resumes where it stopped and fetches nothing it no longer needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .schedule import (METHODS, FetchPlan, ScheduleError, Window, ema_windows, lawa_windows, plan_fetches,
+                       steps_of, swa_windows)
+from .writer import read_manifest
+
+
+class Source(Protocol):
+    name: str
+
+    def steps(self) -> list[int]: ...
+    def size(self, step: int) -> int: ...
+    def describe(self, step: int) -> dict: ...
+    def fetch(self, step: int) -> Path: ...
+    def evict(self, step: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    k: int
+    nu: int
+    interval: int
+    start: int
+    end: int
+    ema_alpha: float = 0.9
+    swa_start: int | None = None
+    skip_incomplete: bool = False
+
+    def tag(self) -> str:
+        base = f"k{self.k}-nu{self.nu}"
+        if self.method == "lawa":
+            return f"lawa-{base}"
+        if self.method == "ema":
+            return f"ema-alpha{self.ema_alpha:g}-{base}"
+        return f"swa-from{self.swa_start if self.swa_start is not None else 'first'}-{base}"
+
+    def windows(self, available: Sequence[int] | None) -> list[Window]:
+        common = dict(k=self.k, nu=self.nu, interval=self.interval, start=self.start, end=self.end,
+                      available=available, skip_incomplete=self.skip_incomplete)
+        if self.method == "lawa":
+            return lawa_windows(**common)
+        if self.method == "ema":
+            return ema_windows(alpha=self.ema_alpha, **common)
+        if self.method == "swa":
+            return swa_windows(swa_start=self.swa_start, **common)
+        raise ScheduleError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+
+    def record(self, window: Window) -> dict:
+        rec = {"name": self.method, "k": self.k, "nu": self.nu, "interval": self.interval, "step": window.step,
+               "members": list(window.members)}
+        if self.method == "ema":
+            rec |= {"alpha": self.ema_alpha, "dropped_tail_weight": window.dropped_weight}
+        if self.method == "swa":
+            rec["swa_start"] = window.members[0]
+        return rec
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    windows: tuple[Window, ...]  # all windows of the run
+    todo: tuple[Window, ...]  # those without a finished output
+    fetch: FetchPlan
+    out_dirs: dict[int, Path]  # window step -> output folder
+
+
+def output_root(out: Path, source: Source, spec: RunSpec) -> Path:
+    return Path(out) / source.name / spec.tag()
+
+
+def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, keep_downloads: bool = False,
+             disk_budget: int | None = None, sizes: dict[int, int] | None = None) -> RunPlan:
+    windows = spec.windows(source.steps())
+    root = output_root(out, source, spec)
+    out_dirs = {w.step: root / f"step{w.step}" for w in windows}
+    todo = [w for w in windows if force or read_manifest(out_dirs[w.step]) is None]
+    sizes = sizes or {s: source.size(s) for s in steps_of(todo)}
+    output_bytes = max((sizes[w.members[-1]] for w in todo), default=0)
+    fetch = plan_fetches(todo, sizes, output_bytes, keep_downloads, disk_budget)
+    return RunPlan(tuple(windows), tuple(todo), fetch, out_dirs)
+
+
+def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = False,
+                on_window: Callable[[Window, Path], None] | None = None, **average_kwargs) -> list[Path]:
+    """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype, progress...)."""
+    from .average import average_checkpoints
+
+    by_step = {w.step: w for w in plan.todo}
+    on_disk: dict[int, Path] = {}
+    written = []
+    for action in plan.fetch.actions:
+        if action.kind == "fetch":
+            on_disk[action.step] = source.fetch(action.step)
+        elif action.kind == "evict":
+            source.evict(action.step)
+            on_disk.pop(action.step, None)
+        else:
+            w = by_step[action.step]
+            out = average_checkpoints([on_disk[s] for s in w.members], plan.out_dirs[w.step], weights=w.weights,
+                                      normalize=False, force=force, method=spec.record(w),
+                                      input_info=[source.describe(s) for s in w.members], **average_kwargs)
+            written.append(out)
+            if on_window is not None:
+                on_window(w, out)
+    return written

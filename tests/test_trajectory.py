@@ -1,0 +1,136 @@
+"""Local trajectories, interpolation and the Pythia dry run, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_reference, pythia_state_dict, reference_average, ulp_distance, write_checkpoint
+from test_average import assert_matches
+from typer.testing import CliRunner
+
+from ckptavg import pythia
+from ckptavg.cli import app
+from ckptavg.schedule import sequence
+from ckptavg.units import format_size
+
+runner = CliRunner()
+STEPS = list(range(1000, 9000, 1000))
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def traj(tmp_path_factory):
+    root = tmp_path_factory.mktemp("traj") / "tiny-run"
+    for i, step in enumerate(STEPS):  # formats alternate, as they do across real Pythia branches
+        fmt = ["bin", "safetensors", "bin-sharded", "safetensors-sharded"][i % 4]
+        write_checkpoint(root / f"step{step}", pythia_state_dict(i, torch.float16), fmt)
+    return root
+
+
+def test_lawa_windows_match_reference(traj, tmp_path):
+    r = cli("trajectory", traj, "--k", 3, "--nu", 1000, "--interval", 2000, "--out", tmp_path, "-q")
+    assert r.exit_code == 0, r.output
+    base = tmp_path / "tiny-run" / "lawa-k3-nu1000"
+    assert sorted(p.name for p in base.iterdir()) == ["step3000", "step5000", "step7000"]
+    for t in (3000, 5000, 7000):
+        members = [traj / f"step{s}" for s in (t - 2000, t - 1000, t)]
+        assert_matches(base / f"step{t}", reference_average(members), max_ulp=1)
+        m = json.loads((base / f"step{t}" / "ckptavg.json").read_text())
+        assert m["method"]["name"] == "lawa" and m["method"]["members"] == [t - 2000, t - 1000, t]
+        assert [i["step"] for i in m["inputs"]] == [t - 2000, t - 1000, t]
+
+
+def recursive_ema(folders, alpha):
+    sds = [load_reference(f) for f in folders]
+    out = {}
+    for name, t in sds[-1].items():
+        if not t.is_floating_point() or name.endswith(("attention.bias", "masked_bias", "inv_freq")):
+            continue
+        e = sds[0][name].double()
+        for sd in sds[1:]:
+            e = (1 - alpha) * e + alpha * sd[name].double()
+        out[name] = e.to(t.dtype)
+    return out
+
+
+def test_ema_and_swa_match_recursive_definitions(traj, tmp_path):
+    r = cli("trajectory", traj, "--k", 2, "--interval", 3000, "--start", 4000, "--end", 7000,
+            "--method", "ema", "--ema-alpha", 0.5, "--out", tmp_path, "-q")
+    assert r.exit_code == 0, r.output
+    seq = sequence(2, 1000, 3000, 4000, 7000)
+    assert seq == [3000, 4000, 6000, 7000]
+    for t in (4000, 7000):
+        ref = recursive_ema([traj / f"step{s}" for s in seq if s <= t], 0.5)
+        got = load_reference(tmp_path / "tiny-run" / "ema-alpha0.5-k2-nu1000" / f"step{t}")
+        for name, want in ref.items():
+            assert int(ulp_distance(got[name], want).max()) <= 1, name
+    r = cli("trajectory", traj, "--k", 2, "--interval", 3000, "--start", 4000, "--end", 7000,
+            "--method", "swa", "--swa-start", 4000, "--out", tmp_path, "-q")
+    assert r.exit_code == 0, r.output
+    members = [traj / f"step{s}" for s in (4000, 6000, 7000)]
+    assert_matches(tmp_path / "tiny-run" / "swa-from4000-k2-nu1000" / "step7000", reference_average(members), 1)
+
+
+def test_resume_skips_finished_windows(traj, tmp_path):
+    args = ("trajectory", traj, "--k", 2, "--interval", 2000, "--out", tmp_path, "-q")
+    assert cli(*args).exit_code == 0
+    base = tmp_path / "tiny-run" / "lawa-k2-nu1000"
+    stamps = {p.name: (p / "ckptavg.json").stat().st_mtime_ns for p in base.iterdir()}
+    import shutil
+
+    shutil.rmtree(base / "step4000")
+    r = cli("trajectory", traj, "--k", 2, "--interval", 2000, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "1 window(s) to average (3 already finished)" in r.output
+    after = {p.name: (p / "ckptavg.json").stat().st_mtime_ns for p in base.iterdir()}
+    assert set(after) == set(stamps)
+    assert all(after[n] == stamps[n] for n in stamps if n != "step4000")
+
+
+def test_dry_run_writes_nothing(traj, tmp_path):
+    r = cli("trajectory", traj, "--k", 3, "--interval", 2000, "--out", tmp_path / "o", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "3 window(s) to average" in r.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--k", 0), "--k must be at least 1"),
+    (("--nu", 0), "--nu must be positive"),
+    (("--interval", 0), "--interval must be positive"),
+    (("--start", 6000, "--end", 5000), "after --end"),
+    (("--k", 2, "--nu", 1500, "--start", 4000), "needs step(s) 2500"),
+    (("--method", "mean"), "unknown --method"),
+])
+def test_trajectory_errors(traj, tmp_path, args, message):
+    r = cli("trajectory", traj, *args, "--out", tmp_path)
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+
+
+def test_interpolate_endpoints_and_midpoint(traj, tmp_path):
+    a, b = traj / "step1000", traj / "step2000"
+    r = cli("interpolate", a, b, "--alphas", "0,0.5,1", "--out", tmp_path, "-q")
+    assert r.exit_code == 0, r.output
+    for alpha in (0, 0.5, 1):
+        assert_matches(tmp_path / f"alpha{alpha:g}", reference_average([a, b], [alpha, 1 - alpha]), max_ulp=1)
+    sa, sb = load_reference(a), load_reference(b)
+    assert torch.equal(load_reference(tmp_path / "alpha1")["embed_out.weight"], sa["embed_out.weight"])
+    assert torch.equal(load_reference(tmp_path / "alpha0")["embed_out.weight"], sb["embed_out.weight"])
+
+
+def test_pythia_12b_dry_run_from_catalogue(tmp_path):
+    r = cli("pythia", "--model", "12b", "--k", 5, "--interval", 3000, "--dry-run", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    n = len(sequence(5, 1000, 3000, 21000, 141000))
+    size = pythia.model("12b").fp16_bytes
+    assert "41 window(s) to average" in r.output
+    assert f"{n} revision(s) to fetch, {format_size(n * size)} to download" in r.output
+    assert f"peak disk {format_size(6 * size)}" in r.output  # five checkpoints and one output
+    r = cli("pythia", "--model", "12b", "--dry-run", "--disk-budget", "100GB", "--out", tmp_path)
+    assert r.exit_code == 2 and "cannot hold one window" in r.stderr
+    r = cli("pythia", "--model", "13b", "--dry-run")
+    assert r.exit_code == 2 and "unknown Pythia size" in r.stderr
