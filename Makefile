@@ -18,11 +18,10 @@ test: install
 	$(PYTHON) -m pytest -q
 
 demo: install
-	$(PYTHON) examples/tiny_trajectory.py --out $(DEMO)/trajectory
-	$(PYTHON) -m ckptavg average $(DEMO)/trajectory/step600 $(DEMO)/trajectory/step700 \
-		$(DEMO)/trajectory/step800 $(DEMO)/trajectory/step900 $(DEMO)/trajectory/step1000 \
-		--out $(DEMO)/lawa-k5/step1000 --force
-	$(PYTHON) examples/compare_loss.py $(DEMO)/trajectory $(DEMO)/lawa-k5/step1000
+	$(PYTHON) examples/tiny_trajectory.py --out $(DEMO)/tiny-pythia
+	$(PYTHON) -m ckptavg trajectory $(DEMO)/tiny-pythia --k 5 --nu 100 --interval 100 --start 500 \
+		--end 1000 --out $(DEMO)/averaged --quiet
+	$(PYTHON) examples/compare_loss.py $(DEMO)/tiny-pythia $(DEMO)/averaged/tiny-pythia/lawa-k5-nu100
 
 bench: install
 	$(PYTHON) bench/average.py

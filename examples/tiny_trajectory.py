@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.utils import logging as hf_logging
 
 
 def corpus(split: str) -> bytes:
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    hf_logging.disable_progress_bar()
     if (args.out / f"step{args.steps}" / "config.json").is_file():
         print(f"{args.out}: trajectory present, reused")
         return
