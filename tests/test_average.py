@@ -157,3 +157,39 @@ def test_cuda_matches_reference(ckpts, tmp_path):
     inputs16 = ckpts("float16", "bin")
     out16 = average_checkpoints(inputs16, tmp_path / "avg16", device="cuda")
     assert_matches(out16, reference_average(inputs16), max_ulp=1)
+
+
+def test_hub_cache_files_take_their_sha256_from_the_blob_name(ckpts, tmp_path, monkeypatch):
+    """In the Hugging Face cache a snapshot file links to blobs/<sha256>: no need to hash it again."""
+    import hashlib
+    import shutil
+
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    src = ckpts("float16", "safetensors", n=2)
+    repo = tmp_path / "models--org--tiny"
+    inputs = []
+    for i, folder in enumerate(src):
+        data = (folder / "model.safetensors").read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        snap = repo / "snapshots" / f"commit{i}"
+        snap.mkdir(parents=True)
+        (snap / "model.safetensors").symlink_to(blob)
+        shutil.copy(folder / "config.json", snap / "config.json")
+        inputs.append(snap)
+    out = average_checkpoints(inputs, tmp_path / "avg", device="cpu")
+    files = [i["files"][0] for i in json.loads((out / MANIFEST).read_text())["inputs"]]
+    assert [f["sha256_source"] for f in files] == ["hub-blob", "hub-blob"]
+    assert [f["sha256"] for f in files] == [hashlib.sha256((s / "model.safetensors").read_bytes()).hexdigest()
+                                            for s in src]
+    assert not (tmp_path / "cache").exists()  # nothing was hashed
+
+
+def test_parse_size():
+    from ckptavg.units import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("1024") == 1024
+    for bad in ("", "5XB", "-1GB", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
