@@ -72,10 +72,6 @@ class AveragePlan:
     def output_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    @property
-    def read_bytes(self) -> int:
-        return sum(r.nbytes for j in self.jobs for r in j.sources)
-
 
 def uniform_weights(n: int) -> tuple[float, ...]:
     return tuple([1.0 / n] * n)

@@ -80,10 +80,6 @@ class Checkpoint:
     tensors: dict[str, TensorRef]
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    @property
     def folder(self) -> Path:
         return self.path if self.path.is_dir() else self.path.parent
 
