@@ -166,10 +166,7 @@ def average(
 def _spec(method: str, k: int, nu: int, interval: int, start: int, end: int, ema_alpha: float,
           swa_start: Optional[int], skip_incomplete: bool):
     from .runner import RunSpec
-    from .schedule import METHODS
 
-    if method not in METHODS:
-        raise _fail(f"unknown --method {method!r} (choose from {', '.join(METHODS)})")
     return RunSpec(method, k, nu, interval, start, end, ema_alpha, swa_start, skip_incomplete)
 
 
@@ -179,12 +176,13 @@ def _print_plan(title: str, plan) -> None:
     table = Table(title=title, title_justify="left")
     for col in ("output step", "checkpoints", "to fetch", "disk after"):
         table.add_column(col, justify="right" if col != "checkpoints" else "left")
+    windows = {w.step: w for w in plan.todo}
     fetched: list[int] = []
     for a in plan.fetch.actions:
         if a.kind == "fetch":
             fetched.append(a.step)
         elif a.kind == "average":
-            w = next(w for w in plan.todo if w.step == a.step)
+            w = windows[a.step]
             members = (", ".join(map(str, w.members)) if len(w.members) <= 5
                        else f"{w.members[0]} ... {w.members[-1]} ({len(w.members)})")
             table.add_row(str(w.step), members, str(len(fetched)), format_size(a.disk_after))

@@ -55,7 +55,7 @@ class RunSpec:
             return ema_windows(alpha=self.ema_alpha, **common)
         if self.method == "swa":
             return swa_windows(swa_start=self.swa_start, **common)
-        raise ScheduleError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        raise ScheduleError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
 
     def record(self, window: Window) -> dict:
         rec = {"name": self.method, "k": self.k, "nu": self.nu, "interval": self.interval, "step": window.step,
