@@ -71,28 +71,40 @@ def _size(text: str, what: str) -> int:
         raise _fail(f"{what}: {e}") from None
 
 
-def _byte_progress(description: str, quiet: bool):
-    """A factory the library calls with the plan, returning a bytes-written callback."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+class _Bars:
+    """One rich progress display per command; every download and every average gets a bar of bytes."""
 
-    state: dict = {}
+    def __init__(self, quiet: bool) -> None:
+        self.progress = None
+        if not quiet:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
 
-    def start(plan):
-        if quiet:
-            return None
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                       TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
-        bar.start()
-        task = bar.add_task(description, total=plan.output_bytes)
-        state["bar"] = bar
-        return lambda n: bar.advance(task, n)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
 
-    def stop():
-        if "bar" in state:
-            state.pop("bar").stop()
+    def __enter__(self) -> _Bars:
+        if self.progress is not None:
+            self.progress.start()
+        return self
 
-    return start, stop
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, description: str, total: int) -> Callable[[int], None]:
+        bars = self.progress
+        if bars is None:
+            return lambda n: None
+        for task in list(bars.tasks):
+            if task.finished:
+                bars.remove_task(task.id)
+        task_id = bars.add_task(description, total=total)
+        return lambda n: bars.advance(task_id, n)
+
+    def for_plan(self, description: str):
+        """The progress hook `average_checkpoints` takes: called with the plan, returns the callback."""
+        return lambda plan: self(description, plan.output_bytes)
 
 
 def _show_version(value: bool) -> None:
@@ -148,13 +160,10 @@ def average(
     if acc is None or acc.itemsize < 4:
         raise _fail("--accumulate must be float32 or float64")
     w = _parse_floats(weights, "--weights") if weights else None
-    start, stop = _byte_progress("averaging", quiet)
-    try:
+    with _Bars(quiet) as bars:
         result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
                                      accumulate=acc, device=device, shard_bytes=_size(shard_size, "--shard-size"),
-                                     force=force, hash_inputs=hash_inputs, progress=start)
-    finally:
-        stop()
+                                     force=force, hash_inputs=hash_inputs, progress=bars.for_plan("averaging"))
     from .writer import read_manifest
 
     manifest = read_manifest(result) or {}
@@ -194,115 +203,157 @@ def _print_plan(title: str, plan) -> None:
               f"peak disk {format_size(plan.fetch.peak_disk)}", highlight=False, soft_wrap=True)
 
 
-def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downloads: bool, disk_budget: str,
-         device: str, dtype: str, quiet: bool, sizes=None) -> None:
+def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downloads: bool,
+         disk_budget: Optional[str], device: str, dtype: str, quiet: bool, bars: _Bars, sizes=None) -> None:
     from .runner import execute_run, plan_run
+    from .schedule import steps_of
 
     budget = _size(disk_budget, "--disk-budget") if disk_budget else None
     plan = plan_run(source, spec, out_dir, force=force, keep_downloads=keep_downloads, disk_budget=budget,
                     sizes=sizes)
     if dry_run or not quiet:
         _print_plan(f"{source.name}: {spec.tag()}", plan)
+    if sizes is None:  # a real source: check its revisions before a byte is fetched
+        for dup in source.duplicates(steps_of(plan.todo)):
+            err.print(f"[bold yellow]warning:[/] {dup}: the trajectory serves the same checkpoint under "
+                      f"different steps, and these averages will include it as given", highlight=False, soft_wrap=True)
     if dry_run:
         return
-    start, stop = _byte_progress("averaging", quiet)
-    try:
-        written = execute_run(source, spec, plan, force=force, device=device, out_dtype=_torch_dtype(dtype),
-                              progress=start,
-                              on_window=lambda w, p: (stop(), err.print(f"wrote {p}", highlight=False, soft_wrap=True)))
-    finally:
-        stop()
+    with bars:
+        written = execute_run(source, spec, plan, force=force, keep_downloads=keep_downloads, device=device,
+                              out_dtype=_torch_dtype(dtype), bars=bars,
+                              on_window=lambda w, p: err.print(f"wrote {p}", highlight=False, soft_wrap=True))
     err.print(f"{len(written)} output(s) written under {out_dir}", highlight=False)
 
 
-K_HELP = "Checkpoints per LAWA window (EMA and SWA use the same checkpoint sequence)."
-NU_HELP = "Steps between the checkpoints of one window."
-INTERVAL_HELP = "Steps between consecutive outputs."
-METHOD_HELP = "lawa (uniform over the latest k), ema or swa."
+K_OPT = typer.Option(5, "--k", help="Checkpoints per LAWA window (EMA and SWA use the same checkpoint sequence).")
+NU_OPT = typer.Option(1000, "--nu", help="Steps between the checkpoints of one window.")
+INTERVAL_OPT = typer.Option(3000, "--interval", help="Steps between consecutive outputs.")
+METHOD_OPT = typer.Option("lawa", help="lawa (uniform over the latest k), ema or swa.")
+EMA_OPT = typer.Option(0.9, help="EMA: e_i = (1-alpha) e_(i-1) + alpha c_i over the checkpoint sequence.")
+SWA_OPT = typer.Option(None, help="SWA: first step of the running mean (default: the first checkpoint of "
+                       "the sequence).")
+SKIP_OPT = typer.Option(False, help="Skip windows whose checkpoints are not all present instead of failing.")
+DEVICE_OPT = typer.Option("auto", help="Where to do the arithmetic: auto (cuda if available), cpu or cuda.")
+DTYPE_OPT = typer.Option("auto", help="Output dtype of averaged tensors: auto (as stored), float16, bfloat16, "
+                         "float32 or float64.")
+CACHE_OPT = typer.Option(None, help="Hugging Face cache folder for downloads (default: HF_HUB_CACHE, "
+                         "~/.cache/huggingface/hub).")
+KEEP_OPT = typer.Option(False, help="Keep every downloaded revision instead of deleting each one after its "
+                        "last window (only revisions ckptavg downloaded are ever deleted).")
+DRY_OPT = typer.Option(False, "--dry-run", help="Print the plan (windows, revisions, bytes to download, peak "
+                       "disk) and exit.")
+FORCE_OPT = typer.Option(False, "--force", help="Redo outputs that are already finished.")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars.")
 
 
 @app.command()
 @user_errors
 def trajectory(
-    source: Path = typer.Argument(..., help="A local trajectory: a folder of checkpoint folders named by step "
-                                  "(step1000/, step2000/, ...)."),
+    source: str = typer.Argument(..., help="A local folder of checkpoint folders named by step (step1000/, "
+                                 "step2000/, ...), or a Hub model repo id whose branches are steps."),
     steps_from: str = typer.Option(r"step(\d+)", "--steps-from-branches", "--steps-from",
-                                   help="Regular expression matching a checkpoint's name; group 1 is its step."),
-    k: int = typer.Option(5, "--k", help=K_HELP),
-    nu: int = typer.Option(1000, "--nu", help=NU_HELP),
-    interval: int = typer.Option(3000, "--interval", help=INTERVAL_HELP),
+                                   help="Regular expression matching a branch or folder name in full; "
+                                   "group 1 is its step."),
+    k: int = K_OPT,
+    nu: int = NU_OPT,
+    interval: int = INTERVAL_OPT,
     start: Optional[int] = typer.Option(None, help="First output step (default: the first step with a full window)."),
     end: Optional[int] = typer.Option(None, help="Last output step (default: the last step of the trajectory)."),
-    method: str = typer.Option("lawa", help=METHOD_HELP),
-    ema_alpha: float = typer.Option(0.9, help="EMA: e_i = (1-alpha) e_(i-1) + alpha c_i."),
-    swa_start: Optional[int] = typer.Option(None, help="SWA: first step of the running mean (default: the first "
-                                            "checkpoint of the sequence)."),
-    skip_incomplete: bool = typer.Option(False, help="Skip windows whose checkpoints are not all present "
-                                         "instead of failing."),
+    method: str = METHOD_OPT,
+    ema_alpha: float = EMA_OPT,
+    swa_start: Optional[int] = SWA_OPT,
+    skip_incomplete: bool = SKIP_OPT,
     out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/NAME/METHOD-TAG/stepN/."),
-    device: str = typer.Option("auto", help="auto (cuda if available), cpu or cuda."),
-    dtype: str = typer.Option("auto", help="Output dtype of averaged tensors (auto: as stored)."),
-    disk_budget: Optional[str] = typer.Option(None, help="Refuse plans whose peak disk use exceeds this (e.g. 200GB)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
-    force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bar."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    cache_dir: Optional[Path] = CACHE_OPT,
+    disk_budget: Optional[str] = typer.Option(None, help="Refuse plans whose peak disk use (downloads plus one "
+                                              "output) exceeds this, e.g. 200GB."),
+    keep_downloads: bool = KEEP_OPT,
+    dry_run: bool = DRY_OPT,
+    force: bool = FORCE_OPT,
+    quiet: bool = QUIET_OPT,
 ) -> None:
-    """Average a local training trajectory window by window (LAWA, EMA or SWA).
+    """Average a training trajectory window by window (LAWA, EMA or SWA), from local folders or the Hub.
 
-    Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes where it stopped.
+    Each Hub revision is downloaded once, by commit id, into the Hugging Face cache and deleted after
+    its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
+    where it stopped.
     """
-    from .sources import LocalTrajectory
-
-    src = LocalTrajectory(source, steps_from)
+    bars = _Bars(quiet)
+    src = _source(source, steps_from, cache_dir, bars)
     steps = src.steps()
     spec = _spec(method, k, nu, interval, start if start is not None else steps[0] + (k - 1) * nu,
                  end if end is not None else steps[-1], ema_alpha, swa_start, skip_incomplete)
-    _run(src, spec, out_dir, dry_run=dry_run, force=force, keep_downloads=True, disk_budget=disk_budget,
-         device=device, dtype=dtype, quiet=quiet)
+    _run(src, spec, out_dir, dry_run=dry_run, force=force, keep_downloads=keep_downloads, disk_budget=disk_budget,
+         device=device, dtype=dtype, quiet=quiet, bars=bars)
+
+
+def _source(text: str, pattern: str, cache_dir: Optional[Path], bars: _Bars):
+    from .hub import HubTrajectory, looks_like_repo_id
+    from .sources import LocalTrajectory
+
+    if Path(text).is_dir():
+        return LocalTrajectory(Path(text), pattern)
+    if looks_like_repo_id(text) and not Path(text).exists():
+        return HubTrajectory(text, pattern, cache_dir=cache_dir, bars=bars)
+    raise _fail(f"{text}: neither a local trajectory folder nor a Hub repo id (ORG/NAME)")
 
 
 @app.command()
 @user_errors
 def pythia(
     model: str = typer.Option(..., "--model", help="Pythia size: 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b or 12b."),
-    k: int = typer.Option(5, "--k", help=K_HELP),
-    nu: int = typer.Option(1000, "--nu", help=NU_HELP),
-    interval: int = typer.Option(3000, "--interval", help=INTERVAL_HELP),
+    k: int = K_OPT,
+    nu: int = NU_OPT,
+    interval: int = INTERVAL_OPT,
     start: int = typer.Option(21000, help="First output step."),
     end: int = typer.Option(141000, help="Last output step."),
     deduped: bool = typer.Option(True, "--deduped/--no-deduped", help="The -deduped repos (default) or the originals."),
-    method: str = typer.Option("lawa", help=METHOD_HELP),
-    ema_alpha: float = typer.Option(0.9, help="EMA: e_i = (1-alpha) e_(i-1) + alpha c_i."),
-    swa_start: Optional[int] = typer.Option(None, help="SWA: first step of the running mean."),
-    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/REPO/METHOD-TAG/stepN/."),
-    disk_budget: Optional[str] = typer.Option("200GB", help="Refuse plans whose peak disk use exceeds this."),
-    keep_downloads: bool = typer.Option(False, help="Keep every downloaded revision instead of deleting each "
-                                        "after its last window."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from the catalogue, offline) and exit."),
+    method: str = METHOD_OPT,
+    ema_alpha: float = EMA_OPT,
+    swa_start: Optional[int] = SWA_OPT,
+    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/pythia-SIZE[-deduped]/METHOD-TAG/stepN/."),
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    cache_dir: Optional[Path] = CACHE_OPT,
+    disk_budget: Optional[str] = typer.Option("200GB", help="Refuse plans whose peak disk use (downloads plus one "
+                                              "output) exceeds this."),
+    keep_downloads: bool = KEEP_OPT,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan from the built-in catalogue (offline, "
+                                 "approximate fp16 sizes) and exit."),
+    force: bool = FORCE_OPT,
+    quiet: bool = QUIET_OPT,
 ) -> None:
-    """Plan LAWA/EMA/SWA over EleutherAI Pythia revisions (step21000 ... step141000).
+    """Average EleutherAI Pythia revisions from the Hub (LAWA by default: k=5, nu=1000, every 3000 steps).
 
-    Only --dry-run works in this version: it prints every window, the revisions each needs, bytes to
-    download and the peak disk, from the built-in catalogue and without network access.
+    Before any download, the weight hashes of every branch are compared, and revisions that the Hub
+    serves byte-identical to another step are listed (this happens on the public repos).
     """
     from . import pythia as catalogue
+    from .hub import HubTrajectory
 
     info = catalogue.model(model)
-
-    class CatalogueSource:
-        name = info.repo_id(deduped).split("/")[1]
-
-        @staticmethod
-        def steps() -> list[int]:
-            return catalogue.steps()
-
+    repo = info.repo_id(deduped)
     spec = _spec(method, k, nu, interval, start, end, ema_alpha, swa_start, False)
-    if not dry_run:
-        raise _fail("downloading Pythia revisions from the Hub is not available yet: use --dry-run to see the "
-                    "plan, or `ckptavg trajectory` on local checkpoints")
-    sizes = {s: info.fp16_bytes for s in catalogue.steps()}
-    _run(CatalogueSource(), spec, out_dir, dry_run=True, force=False, keep_downloads=keep_downloads,
-         disk_budget=disk_budget, device="cpu", dtype="auto", quiet=False, sizes=sizes)
+    bars = _Bars(quiet)
+    if dry_run:
+        class CatalogueSource:
+            name = repo.split("/")[1]
+            missing_hint = ""
+
+            @staticmethod
+            def steps() -> list[int]:
+                return catalogue.steps()
+
+        sizes = {s: info.fp16_bytes for s in catalogue.steps()}
+        _run(CatalogueSource(), spec, out_dir, dry_run=True, force=force, keep_downloads=keep_downloads,
+             disk_budget=disk_budget, device=device, dtype=dtype, quiet=False, bars=bars, sizes=sizes)
+        return
+    src = HubTrajectory(repo, cache_dir=cache_dir, bars=bars)
+    _run(src, spec, out_dir, dry_run=False, force=force, keep_downloads=keep_downloads, disk_budget=disk_budget,
+         device=device, dtype=dtype, quiet=quiet, bars=bars)
 
 
 @app.command()
@@ -330,13 +381,10 @@ def interpolate(
         if not force and read_manifest(target) is not None:
             err.print(f"skipped {target} (finished)", highlight=False)
             continue
-        start, stop = _byte_progress(f"alpha {alpha:g}", quiet)
-        try:
+        with _Bars(quiet) as bars:
             average_checkpoints([a, b], target, weights=[alpha, 1 - alpha], normalize=False, force=force,
-                                device=device, out_dtype=_torch_dtype(dtype), progress=start,
+                                device=device, out_dtype=_torch_dtype(dtype), progress=bars.for_plan(f"alpha {alpha:g}"),
                                 method={"name": "interpolate", "alpha": alpha, "a": str(a), "b": str(b)})
-        finally:
-            stop()
         err.print(f"wrote {target}", highlight=False)
 
 

@@ -20,11 +20,14 @@ _lock = threading.Lock()
 BLOCK = 8 * 1024 * 1024
 
 
+def cache_root() -> Path:
+    """ckptavg's own cache folder: $CKPTAVG_CACHE, else ~/.cache/ckptavg."""
+    return Path(os.environ.get("CKPTAVG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptavg"))
+
+
 def cache_file() -> Path:
-    root = os.environ.get("CKPTAVG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptavg"
-    )
-    return Path(root) / "sha256.json"
+    return cache_root() / "sha256.json"
 
 
 def _key(path: Path) -> str:

@@ -6,24 +6,35 @@ resumes where it stopped and fetches nothing it no longer needs.
 
 from __future__ import annotations
 
+import json
+import time
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .schedule import (METHODS, FetchPlan, ScheduleError, Window, ema_windows, lawa_windows, plan_fetches,
+from .errors import MismatchError
+from .schedule import (METHODS, FetchPlan, MissingStepsError, ScheduleError, Window, ema_windows, lawa_windows, plan_fetches,
                        steps_of, swa_windows)
+from .sources import Duplicate
 from .writer import read_manifest
+
+RUN_LOG = "ckptavg-run.jsonl"
 
 
 class Source(Protocol):
     name: str
+    missing_hint: str  # appended to "window needs steps the trajectory does not have"
 
     def steps(self) -> list[int]: ...
     def size(self, step: int) -> int: ...
     def describe(self, step: int) -> dict: ...
+    def duplicates(self, steps: list[int]) -> list[Duplicate]: ...
     def fetch(self, step: int) -> Path: ...
     def evict(self, step: int) -> None: ...
+    def evict_leftovers(self, keep: set[int]) -> list[str]: ...
+    def disk_usage(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,10 @@ def output_root(out: Path, source: Source, spec: RunSpec) -> Path:
 
 def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, keep_downloads: bool = False,
              disk_budget: int | None = None, sizes: dict[int, int] | None = None) -> RunPlan:
-    windows = spec.windows(source.steps())
+    try:
+        windows = spec.windows(source.steps())
+    except MissingStepsError as e:
+        raise MissingStepsError(f"{e}{source.missing_hint}") from None
     root = output_root(out, source, spec)
     out_dirs = {w.step: root / f"step{w.step}" for w in windows}
     todo = [w for w in windows if force or read_manifest(out_dirs[w.step]) is None]
@@ -91,14 +105,24 @@ def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, k
     return RunPlan(tuple(windows), tuple(todo), fetch, out_dirs)
 
 
-def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = False,
-                on_window: Callable[[Window, Path], None] | None = None, **average_kwargs) -> list[Path]:
-    """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype, progress...)."""
+def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
+                on_window: Callable[[Window, Path], None] | None = None,
+                bars: Callable[[str, int], Callable[[int], None]] | None = None, **average_kwargs) -> list[Path]:
+    """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype...).
+
+    `bars(description, total_bytes)` makes a progress callback, for averaging (and the source's
+    downloads). Every action is appended to RUN_LOG next to the outputs, with the bytes the
+    source holds on disk after it: the record of a long run, and of its disk budget.
+    """
     from .average import average_checkpoints
 
     by_step = {w.step: w for w in plan.todo}
     on_disk: dict[int, Path] = {}
     written = []
+    log = _RunLog(next(iter(plan.out_dirs.values())).parent if plan.out_dirs else None, source)
+    if not keep_downloads:
+        for commit in source.evict_leftovers(set(steps_of(plan.todo))):
+            log.write("evict-leftover", None, revision=commit)
     for action in plan.fetch.actions:
         if action.kind == "fetch":
             on_disk[action.step] = source.fetch(action.step)
@@ -107,10 +131,33 @@ def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = F
             on_disk.pop(action.step, None)
         else:
             w = by_step[action.step]
-            out = average_checkpoints([on_disk[s] for s in w.members], plan.out_dirs[w.step], weights=w.weights,
-                                      normalize=False, force=force, method=spec.record(w),
-                                      input_info=[source.describe(s) for s in w.members], **average_kwargs)
+            progress = (lambda p, s=w.step: bars(f"average step{s}", p.output_bytes)) if bars else None
+            info = [source.describe(s) for s in w.members]
+            try:
+                out = average_checkpoints([on_disk[s] for s in w.members], plan.out_dirs[w.step], weights=w.weights,
+                                          normalize=False, force=force, method=spec.record(w), progress=progress,
+                                          input_info=info, **average_kwargs)
+            except MismatchError as e:  # name revisions, not cache folders
+                message = str(e)
+                for s, i in zip(w.members, info):
+                    message = message.replace(str(on_disk[s]), i.get("revision", str(on_disk[s])))
+                raise MismatchError(f"window at step {w.step}: {message}") from None
             written.append(out)
             if on_window is not None:
                 on_window(w, out)
+        log.write(action.kind, action.step, planned_disk=action.disk_after)
     return written
+
+
+class _RunLog:
+    def __init__(self, root: Path | None, source: Source) -> None:
+        self.path = root / RUN_LOG if root is not None else None
+        self.source = source
+
+    def write(self, action: str, step: int | None, **extra) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"time": time.time(), "action": action, "step": step, "source_disk": self.source.disk_usage()} | extra
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

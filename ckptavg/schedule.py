@@ -29,6 +29,10 @@ class ScheduleError(CkptavgError):
     """Schedule parameters that describe no valid run."""
 
 
+class MissingStepsError(ScheduleError):
+    """A window needs checkpoints the trajectory does not have."""
+
+
 @dataclass(frozen=True)
 class Window:
     """One output: the weighted sum of the checkpoints at `members` (oldest first)."""
@@ -72,7 +76,7 @@ def _check_available(windows: list[Window], available: Iterable[int] | None, ski
         if not missing:
             kept.append(w)
         elif not skip_incomplete:
-            raise ScheduleError(f"window at step {w.step} needs step(s) {', '.join(map(str, missing))}, "
+            raise MissingStepsError(f"window at step {w.step} needs step(s) {', '.join(map(str, missing))}, "
                                 f"which the trajectory does not have (pass --skip-incomplete to skip it)")
     return kept
 

@@ -2,19 +2,116 @@
 
 A source lists its steps and their sizes without downloading, puts one step's checkpoint on
 disk (`fetch`), and frees it again (`evict`). A local trajectory is folders named by step;
-fetching and evicting it are no-ops.
+fetching and evicting it are no-ops. The Hub source lives in `hub.py`; the pure rules both
+share (which files make a checkpoint, which revisions are suspiciously identical) live here.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
 from .tensors import WEIGHT_LAYOUTS
+from .writer import SIDE_FILES
 
 DEFAULT_STEP_PATTERN = r"step(\d+)"
+_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+_BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+
+
+def pick_files(names: Iterable[str]) -> set[str] | None:
+    """The files that make one checkpoint: safetensors weights when there are any, else `.bin`
+    weights, plus the side files a model folder needs; None when there are no weights at all."""
+    names = set(names)
+    for pattern, index in ((_SAFETENSORS, "model.safetensors.index.json"), (_BIN, "pytorch_model.bin.index.json")):
+        weights = {n for n in names if pattern.fullmatch(n)}
+        if weights:
+            return weights | ({index} & names) | (set(SIDE_FILES) & names)
+    return None
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise InputError(f"bad step pattern {pattern!r}: {e}") from None
+    if regex.groups < 1:
+        raise InputError(f"step pattern {pattern!r} needs a group for the step number, like 'step(\\d+)'")
+    return regex
+
+
+def step_branches(names: Iterable[str], pattern: str, where: str) -> dict[int, str]:
+    """step -> name, for the names that fully match `pattern`; two names for one step is an error."""
+    regex = compile_pattern(pattern)
+    steps: dict[int, str] = {}
+    for name in sorted(names):
+        m = regex.fullmatch(name)
+        if not m:
+            continue
+        step = int(m.group(1))
+        if step in steps:
+            raise InputError(f"{where}: {steps[step]!r} and {name!r} both match {pattern!r} as step {step}")
+        steps[step] = name
+    return steps
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """Revisions that should differ but share weight files byte for byte."""
+
+    revisions: tuple[str, ...]
+    files: tuple[str, ...]  # the shared file names, as named in the first revision
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
+        return f"{', '.join(self.revisions)} share weights byte for byte ({shown})"
+
+
+def find_duplicates(blobs: Mapping[str, Mapping[str, str]], steps: Mapping[str, int],
+                    planned: Iterable[str]) -> list[Duplicate]:
+    """Groups of revisions, each touching `planned`, whose weight files have equal sha256.
+
+    `blobs` maps revision -> {file name: sha256}; `steps` maps the step revisions to their
+    step. Two step revisions never should share a file. A non-step revision (`main`) should
+    only equal the last step: anything else it equals is reported too.
+    """
+    last = max(steps.values(), default=None)
+    parent = {r: r for r in blobs}
+
+    def root(r: str) -> str:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for rev, files in blobs.items():
+        for name, sha in files.items():
+            owners.setdefault(sha, []).append((rev, name))
+    shared: dict[str, set[str]] = {}
+    for sha, holders in owners.items():
+        for i, (a, name) in enumerate(holders):
+            for b, _ in holders[i + 1:]:
+                sa, sb = steps.get(a), steps.get(b)
+                if sa is None and sb is None or {sa, sb} == {None, last}:
+                    continue  # main and the last step are meant to be equal
+                parent[root(a)] = root(b)
+                shared.setdefault(a, set()).add(name)
+                shared.setdefault(b, set()).add(name)
+    groups: dict[str, list[str]] = {}
+    for rev in shared:
+        groups.setdefault(root(rev), []).append(rev)
+    planned = set(planned)
+    order = lambda r: (steps.get(r) is None, steps.get(r, 0), r)  # noqa: E731
+    found = []
+    for members in groups.values():
+        if planned & set(members):
+            members.sort(key=order)
+            found.append(Duplicate(tuple(members), tuple(sorted(shared[members[0]]))))
+    return sorted(found, key=lambda d: order(d.revisions[0]))
 
 
 @dataclass
@@ -29,14 +126,8 @@ class LocalTrajectory:
         self.root = Path(self.root)
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such trajectory folder")
-        try:
-            regex = re.compile(self.pattern)
-        except re.error as e:
-            raise InputError(f"bad step pattern {self.pattern!r}: {e}") from None
-        for entry in self.root.iterdir():
-            m = regex.fullmatch(entry.name)
-            if m and entry.is_dir():
-                self._folders[int(m.group(1))] = entry
+        names = step_branches((e.name for e in self.root.iterdir() if e.is_dir()), self.pattern, str(self.root))
+        self._folders = {step: self.root / name for step, name in names.items()}
         if not self._folders:
             raise InputError(f"{self.root}: no checkpoint folders matching {self.pattern!r}")
 
@@ -61,3 +152,20 @@ class LocalTrajectory:
 
     def evict(self, step: int) -> None:
         """Local checkpoints belong to the user: never deleted."""
+
+    def evict_leftovers(self, keep: set[int]) -> list[str]:
+        return []
+
+    def disk_usage(self) -> int:
+        return 0
+
+    missing_hint = ""
+
+    def duplicates(self, steps: list[int]) -> list[Duplicate]:
+        """Hashes each weight file once (cached, and reused by the manifests)."""
+        from .hashing import file_sha256
+        from .tensors import open_checkpoint
+
+        blobs = {self._folders[s].name: {f.name: file_sha256(f)[0] for f in open_checkpoint(self._folders[s]).files}
+                 for s in steps}
+        return find_duplicates(blobs, {self._folders[s].name: s for s in steps}, blobs)

@@ -27,6 +27,9 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, Path]] = {}  # repo -> branch -> folder
         self.gets: Counter = Counter()  # (repo, branch, file) -> GET count
+        self.stall: tuple[str, str] | None = None  # (branch, file): hold its GET until `release` is set
+        self.stalled = threading.Event()
+        self.release = threading.Event()
         self._sha: dict[Path, str] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -47,6 +50,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self.release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -176,6 +180,9 @@ class HubServer:
                     headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))}
                 if self.command == "GET":
                     server.gets[(repo, branch, name)] += 1
+                    if server.stall == (branch, name):
+                        server.stalled.set()
+                        server.release.wait(60)
                 rng = self.headers.get("Range")
                 if rng and rng.startswith("bytes=") and self.command == "GET":
                     start = int(rng[6:].split("-")[0])

@@ -36,7 +36,10 @@ def test_lawa_windows_match_reference(traj, tmp_path):
     r = cli("trajectory", traj, "--k", 3, "--nu", 1000, "--interval", 2000, "--out", tmp_path, "-q")
     assert r.exit_code == 0, r.output
     base = tmp_path / "tiny-run" / "lawa-k3-nu1000"
-    assert sorted(p.name for p in base.iterdir()) == ["step3000", "step5000", "step7000"]
+    assert sorted(p.name for p in base.iterdir()) == ["ckptavg-run.jsonl", "step3000", "step5000", "step7000"]
+    log = [json.loads(line) for line in (base / "ckptavg-run.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["action"] == "average"] == [3000, 5000, 7000]
+    assert sorted(e["step"] for e in log if e["action"] == "fetch") == list(range(1000, 8000, 1000))
     for t in (3000, 5000, 7000):
         members = [traj / f"step{s}" for s in (t - 2000, t - 1000, t)]
         assert_matches(base / f"step{t}", reference_average(members), max_ulp=1)
@@ -80,14 +83,14 @@ def test_resume_skips_finished_windows(traj, tmp_path):
     args = ("trajectory", traj, "--k", 2, "--interval", 2000, "--out", tmp_path, "-q")
     assert cli(*args).exit_code == 0
     base = tmp_path / "tiny-run" / "lawa-k2-nu1000"
-    stamps = {p.name: (p / "ckptavg.json").stat().st_mtime_ns for p in base.iterdir()}
+    stamps = {p.name: (p / "ckptavg.json").stat().st_mtime_ns for p in base.glob("step*")}
     import shutil
 
     shutil.rmtree(base / "step4000")
     r = cli("trajectory", traj, "--k", 2, "--interval", 2000, "--out", tmp_path)
     assert r.exit_code == 0, r.output
     assert "1 window(s) to average (3 already finished)" in r.output
-    after = {p.name: (p / "ckptavg.json").stat().st_mtime_ns for p in base.iterdir()}
+    after = {p.name: (p / "ckptavg.json").stat().st_mtime_ns for p in base.glob("step*")}
     assert set(after) == set(stamps)
     assert all(after[n] == stamps[n] for n in stamps if n != "step4000")
 

@@ -1,0 +1,271 @@
+"""A trajectory on the Hugging Face Hub: the step branches of one model repo, through huggingface_hub.
+
+Every revision is downloaded by its commit id into the standard Hub cache (content-addressed:
+a file shared by two branches is stored once), so a killed run's finished downloads are found
+again without a request. Only revisions this tool downloaded are ever deleted from the cache;
+a ledger in ckptavg's own cache folder remembers which ones those are.
+
+huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported, so it is imported
+here lazily, after the command line has been parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+from .hashing import cache_root
+from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, pick_files, step_branches
+
+LIST_WORKERS = 8
+ByteBar = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None  # LFS files only
+
+
+@contextmanager
+def hub_errors(repo_id: str) -> Iterator[None]:
+    """huggingface_hub's and the network's exceptions, as one-line messages that say what to do."""
+    from huggingface_hub import constants, errors
+
+    try:
+        yield
+    except errors.RepositoryNotFoundError:
+        raise InputError(f"{repo_id}: no such model repo on {constants.ENDPOINT} (or it is private: "
+                         f"log in with `hf auth login`)") from None
+    except errors.RevisionNotFoundError as e:
+        raise InputError(f"{repo_id}: revision not found ({_first_line(e)})") from None
+    except errors.OfflineModeIsEnabled:
+        raise InputError(f"{repo_id}: HF_HUB_OFFLINE is set and this needs the Hub") from None
+    except errors.LocalEntryNotFoundError as e:
+        raise InputError(f"{repo_id}: cannot download ({_first_line(e)}); with no network, pre-download "
+                         f"the revisions (`hf download {repo_id} --revision stepN`) and set HF_HUB_OFFLINE=1"
+                         ) from None
+    except errors.HfHubHTTPError as e:
+        raise InputError(f"{repo_id}: the Hub answered {_first_line(e)}") from None
+    except Exception as e:  # httpx's transport errors: no network, refused, timeout
+        if type(e).__module__.split(".")[0].startswith("httpx"):
+            raise InputError(f"cannot reach {constants.ENDPOINT} for {repo_id} ({e}); with no network, "
+                             f"use revisions already in the cache with HF_HUB_OFFLINE=1") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class HubTrajectory:
+    """Steps are the branches whose names fully match `pattern` (group 1 is the step)."""
+
+    def __init__(self, repo_id: str, pattern: str = DEFAULT_STEP_PATTERN, *, cache_dir: Path | None = None,
+                 bars: ByteBar | None = None) -> None:
+        from huggingface_hub import HfApi, constants
+
+        self.repo_id = repo_id
+        self.name = repo_id.rsplit("/", 1)[-1]
+        self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE)
+        self.offline = bool(constants.HF_HUB_OFFLINE)
+        self.bars = bars
+        self._api = HfApi()
+        self._trees: dict[str, list[RemoteFile]] = {}
+        commits = self._cached_refs() if self.offline else self._remote_refs()
+        self.commits = commits  # branch -> commit id
+        self.branches = step_branches(commits, pattern, repo_id)  # step -> branch
+        if not self.branches:
+            where = "in the cache (HF_HUB_OFFLINE is set)" if self.offline else "on the Hub"
+            raise InputError(f"{repo_id}: no branches matching {pattern!r} {where}")
+
+    # -- listing --------------------------------------------------------------------------------
+    def _remote_refs(self) -> dict[str, str]:
+        with hub_errors(self.repo_id):
+            refs = self._api.list_repo_refs(self.repo_id)
+        return {b.name: b.target_commit for b in refs.branches}
+
+    @property
+    def _repo_cache(self) -> Path:
+        return self.cache_dir / ("models--" + self.repo_id.replace("/", "--"))
+
+    def _cached_refs(self) -> dict[str, str]:
+        refs = self._repo_cache / "refs"
+        if not refs.is_dir():
+            raise InputError(f"HF_HUB_OFFLINE is set and {self.repo_id} is not in the cache {self.cache_dir}: "
+                             f"download its revisions first (`hf download {self.repo_id} --revision stepN`)")
+        return {p.name: p.read_text().strip() for p in refs.iterdir() if p.is_file()}
+
+    def tree(self, branch: str) -> list[RemoteFile]:
+        if branch not in self._trees:
+            self._trees[branch] = self._cached_tree(branch) if self.offline else self._remote_tree(branch)
+        return self._trees[branch]
+
+    def _remote_tree(self, branch: str) -> list[RemoteFile]:
+        from huggingface_hub.hf_api import RepoFile
+
+        with hub_errors(self.repo_id):
+            items = list(self._api.list_repo_tree(self.repo_id, revision=self.commits[branch], recursive=True))
+        return [RemoteFile(i.path, i.size, i.lfs.sha256 if i.lfs else None) for i in items if isinstance(i, RepoFile)]
+
+    def _cached_tree(self, branch: str) -> list[RemoteFile]:
+        snapshot = self._repo_cache / "snapshots" / self.commits[branch]
+        files = []
+        for p in sorted(snapshot.rglob("*")) if snapshot.is_dir() else []:
+            if p.is_file():
+                real = p.resolve()
+                sha = real.name if real.parent.name == "blobs" and len(real.name) == 64 else None
+                files.append(RemoteFile(p.relative_to(snapshot).as_posix(), real.stat().st_size, sha))
+        return files
+
+    def _list_all(self) -> None:
+        todo = [b for b in self.commits if b not in self._trees]
+        with ThreadPoolExecutor(LIST_WORKERS) as pool:
+            for branch, files in zip(todo, pool.map(self.tree, todo)):
+                self._trees[branch] = files
+
+    def files(self, step: int) -> list[RemoteFile]:
+        """What to download for one step: its weights (safetensors when present) and its side files."""
+        branch = self.branches[step]
+        listed = self.tree(branch)
+        chosen = pick_files([f.path for f in listed])
+        if chosen is None:
+            if self.offline:
+                raise InputError(f"HF_HUB_OFFLINE is set and {self.repo_id}@{branch} has no weights in the cache: "
+                                 f"download it first (`hf download {self.repo_id} --revision {branch}`)")
+            raise InputError(f"{self.repo_id}@{branch}: no weights (model.safetensors or pytorch_model.bin, "
+                             f"single or sharded)")
+        return [f for f in listed if f.path in chosen]
+
+    # -- the Source interface -----------------------------------------------------------------------
+    @property
+    def missing_hint(self) -> str:
+        if self.offline:
+            return (f"; HF_HUB_OFFLINE is set, so only revisions in the cache count: download the others first "
+                    f"(`hf download {self.repo_id} --revision stepN`)")
+        return ""
+
+    def steps(self) -> list[int]:
+        return sorted(self.branches)
+
+    def size(self, step: int) -> int:
+        return sum(f.size for f in self.files(step))
+
+    def describe(self, step: int) -> dict:
+        branch = self.branches[step]
+        return {"source": f"hf://{self.repo_id}", "repo": self.repo_id, "revision": branch,
+                "commit": self.commits[branch], "step": step}
+
+    def duplicates(self, steps: list[int]) -> list[Duplicate]:
+        """Revisions among `steps` whose weights are byte-identical to another branch's (any branch of the repo)."""
+        self._list_all()
+        blobs = {}
+        for branch, listed in self._trees.items():
+            chosen = pick_files([f.path for f in listed]) or set()
+            blobs[branch] = {f.path: f.sha256 for f in listed if f.path in chosen and f.sha256}
+        return find_duplicates(blobs, {b: s for s, b in self.branches.items()}, {self.branches[s] for s in steps})
+
+    def fetch(self, step: int) -> Path:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        branch, files = self.branches[step], self.files(step)
+        commit = self.commits[branch]
+        missing = [f for f in files if not isinstance(
+            try_to_load_from_cache(self.repo_id, f.path, cache_dir=self.cache_dir, revision=commit), str)]
+        if missing and self.offline:
+            raise InputError(f"HF_HUB_OFFLINE is set and {self.repo_id}@{branch} is incomplete in the cache "
+                             f"(missing {', '.join(f.path for f in missing)}): download it first "
+                             f"(`hf download {self.repo_id} --revision {branch}`)")
+        if missing:
+            self._ledger_update(add=commit)
+        advance = self.bars(f"download {branch}", sum(f.size for f in missing)) if self.bars and missing else None
+        tqdm_class = _tqdm_forwarding(advance) if advance else None
+        with hub_errors(self.repo_id):
+            for f in files:
+                hf_hub_download(self.repo_id, f.path, revision=commit, cache_dir=self.cache_dir,
+                                tqdm_class=tqdm_class)
+        self._write_ref(branch, commit)
+        return self._repo_cache / "snapshots" / commit
+
+    def _write_ref(self, branch: str, commit: str) -> None:
+        """What huggingface_hub records when downloading by branch name, so HF_HUB_OFFLINE runs find the revision."""
+        ref = self._repo_cache / "refs" / branch
+        if not self.offline and (not ref.is_file() or ref.read_text() != commit):
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+            tmp.write_text(commit)
+            os.replace(tmp, ref)
+
+    def evict(self, step: int) -> None:
+        self._evict_commit(self.commits[self.branches[step]])
+
+    def evict_leftovers(self, keep: set[int]) -> list[str]:
+        """Delete revisions a killed run downloaded that no remaining window needs."""
+        keep_commits = {self.commits[self.branches[s]] for s in keep}
+        gone = [c for c in self._ledger() if c not in keep_commits]
+        for commit in gone:
+            self._evict_commit(commit)
+        return gone
+
+    def disk_usage(self) -> int:
+        blobs = self._repo_cache / "blobs"
+        return sum(e.stat().st_size for e in os.scandir(blobs) if e.is_file()) if blobs.is_dir() else 0
+
+    def _evict_commit(self, commit: str) -> None:
+        """Only revisions this tool downloaded; blobs other snapshots still use are kept by huggingface_hub."""
+        from huggingface_hub import scan_cache_dir
+
+        if commit not in self._ledger():
+            return
+        scan_cache_dir(self.cache_dir).delete_revisions(commit).execute()
+        self._ledger_update(remove=commit)
+
+    # -- the ledger of downloads made by ckptavg ---------------------------------------------------
+    @property
+    def _ledger_path(self) -> Path:
+        where = hashlib.sha1(str(self.cache_dir.resolve()).encode()).hexdigest()[:12]
+        return cache_root() / "downloads" / f"{where}-{self._repo_cache.name}.json"
+
+    def _ledger(self) -> set[str]:
+        """Commits of this repo that ckptavg downloaded into this cache folder and has not deleted yet."""
+        try:
+            return set(json.loads(self._ledger_path.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    def _ledger_update(self, add: str | None = None, remove: str | None = None) -> None:
+        ledger = (self._ledger() | {add}) - {remove, None}
+        path = self._ledger_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(ledger)))
+        os.replace(tmp, path)
+
+
+def _tqdm_forwarding(advance: Callable[[int], None]):
+    """A silent tqdm class whose updates feed our own (rich) progress bar."""
+    from tqdm.auto import tqdm
+
+    class Forward(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            if n:
+                advance(int(n))
+
+    return Forward
+
+
+def looks_like_repo_id(text: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None

@@ -1,0 +1,198 @@
+"""Trajectories from the Hub: `ckptavg pythia` and `ckptavg trajectory ORG/NAME` against the test Hub server.
+
+The CLI runs in a subprocess, because huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when
+it is imported. The served repo is laid out like the real Pythia repos: step branches, some with
+sharded `.bin` plus index and buffers, some with `model.safetensors`, a `main` equal to the last
+step, and one bad branch (step6000) serving step5000's files byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_reference, pythia_state_dict, reference_average, write_checkpoint
+from hubserver import HubServer
+from test_average import assert_matches
+from test_trajectory import recursive_ema
+
+REPO = "EleutherAI/pythia-70m-deduped"  # the catalogue's name for --model 70m; the content is tiny
+STEPS = list(range(1000, 9000, 1000))
+DUPLICATE = {6000: 5000}  # step6000 serves step5000's files
+LAWA = ("--k", "3", "--nu", "1000", "--interval", "2000", "--start", "3000", "--end", "8000")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hubrepo")
+    folders = {}
+    for i, step in enumerate(STEPS):
+        folder = root / f"step{step}"
+        if step in DUPLICATE:
+            shutil.copytree(folders[DUPLICATE[step]], folder)
+        else:
+            write_checkpoint(folder, pythia_state_dict(i, torch.float16), "bin-sharded" if i % 2 else "safetensors")
+        folders[step] = folder
+    server = HubServer()
+    for step, folder in folders.items():
+        server.add_branch(REPO, f"step{step}", folder)
+    server.add_branch(REPO, "main", folders[STEPS[-1]])
+    bad = write_checkpoint(root / "bad", pythia_state_dict(0, torch.float16, buffers=False), "safetensors")
+    for step in (1000, 2000):
+        server.add_branch("someone/bad-run", f"ckpt-{step}", folders[step])
+    server.add_branch("someone/bad-run", "ckpt-3000", bad)  # a tensor set that does not match
+    server.start()
+    server.folders = folders
+    yield server
+    server.stop()
+
+
+def ckptavg(hub: HubServer, home: Path, *args: str, offline: bool = False, endpoint: str | None = None,
+            wait: bool = True):
+    env = dict(os.environ, HF_ENDPOINT=endpoint or hub.url, HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HOME=str(home / "hf"), CKPTAVG_CACHE=str(home / "ckptavg-cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "ckptavg", *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def content_gets(hub: HubServer) -> Counter:
+    """GETs per distinct file content: the Hub cache stores equal files once, so each should be 1."""
+    by_content: Counter = Counter()
+    for (_, branch, name), n in hub.gets.items():
+        folder = hub.repos[REPO][branch]
+        by_content[hashlib.sha256((folder / name).read_bytes()).hexdigest()] += n
+    return by_content
+
+
+def cached_files(home: Path) -> list[Path]:
+    """Snapshot entries and blobs left in the Hub cache for REPO."""
+    repo = home / "hf" / "hub" / ("models--" + REPO.replace("/", "--"))
+    return [p for sub in ("snapshots", "blobs") for p in (repo / sub).rglob("*") if not p.is_dir()]
+
+
+def test_pythia_lawa_from_the_hub(hub, tmp_path):
+    hub.gets.clear()
+    size = sum(f.stat().st_size for f in hub.folders[1000].iterdir())
+    budget = str(6 * size)  # three revisions and one output, with room for the shard sizes to differ
+    r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, "--out", str(tmp_path / "out"),
+                "--disk-budget", budget, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    base = tmp_path / "out" / "pythia-70m-deduped" / "lawa-k3-nu1000"
+    for t in (3000, 5000, 7000):
+        members = [hub.folders[s] for s in (t - 2000, t - 1000, t)]
+        assert_matches(base / f"step{t}", reference_average(members), max_ulp=1)
+        manifest = json.loads((base / f"step{t}" / "ckptavg.json").read_text())
+        assert [i["revision"] for i in manifest["inputs"]] == [f"step{s}" for s in (t - 2000, t - 1000, t)]
+        assert {i["commit"] for i in manifest["inputs"]} == {hub.commit(REPO, f"step{s}")
+                                                            for s in (t - 2000, t - 1000, t)}
+    # every needed revision fetched, no file of any revision twice; step6000's weights are step5000's,
+    # which were still in the cache, so they cost no GET at all
+    needed = {hashlib.sha256(f.read_bytes()).hexdigest()
+              for s in range(1000, 8000, 1000) for f in hub.folders[s].iterdir()}
+    assert set(content_gets(hub)) == needed and set(hub.gets.values()) == {1}
+    assert {branch for _, branch, _ in hub.gets} == {f"step{s}" for s in range(1000, 8000, 1000)} - {"step6000"}
+    # the bad branch is reported before anything is fetched; main == last step is not
+    assert "step5000, step6000 share weights byte for byte" in " ".join(r.stderr.split())
+    assert "main" not in r.stderr.split("share weights")[0]
+    # downloads were deleted after their last window, and the disk stayed within the budget
+    log = [json.loads(line) for line in (base / "ckptavg-run.jsonl").read_text().splitlines()]
+    assert max(e["source_disk"] for e in log) <= int(budget)
+    assert [e["action"] for e in log].count("evict") == 7 and log[-1]["source_disk"] == 0
+    assert cached_files(tmp_path) == []
+
+
+def test_disk_budget_too_small_is_refused_before_download(hub, tmp_path):
+    hub.gets.clear()
+    r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, "--out", str(tmp_path / "out"),
+                "--disk-budget", "1000")
+    assert r.returncode == 2 and "cannot hold one window" in r.stderr and "Traceback" not in r.stderr
+    assert not hub.gets and not (tmp_path / "out").exists()
+
+
+def test_killed_run_resumes_without_redoing_finished_windows(hub, tmp_path):
+    hub.gets.clear()
+    hub.stall, hub.release = ("step7000", "model.safetensors"), type(hub.release)()
+    hub.stalled.clear()
+    out = tmp_path / "out"
+    proc = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, "--out", str(out), "--device", "cpu",
+                   wait=False)
+    try:
+        assert hub.stalled.wait(60), "the run never reached step7000"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        hub.stall = None
+        hub.release.set()
+    base = out / "pythia-70m-deduped" / "lawa-k3-nu1000"
+    assert sorted(p.name for p in base.glob("step*")) == ["step3000", "step5000"]
+    stamps = {t: (base / f"step{t}" / "ckptavg.json").stat().st_mtime_ns for t in (3000, 5000)}
+    before = Counter(hub.gets)
+    r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "1 window(s) to average (2 already finished)" in " ".join(r.stdout.split())
+    assert {t: (base / f"step{t}" / "ckptavg.json").stat().st_mtime_ns for t in (3000, 5000)} == stamps
+    assert_matches(base / "step7000", reference_average([hub.folders[s] for s in (5000, 6000, 7000)]), max_ulp=1)
+    again = hub.gets - before
+    assert {branch for _, branch, _ in again} <= {"step6000", "step7000"}  # step5000 came from the cache
+    assert [p.name for p in cached_files(tmp_path)] == []
+
+
+def test_trajectory_from_a_hub_repo_with_ema_then_offline(hub, tmp_path):
+    args = ("--steps-from-branches", r"step(\d+)", "--method", "ema", "--ema-alpha", "0.5", "--k", "2",
+            "--nu", "1000", "--interval", "1000", "--start", "2000", "--end", "5000", "--device", "cpu", "-q")
+    r = ckptavg(hub, tmp_path, "trajectory", REPO, *args, "--out", str(tmp_path / "out"), "--keep-downloads")
+    assert r.returncode == 0, r.stderr
+    base = tmp_path / "out" / "pythia-70m-deduped" / "ema-alpha0.5-k2-nu1000"
+    for t in (2000, 5000):
+        expected = recursive_ema([hub.folders[s] for s in range(1000, t + 1, 1000)], 0.5)
+        got = load_reference(base / f"step{t}")
+        for name, ref in expected.items():
+            torch.testing.assert_close(got[name].double(), ref.double(), rtol=2e-3, atol=1e-6)
+    # --keep-downloads left them in the cache, so the same run works with the Hub out of reach
+    r = ckptavg(hub, tmp_path, "trajectory", REPO, *args, "--out", str(tmp_path / "again"), offline=True,
+                endpoint="http://127.0.0.1:9")
+    assert r.returncode == 0, r.stderr
+    for t in (2000, 5000):
+        assert load_reference(base / f"step{t}").keys() == load_reference(tmp_path / "again" / base.relative_to(
+            tmp_path / "out") / f"step{t}").keys()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown-repo", "no such model repo"),
+    ("no-network", "cannot reach http://127.0.0.1:9"),
+    ("offline-empty-cache", "HF_HUB_OFFLINE is set and EleutherAI/pythia-70m-deduped is not in the cache"),
+    ("missing-revision", "window at step 3000 needs step(s) 0, 1500, which the trajectory does not have"),
+    ("mismatch", "ckpt-3000"),
+    ("unknown-size", "unknown Pythia size '5b'"),
+])
+def test_hub_errors_are_one_line(hub, tmp_path, case, message):
+    out = ("--out", str(tmp_path / "out"), "-q")
+    if case == "unknown-repo":
+        r = ckptavg(hub, tmp_path, "trajectory", "nobody/nothing", *out)
+    elif case == "no-network":
+        r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, *out, endpoint="http://127.0.0.1:9")
+    elif case == "offline-empty-cache":
+        r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, *out, offline=True)
+    elif case == "missing-revision":
+        r = ckptavg(hub, tmp_path, "trajectory", REPO, "--k", "3", "--nu", "1500", "--start", "3000", *out)
+    elif case == "mismatch":
+        r = ckptavg(hub, tmp_path, "trajectory", "someone/bad-run", "--steps-from", r"ckpt-(\d+)", "--k", "3",
+                    "--nu", "1000", "--start", "3000", *out)
+    else:
+        r = ckptavg(hub, tmp_path, "pythia", "--model", "5b", *out)
+    assert r.returncode == 2, r.stderr
+    assert message in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3  # one message (rich may wrap it)
+    assert not any((tmp_path / "out").rglob("ckptavg.json"))
