@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from .errors import CkptavgError
+from .evaluate import DEFAULT_TASKS
 from .units import format_size, parse_size
 
 app = typer.Typer(
@@ -386,6 +387,225 @@ def interpolate(
                                 device=device, out_dtype=_torch_dtype(dtype), progress=bars.for_plan(f"alpha {alpha:g}"),
                                 method={"name": "interpolate", "alpha": alpha, "a": str(a), "b": str(b)})
         err.print(f"wrote {target}", highlight=False)
+
+
+def _parse_steps(text: Optional[str]) -> Optional[set[int]]:
+    if not text:
+        return None
+    try:
+        return {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise _fail(f"--steps must be comma-separated integers, got {text!r}") from None
+
+
+def _named_files(items: list[str], what: str) -> dict[str, Path]:
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise _fail(f"{what} takes NAME=FILE, got {item!r}")
+        named[name] = Path(path)
+    return named
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run folder (OUT/NAME/METHOD-TAG with stepN/ outputs), or "
+                                   "OUT/NAME to score every run of that trajectory."),
+    tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks. pile-philpapers, "
+                              "pile-bookcorpus2, pile-youtubesubtitles and pile-enron come from --pile; the others "
+                              "are lm-eval's own tasks."),
+    pile: Optional[Path] = typer.Option(None, help="A Pile-format file (.jsonl, .jsonl.zst or .jsonl.gz; records "
+                                        '{"text", "meta": {"pile_set_name"}}, like the Pile\'s val/test files) '
+                                        "for the pile-* tasks."),
+    ppl_task: list[str] = typer.Option([], "--ppl-task", help="NAME=FILE.jsonl: a perplexity task over your own "
+                                       "{\"text\": ...} records (word and byte perplexity, bits per byte). Repeatable."),
+    include_path: list[Path] = typer.Option([], help="A folder of lm-eval task YAMLs to register. Repeatable."),
+    originals: bool = typer.Option(True, "--originals/--no-originals", help="Also score the original checkpoint "
+                                   "at each averaged step (fetched from the Hub if it is no longer on disk)."),
+    steps: Optional[str] = typer.Option(None, help="Only these steps, comma-separated (default: every finished output)."),
+    limit: Optional[int] = typer.Option(None, help="At most N documents per task (for quick looks; stored apart "
+                                        "from full scores)."),
+    batch_size: str = typer.Option("auto", help="lm-eval batch size: auto (8 on CPU) or N."),
+    device: str = typer.Option("auto", help="auto (cuda if available), cpu or cuda."),
+    dtype: str = typer.Option("auto", help="Model dtype for scoring: auto (float32 on CPU, as stored on a GPU), "
+                              "float16, bfloat16 or float32."),
+    results: Path = typer.Option(Path("results.sqlite"), help="SQLite results store (created if missing)."),
+    force: bool = typer.Option(False, "--force", help="Score again what the store already has."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be scored and fetched, and exit."),
+    quiet: bool = QUIET_OPT,
+) -> None:
+    """Score averaged checkpoints and their originals with lm-evaluation-harness into a results store.
+
+    Each checkpoint x task is one row group in the store; what is already there is skipped, so an
+    interrupted study resumes. A task that fails for one checkpoint is stored as failed (and retried
+    next time) and the study goes on.
+    """
+    from .evalrun import fetch_bytes, find_targets
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not task_list:
+        raise _fail("--tasks is empty")
+    if limit is not None and limit < 1:
+        raise _fail(f"--limit must be at least 1, got {limit}")
+    if batch_size != "auto" and not batch_size.isdigit():
+        raise _fail(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
+    targets = find_targets(run_dir, _parse_steps(steps), originals)
+    to_fetch = fetch_bytes(targets)
+    err.print(f"{len(targets)} checkpoint(s) x {len(task_list)} task(s); originals to fetch from the Hub: "
+              f"{sum(1 for t in targets if t.repo)} ({format_size(to_fetch)})", highlight=False)
+    if dry_run:
+        for t in targets:
+            out.print(f"{t.model}  {t.tag:<24} step{t.step:<8} {t.folder if not t.repo else 'hf://' + t.repo + '@' + str(t.revision)}",
+                      highlight=False, soft_wrap=True)
+        return
+
+    from .evaluate import check_tasks, quiet_lm_eval, resolve_device, task_manager
+    from .evalrun import run_eval
+    from .results import Store
+    from .tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
+
+    quiet_lm_eval()
+    dev = resolve_device(device)
+    paths = list(include_path)
+    pile_wanted = [t for t in task_list if t in PILE_SUBSETS]
+    if pile_wanted and pile is None:
+        raise _fail(f"{', '.join(pile_wanted)} need --pile FILE (a local Pile-format file; the Pile itself can "
+                    f"no longer be downloaded), or leave them out of --tasks")
+    if pile_wanted:
+        paths.append(pile_tasks(pile, pile_wanted))
+    if ppl_task:
+        paths.append(perplexity_tasks(_named_files(ppl_task, "--ppl-task")))
+    manager = task_manager(paths)
+    check_tasks(manager, task_list)
+    bars = _Bars(quiet)
+    with Store(results) as store, bars:
+        line = bars.progress.add_task("scoring", total=len(targets) * len(task_list)) if bars.progress else None
+
+        def on_task(target, task, status):
+            if status.startswith("failed"):
+                err.print(f"[yellow]failed:[/] {target.model} {target.tag} step{target.step} {task}: {status[8:]}",
+                          highlight=False, soft_wrap=True)
+            if line is not None:
+                bars.progress.update(line, advance=1, description=f"{target.tag} step{target.step} {task}")
+
+        scored, failed = run_eval(targets, task_list, store, manager, device=dev, dtype=dtype, batch_size=batch_size,
+                                  limit=limit, force=force, bars=bars, on_task=on_task)
+    err.print(f"{scored} task score(s) written to {results}, {failed} failed", highlight=False)
+
+
+@app.command()
+@user_errors
+def results(
+    store: Path = typer.Argument(Path("results.sqlite"), help="The results store written by `ckptavg eval`."),
+    fmt: str = typer.Option("table", "--format", help="table (the paper's Table 2 layout), csv or json (tidy rows)."),
+    model: Optional[str] = typer.Option(None, help="Only this trajectory (e.g. pythia-1b-deduped)."),
+    task: Optional[str] = typer.Option(None, help="Only this task."),
+    metric: Optional[str] = typer.Option(None, help="The metric to show per task (default: word_perplexity for "
+                                         "perplexity tasks, acc for the others)."),
+    failed: bool = typer.Option(False, "--failed", help="List failed checkpoint x task pairs and their errors instead."),
+) -> None:
+    """Print stored scores: originals against averages, step by step."""
+    from .results import open_results
+    from .tables import tidy, wide_table
+
+    if fmt not in ("table", "csv", "json"):
+        raise _fail(f"--format must be table, csv or json, got {fmt!r}")
+    with open_results(store) as db:
+        rows = db.rows(model=model, task=task, status="failed" if failed else "ok")
+    if failed:
+        for r in rows:
+            out.print(f"{r.model} {r.tag} step{r.step} {r.task}: {r.error}", highlight=False, soft_wrap=True)
+        return
+    if metric:
+        rows = [r for r in rows if r.metric == metric]
+    if not rows:
+        raise _fail(f"{store}: no results" + (" matching the filters" if model or task or metric else ""))
+    if fmt == "json":
+        import json
+
+        out.print_json(json.dumps(tidy(rows)))
+        return
+    if fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(tidy(rows[:1])[0]))
+        writer.writeheader()
+        writer.writerows(tidy(rows))
+        return
+    _print_wide(wide_table(rows, metric))
+
+
+def _print_wide(table) -> None:
+    """The wide layout, split into several tables by task when it is wider than the console."""
+    from rich.table import Table
+
+    from .results import ORIGINAL
+
+    tasks = list(dict.fromkeys(c.task for c in table.columns))
+    groups, width, room = [[]], 0, max(out.width - 16, 30)
+    for task in tasks:
+        need = 12 * sum(c.task == task for c in table.columns)
+        if groups[-1] and width + need > room:
+            groups.append([])
+            width = 0
+        groups[-1].append(task)
+        width += need
+    for group in groups:
+        cols = [(i, c) for i, c in enumerate(table.columns) if c.task in group]
+        t = Table(title_justify="left")
+        t.add_column("model")
+        t.add_column("step", justify="right")
+        for _, c in cols:
+            t.add_column(f"{c.task}\n{c.metric}\n{c.tag}", justify="right", overflow="fold")
+        for model, step, values in table.rows:
+            cells = []
+            for i, c in cols:
+                v = values[i]
+                original = next((values[j] for j, cc in enumerate(table.columns)
+                                 if cc.task == c.task and cc.tag == ORIGINAL), None)
+                text = "-" if v is None else f"{v:.4g}"
+                if (v is not None and original is not None and c.tag != ORIGINAL and c.higher_is_better is not None
+                        and v != original and (v > original) == c.higher_is_better):
+                    text = f"[bold green]{text}[/]"
+                cells.append(text)
+            t.add_row(model, str(step), *cells)
+        out.print(t)
+    out.print("green: the average beats the original at that step", style="dim")
+
+
+@app.command()
+@user_errors
+def plot(
+    store: Path = typer.Argument(Path("results.sqlite"), help="The results store written by `ckptavg eval`."),
+    task: str = typer.Option(..., help="The task to plot, e.g. pile-philpapers."),
+    metric: Optional[str] = typer.Option(None, help="The metric (default: word_perplexity for perplexity tasks, "
+                                         "acc for the others)."),
+    model: Optional[str] = typer.Option(None, help="Only this trajectory (default: every one in the store)."),
+    compare: Optional[str] = typer.Option(None, help="Comma-separated methods or run tags to draw side by side, e.g. "
+                                          "lawa,ema,swa (default: every run)."),
+    original: bool = typer.Option(True, "--original/--no-original", help="Draw the original trajectory too."),
+    out_file: Path = typer.Option(Path("plot.png"), "--out", "-o", help="The image to write (.png, .pdf, .svg)."),
+    title: Optional[str] = typer.Option(None, help="Figure title."),
+) -> None:
+    """Draw a metric against training step: the original trajectory and the averaged ones."""
+    from .plots import plot_trajectories
+    from .results import ORIGINAL, open_results
+    from .tables import primary_metric
+
+    with open_results(store) as db:
+        rows = db.rows(model=model, task=task)
+    if not rows:
+        raise _fail(f"{store}: no results for task {task!r}" + (f" and model {model!r}" if model else ""))
+    chosen = metric or primary_metric(r.metric for r in rows)
+    if compare:
+        wanted = {w.strip() for w in compare.split(",") if w.strip()}
+        rows = [r for r in rows if r.tag == ORIGINAL or r.method in wanted or r.tag in wanted]
+    if not original:
+        rows = [r for r in rows if r.tag != ORIGINAL]
+    path = plot_trajectories(rows, task, chosen, out_file, title)
+    err.print(f"wrote {path}", highlight=False)
 
 
 def _sigterm_as_interrupt(signum, frame):

@@ -75,6 +75,7 @@ class HubTrajectory:
         from huggingface_hub import HfApi, constants
 
         self.repo_id = repo_id
+        self.pattern = pattern
         self.name = repo_id.rsplit("/", 1)[-1]
         self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE)
         self.offline = bool(constants.HF_HUB_OFFLINE)
@@ -163,7 +164,7 @@ class HubTrajectory:
     def describe(self, step: int) -> dict:
         branch = self.branches[step]
         return {"source": f"hf://{self.repo_id}", "repo": self.repo_id, "revision": branch,
-                "commit": self.commits[branch], "step": step}
+                "commit": self.commits[branch], "step": step, "pattern": self.pattern}
 
     def duplicates(self, steps: list[int]) -> list[Duplicate]:
         """Revisions among `steps` whose weights are byte-identical to another branch's (any branch of the repo)."""

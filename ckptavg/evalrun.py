@@ -1,0 +1,161 @@
+"""Which checkpoints `ckptavg eval` scores, and the loop that scores them into the results store.
+
+The averaged checkpoints are the finished outputs (those with a manifest) under a run folder;
+the original at the same step is the newest input of its window, found from the manifest: a
+local folder, or a Hub revision that is fetched for scoring and deleted again afterwards
+(when ckptavg downloaded it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import InputError
+from .results import ORIGINAL, Row, Store, failed_row
+from .writer import MANIFEST, read_manifest
+
+
+@dataclass(frozen=True)
+class Target:
+    """One checkpoint to score."""
+
+    model: str
+    tag: str
+    method: str
+    k: int | None
+    nu: int | None
+    step: int
+    folder: Path  # where it is, or will be once fetched
+    repo: str | None = None  # Hub repo to fetch it from when `folder` is missing
+    revision: str | None = None
+    pattern: str | None = None
+    fetch_bytes: int = 0
+
+
+def _runs(run_dir: Path) -> list[Path]:
+    """Folders holding stepN/ outputs: RUN_DIR itself (OUT/NAME/TAG), or each TAG under OUT/NAME."""
+    if any(run_dir.glob(f"step*/{MANIFEST}")):
+        return [run_dir]
+    found = sorted({m.parent.parent for m in run_dir.glob(f"*/step*/{MANIFEST}")})
+    if not found:
+        raise InputError(f"{run_dir}: no finished outputs (stepN/{MANIFEST}) here or one level down")
+    return found
+
+
+def find_targets(run_dir: Path, steps: set[int] | None = None, originals: bool = True) -> list[Target]:
+    """Averaged outputs under `run_dir` and (with `originals`) the original checkpoint of each step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run folder")
+    targets: dict[tuple[str, str, int], Target] = {}
+    for run in _runs(run_dir):
+        model, tag = run.parent.name, run.name
+        for folder in sorted(run.glob("step*")):
+            manifest = read_manifest(folder)
+            method = (manifest or {}).get("method") or {}
+            if "step" not in method:
+                continue
+            step = int(method["step"])
+            if steps is not None and step not in steps:
+                continue
+            targets[(model, tag, step)] = Target(model, tag, method.get("name", tag), method.get("k"),
+                                                 method.get("nu"), step, folder)
+            if originals and (model, ORIGINAL, step) not in targets:
+                targets[(model, ORIGINAL, step)] = _original(model, step, manifest["inputs"])
+    if steps is not None:
+        missing = sorted(steps - {t.step for t in targets.values()})
+        if missing:
+            raise InputError(f"{run_dir}: no finished output for step(s) {', '.join(map(str, missing))}")
+    return sorted(targets.values(), key=lambda t: (t.model, t.step, t.tag != ORIGINAL, t.tag))
+
+
+def _original(model: str, step: int, inputs: list[dict]) -> Target:
+    newest = next((i for i in inputs if i.get("step") == step), inputs[-1])
+    folder = Path(newest["path"])
+    target = Target(model, ORIGINAL, ORIGINAL, None, None, step, folder)
+    if newest.get("repo") and not _complete(folder, newest):
+        target = replace(target, repo=newest["repo"], revision=newest.get("revision"), pattern=newest.get("pattern"),
+                         fetch_bytes=sum(f.get("size", 0) for f in newest.get("files", [])))
+    return target
+
+
+def _complete(folder: Path, described: dict) -> bool:
+    return all((folder / f["name"]).is_file() for f in described.get("files", [])) and (folder / "config.json").is_file()
+
+
+def fetch_bytes(targets: Sequence[Target]) -> int:
+    return sum(t.fetch_bytes for t in targets if t.repo)
+
+
+class _Fetched:
+    """Puts a Hub original on disk for scoring and takes it away again."""
+
+    def __init__(self, target: Target, bars) -> None:
+        from .hub import HubTrajectory
+        from .sources import DEFAULT_STEP_PATTERN
+
+        self.source = HubTrajectory(target.repo, target.pattern or DEFAULT_STEP_PATTERN, bars=bars)
+        steps = {b: s for s, b in self.source.branches.items()}
+        if target.revision not in steps:
+            raise InputError(f"{target.repo}: revision {target.revision} is gone")
+        self.step = steps[target.revision]
+
+    def __enter__(self) -> Path:
+        return self.source.fetch(self.step)
+
+    def __exit__(self, *exc) -> None:
+        self.source.evict(self.step)
+
+
+def run_eval(targets: Sequence[Target], tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str,
+             batch_size: str, limit: int | None, force: bool, bars=None,
+             on_task: Callable[[Target, str, str], None] | None = None) -> tuple[int, int]:
+    """Score every target on every task not already in `store`; returns (scored, failed) task counts.
+
+    `on_task(target, task, status)` hears "skipped", "done" or "failed: why" for each pair."""
+    from .evaluate import lm_eval_version
+
+    version = lm_eval_version()
+    lim = limit or 0
+    report = on_task or (lambda *a: None)
+    scored = failed = 0
+    for target in targets:
+        todo = [t for t in tasks if force or not store.done(target.model, target.tag, target.step, t, lim)]
+        for t in tasks:
+            if t not in todo:
+                report(target, t, "skipped")
+        if not todo:
+            continue
+        with _Fetched(target, bars) if target.repo else nullcontext(target.folder) as folder:
+            for task, error, rows in _score_target(target, folder, todo, manager, device, dtype, batch_size,
+                                                   limit, version):
+                store.put(rows or [failed_row(target.model, target.tag, target.method, target.k, target.nu,
+                                              target.step, task, lim, error, version, str(folder))])
+                scored += not error
+                failed += bool(error)
+                report(target, task, f"failed: {error}" if error else "done")
+    return scored, failed
+
+
+def _score_target(target: Target, folder: Path, tasks: list[str], manager, device: str, dtype: str,
+                  batch_size: str, limit: int | None, version: str) -> Iterator[tuple[str, str, list[Row]]]:
+    """(task, error, rows) for each task; a checkpoint that does not load fails its tasks, not the study."""
+    from .evaluate import load_model, score
+
+    try:
+        lm = load_model(folder, device, dtype, batch_size)
+    except Exception as e:
+        message = f"loading {folder} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        for task in tasks:
+            yield task, message, []
+        return
+    for outcome in score(lm, tasks, manager, limit):
+        now = time.time()
+        rows = [Row(target.model, target.tag, target.method, target.k, target.nu, target.step, outcome.task,
+                    s.metric, s.value, s.stderr, s.higher_is_better, limit or 0, "ok", "", version, str(folder), now)
+                for s in outcome.scores]
+        yield outcome.task, outcome.error or ("" if rows else "lm-eval returned no numeric metric"), rows

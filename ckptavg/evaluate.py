@@ -1,0 +1,141 @@
+"""Scoring one checkpoint with lm-evaluation-harness, task by task.
+
+Each checkpoint gets its own `HFLM` instance and lm-eval's response cache is never used: that
+cache does not key on the weights, so a second checkpoint could silently get the first one's
+scores (lm-eval issues #2715, #4063). Tasks run one `simple_evaluate` call each, so a task that
+fails (a dataset missing offline, say) is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+DEFAULT_TASKS = ("pile-philpapers", "pile-bookcorpus2", "pile-youtubesubtitles", "pile-enron",
+                 "lambada_openai", "sciq", "arc_easy", "wikitext", "boolq")
+
+
+@dataclass(frozen=True)
+class Score:
+    metric: str
+    value: float
+    stderr: float | None
+    higher_is_better: bool | None
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    task: str
+    scores: tuple[Score, ...]
+    error: str = ""
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval and datasets log every step and draw tqdm bars; ckptavg draws its own progress."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def task_manager(include_paths: Sequence[Path]):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(p) for p in include_paths] or None)
+
+
+def check_tasks(manager, tasks: Sequence[str]) -> None:
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        pile = [t for t in unknown if t.startswith("pile-")]
+        hint = " (PILE subsets need --pile FILE)" if pile else ""
+        raise InputError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"unknown --device {device!r} (auto, cpu, cuda)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda, but torch sees no CUDA device")
+    return device
+
+
+def load_model(folder: Path, device: str, dtype: str, batch_size: str, trust_remote_code: bool = False):
+    """An lm-eval model for one checkpoint folder. dtype auto: float32 on CPU, as stored on a GPU."""
+    from lm_eval.models.huggingface import HFLM
+
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "auto"
+    if batch_size == "auto" and device == "cpu":
+        batch_size = "8"  # lm-eval's batch-size search is meant for GPUs
+    return HFLM(pretrained=str(folder), device=device, dtype=dtype, batch_size=batch_size,
+                trust_remote_code=trust_remote_code)
+
+
+def _number(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _hint(task: str, manager, error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            path = manager._get_config(task).get("dataset_path")
+        except Exception:  # the hint is a courtesy; the error itself is what matters
+            path = None
+        if path:
+            text += (f" (offline: pre-download the dataset {path!r} into the datasets cache on a machine with "
+                     f"network, e.g. `python -c \"import datasets; datasets.load_dataset('{path}')\"`)")
+    return f"{type(error).__name__}: {text}"
+
+
+def score(lm, tasks: Sequence[str], manager, limit: int | None = None) -> Iterator[TaskOutcome]:
+    """Run each task on `lm`; yields one outcome per task, failed ones with their error."""
+    import lm_eval
+
+    for task in tasks:
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                                          log_samples=False, use_cache=None, verbosity="ERROR",
+                                          bootstrap_iters=1000)
+            results = out["results"][task]
+            better = out.get("higher_is_better", {}).get(task, {})
+        except Exception as e:  # one bad task must not end a long study
+            yield TaskOutcome(task, (), _hint(task, manager, e))
+            continue
+        scores = []
+        for key, value in results.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or _number(value) is None:
+                continue
+            stderr = _number(results.get(f"{metric}_stderr,{filt}"))
+            name = metric if filt == "none" else f"{metric},{filt}"
+            scores.append(Score(name, float(value), stderr, better.get(metric)))
+        yield TaskOutcome(task, tuple(scores))

@@ -1,0 +1,52 @@
+"""Figures from result rows: a metric against training step, one line per trajectory (the original,
+and each averaging run), as in the paper's Figures 4 to 7."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import InputError
+from .results import ORIGINAL, Row
+
+
+def series(rows: Sequence[Row], task: str, metric: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(model, tag) -> [(step, value)], sorted by step."""
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.task == task and r.metric == metric and r.value is not None:
+            lines.setdefault((r.model, r.tag), []).append((r.step, r.value))
+    return {k: sorted(v) for k, v in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] != ORIGINAL, kv[0][1]))}
+
+
+def plot_trajectories(rows: Sequence[Row], task: str, metric: str, out: Path, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = series(rows, task, metric)
+    if not lines:
+        raise InputError(f"no results for task {task!r}, metric {metric!r}")
+    models = {m for m, _ in lines}
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for (model, tag), points in lines.items():
+        label = tag if len(models) == 1 else f"{model} {tag}"
+        style = dict(color="black", linestyle="--") if tag == ORIGINAL else {}
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3, label=label, **style)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    if "perplexity" in metric:
+        ax.set_yscale("log")
+    ax.set_title(title or (f"{next(iter(models))}: {task}" if len(models) == 1 else task))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

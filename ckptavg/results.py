@@ -1,0 +1,112 @@
+"""The results store: one SQLite file, one row per (model, run tag, step, task, metric, limit).
+
+Rows are upserted, so a re-run replaces what it re-scores and skips what is already there.
+A task that failed for one checkpoint is stored as a row with status "failed" and its error,
+and is tried again on the next run. Only the standard library is used, so tables, plots and
+savings work on a machine without torch or lm-eval.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import InputError
+
+ORIGINAL = "original"
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str  # the trajectory: a repo name or local run name, e.g. pythia-1b-deduped
+    tag: str  # "original", or the averaging run, e.g. lawa-k5-nu1000
+    method: str  # original | lawa | ema | swa
+    k: int | None
+    nu: int | None
+    step: int
+    task: str
+    metric: str  # "" on a failed row
+    value: float | None
+    stderr: float | None
+    higher_is_better: bool | None
+    limit: int  # 0 = every document
+    status: str  # ok | failed
+    error: str
+    lm_eval_version: str
+    checkpoint: str  # the folder that was scored
+    time: float
+
+
+def _quoted(names: Iterable[str]) -> str:
+    return ", ".join(f'"{n}"' for n in names)
+
+
+_COLUMNS = [f.name for f in fields(Row)]
+_SCHEMA = (f"CREATE TABLE IF NOT EXISTS scores ({_quoted(_COLUMNS)}, "
+           f'PRIMARY KEY (model, tag, step, task, metric, "limit"))')
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{self.path}: not a ckptavg results database ({e})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def done(self, model: str, tag: str, step: int, task: str, limit: int) -> bool:
+        """Whether this checkpoint already has successful scores for this task."""
+        cur = self.db.execute('SELECT 1 FROM scores WHERE model=? AND tag=? AND step=? AND task=? AND "limit"=? '
+                              "AND status='ok' LIMIT 1", (model, tag, step, task, limit))
+        return cur.fetchone() is not None
+
+    def put(self, rows: Sequence[Row]) -> None:
+        """Replace every row of the (model, tag, step, task, limit) groups in `rows` at once."""
+        with self.db:
+            for key in {(r.model, r.tag, r.step, r.task, r.limit) for r in rows}:
+                self.db.execute('DELETE FROM scores WHERE model=? AND tag=? AND step=? AND task=? AND "limit"=?', key)
+            self.db.executemany(f"INSERT INTO scores ({_quoted(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                                [tuple(asdict(r).values()) for r in rows])
+
+    def rows(self, *, model: str | None = None, task: str | None = None, metric: str | None = None,
+             status: str | None = "ok") -> list[Row]:
+        where, args = [], []
+        for col, val in (("model", model), ("task", task), ("metric", metric), ("status", status)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        sql = f"SELECT {_quoted(_COLUMNS)} FROM scores" + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY model, step, task, metric, tag"
+        out = []
+        for rec in self.db.execute(sql, args):
+            row = dict(zip(_COLUMNS, rec))
+            hib = row["higher_is_better"]
+            row["higher_is_better"] = None if hib is None else bool(hib)
+            out.append(Row(**row))
+        return out
+
+
+def open_results(path: Path, must_exist: bool = True) -> Store:
+    if must_exist and not Path(path).is_file():
+        raise InputError(f"{path}: no results database (run `ckptavg eval` first)")
+    return Store(path)
+
+
+def failed_row(model: str, tag: str, method: str, k: int | None, nu: int | None, step: int, task: str, limit: int,
+               error: str, version: str, checkpoint: str) -> Row:
+    return Row(model, tag, method, k, nu, step, task, "", None, None, None, limit, "failed", error, version,
+               checkpoint, time.time())

@@ -1,0 +1,55 @@
+"""Pure views of result rows: the paper's Table 2 layout (rows: model and step; columns: task,
+original vs averaged) and the tidy long form for scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+from .results import ORIGINAL, Row
+
+PRIMARY_METRICS = ("word_perplexity", "acc", "perplexity", "acc_norm", "bits_per_byte", "exact_match")
+
+
+def primary_metric(metrics: Iterable[str]) -> str:
+    """The metric a task is shown by when the user names none: perplexities before accuracies."""
+    metrics = sorted(set(metrics))
+    return next((m for m in PRIMARY_METRICS if m in metrics), metrics[0])
+
+
+@dataclass(frozen=True)
+class Column:
+    task: str
+    metric: str
+    tag: str
+    higher_is_better: bool | None
+
+
+@dataclass(frozen=True)
+class WideTable:
+    columns: tuple[Column, ...]
+    rows: tuple[tuple[str, int, tuple[float | None, ...]], ...]  # (model, step, one value per column)
+
+
+def wide_table(rows: Sequence[Row], metric: str | None = None) -> WideTable:
+    tasks = sorted({r.task for r in rows})
+    columns = []
+    for task in tasks:
+        mine = [r for r in rows if r.task == task]
+        m = metric if metric in {r.metric for r in mine} else primary_metric(r.metric for r in mine)
+        tags = sorted({r.tag for r in mine if r.metric == m}, key=lambda t: (t != ORIGINAL, t))
+        better = next((r.higher_is_better for r in mine if r.metric == m), None)
+        columns += [Column(task, m, tag, better) for tag in tags]
+    values = {(r.model, r.step, r.task, r.metric, r.tag): r.value for r in rows}
+    keys = sorted({(r.model, r.step) for r in rows})
+    return WideTable(tuple(columns), tuple(
+        (model, step, tuple(values.get((model, step, c.task, c.metric, c.tag)) for c in columns))
+        for model, step in keys))
+
+
+TIDY_FIELDS = ("model", "tag", "method", "k", "nu", "step", "task", "metric", "value", "stderr", "limit",
+               "lm_eval_version")
+
+
+def tidy(rows: Sequence[Row]) -> list[dict]:
+    return [{k: v for k, v in asdict(r).items() if k in TIDY_FIELDS} for r in rows]

@@ -1,0 +1,206 @@
+"""`ckptavg eval`, `results` and `plot` end to end on CPU, offline, with a tokenizer trained here.
+
+Perplexities are checked against an independent computation: the sum of token log-likelihoods
+of each document under the same model (transformers, no lm-eval), turned into word perplexity.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ckptavg.cli import app
+
+runner = CliRunner()
+SUBSETS = {"pile-philpapers": "PhilPapers", "pile-bookcorpus2": "BookCorpus2",
+           "pile-youtubesubtitles": "YoutubeSubtitles", "pile-enron": "Enron Emails"}
+DOCS = {
+    "PhilPapers": ["what is knowledge if not justified true belief", "the mind and the body are one"],
+    "BookCorpus2": ["she opened the door and the cold wind came in", "he never saw the letter again"],
+    "YoutubeSubtitles": ["hi everyone and welcome back to the channel", "today we bake a simple bread"],
+    "Enron Emails": ["please send the gas contract by friday", "the meeting moved to monday at ten"],
+    "Github": ["def main(): return 0"],  # other subsets are ignored
+}
+STEPS = (100, 200, 300)
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A trained tokenizer, a 3-step tiny GPT-NeoX trajectory, LAWA outputs, a Pile file and a local MC task."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("study")
+    texts = [d for docs in DOCS.values() for d in docs] * 5
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<unk>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<unk>")
+    config = GPTNeoXConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25,
+                           use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    traj = root / "tiny-run"
+    for i, step in enumerate(STEPS):
+        torch.manual_seed(i)
+        GPTNeoXForCausalLM(config).save_pretrained(traj / f"step{step}")
+        fast.save_pretrained(traj / f"step{step}")
+    r = cli("trajectory", traj, "--k", 2, "--nu", 100, "--interval", 100, "--out", root / "out", "-q")
+    assert r.exit_code == 0, r.output
+
+    import zstandard
+
+    lines = "".join(json.dumps({"text": d, "meta": {"pile_set_name": s}}) + "\n" for s, docs in DOCS.items() for d in docs)
+    pile = root / "val.jsonl.zst"
+    pile.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+
+    tasks = root / "tasks"
+    tasks.mkdir()
+    mc = root / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"q": q, "choices": c, "label": 0}) + "\n" for q, c in [
+        ("the mind and the", [" body", " door"]), ("please send the gas", [" contract", " channel"])]))
+    (tasks / "tinymc.yaml").write_text(
+        f"task: tinymc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {mc}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (tasks / "broken.yaml").write_text(
+        f"task: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'missing.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n")
+    return {"root": root, "traj": traj, "run": root / "out" / "tiny-run" / "lawa-k2-nu100", "pile": pile,
+            "tasks": tasks, "cache": root / "ckptavg-cache"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(study, monkeypatch):
+    monkeypatch.setenv("CKPTAVG_CACHE", str(study["cache"]))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(study["root"] / "datasets-cache"))
+
+
+def word_perplexity(folder: Path, docs: list[str]) -> float:
+    """exp(-sum of log p(token | earlier tokens, after an end-of-text prefix) / words), over all docs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    total, words = 0.0, 0
+    for doc in docs:
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        inp = torch.tensor([[tok.eos_token_id] + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(inp).logits[0, :-1].double(), -1)
+        total += logp[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
+        words += len(re.split(r"\s+", doc))
+    return math.exp(-total / words)
+
+
+def test_eval_scores_originals_and_averages(study, tmp_path):
+    db = tmp_path / "results.sqlite"
+    tasks = ",".join([*SUBSETS, "tinymc"])
+    r = cli("eval", study["run"], "--tasks", tasks, "--pile", study["pile"], "--include-path", study["tasks"],
+            "--steps", 300, "--results", db, "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    con = sqlite3.connect(db)
+    got = {(tag, task, metric): value for tag, task, metric, value in con.execute(
+        "SELECT tag, task, metric, value FROM scores WHERE status='ok' AND step=300")}
+    folders = {"original": study["traj"] / "step300", "lawa-k2-nu100": study["run"] / "step300"}
+    for tag, folder in folders.items():
+        for task, subset in SUBSETS.items():
+            assert got[(tag, task, "word_perplexity")] == pytest.approx(word_perplexity(folder, DOCS[subset]), rel=1e-4)
+            assert {(tag, task, m) for m in ("byte_perplexity", "bits_per_byte")} <= set(got)
+        assert 0.0 <= got[(tag, "tinymc", "acc")] <= 1.0
+    assert {s for (s,) in con.execute("SELECT DISTINCT step FROM scores")} == {300}
+
+    # a re-run skips what is stored; --force scores again
+    stamp = dict(con.execute("SELECT tag || task || metric, time FROM scores"))
+    r = cli("eval", study["run"], "--tasks", tasks, "--pile", study["pile"], "--include-path", study["tasks"],
+            "--steps", 300, "--results", db, "--device", "cpu", "-q")
+    assert r.exit_code == 0 and "0 task score(s) written" in r.output
+    assert dict(con.execute("SELECT tag || task || metric, time FROM scores")) == stamp
+    r = cli("eval", study["run"], "--tasks", "tinymc", "--include-path", study["tasks"], "--steps", 300,
+            "--results", db, "--device", "cpu", "--force", "-q")
+    assert r.exit_code == 0 and "2 task score(s) written" in r.output
+    after = dict(con.execute("SELECT tag || task || metric, time FROM scores"))
+    assert all(after[k] > stamp[k] for k in stamp if "tinymc" in k)
+    assert all(after[k] == stamp[k] for k in stamp if "tinymc" not in k)
+
+    # the tidy and the wide views
+    r = cli("results", db, "--format", "csv")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.output)))
+    assert len(rows) == 2 * (4 * 3 + 1) and {row["tag"] for row in rows} == set(folders)
+    r = cli("results", db, "--format", "json")
+    assert len(json.loads(r.output)) == len(rows)
+    r = cli("results", db)
+    assert r.exit_code == 0 and "pile-enron" in r.output and "300" in r.output
+
+
+def test_failed_task_is_recorded_and_the_study_goes_on(study, tmp_path):
+    db = tmp_path / "r.sqlite"
+    r = cli("eval", study["run"], "--tasks", "broken,tinymc", "--include-path", study["tasks"], "--steps", 200,
+            "--results", db, "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    assert "failed:" in r.output and "2 task score(s) written" in r.output and "2 failed" in r.output
+    con = sqlite3.connect(db)
+    status = {(tag, task): s for tag, task, s in con.execute("SELECT tag, task, status FROM scores")}
+    assert status == {("original", "broken"): "failed", ("lawa-k2-nu100", "broken"): "failed",
+                      ("original", "tinymc"): "ok", ("lawa-k2-nu100", "tinymc"): "ok"}
+    r = cli("results", db, "--failed")
+    assert r.exit_code == 0 and r.output.count("broken") == 2
+
+
+def test_plot_draws_pngs(study, tmp_path):
+    db = tmp_path / "p.sqlite"
+    r = cli("eval", study["run"], "--tasks", "pile-enron", "--pile", study["pile"], "--results", db,
+            "--device", "cpu", "--limit", 1, "-q")
+    assert r.exit_code == 0, r.output
+    con = sqlite3.connect(db)
+    assert {s for (s,) in con.execute("SELECT DISTINCT step FROM scores")} == {200, 300}
+    assert {lim for (lim,) in con.execute('SELECT DISTINCT "limit" FROM scores')} == {1}
+    png = tmp_path / "fig.png"
+    r = cli("plot", db, "--task", "pile-enron", "--out", png)
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    r = cli("plot", db, "--task", "pile-enron", "--compare", "lawa", "--no-original", "--out", tmp_path / "c.png")
+    assert r.exit_code == 0 and (tmp_path / "c.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--tasks", "pile-enron"), "need --pile FILE"),
+    (("--tasks", "no-such-task", "--pile", "PILE"), "unknown lm-eval task(s): no-such-task"),
+    (("--tasks", "pile-enron", "--pile", "NOPE"), "no such Pile file"),
+    (("--steps", "999"), "no finished output for step(s) 999"),
+    (("--limit", "0"), "--limit must be at least 1"),
+])
+def test_eval_errors(study, tmp_path, args, message):
+    args = [study["pile"] if a == "PILE" else tmp_path / "nope.zst" if a == "NOPE" else a for a in args]
+    r = cli("eval", study["run"], *args, "--results", tmp_path / "r.sqlite", "--device", "cpu", "-q")
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+def test_pile_file_lacking_subsets_is_named(study, tmp_path):
+    partial = tmp_path / "uncopyrighted.jsonl"
+    partial.write_text(json.dumps({"text": "a b", "meta": {"pile_set_name": "PhilPapers"}}) + "\n")
+    r = cli("eval", study["run"], "--tasks", "pile-philpapers,pile-bookcorpus2", "--pile", partial,
+            "--results", tmp_path / "r.sqlite", "--device", "cpu", "-q")
+    assert r.exit_code == 2
+    assert "no documents for pile-bookcorpus2 (BookCorpus2)" in " ".join(r.output.split())
