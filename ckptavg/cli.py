@@ -522,19 +522,10 @@ def results(
         rows = [r for r in rows if r.metric == metric]
     if not rows:
         raise _fail(f"{store}: no results" + (" matching the filters" if model or task or metric else ""))
-    if fmt == "json":
-        import json
-
-        out.print_json(json.dumps(tidy(rows)))
-        return
-    if fmt == "csv":
-        import csv
-
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(tidy(rows[:1])[0]))
-        writer.writeheader()
-        writer.writerows(tidy(rows))
-        return
-    _print_wide(wide_table(rows, metric))
+    if fmt in ("csv", "json"):
+        _print_records(tidy(rows), fmt, "")
+    else:
+        _print_wide(wide_table(rows, metric))
 
 
 def _print_wide(table) -> None:
@@ -606,6 +597,118 @@ def plot(
         rows = [r for r in rows if r.tag != ORIGINAL]
     path = plot_trajectories(rows, task, chosen, out_file, title)
     err.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+@user_errors
+def savings(
+    store: Path = typer.Argument(Path("results.sqlite"), help="The results store written by `ckptavg eval`."),
+    model: str = typer.Option(..., help="Comma-separated trajectories as stored (e.g. pythia-6.9b-deduped, or a "
+                              "Pythia size such as 6.9b)."),
+    task: str = typer.Option(..., help="The task, e.g. pile-philpapers."),
+    metric: Optional[str] = typer.Option(None, help="The metric (default: word_perplexity for perplexity tasks, "
+                                         "acc for the others); whether higher is better comes from lm-eval."),
+    tag: Optional[str] = typer.Option(None, help="The averaging run to credit, e.g. lawa-k5-nu1000 (needed when "
+                                      "the store has several for a model)."),
+    tolerance: str = typer.Option("0,0.5,1,2,5", help="Comma-separated tolerances in percent of the original's "
+                                  "final value."),
+    total_steps: int = typer.Option(143000, help="Steps of the whole training run (Pythia: 143000)."),
+    gpu_hours: Optional[float] = typer.Option(None, help="GPU hours of the whole run (default: the published "
+                                              "figure for Pythia 1b, 2.8b, 6.9b and 12b)."),
+    usd_per_gpu_hour: Optional[float] = typer.Option(None, help="Also show the savings in dollars at this price."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also draw GPU hours saved against tolerance, "
+                                             "one line per model."),
+) -> None:
+    """GPU hours saved by averaging: how much earlier the averaged curve reaches the original's final value."""
+    from .results import ORIGINAL, open_results
+    from .savings import SavingsError, catalogue_gpu_hours, match_model
+    from .savings import savings as compute
+    from .tables import primary_metric
+
+    if fmt not in ("table", "csv", "json"):
+        raise _fail(f"--format must be table, csv or json, got {fmt!r}")
+    tolerances = _parse_floats(tolerance, "--tolerance")
+    if not tolerances:
+        raise _fail("--tolerance is empty")
+    with open_results(store) as db:
+        rows = db.rows(task=task)
+    if not rows:
+        raise _fail(f"{store}: no results for task {task!r}")
+    chosen = metric or primary_metric(r.metric for r in rows)
+    rows = [r for r in rows if r.metric == chosen]
+    if not rows:
+        raise _fail(f"{store}: no {chosen!r} results for task {task!r}")
+    stored = sorted({r.model for r in rows})
+    table = []
+    for name in [m.strip() for m in model.split(",") if m.strip()]:
+        m = match_model(name, stored)
+        mine = [r for r in rows if r.model == m]
+        tags = sorted({r.tag for r in mine if r.tag != ORIGINAL})
+        run = tag or (tags[0] if len(tags) == 1 else None)
+        if run is None or run not in tags:
+            raise SavingsError(f"{m}: choose the averaging run with --tag ({', '.join(tags) or 'none stored'})")
+        hours = gpu_hours or catalogue_gpu_hours(m)
+        if hours is None:
+            raise SavingsError(f"{m}: no published GPU hours; give --gpu-hours")
+        better = next((r.higher_is_better for r in mine if r.higher_is_better is not None), False)
+        curve = lambda t: [(r.step, r.value) for r in mine if r.tag == t]  # noqa: E731
+        for s in compute(curve(ORIGINAL), curve(run), tolerances, total_steps=total_steps, gpu_hours=hours,
+                         higher_is_better=better, usd_per_gpu_hour=usd_per_gpu_hour):
+            table.append({"model": m, "tag": run, "task": task, "metric": chosen, "tolerance_pct": s.tolerance,
+                          "target": s.target, "step_reached": s.step, "steps_saved": s.steps_saved,
+                          "pct_of_training": None if s.fraction is None else 100 * s.fraction,
+                          "gpu_hours_saved": s.gpu_hours} | ({"usd_saved": s.usd} if usd_per_gpu_hour else {}))
+    runs = ", ".join(dict.fromkeys(r["tag"] for r in table))
+    _print_records(table, fmt, f"GPU hours saved by {runs} on {task} ({chosen})")
+    if plot_file:
+        from .plots import plot_savings
+
+        err.print(f"wrote {plot_savings(table, plot_file)}", highlight=False)
+
+
+def _print_records(records: list[dict], fmt: str, title: str) -> None:
+    if fmt == "json":
+        import json
+
+        out.print_json(json.dumps(records))
+        return
+    if fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        return
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    cols = [c for c in records[0] if c not in ("task", "metric", "tag")]  # those are in the title
+    headers = {"tolerance_pct": "tolerance", "pct_of_training": "% of run", "gpu_hours_saved": "GPU hours saved",
+               "usd_saved": "USD saved"}
+    for c in cols:
+        t.add_column(headers.get(c, c.replace("_", " ")), justify="left" if c == "model" else "right",
+                     no_wrap=c == "model")
+    for rec in records:
+        t.add_row(*[_cell(c, rec[c], rec) for c in cols])
+    out.print(t)
+
+
+def _cell(column: str, value, record: dict) -> str:
+    if value is None:
+        return "never reached" if column == "step_reached" else "-"
+    if column in ("model", "tag"):
+        return str(value)
+    if column == "tolerance_pct":
+        return f"{value:g}%"
+    if column in ("step_reached", "steps_saved"):
+        return f"{value:,.0f}"
+    if column == "pct_of_training":
+        return f"{value:.1f}%"
+    if column in ("gpu_hours_saved", "usd_saved"):
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        return f"${text}" if column == "usd_saved" else text
+    return f"{value:.4g}"
 
 
 def _sigterm_as_interrupt(signum, frame):

@@ -42,6 +42,13 @@ def plot_trajectories(rows: Sequence[Row], task: str, metric: str, out: Path, ti
     ax.set_title(title or (f"{next(iter(models))}: {task}" if len(models) == 1 else task))
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    """Atomically, like every other output: a reader never sees half an image."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,3 +57,24 @@ def plot_trajectories(rows: Sequence[Row], task: str, metric: str, out: Path, ti
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def plot_savings(records: Sequence[dict], out: Path) -> Path:
+    """GPU hours saved against tolerance, one line per model (the paper's Figure 13)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for model in dict.fromkeys(r["model"] for r in records):
+        points = [(r["tolerance_pct"], r["gpu_hours_saved"]) for r in records
+                  if r["model"] == model and r["gpu_hours_saved"] is not None]
+        if points:
+            ax.plot([p for p, _ in points], [h for _, h in points], marker="o", label=model)
+    ax.set_xlabel("tolerance (% of the original's final value)")
+    ax.set_ylabel("GPU hours saved")
+    ax.set_title(f"{records[0]['task']} {records[0]['metric']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out)

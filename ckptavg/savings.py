@@ -1,0 +1,97 @@
+"""GPU-hour savings: how much earlier the averaged trajectory reaches the original's final quality.
+
+For a tolerance eps (percent) and a lower-is-better metric, the target is (1 + eps/100) times
+the original's value at its last evaluated step; for a higher-is-better metric, (1 - eps/100)
+times it. The averaged curve reaches the target at a step found by linear interpolation in step
+between its evaluated points (an exact hit on an evaluated point is that point's step). Saved
+steps are the original's last step minus that step; saved GPU hours are saved steps over the
+run's total steps times the run's GPU hours. Pure: numbers in, numbers out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import CkptavgError
+
+
+class SavingsError(CkptavgError):
+    """Results that cannot give a savings figure."""
+
+
+Curve = Sequence[tuple[int, float]]  # (step, value), sorted by step
+
+
+@dataclass(frozen=True)
+class Saving:
+    tolerance: float  # percent
+    target: float
+    step: float | None  # where the averaged curve first reaches the target; None: never (by the last step)
+    steps_saved: float | None
+    fraction: float | None  # of the whole run's steps
+    gpu_hours: float | None
+    usd: float | None
+
+
+def _reached(value: float, target: float, higher_is_better: bool) -> bool:
+    return value >= target if higher_is_better else value <= target
+
+
+def first_reach(curve: Curve, target: float, higher_is_better: bool = False) -> float | None:
+    """The first step at which the piecewise-linear curve reaches `target`, or None."""
+    for i, (step, value) in enumerate(curve):
+        if _reached(value, target, higher_is_better):
+            if i == 0 or value == target:
+                return float(step)
+            s0, v0 = curve[i - 1]
+            return s0 + (target - v0) / (value - v0) * (step - s0)
+    return None
+
+
+def savings(original: Curve, averaged: Curve, tolerances: Sequence[float], *, total_steps: int,
+            gpu_hours: float, higher_is_better: bool = False, usd_per_gpu_hour: float | None = None) -> list[Saving]:
+    original, averaged = sorted(original), sorted(averaged)
+    if len(original) < 2 or len(averaged) < 2:
+        raise SavingsError(f"need at least two evaluated steps on each curve (original: {len(original)}, "
+                           f"averaged: {len(averaged)})")
+    if total_steps <= 0 or gpu_hours <= 0:
+        raise SavingsError("total steps and GPU hours must be positive")
+    last_step, final = original[-1]
+    considered = [(s, v) for s, v in averaged if s <= last_step]
+    out = []
+    for eps in tolerances:
+        if eps < 0:
+            raise SavingsError(f"tolerance must not be negative, got {eps}")
+        target = final * (1 - eps / 100) if higher_is_better else final * (1 + eps / 100)
+        step = first_reach(considered, target, higher_is_better)
+        if step is None:
+            out.append(Saving(eps, target, None, None, None, None, None))
+            continue
+        saved = last_step - step
+        hours = saved / total_steps * gpu_hours
+        out.append(Saving(eps, target, step, saved, saved / total_steps, hours,
+                          None if usd_per_gpu_hour is None else hours * usd_per_gpu_hour))
+    return out
+
+
+def match_model(name: str, stored: Sequence[str]) -> str:
+    """The stored trajectory a user means: its exact name, or a Pythia size (`6.9b` means
+    pythia-6.9b or pythia-6.9b-deduped, whichever the store has)."""
+    if name in stored:
+        return name
+    found = [m for m in stored if m in (f"pythia-{name}", f"pythia-{name}-deduped")]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise SavingsError(f"--model {name} is ambiguous here ({', '.join(found)}): give the full name")
+    raise SavingsError(f"no results for model {name!r} (the store has: {', '.join(stored) or 'nothing'})")
+
+
+def catalogue_gpu_hours(model: str) -> float | None:
+    """Published A100 hours of a Pythia trajectory by its stored name, if any."""
+    from .pythia import MODELS
+
+    size = model.removeprefix("pythia-").removesuffix("-deduped")
+    info = MODELS.get(size) if model.startswith("pythia-") else None
+    return info.gpu_hours if info else None
