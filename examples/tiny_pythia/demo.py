@@ -1,0 +1,107 @@
+"""The paper's study in miniature, on two small trajectories trained here: `make demo`.
+
+Trains (once) two Pythia-architecture runs on the standard library's source that differ only in
+learning rate (a high one and one 10x lower), then runs the real `ckptavg` commands on them:
+LAWA (k=5) every `interval` steps, the EMA and SWA baselines over the same checkpoints, `ckptavg
+eval` with a perplexity task over the held-out standard-library files, `ckptavg results`, the
+plots, and `ckptavg savings`. Every command is printed before it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TASK = "stdlib-heldout"
+
+
+def run(*cmd: object) -> None:
+    args = [str(c) for c in cmd]
+    shown = " ".join(shlex.quote(a) for a in args).replace(sys.executable + " -m ckptavg", "ckptavg")
+    print(f"\n$ {shown}", flush=True)
+    subprocess.run(args, check=True)
+
+
+def ckptavg(*args: object) -> None:
+    run(sys.executable, "-m", "ckptavg", *args)
+
+
+def summary(results: Path, names: list[str], lawa: str) -> None:
+    """Where LAWA beats the original, by how much: the numbers the README quotes."""
+    from ckptavg.results import open_results
+
+    with open_results(results) as db:
+        rows = db.rows(task=TASK, metric="word_perplexity")
+    print(f"\nheld-out word perplexity, {lawa} vs original (negative: the average is better)")
+    for name in names:
+        orig = {r.step: r.value for r in rows if r.model == name and r.tag == "original"}
+        avg = {r.step: r.value for r in rows if r.model == name and r.tag == lawa}
+        steps = sorted(set(orig) & set(avg))
+        better = [s for s in steps if avg[s] < orig[s]]
+        change = {s: 100 * (avg[s] / orig[s] - 1) for s in steps}
+        best = min(steps, key=change.get)
+        print(f"  {name}: better at {len(better)} of {len(steps)} steps; largest gain {change[best]:+.1f}% at step "
+              f"{best}; at the last step {change[steps[-1]]:+.1f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/demo"))
+    ap.add_argument("--figures", type=Path, help="where the PNGs go (default: OUT/figures)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="the high learning rate; the low one is 10x lower")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--nu", type=int, default=50, help="steps between checkpoints")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--interval", type=int, default=100)
+    ap.add_argument("--ema-alpha", type=float, default=0.5)
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long model and run, for the test suite")
+    args = ap.parse_args()
+    out, figures = args.out, args.figures or args.out / "figures"
+    began = time.time()
+    lrs = [args.lr, args.lr / 10]
+    names = [f"tiny-pythia-lr{lr:g}" for lr in lrs]
+    heldout = out / "heldout.jsonl"
+    size = ["--width", "32", "--vocab", "300", "--ctx", "64", "--batch", "4", "--heldout-chars", "300"] if args.tiny else []
+    for lr, name in zip(lrs, names):
+        run(sys.executable, HERE / "train.py", "--out", out / "trajectories" / name, "--lr", lr, "--steps", args.steps,
+            "--every", args.nu, "--heldout", heldout, *size)
+    train_hours = json.loads((out / "trajectories" / names[0] / "training.json").read_text())["seconds"] / 3600
+
+    first = (args.k - 1) * args.nu + args.interval  # the first full window on the interval grid
+    window = ["--k", args.k, "--nu", args.nu, "--interval", args.interval, "--start", first, "--end", args.steps,
+              "--out", out / "averaged", "--quiet"]
+    for name in names:
+        traj = out / "trajectories" / name
+        ckptavg("trajectory", traj, *window)
+        ckptavg("trajectory", traj, *window, "--method", "ema", "--ema-alpha", args.ema_alpha)
+        ckptavg("trajectory", traj, *window, "--method", "swa")
+    results = out / "results.sqlite"
+    for name in names:
+        ckptavg("eval", out / "averaged" / name, "--tasks", TASK, "--ppl-task", f"{TASK}={heldout}",
+                "--results", results, "--device", "cpu", "--quiet")
+    ckptavg("results", results, "--metric", "word_perplexity")
+
+    lawa = f"lawa-k{args.k}-nu{args.nu}"
+    for lr, name in zip(lrs, names):
+        ckptavg("plot", results, "--task", TASK, "--model", name, "--compare", "lawa", "--out",
+                figures / f"lawa-vs-original-lr{lr:g}.png", "--title", f"{name}: held-out word perplexity")
+    ckptavg("plot", results, "--task", TASK, "--model", names[0], "--compare", "lawa,ema,swa", "--out",
+            figures / "methods.png", "--title", f"{names[0]}: LAWA, EMA and SWA")
+    print(f"\n(--gpu-hours {train_hours:.4f}: the hours the high-learning-rate run took to train here, on CPU)")
+    ckptavg("savings", results, "--model", ",".join(names), "--tag", lawa, "--task", TASK, "--tolerance",
+            "0,1,2,5,10", "--total-steps", args.steps, "--gpu-hours", f"{train_hours:.4f}", "--plot",
+            figures / "savings.png")
+    summary(results, names, lawa)
+    record = {"seconds": round(time.time() - began, 1), "train_hours": train_hours}
+    (out / "demo.json").write_text(json.dumps(record))
+    print(f"\ndemo finished in {record['seconds']:.0f} s; figures in {figures}")
+
+
+if __name__ == "__main__":
+    main()
