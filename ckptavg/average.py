@@ -70,10 +70,56 @@ class _Stopped(Exception):
     pass
 
 
+class _FileSink:
+    """Streams finished pieces into the plan's safetensors shards, one shard file at a time."""
+
+    def __init__(self, plan: AveragePlan, folder: Path) -> None:
+        self.plan, self.folder = plan, folder
+        self.file: ShardFile | None = None
+        self.current = -1
+
+    def write(self, p: _Piece, data: torch.Tensor) -> None:
+        if p.shard != self.current:
+            self.finish()
+            self.current = p.shard
+            self.file = ShardFile(self.folder / self.plan.shards[p.shard].filename, self.plan.shards[p.shard])
+        self.file.write(data.numpy())
+
+    def finish(self) -> None:
+        if self.file is not None:
+            self.file.finish()
+            self.file = None
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.abort()
+
+
+class _MemorySink:
+    """Assembles finished pieces into whole tensors: for scoring an average without writing it."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, p: _Piece, data: torch.Tensor) -> None:
+        job = p.job
+        if job.name not in self.tensors:
+            self.tensors[job.name] = torch.empty(job.shape, dtype=job.out_dtype)
+        flat = self.tensors[job.name].view(-1).view(torch.uint8)
+        size = job.out_dtype.itemsize
+        flat[p.start * size : (p.start + p.count) * size].copy_(data)
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.tensors.clear()
+
+
 class _Pipeline:
-    def __init__(self, plan: AveragePlan, folder: Path, device: torch.device, piece_elements: int,
-                 progress: Progress | None) -> None:
-        self.plan, self.folder, self.device = plan, folder, device
+    def __init__(self, plan: AveragePlan, sink: _FileSink | _MemorySink, device: torch.device,
+                 piece_elements: int, progress: Progress | None) -> None:
+        self.plan, self.sink, self.device = plan, sink, device
         self.progress = progress
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -137,28 +183,20 @@ class _Pipeline:
         self._put(self.read_q, None)
 
     def _write(self) -> None:
-        shard_file: ShardFile | None = None
-        current = -1
+        done = False
         try:
             while (item := self._get(self.write_q)) is not None:
                 p, buf = item
-                if p.shard != current:
-                    if shard_file is not None:
-                        shard_file.finish()
-                    current = p.shard
-                    shard_file = ShardFile(self.folder / self.plan.shards[current].filename,
-                                           self.plan.shards[current])
                 nbytes = p.count * p.job.out_dtype.itemsize
-                shard_file.write(buf[:nbytes].numpy())
+                self.sink.write(p, buf[:nbytes])
                 self.out_pool.put(buf)
                 if self.progress is not None:
                     self.progress(nbytes)
-            if shard_file is not None:
-                shard_file.finish()
-                shard_file = None
+            self.sink.finish()
+            done = True
         finally:
-            if shard_file is not None:
-                shard_file.abort()
+            if not done:
+                self.sink.abort()
 
     def _accumulate(self, views: Sequence[torch.Tensor], out: torch.Tensor) -> None:
         w = self.plan.weights
@@ -210,8 +248,24 @@ class _Pipeline:
 def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | torch.device = "cpu",
                  piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None) -> None:
     """Write the plan's shards (and index) into an existing folder."""
-    _Pipeline(plan, Path(folder), resolve_device(device), piece_elements, progress).run()
+    _Pipeline(plan, _FileSink(plan, Path(folder)), resolve_device(device), piece_elements, progress).run()
     write_index(Path(folder), plan.shards)
+
+
+def average_in_memory(inputs: Sequence[str | os.PathLike | Checkpoint], *, weights: Sequence[float] | None = None,
+                      normalize: bool = True, out_dtype: torch.dtype | None = None,
+                      accumulate: torch.dtype = torch.float32, device: str | torch.device = "auto",
+                      piece_elements: int = PIECE_ELEMENTS) -> dict[str, torch.Tensor]:
+    """The same average as `average_checkpoints`, as a CPU state dict (names as stored), written nowhere.
+
+    Holds the whole output in memory, which scoring the model needs anyway; the inputs are
+    still streamed."""
+    checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
+    weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
+    plan = plan_average(checkpoints, weights, out_dtype=out_dtype, accumulate=accumulate)
+    sink = _MemorySink()
+    _Pipeline(plan, sink, resolve_device(device), piece_elements, None).run()
+    return sink.tensors
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 import signal
 import sys
 from pathlib import Path
@@ -204,27 +205,107 @@ def _print_plan(title: str, plan) -> None:
               f"peak disk {format_size(plan.fetch.peak_disk)}", highlight=False, soft_wrap=True)
 
 
+@dataclass
+class _Study:
+    """The --eval options of a trajectory run: score originals and averages as they are made."""
+
+    tasks: Optional[str]
+    pile: Optional[Path]
+    ppl_task: list[str]
+    include_path: list[Path]
+    results: Path
+    limit: Optional[int]
+    batch_size: str
+    originals: bool
+    in_memory: bool
+
+
 def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downloads: bool,
-         disk_budget: Optional[str], device: str, dtype: str, quiet: bool, bars: _Bars, sizes=None) -> None:
-    from .runner import execute_run, plan_run
+         disk_budget: Optional[str], device: str, dtype: str, quiet: bool, bars: _Bars, sizes=None,
+         study: Optional[_Study] = None) -> None:
+    from .runner import execute_run, output_root, plan_run
     from .schedule import steps_of
 
-    budget = _size(disk_budget, "--disk-budget") if disk_budget else None
-    plan = plan_run(source, spec, out_dir, force=force, keep_downloads=keep_downloads, disk_budget=budget,
-                    sizes=sizes)
-    if dry_run or not quiet:
-        _print_plan(f"{source.name}: {spec.tag()}", plan)
-    if sizes is None:  # a real source: check its revisions before a byte is fetched
-        for dup in source.duplicates(steps_of(plan.todo)):
-            err.print(f"[bold yellow]warning:[/] {dup}: the trajectory serves the same checkpoint under "
-                      f"different steps, and these averages will include it as given", highlight=False, soft_wrap=True)
-    if dry_run:
-        return
-    with bars:
-        written = execute_run(source, spec, plan, force=force, keep_downloads=keep_downloads, device=device,
-                              out_dtype=_torch_dtype(dtype), bars=bars,
-                              on_window=lambda w, p: err.print(f"wrote {p}", highlight=False, soft_wrap=True))
-    err.print(f"{len(written)} output(s) written under {out_dir}", highlight=False)
+    if study is not None and study.in_memory and not study.tasks:
+        raise _fail("--in-memory needs --eval TASKS: without scoring there is nothing to keep")
+    scoring = study is not None and bool(study.tasks)
+    task_list = _task_list(study.tasks, study.limit, study.batch_size) if scoring else []
+    store = None
+    if scoring:
+        from .results import Store
+
+        store = Store(study.results)
+    try:
+        done = None
+        if scoring and study.in_memory:
+            from .evalrun import Target
+
+            done = lambda w: all(store.done(source.name, spec.tag(), w.step, t, study.limit or 0)  # noqa: E731
+                                 for t in task_list)
+        budget = _size(disk_budget, "--disk-budget") if disk_budget else None
+        plan = plan_run(source, spec, out_dir, force=force, keep_downloads=keep_downloads, disk_budget=budget,
+                        sizes=sizes, done=done)
+        if dry_run or not quiet:
+            _print_plan(f"{source.name}: {spec.tag()}", plan)
+        if sizes is None:  # a real source: check its revisions before a byte is fetched
+            for dup in source.duplicates(steps_of(plan.todo)):
+                err.print(f"[bold yellow]warning:[/] {dup}: the trajectory serves the same checkpoint under "
+                          f"different steps, and these averages will include it as given", highlight=False,
+                          soft_wrap=True)
+        if dry_run:
+            return
+        with bars:
+            hooks: dict = {}
+            if scoring:
+                scorer = _scorer(task_list, store, bars, 2 * len(plan.windows) * len(task_list), pile=study.pile,
+                                 ppl_task=study.ppl_task, include_path=study.include_path, device=device, dtype="auto",
+                                 batch_size=study.batch_size, limit=study.limit, force=force)
+                hooks = _study_hooks(source, spec, plan, scorer, study, device, dtype)
+            written = execute_run(source, spec, plan, force=force, keep_downloads=keep_downloads, device=device,
+                                  out_dtype=_torch_dtype(dtype), bars=bars, **hooks,
+                                  on_window=None if quiet else
+                                  lambda w, p: err.print(f"wrote {p}", highlight=False, soft_wrap=True))
+            if scoring and not study.in_memory:  # the averages, and originals not scored on the way
+                from .evalrun import find_targets, run_eval
+
+                run_eval(find_targets(output_root(out_dir, source, spec), {w.step for w in plan.windows},
+                                      study.originals), scorer, bars)
+        if study is not None and study.in_memory:
+            err.print(f"{len(plan.todo)} window(s) averaged in memory and scored", highlight=False)
+        else:
+            err.print(f"{len(written)} output(s) written under {out_dir}", highlight=False)
+        if scoring:
+            err.print(f"{scorer.scored} task score(s) written to {study.results}, {scorer.failed} failed",
+                      highlight=False)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _study_hooks(source, spec, plan, scorer, study: _Study, device: str, dtype: str) -> dict:
+    """Score each original while it is on disk for averaging; with --in-memory, each average too."""
+    from .evalrun import Target
+    from .results import ORIGINAL
+
+    outputs = {w.step for w in plan.todo}
+    hooks = {}
+    if study.originals:
+        def on_fetch(step: int, folder: Path) -> None:
+            if step in outputs:
+                scorer.score(Target(source.name, ORIGINAL, ORIGINAL, None, None, step, folder), folder)
+
+        hooks["on_fetch"] = on_fetch
+    if study.in_memory:
+        from .average import average_in_memory
+
+        def in_memory(window, folders: list[Path]) -> None:
+            weights = average_in_memory(folders, weights=window.weights, normalize=False, device=device,
+                                        out_dtype=_torch_dtype(dtype))
+            target = Target(source.name, spec.tag(), spec.method, spec.k, spec.nu, window.step, folders[-1])
+            scorer.score(target, folders[-1], state_dict=weights)
+
+        hooks["in_memory"] = in_memory
+    return hooks
 
 
 K_OPT = typer.Option(5, "--k", help="Checkpoints per LAWA window (EMA and SWA use the same checkpoint sequence).")
@@ -246,6 +327,23 @@ DRY_OPT = typer.Option(False, "--dry-run", help="Print the plan (windows, revisi
                        "disk) and exit.")
 FORCE_OPT = typer.Option(False, "--force", help="Redo outputs that are already finished.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars.")
+PILE_OPT = typer.Option(None, help="A Pile-format file (.jsonl, .jsonl.zst or .jsonl.gz; records "
+                        '{"text", "meta": {"pile_set_name"}}, like the Pile\'s val/test files) for the pile-* tasks.', rich_help_panel="Scoring")
+PPL_OPT = typer.Option([], "--ppl-task", help="NAME=FILE.jsonl: a perplexity task over your own {\"text\": ...} "
+                       "records (word and byte perplexity, bits per byte). Repeatable.", rich_help_panel="Scoring")
+INCLUDE_OPT = typer.Option([], help="A folder of lm-eval task YAMLs to register. Repeatable.", rich_help_panel="Scoring")
+LIMIT_OPT = typer.Option(None, help="At most N documents per task (for quick looks; stored apart from full scores).", rich_help_panel="Scoring")
+BATCH_OPT = typer.Option("auto", help="lm-eval batch size: auto (8 on CPU) or N.", rich_help_panel="Scoring")
+RESULTS_OPT = typer.Option(Path("results.sqlite"), help="SQLite results store (created if missing).", rich_help_panel="Scoring")
+EVAL_DTYPE_OPT = typer.Option("auto", help="Model dtype for scoring: auto (float32 on CPU, as stored on a GPU), "
+                              "float16, bfloat16 or float32.")
+EVAL_OPT = typer.Option(None, "--eval", help="Also score with these lm-eval tasks (comma-separated, as in "
+                        "`ckptavg eval`) into --results: each original while it is on disk for averaging, each average "
+                        "once made, so a whole study fetches every revision once.", rich_help_panel="Scoring")
+IN_MEMORY_OPT = typer.Option(False, "--in-memory", help="With --eval: average in memory and score, writing no model "
+                             "folders, only results.", rich_help_panel="Scoring")
+ORIGINALS_OPT = typer.Option(True, "--originals/--no-originals", help="With --eval: also score the original "
+                             "checkpoint at each output step.", rich_help_panel="Scoring")
 
 
 @app.command()
@@ -274,6 +372,15 @@ def trajectory(
     keep_downloads: bool = KEEP_OPT,
     dry_run: bool = DRY_OPT,
     force: bool = FORCE_OPT,
+    study_tasks: Optional[str] = EVAL_OPT,
+    pile: Optional[Path] = PILE_OPT,
+    ppl_task: list[str] = PPL_OPT,
+    include_path: list[Path] = INCLUDE_OPT,
+    results: Path = RESULTS_OPT,
+    limit: Optional[int] = LIMIT_OPT,
+    batch_size: str = BATCH_OPT,
+    originals: bool = ORIGINALS_OPT,
+    in_memory: bool = IN_MEMORY_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Average a training trajectory window by window (LAWA, EMA or SWA), from local folders or the Hub.
@@ -288,7 +395,8 @@ def trajectory(
     spec = _spec(method, k, nu, interval, start if start is not None else steps[0] + (k - 1) * nu,
                  end if end is not None else steps[-1], ema_alpha, swa_start, skip_incomplete)
     _run(src, spec, out_dir, dry_run=dry_run, force=force, keep_downloads=keep_downloads, disk_budget=disk_budget,
-         device=device, dtype=dtype, quiet=quiet, bars=bars)
+         device=device, dtype=dtype, quiet=quiet, bars=bars,
+         study=_Study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory))
 
 
 def _source(text: str, pattern: str, cache_dir: Optional[Path], bars: _Bars):
@@ -325,6 +433,15 @@ def pythia(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan from the built-in catalogue (offline, "
                                  "approximate fp16 sizes) and exit."),
     force: bool = FORCE_OPT,
+    study_tasks: Optional[str] = EVAL_OPT,
+    pile: Optional[Path] = PILE_OPT,
+    ppl_task: list[str] = PPL_OPT,
+    include_path: list[Path] = INCLUDE_OPT,
+    results: Path = RESULTS_OPT,
+    limit: Optional[int] = LIMIT_OPT,
+    batch_size: str = BATCH_OPT,
+    originals: bool = ORIGINALS_OPT,
+    in_memory: bool = IN_MEMORY_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Average EleutherAI Pythia revisions from the Hub (LAWA by default: k=5, nu=1000, every 3000 steps).
@@ -354,7 +471,8 @@ def pythia(
         return
     src = HubTrajectory(repo, cache_dir=cache_dir, bars=bars)
     _run(src, spec, out_dir, dry_run=False, force=force, keep_downloads=keep_downloads, disk_budget=disk_budget,
-         device=device, dtype=dtype, quiet=quiet, bars=bars)
+         device=device, dtype=dtype, quiet=quiet, bars=bars,
+         study=_Study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory))
 
 
 @app.command()
@@ -408,6 +526,50 @@ def _named_files(items: list[str], what: str) -> dict[str, Path]:
     return named
 
 
+def _task_list(tasks: str, limit: Optional[int], batch_size: str) -> list[str]:
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not task_list:
+        raise _fail("--tasks is empty")
+    if limit is not None and limit < 1:
+        raise _fail(f"--limit must be at least 1, got {limit}")
+    if batch_size != "auto" and not batch_size.isdigit():
+        raise _fail(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
+    return task_list
+
+
+def _scorer(task_list: list[str], store, bars: _Bars, total: int, *, pile: Optional[Path], ppl_task: list[str],
+            include_path: list[Path], device: str, dtype: str, batch_size: str, limit: Optional[int], force: bool):
+    """Register the tasks with lm-eval and make the Scorer, with a progress line over `total` scores."""
+    from .evaluate import check_tasks, quiet_lm_eval, resolve_device, task_manager
+    from .evalrun import Scorer
+    from .tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
+
+    quiet_lm_eval()
+    dev = resolve_device(device)
+    paths = list(include_path)
+    pile_wanted = [t for t in task_list if t in PILE_SUBSETS]
+    if pile_wanted and pile is None:
+        raise _fail(f"{', '.join(pile_wanted)} need --pile FILE (a local Pile-format file; the Pile itself can "
+                    f"no longer be downloaded), or leave them out of the tasks")
+    if pile_wanted:
+        paths.append(pile_tasks(pile, pile_wanted))
+    if ppl_task:
+        paths.append(perplexity_tasks(_named_files(ppl_task, "--ppl-task")))
+    manager = task_manager(paths)
+    check_tasks(manager, task_list)
+    line = bars.progress.add_task("scoring", total=total) if bars.progress else None
+
+    def on_task(target, task, status):
+        if status.startswith("failed"):
+            err.print(f"[yellow]failed:[/] {target.model} {target.tag} step{target.step} {task}: {status[8:]}",
+                      highlight=False, soft_wrap=True)
+        if line is not None:
+            bars.progress.update(line, advance=1, description=f"score {target.tag} step{target.step} {task}")
+
+    return Scorer(task_list, store, manager, device=dev, dtype=dtype, batch_size=batch_size, limit=limit,
+                  force=force, on_task=on_task)
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -416,22 +578,17 @@ def eval_(
     tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks. pile-philpapers, "
                               "pile-bookcorpus2, pile-youtubesubtitles and pile-enron come from --pile; the others "
                               "are lm-eval's own tasks."),
-    pile: Optional[Path] = typer.Option(None, help="A Pile-format file (.jsonl, .jsonl.zst or .jsonl.gz; records "
-                                        '{"text", "meta": {"pile_set_name"}}, like the Pile\'s val/test files) '
-                                        "for the pile-* tasks."),
-    ppl_task: list[str] = typer.Option([], "--ppl-task", help="NAME=FILE.jsonl: a perplexity task over your own "
-                                       "{\"text\": ...} records (word and byte perplexity, bits per byte). Repeatable."),
-    include_path: list[Path] = typer.Option([], help="A folder of lm-eval task YAMLs to register. Repeatable."),
+    pile: Optional[Path] = PILE_OPT,
+    ppl_task: list[str] = PPL_OPT,
+    include_path: list[Path] = INCLUDE_OPT,
     originals: bool = typer.Option(True, "--originals/--no-originals", help="Also score the original checkpoint "
                                    "at each averaged step (fetched from the Hub if it is no longer on disk)."),
     steps: Optional[str] = typer.Option(None, help="Only these steps, comma-separated (default: every finished output)."),
-    limit: Optional[int] = typer.Option(None, help="At most N documents per task (for quick looks; stored apart "
-                                        "from full scores)."),
-    batch_size: str = typer.Option("auto", help="lm-eval batch size: auto (8 on CPU) or N."),
-    device: str = typer.Option("auto", help="auto (cuda if available), cpu or cuda."),
-    dtype: str = typer.Option("auto", help="Model dtype for scoring: auto (float32 on CPU, as stored on a GPU), "
-                              "float16, bfloat16 or float32."),
-    results: Path = typer.Option(Path("results.sqlite"), help="SQLite results store (created if missing)."),
+    limit: Optional[int] = LIMIT_OPT,
+    batch_size: str = BATCH_OPT,
+    device: str = DEVICE_OPT,
+    dtype: str = EVAL_DTYPE_OPT,
+    results: Path = RESULTS_OPT,
     force: bool = typer.Option(False, "--force", help="Score again what the store already has."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be scored and fetched, and exit."),
     quiet: bool = QUIET_OPT,
@@ -444,13 +601,7 @@ def eval_(
     """
     from .evalrun import fetch_bytes, find_targets
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not task_list:
-        raise _fail("--tasks is empty")
-    if limit is not None and limit < 1:
-        raise _fail(f"--limit must be at least 1, got {limit}")
-    if batch_size != "auto" and not batch_size.isdigit():
-        raise _fail(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
+    task_list = _task_list(tasks, limit, batch_size)
     targets = find_targets(run_dir, _parse_steps(steps), originals)
     to_fetch = fetch_bytes(targets)
     err.print(f"{len(targets)} checkpoint(s) x {len(task_list)} task(s); originals to fetch from the Hub: "
@@ -461,38 +612,16 @@ def eval_(
                       highlight=False, soft_wrap=True)
         return
 
-    from .evaluate import check_tasks, quiet_lm_eval, resolve_device, task_manager
     from .evalrun import run_eval
     from .results import Store
-    from .tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
 
-    quiet_lm_eval()
-    dev = resolve_device(device)
-    paths = list(include_path)
-    pile_wanted = [t for t in task_list if t in PILE_SUBSETS]
-    if pile_wanted and pile is None:
-        raise _fail(f"{', '.join(pile_wanted)} need --pile FILE (a local Pile-format file; the Pile itself can "
-                    f"no longer be downloaded), or leave them out of --tasks")
-    if pile_wanted:
-        paths.append(pile_tasks(pile, pile_wanted))
-    if ppl_task:
-        paths.append(perplexity_tasks(_named_files(ppl_task, "--ppl-task")))
-    manager = task_manager(paths)
-    check_tasks(manager, task_list)
     bars = _Bars(quiet)
     with Store(results) as store, bars:
-        line = bars.progress.add_task("scoring", total=len(targets) * len(task_list)) if bars.progress else None
-
-        def on_task(target, task, status):
-            if status.startswith("failed"):
-                err.print(f"[yellow]failed:[/] {target.model} {target.tag} step{target.step} {task}: {status[8:]}",
-                          highlight=False, soft_wrap=True)
-            if line is not None:
-                bars.progress.update(line, advance=1, description=f"{target.tag} step{target.step} {task}")
-
-        scored, failed = run_eval(targets, task_list, store, manager, device=dev, dtype=dtype, batch_size=batch_size,
-                                  limit=limit, force=force, bars=bars, on_task=on_task)
-    err.print(f"{scored} task score(s) written to {results}, {failed} failed", highlight=False)
+        scorer = _scorer(task_list, store, bars, len(targets) * len(task_list), pile=pile, ppl_task=ppl_task,
+                         include_path=include_path, device=device, dtype=dtype, batch_size=batch_size, limit=limit,
+                         force=force)
+        run_eval(targets, scorer, bars)
+    err.print(f"{scorer.scored} task score(s) written to {results}, {scorer.failed} failed", highlight=False)
 
 
 @app.command()
@@ -717,6 +846,9 @@ def _sigterm_as_interrupt(signum, frame):
 
 def main() -> None:
     os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
+    # tqdm reads this once, at import: lm-eval, datasets and transformers draw bars that would
+    # scroll past ours (ckptavg draws its own progress with rich)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     app(prog_name="ckptavg")
 

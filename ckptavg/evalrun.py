@@ -9,7 +9,7 @@ local folder, or a Hub revision that is fetched for scoring and deleted again af
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -111,51 +111,64 @@ class _Fetched:
         self.source.evict(self.step)
 
 
-def run_eval(targets: Sequence[Target], tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str,
-             batch_size: str, limit: int | None, force: bool, bars=None,
-             on_task: Callable[[Target, str, str], None] | None = None) -> tuple[int, int]:
-    """Score every target on every task not already in `store`; returns (scored, failed) task counts.
+class Scorer:
+    """Scores checkpoints into the store: skips what is there (unless `force`), records failures,
+    and reports each (checkpoint, task) pair to `on_task` as "skipped", "done" or "failed: why"."""
 
-    `on_task(target, task, status)` hears "skipped", "done" or "failed: why" for each pair."""
-    from .evaluate import lm_eval_version
+    def __init__(self, tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str, batch_size: str,
+                 limit: int | None, force: bool, on_task: Callable[[Target, str, str], None] | None = None) -> None:
+        from .evaluate import lm_eval_version
 
-    version = lm_eval_version()
-    lim = limit or 0
-    report = on_task or (lambda *a: None)
-    scored = failed = 0
-    for target in targets:
-        todo = [t for t in tasks if force or not store.done(target.model, target.tag, target.step, t, lim)]
-        for t in tasks:
+        self.tasks, self.store, self.manager = list(tasks), store, manager
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.limit, self.force = limit, force
+        self.report = on_task or (lambda *a: None)
+        self.version = lm_eval_version()
+        self.scored = self.failed = 0
+
+    def todo(self, target: Target) -> list[str]:
+        return [t for t in self.tasks if self.force or not self.store.done(target.model, target.tag, target.step, t,
+                                                                            self.limit or 0)]
+
+    def score(self, target: Target, folder: Path, state_dict: dict | None = None) -> None:
+        """Score a checkpoint folder, or (`state_dict`) weights in memory with `folder`'s config and tokenizer."""
+        from .evaluate import load_model, score
+
+        todo = self.todo(target)
+        for t in self.tasks:
             if t not in todo:
-                report(target, t, "skipped")
+                self.report(target, t, "skipped")
         if not todo:
+            return
+        try:
+            lm = load_model(folder, self.device, self.dtype, self.batch_size, state_dict=state_dict)
+        except Exception as e:  # a checkpoint that does not load fails its tasks, not the study
+            message = f"loading {folder} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            for task in todo:
+                self._record(target, task, message, [], folder)
+            return
+        where = "(in memory)" if state_dict is not None else str(folder)
+        for outcome in score(lm, todo, self.manager, self.limit):
+            now = time.time()
+            rows = [Row(target.model, target.tag, target.method, target.k, target.nu, target.step, outcome.task,
+                        s.metric, s.value, s.stderr, s.higher_is_better, self.limit or 0, "ok", "", self.version,
+                        where, now) for s in outcome.scores]
+            self._record(target, outcome.task, outcome.error or ("" if rows else "lm-eval returned no numeric metric"),
+                         rows, folder)
+
+    def _record(self, target: Target, task: str, error: str, rows: list[Row], folder: Path) -> None:
+        self.store.put(rows or [failed_row(target.model, target.tag, target.method, target.k, target.nu, target.step,
+                                           task, self.limit or 0, error, self.version, str(folder))])
+        self.scored += not error
+        self.failed += bool(error)
+        self.report(target, task, f"failed: {error}" if error else "done")
+
+
+def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
+    """Score every target; Hub originals no longer on disk are fetched for it and deleted after."""
+    for target in targets:
+        if not scorer.todo(target):
+            scorer.score(target, target.folder)  # reports the skips
             continue
         with _Fetched(target, bars) if target.repo else nullcontext(target.folder) as folder:
-            for task, error, rows in _score_target(target, folder, todo, manager, device, dtype, batch_size,
-                                                   limit, version):
-                store.put(rows or [failed_row(target.model, target.tag, target.method, target.k, target.nu,
-                                              target.step, task, lim, error, version, str(folder))])
-                scored += not error
-                failed += bool(error)
-                report(target, task, f"failed: {error}" if error else "done")
-    return scored, failed
-
-
-def _score_target(target: Target, folder: Path, tasks: list[str], manager, device: str, dtype: str,
-                  batch_size: str, limit: int | None, version: str) -> Iterator[tuple[str, str, list[Row]]]:
-    """(task, error, rows) for each task; a checkpoint that does not load fails its tasks, not the study."""
-    from .evaluate import load_model, score
-
-    try:
-        lm = load_model(folder, device, dtype, batch_size)
-    except Exception as e:
-        message = f"loading {folder} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        for task in tasks:
-            yield task, message, []
-        return
-    for outcome in score(lm, tasks, manager, limit):
-        now = time.time()
-        rows = [Row(target.model, target.tag, target.method, target.k, target.nu, target.step, outcome.task,
-                    s.metric, s.value, s.stderr, s.higher_is_better, limit or 0, "ok", "", version, str(folder), now)
-                for s in outcome.scores]
-        yield outcome.task, outcome.error or ("" if rows else "lm-eval returned no numeric metric"), rows
+            scorer.score(target, folder)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +85,41 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(folder: Path, device: str, dtype: str, batch_size: str, trust_remote_code: bool = False):
-    """An lm-eval model for one checkpoint folder. dtype auto: float32 on CPU, as stored on a GPU."""
+def load_model(folder: Path, device: str, dtype: str, batch_size: str, *, state_dict: dict | None = None,
+               trust_remote_code: bool = False):
+    """An lm-eval model for one checkpoint folder, or for `state_dict` (weights as stored, e.g. an
+    average made in memory) with the folder's config and tokenizer. dtype auto: float32 on CPU,
+    as stored on a GPU."""
     from lm_eval.models.huggingface import HFLM
 
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "auto"
     if batch_size == "auto" and device == "cpu":
         batch_size = "8"  # lm-eval's batch-size search is meant for GPUs
-    return HFLM(pretrained=str(folder), device=device, dtype=dtype, batch_size=batch_size,
-                trust_remote_code=trust_remote_code)
+    if state_dict is None:
+        return HFLM(pretrained=str(folder), device=device, dtype=dtype, batch_size=batch_size,
+                    trust_remote_code=trust_remote_code)
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    torch_dtype = torch.float32 if dtype == "auto" and device == "cpu" else (
+        "auto" if dtype == "auto" else getattr(torch, dtype))
+    # transformers' own loading, so that its renames of stored names (embed_out -> lm_head) apply;
+    # the Auto class wants a path, the architecture's own class takes the weights alone
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None:
+        raise InputError(f"{folder}/config.json names no architecture transformers knows ({architecture})")
+    model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch_dtype,
+                                              output_loading_info=True)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise InputError(f"the averaged weights lack {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    model = model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
 
 
 def _number(x) -> float | None:
@@ -116,15 +143,37 @@ def _hint(task: str, manager, error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """lm-eval draws tqdm bars it will not let us disable and runs `git` (which complains outside a
+    repository) on every call: both go to file descriptor 2, which is pointed at /dev/null meanwhile."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def score(lm, tasks: Sequence[str], manager, limit: int | None = None) -> Iterator[TaskOutcome]:
     """Run each task on `lm`; yields one outcome per task, failed ones with their error."""
     import lm_eval
 
     for task in tasks:
         try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
-                                          log_samples=False, use_cache=None, verbosity="ERROR",
-                                          bootstrap_iters=1000)
+            with _stderr_silenced():
+                out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                                              log_samples=False, use_cache=None, verbosity="ERROR",
+                                              bootstrap_iters=1000)
             results = out["results"][task]
             better = out.get("higher_is_better", {}).get(task, {})
         except Exception as e:  # one bad task must not end a long study

@@ -91,14 +91,17 @@ def output_root(out: Path, source: Source, spec: RunSpec) -> Path:
 
 
 def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, keep_downloads: bool = False,
-             disk_budget: int | None = None, sizes: dict[int, int] | None = None) -> RunPlan:
+             disk_budget: int | None = None, sizes: dict[int, int] | None = None,
+             done: Callable[[Window], bool] | None = None) -> RunPlan:
+    """`done(window)` says a window needs no work (default: its output has a manifest)."""
     try:
         windows = spec.windows(source.steps())
     except MissingStepsError as e:
         raise MissingStepsError(f"{e}{source.missing_hint}") from None
     root = output_root(out, source, spec)
     out_dirs = {w.step: root / f"step{w.step}" for w in windows}
-    todo = [w for w in windows if force or read_manifest(out_dirs[w.step]) is None]
+    finished = done or (lambda w: read_manifest(out_dirs[w.step]) is not None)
+    todo = [w for w in windows if force or not finished(w)]
     sizes = sizes or {s: source.size(s) for s in steps_of(todo)}
     output_bytes = max((sizes[w.members[-1]] for w in todo), default=0)
     fetch = plan_fetches(todo, sizes, output_bytes, keep_downloads, disk_budget)
@@ -107,8 +110,13 @@ def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, k
 
 def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
                 on_window: Callable[[Window, Path], None] | None = None,
+                on_fetch: Callable[[int, Path], None] | None = None,
+                in_memory: Callable[[Window, list[Path]], None] | None = None,
                 bars: Callable[[str, int], Callable[[int], None]] | None = None, **average_kwargs) -> list[Path]:
     """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype...).
+
+    `on_fetch(step, folder)` runs while a revision is on disk (to score an original without a
+    second download); `in_memory(window, folders)` replaces writing the window's output.
 
     `bars(description, total_bytes)` makes a progress callback, for averaging (and the source's
     downloads). Every action is appended to RUN_LOG next to the outputs, with the bytes the
@@ -119,13 +127,17 @@ def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = F
     by_step = {w.step: w for w in plan.todo}
     on_disk: dict[int, Path] = {}
     written = []
-    log = _RunLog(next(iter(plan.out_dirs.values())).parent if plan.out_dirs else None, source)
+    log = _RunLog(next(iter(plan.out_dirs.values())).parent if plan.out_dirs and in_memory is None else None, source)
     if not keep_downloads:
         for commit in source.evict_leftovers(set(steps_of(plan.todo))):
             log.write("evict-leftover", None, revision=commit)
     for action in plan.fetch.actions:
         if action.kind == "fetch":
             on_disk[action.step] = source.fetch(action.step)
+            if on_fetch is not None:
+                on_fetch(action.step, on_disk[action.step])
+        elif action.kind == "average" and in_memory is not None:
+            in_memory(by_step[action.step], [on_disk[s] for s in by_step[action.step].members])
         elif action.kind == "evict":
             source.evict(action.step)
             on_disk.pop(action.step, None)

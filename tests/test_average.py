@@ -193,3 +193,14 @@ def test_parse_size():
     for bad in ("", "5XB", "-1GB", "0"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_in_memory_average_equals_the_written_one(ckpts, tmp_path):
+    from ckptavg.average import average_in_memory
+
+    folders = ckpts("bfloat16", "bin-sharded")
+    written = load_reference(average_checkpoints(folders, tmp_path / "out", weights=[0.5, 0.3, 0.2]))
+    in_memory = average_in_memory(folders, weights=[0.5, 0.3, 0.2], piece_elements=100)
+    assert in_memory.keys() == written.keys()
+    for name, t in written.items():
+        assert in_memory[name].dtype == t.dtype and torch.equal(in_memory[name], t), name

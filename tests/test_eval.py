@@ -204,3 +204,27 @@ def test_pile_file_lacking_subsets_is_named(study, tmp_path):
             "--results", tmp_path / "r.sqlite", "--device", "cpu", "-q")
     assert r.exit_code == 2
     assert "no documents for pile-bookcorpus2 (BookCorpus2)" in " ".join(r.output.split())
+
+
+def test_trajectory_scores_as_it_goes_and_in_memory_agrees(study, tmp_path):
+    common = ("--k", 2, "--nu", 100, "--interval", 100, "--eval", "pile-enron,pile-philpapers", "--pile",
+              study["pile"], "--device", "cpu", "-q")
+    r = cli("trajectory", study["traj"], *common, "--out", tmp_path / "out", "--results", tmp_path / "a.sqlite")
+    assert r.exit_code == 0, r.output
+    r = cli("trajectory", study["traj"], *common, "--out", tmp_path / "mem", "--results", tmp_path / "b.sqlite",
+            "--in-memory")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "mem").exists()  # nothing but results
+    written, in_memory = ({(tag, step, task, metric): value for tag, step, task, metric, value in sqlite3.connect(db).execute(
+        "SELECT tag, step, task, metric, value FROM scores WHERE status='ok'")} for db in (tmp_path / "a.sqlite",
+                                                                                          tmp_path / "b.sqlite"))
+    expected = {(tag, step, task, m) for tag in ("original", "lawa-k2-nu100") for step in (200, 300)
+                for task in ("pile-enron", "pile-philpapers") for m in ("word_perplexity", "byte_perplexity",
+                                                                        "bits_per_byte")}
+    assert set(written) == set(in_memory) == expected
+    for key, value in written.items():
+        assert in_memory[key] == pytest.approx(value, rel=1e-6), key
+    # resumed: everything is scored, so nothing is averaged or scored again
+    r = cli("trajectory", study["traj"], *common, "--out", tmp_path / "mem", "--results", tmp_path / "b.sqlite",
+            "--in-memory")
+    assert r.exit_code == 0 and "0 window(s) averaged in memory" in r.output and "0 task score(s)" in r.output
