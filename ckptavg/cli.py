@@ -555,7 +555,7 @@ def _scorer(task_list: list[str], store, bars: _Bars, total: int, *, pile: Optio
         paths.append(pile_tasks(pile, pile_wanted))
     if ppl_task:
         paths.append(perplexity_tasks(_named_files(ppl_task, "--ppl-task")))
-    manager = task_manager(paths)
+    manager = task_manager(paths, task_list)
     check_tasks(manager, task_list)
     line = bars.progress.add_task("scoring", total=total) if bars.progress else None
 

@@ -58,10 +58,17 @@ def lm_eval_version() -> str:
     return version("lm_eval")
 
 
-def task_manager(include_paths: Sequence[Path]):
+def task_manager(include_paths: Sequence[Path], tasks: Sequence[str] = ()):
+    """lm-eval's task index. Indexing lm-eval's own thousands of tasks takes seconds, so when every
+    wanted task is one of ours (in `include_paths`) the index holds only those."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(p) for p in include_paths] or None)
+    paths = [str(p) for p in include_paths] or None
+    if paths and tasks:
+        ours = TaskManager(include_path=paths, include_defaults=False)
+        if set(tasks) <= set(ours.all_tasks):
+            return ours
+    return TaskManager(include_path=paths)
 
 
 def check_tasks(manager, tasks: Sequence[str]) -> None:

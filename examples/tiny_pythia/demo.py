@@ -68,7 +68,8 @@ def main() -> None:
     lrs = [args.lr, args.lr / 10]
     names = [f"tiny-pythia-lr{lr:g}" for lr in lrs]
     heldout = out / "heldout.jsonl"
-    size = (["--width", "32", "--vocab", "300", "--ctx", "64", "--batch", "4", "--heldout-chars", "300"] if args.tiny
+    size = (["--width", "32", "--vocab", "300", "--ctx", "64", "--batch", "4", "--heldout-chars", "300",
+             "--max-files", "10"] if args.tiny
             else ["--heldout-chars", "1500"])
     for lr, name in zip(lrs, names):
         run(sys.executable, HERE / "train.py", "--out", out / "trajectories" / name, "--lr", lr, "--steps", args.steps,

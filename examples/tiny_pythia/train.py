@@ -39,7 +39,7 @@ def read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int, files: list[Path]) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -47,7 +47,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((read(f) for f in source_files("train")), trainer)
+    tok.train_from_iterator((read(f) for f in files), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT)
 
 
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout", type=Path, help="also write the held-out files here as jsonl")
     ap.add_argument("--heldout-chars", type=int, default=3000)
+    ap.add_argument("--max-files", type=int, help="train on only the first N training files (for quick tests)")
     args = ap.parse_args()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -93,9 +94,10 @@ def main() -> None:
         return
     torch.manual_seed(args.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    tok = train_tokenizer(args.vocab)
+    files = source_files("train")[: args.max_files]
+    tok = train_tokenizer(args.vocab, files)
     eot = tok.convert_tokens_to_ids(EOT)
-    ids = [i for f in source_files("train") for i in tok(read(f))["input_ids"] + [eot]]
+    ids = [i for f in files for i in tok(read(f))["input_ids"] + [eot]]
     data = torch.tensor(ids, dtype=torch.int32)
     model = GPTNeoXForCausalLM(model_config(len(tok), args.ctx, args.width, args.layers, eot))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
