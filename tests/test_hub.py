@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference, pythia_state_dict, reference_average, write_checkpoint
+from conftest import char_tokenizer, load_reference, pythia_state_dict, reference_average, write_checkpoint
 from hubserver import HubServer
 from test_average import assert_matches
 from test_trajectory import recursive_ema
@@ -41,6 +41,7 @@ def hub(tmp_path_factory):
             shutil.copytree(folders[DUPLICATE[step]], folder)
         else:
             write_checkpoint(folder, pythia_state_dict(i, torch.float16), "bin-sharded" if i % 2 else "safetensors")
+            char_tokenizer().save_pretrained(folder)
         folders[step] = folder
     server = HubServer()
     for step, folder in folders.items():
@@ -196,3 +197,34 @@ def test_hub_errors_are_one_line(hub, tmp_path, case, message):
     assert message in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 3  # one message (rich may wrap it)
     assert not any((tmp_path / "out").rglob("ckptavg.json"))
+
+
+def test_study_scores_originals_while_on_disk_and_eval_fetches_them_again(hub, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the cat sat", "on the mat today")))
+    score = ("--ppl-task", f"tiny={docs}", "--device", "cpu", "-q")
+    out, db = tmp_path / "out", tmp_path / "a.sqlite"
+    hub.gets.clear()
+    r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, "--out", str(out), "--eval", "tiny", "--results",
+                str(db), *score)
+    assert r.returncode == 0, r.stderr
+    import sqlite3
+
+    scored = {(tag, step) for tag, step in sqlite3.connect(db).execute(
+        "SELECT tag, step FROM scores WHERE status='ok' AND metric='word_perplexity'")}
+    assert scored == {(tag, step) for tag in ("original", "lawa-k3-nu1000") for step in (3000, 5000, 7000)}
+    assert set(hub.gets.values()) == {1}  # scoring the originals cost no second download
+    # on its own, `ckptavg eval` must fetch the originals again (they were deleted after averaging)
+    before = Counter(hub.gets)
+    r = ckptavg(hub, tmp_path, "eval", str(out / "pythia-70m-deduped" / "lawa-k3-nu1000"), "--tasks", "tiny",
+                "--results", str(tmp_path / "b.sqlite"), *score)
+    assert r.returncode == 0, r.stderr
+    assert "originals to fetch from the Hub: 3" in " ".join(r.stderr.split())
+    again = hub.gets - before
+    assert {branch for _, branch, _ in again} == {"step3000", "step5000", "step7000"}
+    fresh = dict(sqlite3.connect(tmp_path / "b.sqlite").execute(
+        "SELECT tag || step, value FROM scores WHERE metric='word_perplexity' AND status='ok'"))
+    first = dict(sqlite3.connect(db).execute(
+        "SELECT tag || step, value FROM scores WHERE metric='word_perplexity' AND status='ok'"))
+    assert fresh.keys() == first.keys() and all(fresh[k] == pytest.approx(first[k], rel=1e-9) for k in first)
+    assert cached_files(tmp_path) == []
