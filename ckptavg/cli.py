@@ -24,8 +24,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-err = Console(stderr=True)
-out = Console()
+# Piped output (logs, files) gets room for the wide tables; a terminal or $COLUMNS decides otherwise.
+_WIDTH = None if os.environ.get("COLUMNS") or sys.stdout.isatty() else 120
+err = Console(stderr=True, width=_WIDTH)
+out = Console(width=_WIDTH)
 
 DTYPES = ("auto", "float16", "bfloat16", "float32", "float64")
 
@@ -675,7 +677,7 @@ def _print_wide(table) -> None:
     for group in groups:
         cols = [(i, c) for i, c in enumerate(table.columns) if c.task in group]
         t = Table(title_justify="left")
-        t.add_column("model")
+        t.add_column("model", no_wrap=True)
         t.add_column("step", justify="right")
         for _, c in cols:
             t.add_column(f"{c.task}\n{c.metric}\n{c.tag}", justify="right", overflow="fold")
@@ -785,7 +787,8 @@ def savings(
         for s in compute(curve(ORIGINAL), curve(run), tolerances, total_steps=total_steps, gpu_hours=hours,
                          higher_is_better=better, usd_per_gpu_hour=usd_per_gpu_hour):
             table.append({"model": m, "tag": run, "task": task, "metric": chosen, "tolerance_pct": s.tolerance,
-                          "target": s.target, "step_reached": s.step, "steps_saved": s.steps_saved,
+                          "target": s.target, "step_reached": s.step, "original_reached": s.original_step,
+                          "steps_saved": s.steps_saved,
                           "pct_of_training": None if s.fraction is None else 100 * s.fraction,
                           "gpu_hours_saved": s.gpu_hours} | ({"usd_saved": s.usd} if usd_per_gpu_hour else {}))
     runs = ", ".join(dict.fromkeys(r["tag"] for r in table))
@@ -813,8 +816,9 @@ def _print_records(records: list[dict], fmt: str, title: str) -> None:
 
     t = Table(title=title, title_justify="left")
     cols = [c for c in records[0] if c not in ("task", "metric", "tag")]  # those are in the title
-    headers = {"tolerance_pct": "tolerance", "pct_of_training": "% of run", "gpu_hours_saved": "GPU hours saved",
-               "usd_saved": "USD saved"}
+    headers = {"tolerance_pct": "tolerance", "step_reached": "averaged reaches it at",
+               "original_reached": "original reaches it at", "pct_of_training": "% of run",
+               "gpu_hours_saved": "GPU hours saved", "usd_saved": "USD saved"}
     for c in cols:
         t.add_column(headers.get(c, c.replace("_", " ")), justify="left" if c == "model" else "right",
                      no_wrap=c == "model")
@@ -830,7 +834,7 @@ def _cell(column: str, value, record: dict) -> str:
         return str(value)
     if column == "tolerance_pct":
         return f"{value:g}%"
-    if column in ("step_reached", "steps_saved"):
+    if column in ("step_reached", "original_reached", "steps_saved"):
         return f"{value:,.0f}"
     if column == "pct_of_training":
         return f"{value:.1f}%"

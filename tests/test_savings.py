@@ -20,7 +20,8 @@ runner = CliRunner()
 def test_lower_is_better_by_hand():
     got = {s.tolerance: s for s in savings(ORIGINAL, AVERAGED, [0, 10, 50, 100], total_steps=143000, gpu_hours=4830)}
     assert got[0].target == 10.0 and got[0].step == 3000 and got[0].steps_saved == 1000  # exact hit on a point
-    assert got[0].gpu_hours == pytest.approx(1000 / 143000 * 4830)
+    assert got[0].gpu_hours == pytest.approx(1000 / 143000 * 4830) and got[0].original_step == 4000
+    assert got[50].original_step == pytest.approx(2000)  # the original reaches 15 at 2000 by itself
     assert got[10].step == pytest.approx(2000 + 2 / 3 * 1000)  # 13 -> 10 crosses 11 two thirds of the way
     assert got[10].steps_saved == pytest.approx(4000 - 2666.6667, abs=1e-3)
     assert got[50].step == pytest.approx(1600)  # 18 -> 13 crosses 15 at three fifths
@@ -85,7 +86,8 @@ def test_savings_command(store, tmp_path):
     assert "tiny-run" in r.output and "pythia-1b-deduped" in r.output and "never reached" not in r.output
     r = runner.invoke(app, ["savings", str(store), "--model", "1b", "--task", "pile-enron", "--tolerance", "0,10",
                             "--format", "csv"])
-    assert r.output.splitlines()[1].startswith("pythia-1b-deduped,lawa-k5-nu1000,pile-enron,word_perplexity,0.0,10.0,3000")
+    assert r.output.splitlines()[1].startswith("pythia-1b-deduped,lawa-k5-nu1000,pile-enron,word_perplexity,0.0,10.0,3000"
+                                               ".0,4000.0,1000.0")
 
 
 @pytest.mark.parametrize("args, message", [
