@@ -240,8 +240,6 @@ def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downlo
     try:
         done = None
         if scoring and study.in_memory:
-            from .evalrun import Target
-
             done = lambda w: all(store.done(source.name, spec.tag(), w.step, t, study.limit or 0)  # noqa: E731
                                  for t in task_list)
         budget = _size(disk_budget, "--disk-budget") if disk_budget else None
@@ -588,7 +586,7 @@ def eval_(
     steps: Optional[str] = typer.Option(None, help="Only these steps, comma-separated (default: every finished output)."),
     limit: Optional[int] = LIMIT_OPT,
     batch_size: str = BATCH_OPT,
-    device: str = DEVICE_OPT,
+    device: str = typer.Option("auto", help="Where to run the models: auto (cuda if available), cpu or cuda."),
     dtype: str = EVAL_DTYPE_OPT,
     results: Path = RESULTS_OPT,
     force: bool = typer.Option(False, "--force", help="Score again what the store already has."),
@@ -783,8 +781,9 @@ def savings(
         if hours is None:
             raise SavingsError(f"{m}: no published GPU hours; give --gpu-hours")
         better = next((r.higher_is_better for r in mine if r.higher_is_better is not None), False)
-        curve = lambda t: [(r.step, r.value) for r in mine if r.tag == t]  # noqa: E731
-        for s in compute(curve(ORIGINAL), curve(run), tolerances, total_steps=total_steps, gpu_hours=hours,
+        original_curve = [(r.step, r.value) for r in mine if r.tag == ORIGINAL]
+        averaged_curve = [(r.step, r.value) for r in mine if r.tag == run]
+        for s in compute(original_curve, averaged_curve, tolerances, total_steps=total_steps, gpu_hours=hours,
                          higher_is_better=better, usd_per_gpu_hour=usd_per_gpu_hour):
             table.append({"model": m, "tag": run, "task": task, "metric": chosen, "tolerance_pct": s.tolerance,
                           "target": s.target, "step_reached": s.step, "original_reached": s.original_step,

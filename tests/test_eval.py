@@ -10,11 +10,8 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
