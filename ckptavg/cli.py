@@ -233,13 +233,13 @@ def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downlo
     scoring = study is not None and bool(study.tasks)
     task_list = _task_list(study.tasks, study.limit, study.batch_size) if scoring else []
     store = None
-    if scoring:
+    if scoring and not dry_run:  # a dry run writes nothing, not even an empty results store
         from .results import Store
 
         store = Store(study.results)
     try:
         done = None
-        if scoring and study.in_memory:
+        if store is not None and study.in_memory:
             done = lambda w: all(store.done(source.name, spec.tag(), w.step, t, study.limit or 0)  # noqa: E731
                                  for t in task_list)
         budget = _size(disk_budget, "--disk-budget") if disk_budget else None

@@ -141,12 +141,14 @@ def _hint(task: str, manager, error: BaseException) -> str:
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         try:
-            path = manager._get_config(task).get("dataset_path")
-        except Exception:  # the hint is a courtesy; the error itself is what matters
-            path = None
+            cfg = manager.task_index[task].cfg or {}
+        except (AttributeError, KeyError, TypeError):  # the hint is a courtesy; the error is what matters
+            cfg = {}
+        path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
         if path:
-            text += (f" (offline: pre-download the dataset {path!r} into the datasets cache on a machine with "
-                     f"network, e.g. `python -c \"import datasets; datasets.load_dataset('{path}')\"`)")
+            args = repr(path) + (f", {name!r}" if name else "")
+            text += (f" (offline: pre-download the dataset {path}{'/' + name if name else ''} into the datasets "
+                     f"cache where there is network: `python -c \"import datasets; datasets.load_dataset({args})\"`)")
     return f"{type(error).__name__}: {text}"
 
 

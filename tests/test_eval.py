@@ -225,3 +225,12 @@ def test_trajectory_scores_as_it_goes_and_in_memory_agrees(study, tmp_path):
     r = cli("trajectory", study["traj"], *common, "--out", tmp_path / "mem", "--results", tmp_path / "b.sqlite",
             "--in-memory")
     assert r.exit_code == 0 and "0 window(s) averaged in memory" in r.output and "0 task score(s)" in r.output
+
+
+def test_zero_shot_task_offline_without_its_dataset_says_what_to_download(study, tmp_path):
+    r = cli("eval", study["run"], "--tasks", "sciq", "--steps", 300, "--no-originals", "--results",
+            tmp_path / "r.sqlite", "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "failed: tiny-run lawa-k2-nu100 step300 sciq" in text and "0 task score(s) written" in text
+    assert "pre-download the dataset allenai/sciq" in text and "datasets.load_dataset('allenai/sciq')" in text

@@ -96,9 +96,11 @@ def test_resume_skips_finished_windows(traj, tmp_path):
 
 
 def test_dry_run_writes_nothing(traj, tmp_path):
-    r = cli("trajectory", traj, "--k", 3, "--interval", 2000, "--out", tmp_path / "o", "--dry-run")
+    r = cli("trajectory", traj, "--k", 3, "--interval", 2000, "--out", tmp_path / "o", "--dry-run",
+            "--eval", "some-task", "--results", tmp_path / "r.sqlite")
     assert r.exit_code == 0, r.output
     assert "3 window(s) to average" in r.output and not (tmp_path / "o").exists()
+    assert not (tmp_path / "r.sqlite").exists()
 
 
 @pytest.mark.parametrize("args, message", [
