@@ -225,6 +225,7 @@ class _Study:
 def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downloads: bool,
          disk_budget: Optional[str], device: str, dtype: str, quiet: bool, bars: _Bars, sizes=None,
          study: Optional[_Study] = None) -> None:
+    from .evalrun import find_targets, run_eval, study_hooks
     from .runner import execute_run, output_root, plan_run
     from .schedule import steps_of
 
@@ -260,14 +261,13 @@ def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downlo
                 scorer = _scorer(task_list, store, bars, 2 * len(plan.windows) * len(task_list), pile=study.pile,
                                  ppl_task=study.ppl_task, include_path=study.include_path, device=device, dtype="auto",
                                  batch_size=study.batch_size, limit=study.limit, force=force)
-                hooks = _study_hooks(source, spec, plan, scorer, study, device, dtype)
+                hooks = study_hooks(source.name, spec, {w.step for w in plan.todo}, scorer, originals=study.originals,
+                                    in_memory=study.in_memory, device=device, out_dtype=_torch_dtype(dtype))
             written = execute_run(source, spec, plan, force=force, keep_downloads=keep_downloads, device=device,
                                   out_dtype=_torch_dtype(dtype), bars=bars, **hooks,
                                   on_window=None if quiet else
                                   lambda w, p: err.print(f"wrote {p}", highlight=False, soft_wrap=True))
             if scoring and not study.in_memory:  # the averages, and originals not scored on the way
-                from .evalrun import find_targets, run_eval
-
                 run_eval(find_targets(output_root(out_dir, source, spec), {w.step for w in plan.windows},
                                       study.originals), scorer, bars)
         if study is not None and study.in_memory:
@@ -280,32 +280,6 @@ def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downlo
     finally:
         if store is not None:
             store.close()
-
-
-def _study_hooks(source, spec, plan, scorer, study: _Study, device: str, dtype: str) -> dict:
-    """Score each original while it is on disk for averaging; with --in-memory, each average too."""
-    from .evalrun import Target
-    from .results import ORIGINAL
-
-    outputs = {w.step for w in plan.todo}
-    hooks = {}
-    if study.originals:
-        def on_fetch(step: int, folder: Path) -> None:
-            if step in outputs:
-                scorer.score(Target(source.name, ORIGINAL, ORIGINAL, None, None, step, folder), folder)
-
-        hooks["on_fetch"] = on_fetch
-    if study.in_memory:
-        from .average import average_in_memory
-
-        def in_memory(window, folders: list[Path]) -> None:
-            weights = average_in_memory(folders, weights=window.weights, normalize=False, device=device,
-                                        out_dtype=_torch_dtype(dtype))
-            target = Target(source.name, spec.tag(), spec.method, spec.k, spec.nu, window.step, folders[-1])
-            scorer.score(target, folders[-1], state_dict=weights)
-
-        hooks["in_memory"] = in_memory
-    return hooks
 
 
 K_OPT = typer.Option(5, "--k", help="Checkpoints per LAWA window (EMA and SWA use the same checkpoint sequence).")

@@ -172,3 +172,28 @@ def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
             continue
         with _Fetched(target, bars) if target.repo else nullcontext(target.folder) as folder:
             scorer.score(target, folder)
+
+
+def study_hooks(model: str, spec, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
+                device: str, out_dtype) -> dict:
+    """`execute_run` hooks for a study that scores as it goes: each original is scored while it is
+    on disk for averaging (no second download), and with `in_memory` each average is made in
+    memory and scored instead of written."""
+    hooks: dict = {}
+    if originals:
+        def on_fetch(step: int, folder: Path) -> None:
+            if step in outputs:
+                scorer.score(Target(model, ORIGINAL, ORIGINAL, None, None, step, folder), folder)
+
+        hooks["on_fetch"] = on_fetch
+    if in_memory:
+        from .average import average_in_memory
+
+        def average_and_score(window, folders: list[Path]) -> None:
+            weights = average_in_memory(folders, weights=window.weights, normalize=False, device=device,
+                                        out_dtype=out_dtype)
+            target = Target(model, spec.tag(), spec.method, spec.k, spec.nu, window.step, folders[-1])
+            scorer.score(target, folders[-1], state_dict=weights)
+
+        hooks["in_memory"] = average_and_score
+    return hooks
