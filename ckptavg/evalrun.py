@@ -98,7 +98,9 @@ class _Fetched:
         from .hub import HubTrajectory
         from .sources import DEFAULT_STEP_PATTERN
 
-        self.source = HubTrajectory(target.repo, target.pattern or DEFAULT_STEP_PATTERN, bars=bars)
+        # the Hub cache the run used: the manifest's path is CACHE/models--ORG--NAME/snapshots/COMMIT
+        cache = target.folder.parents[2] if target.folder.parent.name == "snapshots" else None
+        self.source = HubTrajectory(target.repo, target.pattern or DEFAULT_STEP_PATTERN, cache_dir=cache, bars=bars)
         steps = {b: s for s, b in self.source.branches.items()}
         if target.revision not in steps:
             raise InputError(f"{target.repo}: revision {target.revision} is gone")
