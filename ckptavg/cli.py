@@ -620,6 +620,7 @@ def results(
     if failed:
         for r in rows:
             out.print(f"{r.model} {r.tag} step{r.step} {r.task}: {r.error}", highlight=False, soft_wrap=True)
+        err.print(f"{len(rows)} failed checkpoint x task pair(s)", highlight=False)
         return
     if metric:
         rows = [r for r in rows if r.metric == metric]
