@@ -9,6 +9,7 @@ under bench/data/, then, in one run and for each repetition, measures:
             interpreter and torch import included) and its peak RssAnon
   +hash     the same with input sha256 computed (fresh hash cache): the manifest's default
   naive     load every file fully (safetensors.torch.load_file), sum in float32, save_file
+  mergekit  with --mergekit PATH: `mergekit-yaml` linear merge of the same inputs (float16 output)
 
 Warm runs read from the page cache; cold runs drop it first (root only). Speeds are reported
 as ratios to the floor taken in the same repetition; min and median over repetitions.
@@ -83,9 +84,25 @@ def build_inputs(data: Path) -> list[Path]:
         tmp = folder / "model.safetensors.tmp"
         save_file(sd, tmp, metadata={"format": "pt"})
         os.replace(tmp, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
         del sd
+    for folder in folders:  # a full config, so that tools that need the architecture (mergekit) can run
+        (folder / "config.json").write_text(json.dumps(pythia_1b_config()))
     return folders
+
+
+def pythia_1b_config() -> dict:
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": D,
+            "intermediate_size": FF, "num_hidden_layers": LAYERS, "num_attention_heads": 8, "vocab_size": VOCAB,
+            "max_position_embeddings": CTX, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+            "use_parallel_residual": True, "tie_word_embeddings": False, "layer_norm_eps": 1e-5,
+            "hidden_act": "gelu", "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float16"}
+
+
+def mergekit_config(folders: list[Path], path: Path) -> Path:
+    """mergekit's `linear` method: the same uniform average, computed in float32, written in float16."""
+    models = "".join(f"  - model: {f}\n    parameters:\n      weight: 1.0\n" for f in folders)
+    path.write_text(f"merge_method: linear\ndtype: float32\nout_dtype: float16\nmodels:\n{models}")
+    return path
 
 
 def drop_caches() -> bool:
@@ -164,6 +181,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--naive-reps", type=int, default=1)
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--mergekit", help="path of a `mergekit-yaml` executable: also time mergekit's linear merge "
+                    "of the same inputs (pip install mergekit, ideally in its own venv)")
     args = ap.parse_args()
 
     folders = build_inputs(args.data)
@@ -204,6 +223,17 @@ def main() -> None:
                 record(f"{mode} ckptavg+hash/floor", t / floor)
                 print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, ckptavg {rows[f'{mode} ckptavg s'][-1]:.2f} s "
                       f"(engine {manifest['seconds']:.2f} s), +hash {t:.2f} s", flush=True)
+                if args.mergekit:
+                    prep()
+                    cfg = mergekit_config(folders, work / "mergekit.yml")
+                    t, peak = run_measured([args.mergekit, str(cfg), str(work / "mergekit-out"), "--quiet",
+                                            "--no-copy-tokenizer", "--no-write-model-card", "--lazy-unpickle"], env)
+                    shutil.rmtree(work / "mergekit-out", ignore_errors=True)
+                    record(f"{mode} mergekit s", t)
+                    record(f"{mode} mergekit/floor", t / floor)
+                    record(f"{mode} mergekit peak RssAnon MB", peak / 1e6)
+                    record(f"{mode} mergekit/ckptavg", t / rows[f"{mode} ckptavg s"][-1])
+                    print(f"rep {rep + 1} {mode} mergekit: {t:.2f} s, peak RssAnon {peak / 1e9:.2f} GB", flush=True)
                 if rep < args.naive_reps and mode == "warm":
                     t, peak = run_measured([sys.executable, "-c", NAIVE, *map(str, files),
                                             str(work / "naive.safetensors")], env)

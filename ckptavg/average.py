@@ -199,17 +199,22 @@ class _Pipeline:
                 self.sink.abort()
 
     def _accumulate(self, views: Sequence[torch.Tensor], out: torch.Tensor) -> None:
-        w = self.plan.weights
+        w, k = self.plan.weights, self.plan.mean_of
         n, step = out.numel(), self.acc.numel()
         on_gpu = self.device.type == "cuda"
         for s in range(0, n, step):
             e = min(n, s + step)
             acc, tmp = self.acc[: e - s], self.tmp[: e - s]
-            # mul then add, never fused: the same rounding as the plain reference sum
-            acc.copy_(views[0][s:e], non_blocking=on_gpu).mul_(w[0])
-            for v, wi in zip(views[1:], w[1:]):
-                tmp.copy_(v[s:e], non_blocking=on_gpu).mul_(wi)
-                acc.add_(tmp)
+            if k:  # a plain mean: sum, then one division
+                acc.copy_(views[0][s:e], non_blocking=on_gpu)
+                for v in views[1:]:
+                    acc.add_(tmp.copy_(v[s:e], non_blocking=on_gpu))
+                acc.div_(k)
+            else:  # mul then add, never fused: the same rounding as the plain reference sum
+                acc.copy_(views[0][s:e], non_blocking=on_gpu).mul_(w[0])
+                for v, wi in zip(views[1:], w[1:]):
+                    tmp.copy_(v[s:e], non_blocking=on_gpu).mul_(wi)
+                    acc.add_(tmp)
             out[s:e].copy_(acc)  # the one cast to the output dtype (a synchronising copy on CUDA)
 
     def run(self) -> None:

@@ -88,12 +88,14 @@ def load_reference(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_average(folders, weights=None, out_dtype=None):
-    """Load everything, sum in float64 in input order, cast once; copy non-float and buffer tensors.
+    """Load everything, sum in float64 in input order (the plain mean, sum / n, when no weights are
+    given), cast once; copy non-float and buffer tensors.
 
     Returns (reference, scale): scale[name] = sum_i |w_i x_i| in float64, the magnitude that bounds
     the rounding error of any accumulation order (needed where the inputs cancel to about zero).
     """
     sds = [load_reference(f) for f in folders]
+    mean = weights is None  # a plain mean: sum, then divide by n
     weights = weights or [1.0 / len(sds)] * len(sds)
     newest = sds[-1]
     ref, scale = {}, {}
@@ -102,12 +104,14 @@ def reference_average(folders, weights=None, out_dtype=None):
         if not t.is_floating_point() or buffer:
             ref[name] = t.clone()
             continue
-        acc = sds[0][name].double() * weights[0]
+        acc = sds[0][name].double() * (1.0 if mean else weights[0])
         mag = acc.abs()
         for sd, w in zip(sds[1:], weights[1:]):
-            term = sd[name].double() * w
+            term = sd[name].double() * (1.0 if mean else w)
             acc = acc + term
             mag = mag + term.abs()
+        if mean:
+            acc, mag = acc / len(sds), mag / len(sds)
         ref[name] = acc.to(out_dtype or t.dtype)
         scale[name] = mag
     return ref, scale

@@ -53,6 +53,15 @@ def test_bfloat16_within_one_ulp(ckpts, tmp_path):
     assert_matches(out, reference_average(inputs), max_ulp=1)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_uniform_mean_of_16_bit_inputs_is_correctly_rounded(ckpts, tmp_path, dtype):
+    """A plain mean (sum in float64, divide by k, cast once) is matched bit for bit, not within 1 ULP."""
+    inputs = ckpts(dtype, "safetensors")
+    got = load_reference(average_checkpoints(inputs, tmp_path / "avg", device="cpu"))
+    ref, _ = reference_average(inputs)
+    assert all(torch.equal(got[name], r) for name, r in ref.items())
+
+
 def test_mixed_formats_and_explicit_weights(ckpts, tmp_path):
     inputs = [ckpts("float16", "bin")[0], ckpts("float16", "safetensors-sharded")[1],
               ckpts("float16", "safetensors")[2]]
