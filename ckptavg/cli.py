@@ -506,7 +506,7 @@ def _task_list(tasks: str, limit: Optional[int], batch_size: str) -> list[str]:
         raise _fail("--tasks is empty")
     if limit is not None and limit < 1:
         raise _fail(f"--limit must be at least 1, got {limit}")
-    if batch_size != "auto" and not batch_size.isdigit():
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         raise _fail(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
     return task_list
 

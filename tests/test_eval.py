@@ -186,6 +186,7 @@ def test_plot_draws_pngs(study, tmp_path):
     (("--tasks", "pile-enron", "--pile", "NOPE"), "no such Pile file"),
     (("--steps", "999"), "no finished output for step(s) 999"),
     (("--limit", "0"), "--limit must be at least 1"),
+    (("--batch-size", "0"), "--batch-size must be auto or a positive integer"),
 ])
 def test_eval_errors(study, tmp_path, args, message):
     args = [study["pile"] if a == "PILE" else tmp_path / "nope.zst" if a == "NOPE" else a for a in args]
