@@ -15,6 +15,8 @@ import re
 import threading
 from pathlib import Path
 
+from .atomic import write_text
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _lock = threading.Lock()
 BLOCK = 8 * 1024 * 1024
@@ -49,9 +51,7 @@ def _store(key: str, digest: str) -> None:
         cached[key] = digest
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached))
-            os.replace(tmp, path)
+            write_text(path, json.dumps(cached))
         except OSError:
             pass  # a read-only cache only costs a re-hash next time
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text
 from .errors import InputError
 from .hashing import cache_root
 from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, pick_files, step_branches
@@ -202,9 +203,7 @@ class HubTrajectory:
         ref = self._repo_cache / "refs" / branch
         if not self.offline and (not ref.is_file() or ref.read_text() != commit):
             ref.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-            tmp.write_text(commit)
-            os.replace(tmp, ref)
+            write_text(ref, commit)
 
     def evict(self, step: int) -> None:
         self._evict_commit(self.commits[self.branches[step]])
@@ -247,9 +246,7 @@ class HubTrajectory:
         ledger = (self._ledger() | {add}) - {remove, None}
         path = self._ledger_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sorted(ledger)))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(sorted(ledger)))
 
 
 def _tqdm_forwarding(advance: Callable[[int], None]):

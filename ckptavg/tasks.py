@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from .atomic import write_text
 from .errors import InputError
 from .hashing import cache_root
 
@@ -43,12 +44,6 @@ def task_yaml(name: str, data_file: Path) -> str:
             f"metric_list:\n{metrics}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def perplexity_tasks(files: Mapping[str, Path], task_dir: Path | None = None) -> Path:
     """Register `name -> jsonl file` as lm-eval tasks in `task_dir` (an include path; by default a
     folder in ckptavg's cache named by the tasks, so that no stale YAML is ever picked up)."""
@@ -59,7 +54,7 @@ def perplexity_tasks(files: Mapping[str, Path], task_dir: Path | None = None) ->
     for name, path in files.items():
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file (for the perplexity task {name!r})")
-        _write_atomic(task_dir / f"{name}.yaml", task_yaml(name, Path(path)))
+        write_text(task_dir / f"{name}.yaml", task_yaml(name, Path(path)))
     return task_dir
 
 
@@ -112,7 +107,7 @@ def pile_tasks(pile: Path, wanted: list[str], root: Path | None = None) -> Path:
                 f.close()
         for t in PILE_SUBSETS:
             os.replace(folder / f".{t}.jsonl.tmp", folder / f"{t}.jsonl")
-        _write_atomic(done, json.dumps({"source": str(pile.resolve()), "documents": counts}))
+        write_text(done, json.dumps({"source": str(pile.resolve()), "documents": counts}))
     counts = json.loads(done.read_text())["documents"]
     lacking = [t for t in wanted if counts.get(t, 0) == 0]
     if lacking:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .atomic import write_text
 from .errors import DiskSpaceError, OutputExistsError
 from .plan import Shard, TensorJob
 from .tensors import DTYPE_NAMES
@@ -95,13 +96,7 @@ class ShardFile:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON durably under a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", fsync=True)
 
 
 def write_index(folder: Path, shards: Sequence[Shard]) -> None:
