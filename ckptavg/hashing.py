@@ -56,12 +56,18 @@ def _store(key: str, digest: str) -> None:
             pass  # a read-only cache only costs a re-hash next time
 
 
+def hub_blob_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 of a Hugging Face cache file, free: an LFS file links to a blob named by it."""
+    real = Path(path).resolve()
+    return real.name if real.parent.name == "blobs" and _HEX64.fullmatch(real.name) else None
+
+
 def file_sha256(path: str | os.PathLike) -> tuple[str, str]:
     """(hex digest, where it came from: "hub-blob", "cache" or "computed")."""
     path = Path(path)
-    real = path.resolve()
-    if real.parent.name == "blobs" and _HEX64.fullmatch(real.name):
-        return real.name, "hub-blob"
+    blob = hub_blob_sha256(path)
+    if blob is not None:
+        return blob, "hub-blob"
     key = _key(path)
     cached = _load().get(key)
     if cached:

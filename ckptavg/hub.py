@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .atomic import write_text
 from .errors import InputError
-from .hashing import cache_root
+from .hashing import cache_root, hub_blob_sha256
 from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, pick_files, step_branches
 
 LIST_WORKERS = 8
@@ -124,9 +124,7 @@ class HubTrajectory:
         files = []
         for p in sorted(snapshot.rglob("*")) if snapshot.is_dir() else []:
             if p.is_file():
-                real = p.resolve()
-                sha = real.name if real.parent.name == "blobs" and len(real.name) == 64 else None
-                files.append(RemoteFile(p.relative_to(snapshot).as_posix(), real.stat().st_size, sha))
+                files.append(RemoteFile(p.relative_to(snapshot).as_posix(), p.stat().st_size, hub_blob_sha256(p)))
         return files
 
     def _list_all(self) -> None:
