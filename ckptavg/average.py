@@ -49,7 +49,10 @@ class _Piece:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's own message lists every backend it was built to know
+        raise CkptavgError(f"unsupported device {device!r} (use auto, cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CkptavgError("--device cuda was asked for, but no CUDA device is available")
     if dev.type not in ("cpu", "cuda"):

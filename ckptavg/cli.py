@@ -514,12 +514,13 @@ def _task_list(tasks: str, limit: Optional[int], batch_size: str) -> list[str]:
 def _scorer(task_list: list[str], store, bars: _Bars, total: int, *, pile: Optional[Path], ppl_task: list[str],
             include_path: list[Path], device: str, dtype: str, batch_size: str, limit: Optional[int], force: bool):
     """Register the tasks with lm-eval and make the Scorer, with a progress line over `total` scores."""
-    from .evaluate import check_tasks, quiet_lm_eval, resolve_device, task_manager
+    from .average import resolve_device
+    from .evaluate import check_tasks, quiet_lm_eval, task_manager
     from .evalrun import Scorer
     from .tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
 
     quiet_lm_eval()
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))
     paths = list(include_path)
     pile_wanted = [t for t in task_list if t in PILE_SUBSETS]
     if pile_wanted and pile is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -169,11 +168,11 @@ class Scorer:
 def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
     """Score every target; Hub originals no longer on disk are fetched for it and deleted after."""
     for target in targets:
-        if not scorer.todo(target):
-            scorer.score(target, target.folder)  # reports the skips
-            continue
-        with _Fetched(target, bars) if target.repo else nullcontext(target.folder) as folder:
-            scorer.score(target, folder)
+        if target.repo and scorer.todo(target):
+            with _Fetched(target, bars) as folder:
+                scorer.score(target, folder)
+        else:  # on disk, or fully scored already (score() then only reports the skips)
+            scorer.score(target, target.folder)
 
 
 def study_hooks(model: str, spec, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,

@@ -80,18 +80,6 @@ def check_tasks(manager, tasks: Sequence[str]) -> None:
         raise InputError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"unknown --device {device!r} (auto, cpu, cuda)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda, but torch sees no CUDA device")
-    return device
-
-
 def load_model(folder: Path, device: str, dtype: str, batch_size: str, *, state_dict: dict | None = None,
                trust_remote_code: bool = False):
     """An lm-eval model for one checkpoint folder, or for `state_dict` (weights as stored, e.g. an
@@ -111,8 +99,7 @@ def load_model(folder: Path, device: str, dtype: str, batch_size: str, *, state_
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    torch_dtype = torch.float32 if dtype == "auto" and device == "cpu" else (
-        "auto" if dtype == "auto" else getattr(torch, dtype))
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)  # "auto" only reaches here on a GPU
     # transformers' own loading, so that its renames of stored names (embed_out -> lm_head) apply;
     # the Auto class wants a path, the architecture's own class takes the weights alone
     architecture = (config.architectures or [None])[0]

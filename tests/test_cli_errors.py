@@ -93,6 +93,12 @@ def test_weights_must_sum_to_one_unless_no_normalize(pair, tmp_path):
     assert json.loads((out / "ckptavg.json").read_text())["weights"] == [0.5, 0.6]
 
 
+def test_unknown_device(pair, tmp_path):
+    out = tmp_path / "avg"
+    assert_user_error(run_cli("average", *pair, "--out", out, "--device", "bogus"), "unsupported device 'bogus'",
+                      out=out)
+
+
 def test_existing_output_needs_force(pair, tmp_path):
     out = tmp_path / "avg"
     out.mkdir()
