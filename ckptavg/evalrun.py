@@ -9,7 +9,8 @@ local folder, or a Hub revision that is fetched for scoring and deleted again af
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -90,26 +91,26 @@ def fetch_bytes(targets: Sequence[Target]) -> int:
     return sum(t.fetch_bytes for t in targets if t.repo)
 
 
-class _Fetched:
-    """Puts a Hub original on disk for scoring and takes it away again."""
+@contextmanager
+def _fetched(target: Target, sources: dict, bars) -> Iterator[Path]:
+    """Put a Hub original on disk for scoring and take it away again. `sources` keeps one listed
+    HubTrajectory per repo, so a study lists each repo's branches once, not once per original."""
+    from .hub import HubTrajectory
+    from .sources import DEFAULT_STEP_PATTERN
 
-    def __init__(self, target: Target, bars) -> None:
-        from .hub import HubTrajectory
-        from .sources import DEFAULT_STEP_PATTERN
-
-        # the Hub cache the run used: the manifest's path is CACHE/models--ORG--NAME/snapshots/COMMIT
-        cache = target.folder.parents[2] if target.folder.parent.name == "snapshots" else None
-        self.source = HubTrajectory(target.repo, target.pattern or DEFAULT_STEP_PATTERN, cache_dir=cache, bars=bars)
-        steps = {b: s for s, b in self.source.branches.items()}
-        if target.revision not in steps:
-            raise InputError(f"{target.repo}: revision {target.revision} is gone")
-        self.step = steps[target.revision]
-
-    def __enter__(self) -> Path:
-        return self.source.fetch(self.step)
-
-    def __exit__(self, *exc) -> None:
-        self.source.evict(self.step)
+    # the Hub cache the run used: the manifest's path is CACHE/models--ORG--NAME/snapshots/COMMIT
+    cache = target.folder.parents[2] if target.folder.parent.name == "snapshots" else None
+    key = (target.repo, target.pattern, cache)
+    if key not in sources:
+        sources[key] = HubTrajectory(target.repo, target.pattern or DEFAULT_STEP_PATTERN, cache_dir=cache, bars=bars)
+    source = sources[key]
+    steps = {b: s for s, b in source.branches.items()}
+    if target.revision not in steps:
+        raise InputError(f"{target.repo}: revision {target.revision} is gone")
+    try:
+        yield source.fetch(steps[target.revision])
+    finally:
+        source.evict(steps[target.revision])
 
 
 class Scorer:
@@ -167,9 +168,10 @@ class Scorer:
 
 def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
     """Score every target; Hub originals no longer on disk are fetched for it and deleted after."""
+    sources: dict = {}
     for target in targets:
         if target.repo and scorer.todo(target):
-            with _Fetched(target, bars) as folder:
+            with _fetched(target, sources, bars) as folder:
                 scorer.score(target, folder)
         else:  # on disk, or fully scored already (score() then only reports the skips)
             scorer.score(target, target.folder)
