@@ -260,6 +260,13 @@ def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | 
     write_index(Path(folder), plan.shards)
 
 
+def _open_and_plan(inputs: Sequence[str | os.PathLike | Checkpoint], weights: Sequence[float] | None,
+                   normalize: bool, **plan_options) -> tuple[list[Checkpoint], AveragePlan]:
+    checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
+    weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
+    return checkpoints, plan_average(checkpoints, weights, **plan_options)
+
+
 def average_in_memory(inputs: Sequence[str | os.PathLike | Checkpoint], *, weights: Sequence[float] | None = None,
                       normalize: bool = True, out_dtype: torch.dtype | None = None,
                       accumulate: torch.dtype = torch.float32, device: str | torch.device = "auto",
@@ -268,9 +275,7 @@ def average_in_memory(inputs: Sequence[str | os.PathLike | Checkpoint], *, weigh
 
     Holds the whole output in memory, which scoring the model needs anyway; the inputs are
     still streamed."""
-    checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
-    weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
-    plan = plan_average(checkpoints, weights, out_dtype=out_dtype, accumulate=accumulate)
+    _, plan = _open_and_plan(inputs, weights, normalize, out_dtype=out_dtype, accumulate=accumulate)
     sink = _MemorySink()
     _Pipeline(plan, sink, resolve_device(device), piece_elements, None).run()
     return sink.tensors
@@ -328,10 +333,8 @@ def average_checkpoints(
     output = OutputDir(out, force=force)
     output.check()
     dev = resolve_device(device)
-    checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
-    weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
-    plan = plan_average(checkpoints, weights, out_dtype=out_dtype, accumulate=accumulate,
-                        shard_bytes=shard_bytes)
+    checkpoints, plan = _open_and_plan(inputs, weights, normalize, out_dtype=out_dtype, accumulate=accumulate,
+                                       shard_bytes=shard_bytes)
     output.final.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(output.final.parent, plan.output_bytes)
     started = time.time()
