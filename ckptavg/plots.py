@@ -20,17 +20,22 @@ def series(rows: Sequence[Row], task: str, metric: str) -> dict[tuple[str, str],
     return {k: sorted(v) for k, v in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] != ORIGINAL, kv[0][1]))}
 
 
-def plot_trajectories(rows: Sequence[Row], task: str, metric: str, out: Path, title: str | None = None) -> Path:
+def _axes():
+    """A figure drawn off-screen (no display is needed), the same size for every plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6.4, 4.0), dpi=120)
+
+
+def plot_trajectories(rows: Sequence[Row], task: str, metric: str, out: Path, title: str | None = None) -> Path:
     lines = series(rows, task, metric)
     if not lines:
         raise InputError(f"no results for task {task!r}, metric {metric!r}")
     models = {m for m, _ in lines}
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = _axes()
     for (model, tag), points in lines.items():
         label = tag if len(models) == 1 else f"{model} {tag}"
         style = dict(color="black", linestyle="--") if tag == ORIGINAL else {}
@@ -40,15 +45,15 @@ def plot_trajectories(rows: Sequence[Row], task: str, metric: str, out: Path, ti
     if "perplexity" in metric:
         ax.set_yscale("log")
     ax.set_title(title or (f"{next(iter(models))}: {task}" if len(models) == 1 else task))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, out)
+    return _save(fig, ax, out)
 
 
-def _save(fig, out: Path) -> Path:
+def _save(fig, ax, out: Path) -> Path:
     """Atomically, like every other output: a reader never sees half an image."""
     import matplotlib.pyplot as plt
 
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -61,12 +66,7 @@ def _save(fig, out: Path) -> Path:
 
 def plot_savings(records: Sequence[dict], out: Path) -> Path:
     """GPU hours saved against tolerance, one line per model (the paper's Figure 13)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = _axes()
     for model in dict.fromkeys(r["model"] for r in records):
         points = [(r["tolerance_pct"], r["gpu_hours_saved"]) for r in records
                   if r["model"] == model and r["gpu_hours_saved"] is not None]
@@ -75,6 +75,4 @@ def plot_savings(records: Sequence[dict], out: Path) -> Path:
     ax.set_xlabel("tolerance (% of the original's final value)")
     ax.set_ylabel("GPU hours saved")
     ax.set_title(f"{records[0]['task']} {records[0]['metric']}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, out)
+    return _save(fig, ax, out)
