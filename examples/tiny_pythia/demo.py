@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import reproducible  # noqa: E402
+
+reproducible.pin()  # inherited by every command below, training and scoring alike
 TASK = "stdlib-heldout"
 METRIC = "bits_per_byte"  # linear in the loss; word perplexity of source code runs into the millions
 GPU_HOURS = 0.05  # what one training run costs, stated (a measured time would change every run's output)

@@ -23,9 +23,12 @@ import sysconfig
 import time
 from pathlib import Path
 
-import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
+import reproducible  # beside this file
+
+reproducible.pin()  # before torch is imported
+import torch  # noqa: E402
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 EOT = "<|endoftext|>"
 
@@ -93,7 +96,8 @@ def main() -> None:
         print(f"{args.out}: trajectory present, reused")
         return
     torch.manual_seed(args.seed)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
     files = source_files("train")[: args.max_files]
     tok = train_tokenizer(args.vocab, files)
     eot = tok.convert_tokens_to_ids(EOT)
@@ -133,7 +137,8 @@ def main() -> None:
             if step % (args.every * 10) == 0 or step == args.steps:
                 print(f"  step {step:5d}  train loss {loss.item():.3f}  ({time.time() - start:.0f} s)", flush=True)
     record = {"lr": args.lr, "steps": args.steps, "seconds": round(time.time() - start, 1),
-              "cpu_threads": torch.get_num_threads()}
+              "cpu_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              **{k: os.environ.get(k) for k in reproducible.SETTINGS}}
     (args.out / "training.json").write_text(json.dumps(record) + "\n")
 
 
