@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .errors import CkptavgError
 from .hashing import file_sha256
-from .plan import AveragePlan, TensorJob, check_weights, plan_average, uniform_weights
+from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, TensorJob, check_weights, plan_average, uniform_weights
 from .tensors import Checkpoint, TensorReader, open_checkpoint
 from .writer import OutputDir, ShardFile, check_free_space, copy_side_files, write_index
 
@@ -261,21 +261,22 @@ def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | 
 
 
 def _open_and_plan(inputs: Sequence[str | os.PathLike | Checkpoint], weights: Sequence[float] | None,
-                   normalize: bool, **plan_options) -> tuple[list[Checkpoint], AveragePlan]:
+                   normalize: bool, copy: Sequence[str], **plan_options) -> tuple[list[Checkpoint], AveragePlan]:
     checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
     weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
-    return checkpoints, plan_average(checkpoints, weights, **plan_options)
+    patterns = tuple(dict.fromkeys((*DEFAULT_COPY_PATTERNS, *copy)))
+    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, **plan_options)
 
 
 def average_in_memory(inputs: Sequence[str | os.PathLike | Checkpoint], *, weights: Sequence[float] | None = None,
                       normalize: bool = True, out_dtype: torch.dtype | None = None,
                       accumulate: torch.dtype = torch.float32, device: str | torch.device = "auto",
-                      piece_elements: int = PIECE_ELEMENTS) -> dict[str, torch.Tensor]:
+                      copy: Sequence[str] = (), piece_elements: int = PIECE_ELEMENTS) -> dict[str, torch.Tensor]:
     """The same average as `average_checkpoints`, as a CPU state dict (names as stored), written nowhere.
 
     Holds the whole output in memory, which scoring the model needs anyway; the inputs are
     still streamed."""
-    _, plan = _open_and_plan(inputs, weights, normalize, out_dtype=out_dtype, accumulate=accumulate)
+    _, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate)
     sink = _MemorySink()
     _Pipeline(plan, sink, resolve_device(device), piece_elements, None).run()
     return sink.tensors
@@ -293,7 +294,7 @@ def _versions() -> dict[str, str]:
 
 
 def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple[str, str]] | None,
-                     extra: Sequence[dict] | None) -> list[dict]:
+                     extra: Sequence[dict] | None, plan: AveragePlan) -> list[dict]:
     inputs = []
     for i, c in enumerate(checkpoints):
         files = []
@@ -302,8 +303,10 @@ def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple
             if hashes is not None:
                 entry["sha256"], entry["sha256_source"] = hashes[f]
             files.append(entry)
-        inputs.append({"path": str(c.path.absolute()), "format": c.format, "files": files,
-                       **(extra[i] if extra else {})})
+        described = {"path": str(c.path.absolute()), "format": c.format, "files": files}
+        if plan.absent and plan.absent[i]:
+            described["absent_buffers"] = list(plan.absent[i])
+        inputs.append(described | (extra[i] if extra else {}))
     return inputs
 
 
@@ -319,22 +322,27 @@ def average_checkpoints(
     shard_bytes: int = 5 * 10**9,
     force: bool = False,
     hash_inputs: bool = True,
+    copy: Sequence[str] = (),
     method: dict | None = None,
     input_info: Sequence[dict] | None = None,
+    run: dict | None = None,
     piece_elements: int = PIECE_ELEMENTS,
     progress: Callable[[AveragePlan], Progress | None] | None = None,
 ) -> Path:
     """Average checkpoints (oldest first, newest last) into the Hugging Face model folder `out`.
 
     Config and tokenizer files, and every tensor that is not averaged, come from the newest
-    input. `method` and `input_info` are recorded verbatim in the manifest, so callers such
-    as trajectory runs can say where the inputs came from. Returns the output folder.
+    input. Tensors that are never averaged (non-float tensors, Pythia's non-trained buffers and
+    names matching a `copy` pattern) may be absent from some inputs; the manifest says which.
+    `method`, `input_info` and `run` are recorded verbatim in the manifest, so callers such as
+    trajectory runs can say where the inputs came from and which run (model, tag) the output
+    belongs to. Returns the output folder.
     """
     output = OutputDir(out, force=force)
     output.check()
     dev = resolve_device(device)
-    checkpoints, plan = _open_and_plan(inputs, weights, normalize, out_dtype=out_dtype, accumulate=accumulate,
-                                       shard_bytes=shard_bytes)
+    checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
+                                       accumulate=accumulate, shard_bytes=shard_bytes)
     output.final.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(output.final.parent, plan.output_bytes)
     started = time.time()
@@ -349,13 +357,16 @@ def average_checkpoints(
             "ckptavg_manifest": 1,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "method": method or {"name": "weighted_average"},
+            **({"run": run} if run else {}),
             "weights": list(plan.weights),
             "normalized": normalize,
-            "inputs": _describe_inputs(checkpoints, hashes, input_info),
+            "inputs": _describe_inputs(checkpoints, hashes, input_info, plan),
             "dtype_policy": {
                 "output": _dtype_name(out_dtype),
                 "accumulate": _dtype_name(accumulate),
-                "not_averaged": "copied from the newest input: non-float tensors and non-trained buffers",
+                "not_averaged": "copied from the newest input: non-float tensors and non-trained buffers; "
+                                "the output holds one exactly when the newest input does",
+                "copy_patterns": list(plan.copy_patterns),
             },
             "copied_tensors": plan.copied,
             "output": {

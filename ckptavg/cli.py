@@ -13,9 +13,10 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-from .errors import CkptavgError
+from . import options as opt
+from .errors import CkptavgError, describe_os_error
 from .evaluate import DEFAULT_TASKS
-from .units import format_size, parse_size
+from .units import format_size
 
 app = typer.Typer(
     help="Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories.",
@@ -29,23 +30,25 @@ _WIDTH = None if os.environ.get("COLUMNS") or sys.stdout.isatty() else 120
 err = Console(stderr=True, width=_WIDTH)
 out = Console(width=_WIDTH)
 
-DTYPES = ("auto", "float16", "bfloat16", "float32", "float64")
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+    return typer.Exit(code)
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn library errors into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+    """Library errors become one line on stderr and exit code 2 (bad input) or 3 (the operating
+    system failed mid-run: a full disk, an I/O error, a permission, a vanished file); Ctrl-C 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except CkptavgError as e:
-            raise _fail(str(e)) from None
+            raise _fail(str(e), e.exit_code) from None
+        except OSError as e:
+            raise _fail(describe_os_error(e), 3) from None
         except KeyboardInterrupt:
             err.print("interrupted: no partial output was left behind")
             raise typer.Exit(130) from None
@@ -54,25 +57,17 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _torch_dtype(name: str):
+    """A dtype name already checked by `options.choice`, as torch's (None for auto)."""
     import torch
 
-    if name not in DTYPES:
-        raise _fail(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
     return None if name == "auto" else getattr(torch, name)
 
 
-def _parse_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise _fail(f"{what} must be comma-separated numbers, got {text!r}") from None
+def _device(name: str) -> str:
+    """Checked before any work: the syntax, and that a CUDA device asked for is really there."""
+    from .average import resolve_device
 
-
-def _size(text: str, what: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise _fail(f"{what}: {e}") from None
+    return str(resolve_device(opt.device(name)))
 
 
 class _Bars:
@@ -127,6 +122,12 @@ def _root(
     """Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories."""
 
 
+COPY_OPT = typer.Option([], "--copy", help="Also copy tensors whose names match this fnmatch pattern from the "
+                        "newest input instead of averaging them (your architecture's non-trained buffers, e.g. "
+                        "'*.attn.masked_bias'); like Pythia's buffers, they may be absent from older inputs. "
+                        "Repeatable.")
+
+
 @app.command()
 @user_errors
 def average(
@@ -148,6 +149,7 @@ def average(
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     hash_inputs: bool = typer.Option(True, "--hash/--no-hash", help="Record each input file's sha256 in "
                                      "the manifest (cached per file; free for Hugging Face cache files)."),
+    copy: list[str] = COPY_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Average local checkpoints tensor by tensor into a new model folder.
@@ -159,15 +161,16 @@ def average(
     """
     from .average import average_checkpoints
 
-    out_dtype = _torch_dtype(dtype)
-    acc = _torch_dtype(accumulate)
-    if acc is None or acc.itemsize < 4:
-        raise _fail("--accumulate must be float32 or float64")
-    w = _parse_floats(weights, "--weights") if weights else None
+    out_dtype = _torch_dtype(opt.choice(dtype, opt.AVERAGE_DTYPES, "--dtype"))
+    acc = _torch_dtype(opt.choice(accumulate, opt.ACCUMULATE_DTYPES, "--accumulate"))
+    w = opt.floats(weights, "--weights") if weights else None
+    shard_bytes = opt.size(shard_size, "--shard-size")
+    patterns = opt.copy_patterns(copy)
+    dev = _device(device)
     with _Bars(quiet) as bars:
         result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
-                                     accumulate=acc, device=device, shard_bytes=_size(shard_size, "--shard-size"),
-                                     force=force, hash_inputs=hash_inputs, progress=bars.for_plan("averaging"))
+                                     accumulate=acc, device=dev, shard_bytes=shard_bytes, force=force,
+                                     hash_inputs=hash_inputs, copy=patterns, progress=bars.for_plan("averaging"))
     from .writer import read_manifest
 
     manifest = read_manifest(result) or {}
@@ -183,11 +186,14 @@ def _spec(method: str, k: int, nu: int, interval: int, start: int, end: int, ema
     return RunSpec(method, k, nu, interval, start, end, ema_alpha, swa_start, skip_incomplete)
 
 
-def _print_plan(title: str, plan) -> None:
+def _print_plan(title: str, plan, local: bool) -> None:
+    """Windows in order, with what each needs first: checkpoints to download (Hub) or to read (local)."""
     from rich.table import Table
 
+    columns = ("output step", "checkpoints", "new to read" if local else "to fetch",
+               "output" if local else "disk after")
     table = Table(title=title, title_justify="left")
-    for col in ("output step", "checkpoints", "to fetch", "disk after"):
+    for col in columns:
         table.add_column(col, justify="right" if col != "checkpoints" else "left")
     windows = {w.step: w for w in plan.todo}
     fetched: list[int] = []
@@ -202,18 +208,23 @@ def _print_plan(title: str, plan) -> None:
             fetched = []
     out.print(table)
     done = len(plan.windows) - len(plan.todo)
-    out.print(f"{len(plan.todo)} window(s) to average ({done} already finished), "
-              f"{len(plan.fetch.fetches)} revision(s) to fetch, {format_size(plan.fetch.download_bytes)} to download, "
-              f"peak disk {format_size(plan.fetch.peak_disk)}", highlight=False, soft_wrap=True)
+    if local:
+        what = (f"{len(plan.fetch.fetches)} local checkpoint(s) to read ({format_size(plan.read_bytes)}), "
+                f"largest output {format_size(plan.fetch.peak_disk)}")
+    else:
+        what = (f"{len(plan.fetch.fetches)} revision(s) to fetch, {format_size(plan.fetch.download_bytes)} to "
+                f"download, peak disk {format_size(plan.fetch.peak_disk)}")
+    out.print(f"{len(plan.todo)} window(s) to average ({done} already finished), {what}", highlight=False,
+              soft_wrap=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Study:
-    """The --eval options of a trajectory run: score originals and averages as they are made."""
+    """The --eval options of a trajectory run, checked: score originals and averages as they are made."""
 
-    tasks: Optional[str]
+    tasks: list[str]  # empty: no scoring
     pile: Optional[Path]
-    ppl_task: list[str]
+    ppl_files: dict[str, Path]
     include_path: list[Path]
     results: Path
     limit: Optional[int]
@@ -222,17 +233,46 @@ class _Study:
     in_memory: bool
 
 
-def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downloads: bool,
-         disk_budget: Optional[str], device: str, dtype: str, quiet: bool, bars: _Bars, sizes=None,
-         study: Optional[_Study] = None) -> None:
+def _study(tasks: Optional[str], pile: Optional[Path], ppl_task: list[str], include_path: list[Path], results: Path,
+           limit: Optional[int], batch_size: str, originals: bool, in_memory: bool) -> _Study:
+    """Every scoring option checked, before any listing, download or write."""
+    from .tasks import PILE_SUBSETS
+
+    if in_memory and not tasks:
+        raise _fail("--in-memory needs --eval TASKS: without scoring there is nothing to keep")
+    task_list = opt.tasks(tasks) if tasks is not None else []
+    pile_wanted = [t for t in task_list if t in PILE_SUBSETS]
+    if pile_wanted and pile is None:
+        raise _fail(f"{', '.join(pile_wanted)} need --pile FILE (a local Pile-format file; the Pile itself can "
+                    f"no longer be downloaded), or leave them out of the tasks")
+    return _Study(task_list, opt.existing_file(pile, "--pile"), opt.named_files(ppl_task, "--ppl-task"),
+                  opt.existing_dirs(include_path, "--include-path"), results, opt.limit(limit),
+                  opt.batch_size(batch_size), originals, in_memory)
+
+
+@dataclass(frozen=True)
+class _Averaging:
+    """How a trajectory run averages, checked: device, output dtype, disk budget, copied tensors."""
+
+    device: str
+    dtype: str
+    disk_budget: Optional[int]
+    copy: tuple[str, ...]
+
+
+def _averaging(device: str, dtype: str, disk_budget: Optional[str], copy: list[str], dry_run: bool) -> _Averaging:
+    """A real run also finds out whether the device is there (importing torch); a dry run needs neither."""
+    return _Averaging(opt.device(device) if dry_run else _device(device), opt.choice(dtype, opt.AVERAGE_DTYPES, "--dtype"),
+                      opt.size(disk_budget, "--disk-budget") if disk_budget else None, opt.copy_patterns(copy))
+
+
+def _run(source, spec, out_dir: Path, averaging: _Averaging, study: _Study, *, dry_run: bool, force: bool,
+         keep_downloads: bool, quiet: bool, bars: _Bars, sizes=None) -> None:
     from .evalrun import find_targets, run_eval, study_hooks
     from .runner import execute_run, output_root, plan_run
     from .schedule import steps_of
 
-    if study is not None and study.in_memory and not study.tasks:
-        raise _fail("--in-memory needs --eval TASKS: without scoring there is nothing to keep")
-    scoring = study is not None and bool(study.tasks)
-    task_list = _task_list(study.tasks, study.limit, study.batch_size) if scoring else []
+    scoring = bool(study.tasks)
     store = None
     if scoring and not dry_run:  # a dry run writes nothing, not even an empty results store
         from .results import Store
@@ -242,35 +282,38 @@ def _run(source, spec, out_dir: Path, *, dry_run: bool, force: bool, keep_downlo
         done = None
         if store is not None and study.in_memory:
             done = lambda w: all(store.done(source.name, spec.tag(), w.step, t, study.limit or 0)  # noqa: E731
-                                 for t in task_list)
-        budget = _size(disk_budget, "--disk-budget") if disk_budget else None
-        plan = plan_run(source, spec, out_dir, force=force, keep_downloads=keep_downloads, disk_budget=budget,
-                        sizes=sizes, done=done)
+                                 for t in study.tasks)
+        plan = plan_run(source, spec, out_dir, force=force, keep_downloads=keep_downloads,
+                        disk_budget=averaging.disk_budget, sizes=sizes, done=done)
         if dry_run or not quiet:
-            _print_plan(f"{source.name}: {spec.tag()}", plan)
+            _print_plan(f"{source.name}: {spec.tag()}", plan, local=getattr(source, "local", False))
         if sizes is None:  # a real source: check its revisions before a byte is fetched
-            for dup in source.duplicates(steps_of(plan.todo)):
+            if dry_run and source.local:
+                err.print("local checkpoints are compared for duplicates when the run starts: a dry run reads no "
+                          "tensor data", style="dim", highlight=False, soft_wrap=True)
+            for dup in source.duplicates(steps_of(plan.todo), read_data=not dry_run):
                 err.print(f"[bold yellow]warning:[/] {dup}: the trajectory serves the same checkpoint under "
                           f"different steps, and these averages will include it as given", highlight=False,
                           soft_wrap=True)
         if dry_run:
             return
+        out_dtype = _torch_dtype(averaging.dtype)
         with bars:
             hooks: dict = {}
             if scoring:
-                scorer = _scorer(task_list, store, bars, 2 * len(plan.windows) * len(task_list), pile=study.pile,
-                                 ppl_task=study.ppl_task, include_path=study.include_path, device=device, dtype="auto",
-                                 batch_size=study.batch_size, limit=study.limit, force=force)
+                scorer = _scorer(study, store, bars, 2 * len(plan.windows) * len(study.tasks),
+                                 device=averaging.device, dtype="auto", force=force)
                 hooks = study_hooks(source.name, spec, {w.step for w in plan.todo}, scorer, originals=study.originals,
-                                    in_memory=study.in_memory, device=device, out_dtype=_torch_dtype(dtype))
-            written = execute_run(source, spec, plan, force=force, keep_downloads=keep_downloads, device=device,
-                                  out_dtype=_torch_dtype(dtype), bars=bars, **hooks,
+                                    in_memory=study.in_memory, device=averaging.device, out_dtype=out_dtype,
+                                    copy=averaging.copy)
+            written = execute_run(source, spec, plan, force=force, keep_downloads=keep_downloads,
+                                  device=averaging.device, out_dtype=out_dtype, copy=averaging.copy, bars=bars, **hooks,
                                   on_window=None if quiet else
                                   lambda w, p: err.print(f"wrote {p}", highlight=False, soft_wrap=True))
             if scoring and not study.in_memory:  # the averages, and originals not scored on the way
                 run_eval(find_targets(output_root(out_dir, source, spec), {w.step for w in plan.windows},
                                       study.originals), scorer, bars)
-        if study is not None and study.in_memory:
+        if study.in_memory:
             err.print(f"{len(plan.todo)} window(s) averaged in memory and scored", highlight=False)
         else:
             err.print(f"{len(written)} output(s) written under {out_dir}", highlight=False)
@@ -344,6 +387,7 @@ def trajectory(
     disk_budget: Optional[str] = typer.Option(None, help="Refuse plans whose peak disk use (downloads plus one "
                                               "output) exceeds this, e.g. 200GB."),
     keep_downloads: bool = KEEP_OPT,
+    copy: list[str] = COPY_OPT,
     dry_run: bool = DRY_OPT,
     force: bool = FORCE_OPT,
     study_tasks: Optional[str] = EVAL_OPT,
@@ -363,14 +407,18 @@ def trajectory(
     its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
     where it stopped.
     """
+    from .schedule import check_parameters
+
+    check_parameters(method, k, nu, interval, ema_alpha)
+    averaging = _averaging(device, dtype, disk_budget, copy, dry_run)
+    study = _study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory)
     bars = _Bars(quiet)
     src = _source(source, steps_from, cache_dir, bars)
     steps = src.steps()
     spec = _spec(method, k, nu, interval, start if start is not None else steps[0] + (k - 1) * nu,
                  end if end is not None else steps[-1], ema_alpha, swa_start, skip_incomplete)
-    _run(src, spec, out_dir, dry_run=dry_run, force=force, keep_downloads=keep_downloads, disk_budget=disk_budget,
-         device=device, dtype=dtype, quiet=quiet, bars=bars,
-         study=_Study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory))
+    _run(src, spec, out_dir, averaging, study, dry_run=dry_run, force=force, keep_downloads=keep_downloads,
+         quiet=quiet, bars=bars)
 
 
 def _source(text: str, pattern: str, cache_dir: Optional[Path], bars: _Bars):
@@ -404,6 +452,7 @@ def pythia(
     disk_budget: Optional[str] = typer.Option("200GB", help="Refuse plans whose peak disk use (downloads plus one "
                                               "output) exceeds this."),
     keep_downloads: bool = KEEP_OPT,
+    copy: list[str] = COPY_OPT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan from the built-in catalogue (offline, "
                                  "approximate fp16 sizes) and exit."),
     force: bool = FORCE_OPT,
@@ -429,6 +478,9 @@ def pythia(
     info = catalogue.model(model)
     repo = info.repo_id(deduped)
     spec = _spec(method, k, nu, interval, start, end, ema_alpha, swa_start, False)
+    spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
+    averaging = _averaging(device, dtype, disk_budget, copy, dry_run)
+    study = _study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory)
     bars = _Bars(quiet)
     if dry_run:
         class CatalogueSource:
@@ -440,13 +492,12 @@ def pythia(
                 return catalogue.steps()
 
         sizes = {s: info.fp16_bytes for s in catalogue.steps()}
-        _run(CatalogueSource(), spec, out_dir, dry_run=True, force=force, keep_downloads=keep_downloads,
-             disk_budget=disk_budget, device=device, dtype=dtype, quiet=False, bars=bars, sizes=sizes)
+        _run(CatalogueSource(), spec, out_dir, averaging, study, dry_run=True, force=force,
+             keep_downloads=keep_downloads, quiet=False, bars=bars, sizes=sizes)
         return
     src = HubTrajectory(repo, cache_dir=cache_dir, bars=bars)
-    _run(src, spec, out_dir, dry_run=False, force=force, keep_downloads=keep_downloads, disk_budget=disk_budget,
-         device=device, dtype=dtype, quiet=quiet, bars=bars,
-         study=_Study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory))
+    _run(src, spec, out_dir, averaging, study, dry_run=False, force=force, keep_downloads=keep_downloads, quiet=quiet,
+         bars=bars)
 
 
 @app.command()
@@ -459,6 +510,7 @@ def interpolate(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Outputs go to OUT/alpha{ALPHA}/."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu or cuda."),
     dtype: str = typer.Option("auto", help="Output dtype (auto: as stored in B)."),
+    copy: list[str] = COPY_OPT,
     force: bool = typer.Option(False, "--force", help="Redo finished outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -466,9 +518,12 @@ def interpolate(
     from .average import average_checkpoints
     from .writer import read_manifest
 
-    values = _parse_floats(alphas, "--alphas")
+    values = opt.floats(alphas, "--alphas")
     if not values:
         raise _fail("--alphas is empty")
+    out_dtype = _torch_dtype(opt.choice(dtype, opt.AVERAGE_DTYPES, "--dtype"))
+    patterns = opt.copy_patterns(copy)
+    dev = _device(device)
     for alpha in values:
         target = out_dir / f"alpha{alpha:g}"
         if not force and read_manifest(target) is not None:
@@ -476,62 +531,27 @@ def interpolate(
             continue
         with _Bars(quiet) as bars:
             average_checkpoints([a, b], target, weights=[alpha, 1 - alpha], normalize=False, force=force,
-                                device=device, out_dtype=_torch_dtype(dtype), progress=bars.for_plan(f"alpha {alpha:g}"),
+                                device=dev, out_dtype=out_dtype, copy=patterns,
+                                progress=bars.for_plan(f"alpha {alpha:g}"),
                                 method={"name": "interpolate", "alpha": alpha, "a": str(a), "b": str(b)})
         err.print(f"wrote {target}", highlight=False)
 
 
-def _parse_steps(text: Optional[str]) -> Optional[set[int]]:
-    if not text:
-        return None
-    try:
-        return {int(x) for x in text.split(",") if x.strip()}
-    except ValueError:
-        raise _fail(f"--steps must be comma-separated integers, got {text!r}") from None
-
-
-def _named_files(items: list[str], what: str) -> dict[str, Path]:
-    named = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise _fail(f"{what} takes NAME=FILE, got {item!r}")
-        named[name] = Path(path)
-    return named
-
-
-def _task_list(tasks: str, limit: Optional[int], batch_size: str) -> list[str]:
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not task_list:
-        raise _fail("--tasks is empty")
-    if limit is not None and limit < 1:
-        raise _fail(f"--limit must be at least 1, got {limit}")
-    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
-        raise _fail(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
-    return task_list
-
-
-def _scorer(task_list: list[str], store, bars: _Bars, total: int, *, pile: Optional[Path], ppl_task: list[str],
-            include_path: list[Path], device: str, dtype: str, batch_size: str, limit: Optional[int], force: bool):
+def _scorer(study: _Study, store, bars: _Bars, total: int, *, device: str, dtype: str, force: bool):
     """Register the tasks with lm-eval and make the Scorer, with a progress line over `total` scores."""
-    from .average import resolve_device
     from .evaluate import check_tasks, quiet_lm_eval, task_manager
     from .evalrun import Scorer
     from .tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
 
     quiet_lm_eval()
-    dev = str(resolve_device(device))
-    paths = list(include_path)
-    pile_wanted = [t for t in task_list if t in PILE_SUBSETS]
-    if pile_wanted and pile is None:
-        raise _fail(f"{', '.join(pile_wanted)} need --pile FILE (a local Pile-format file; the Pile itself can "
-                    f"no longer be downloaded), or leave them out of the tasks")
+    paths = list(study.include_path)
+    pile_wanted = [t for t in study.tasks if t in PILE_SUBSETS]
     if pile_wanted:
-        paths.append(pile_tasks(pile, pile_wanted))
-    if ppl_task:
-        paths.append(perplexity_tasks(_named_files(ppl_task, "--ppl-task")))
-    manager = task_manager(paths, task_list)
-    check_tasks(manager, task_list)
+        paths.append(pile_tasks(study.pile, pile_wanted))
+    if study.ppl_files:
+        paths.append(perplexity_tasks(study.ppl_files))
+    manager = task_manager(paths, study.tasks)
+    check_tasks(manager, study.tasks)
     line = bars.progress.add_task("scoring", total=total) if bars.progress else None
 
     def on_task(target, task, status):
@@ -541,15 +561,16 @@ def _scorer(task_list: list[str], store, bars: _Bars, total: int, *, pile: Optio
         if line is not None:
             bars.progress.update(line, advance=1, description=f"score {target.tag} step{target.step} {task}")
 
-    return Scorer(task_list, store, manager, device=dev, dtype=dtype, batch_size=batch_size, limit=limit,
-                  force=force, on_task=on_task)
+    return Scorer(study.tasks, store, manager, device=device, dtype=dtype, batch_size=study.batch_size,
+                  limit=study.limit, force=force, on_task=on_task)
 
 
 @app.command("eval")
 @user_errors
 def eval_(
-    run_dir: Path = typer.Argument(..., help="A run folder (OUT/NAME/METHOD-TAG with stepN/ outputs), or "
-                                   "OUT/NAME to score every run of that trajectory."),
+    run_dir: Path = typer.Argument(..., help="A folder holding finished outputs at any depth: the --out of a "
+                                   "trajectory run (OUT), one trajectory (OUT/NAME) or one run (OUT/NAME/METHOD-TAG). "
+                                   "Model and run are read from each output's manifest."),
     tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks. pile-philpapers, "
                               "pile-bookcorpus2, pile-youtubesubtitles and pile-enron come from --pile; the others "
                               "are lm-eval's own tasks."),
@@ -575,12 +596,19 @@ def eval_(
     next time) and the study goes on.
     """
     from .evalrun import fetch_bytes, find_targets
+    from .results import ORIGINAL
 
-    task_list = _task_list(tasks, limit, batch_size)
-    targets = find_targets(run_dir, _parse_steps(steps), originals)
+    study = _study(tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, False)
+    wanted_steps = opt.ints(steps, "--steps") if steps else None
+    eval_dtype = opt.choice(dtype, opt.EVAL_DTYPES, "--dtype")
+    dev = opt.device(device) if dry_run else _device(device)
+    targets = find_targets(run_dir, wanted_steps, originals)
+    averaged = [t for t in targets if t.tag != ORIGINAL]
+    runs = {(t.model, t.tag) for t in averaged}
     to_fetch = fetch_bytes(targets)
-    err.print(f"{len(targets)} checkpoint(s) x {len(task_list)} task(s); originals to fetch from the Hub: "
-              f"{sum(1 for t in targets if t.repo)} ({format_size(to_fetch)})", highlight=False)
+    err.print(f"{len(averaged)} finished output(s) in {len(runs)} run(s) under {run_dir}; {len(targets)} checkpoint(s) "
+              f"x {len(study.tasks)} task(s); originals to fetch from the Hub: {sum(1 for t in targets if t.repo)} "
+              f"({format_size(to_fetch)})", highlight=False, soft_wrap=True)
     if dry_run:
         for t in targets:
             out.print(f"{t.model}  {t.tag:<24} step{t.step:<8} {t.folder if not t.repo else 'hf://' + t.repo + '@' + str(t.revision)}",
@@ -592,11 +620,13 @@ def eval_(
 
     bars = _Bars(quiet)
     with Store(results) as store, bars:
-        scorer = _scorer(task_list, store, bars, len(targets) * len(task_list), pile=pile, ppl_task=ppl_task,
-                         include_path=include_path, device=device, dtype=dtype, batch_size=batch_size, limit=limit,
+        scorer = _scorer(study, store, bars, len(targets) * len(study.tasks), device=dev, dtype=eval_dtype,
                          force=force)
         run_eval(targets, scorer, bars)
     err.print(f"{scorer.scored} task score(s) written to {results}, {scorer.failed} failed", highlight=False)
+
+
+FORMATS = ("table", "csv", "json")
 
 
 @app.command()
@@ -614,8 +644,7 @@ def results(
     from .results import open_results
     from .tables import tidy, wide_table
 
-    if fmt not in ("table", "csv", "json"):
-        raise _fail(f"--format must be table, csv or json, got {fmt!r}")
+    opt.choice(fmt, FORMATS, "--format")
     with open_results(store) as db:
         rows = db.rows(model=model, task=task, status="failed" if failed else "ok")
     if failed:
@@ -690,6 +719,7 @@ def plot(
     from .results import ORIGINAL, open_results
     from .tables import primary_metric
 
+    opt.image_file(out_file, "--out")
     with open_results(store) as db:
         rows = db.rows(model=model, task=task)
     if not rows:
@@ -731,9 +761,10 @@ def savings(
     from .savings import savings as compute
     from .tables import primary_metric
 
-    if fmt not in ("table", "csv", "json"):
-        raise _fail(f"--format must be table, csv or json, got {fmt!r}")
-    tolerances = _parse_floats(tolerance, "--tolerance")
+    opt.choice(fmt, FORMATS, "--format")
+    if plot_file is not None:
+        opt.image_file(plot_file, "--plot")
+    tolerances = opt.floats(tolerance, "--tolerance")
     if not tolerances:
         raise _fail("--tolerance is empty")
     with open_results(store) as db:

@@ -1,13 +1,25 @@
 """User-facing errors.
 
-Every failure a user can cause (bad paths, inconsistent checkpoints, a full disk) is a
-`CkptavgError`: the CLI prints its message on one line and exits with code 2. Anything
-else is a bug and keeps its traceback.
+Every failure a user can cause (bad paths, inconsistent checkpoints, bad options) is a
+`CkptavgError`: the CLI prints its message on one line and exits with its `exit_code` (2).
+The operating system failing mid-run (a full disk, an I/O error, a permission or a file that
+vanished) is one line too, with exit code 3 (`IOFailure`, or a plain `OSError` reaching the
+CLI). Anything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import os
 
 
 class CkptavgError(Exception):
     """Base class: an error caused by the input or the environment, not by ckptavg."""
+
+    exit_code = 2
+
+
+class OptionError(CkptavgError):
+    """An option value that cannot be used; raised before any download, read or write."""
 
 
 class InputError(CkptavgError):
@@ -36,3 +48,30 @@ class OutputExistsError(CkptavgError):
 
 class DiskSpaceError(CkptavgError):
     """Not enough free space for the output."""
+
+
+class IntegrityError(CkptavgError):
+    """Downloaded bytes whose sha256 is not the one the Hub lists for them, twice in a row."""
+
+
+class IOFailure(CkptavgError):
+    """The operating system failed a read or write mid-run: ENOSPC, EIO, EACCES, a vanished file."""
+
+    exit_code = 3
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line naming the path and the cause: `out/step3000: No space left on device (ENOSPC)`."""
+    import errno as errno_names
+
+    cause = e.strerror or (os.strerror(e.errno) if e.errno else type(e).__name__)
+    code = errno_names.errorcode.get(e.errno or -1)
+    where = e.filename if e.filename is not None else "(no path)"
+    return f"{where}: {cause}" + (f" ({code})" if code else "")
+
+
+def with_path(e: OSError, path: str | os.PathLike) -> OSError:
+    """The same error, naming `path` (writes and reads on an open file descriptor name none)."""
+    if e.filename is not None:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), str(path))

@@ -1,6 +1,6 @@
 """Which checkpoints `ckptavg eval` scores, and the loop that scores them into the results store.
 
-The averaged checkpoints are the finished outputs (those with a manifest) under a run folder;
+The averaged checkpoints are the finished outputs (those with a manifest) at any depth under a folder;
 the original at the same step is the newest input of its window, found from the manifest: a
 local folder, or a Hub revision that is fetched for scoring and deleted again afterwards
 (when ckptavg downloaded it).
@@ -8,6 +8,7 @@ local folder, or a Hub revision that is fetched for scoring and deleted again af
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,36 +37,49 @@ class Target:
     fetch_bytes: int = 0
 
 
-def _runs(run_dir: Path) -> list[Path]:
-    """Folders holding stepN/ outputs: RUN_DIR itself (OUT/NAME/TAG), or each TAG under OUT/NAME."""
-    if any(run_dir.glob(f"step*/{MANIFEST}")):
-        return [run_dir]
-    found = sorted({m.parent.parent for m in run_dir.glob(f"*/step*/{MANIFEST}")})
-    if not found:
-        raise InputError(f"{run_dir}: no finished outputs (stepN/{MANIFEST}) here or one level down")
-    return found
+def finished_outputs(root: Path) -> Iterator[tuple[Path, dict]]:
+    """Every finished output (a folder with a manifest) at any depth under `root`, with its manifest.
+
+    Hidden folders (temporary outputs of unfinished runs) are not entered, nor are outputs."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if MANIFEST in files:
+            dirs.clear()
+            manifest = read_manifest(Path(folder))
+            if manifest is not None:
+                yield Path(folder), manifest
+
+
+def _identity(folder: Path, manifest: dict) -> tuple[str, str]:
+    """(model, run tag) from the manifest; outputs written before manifests said so are identified
+    by their place in the layout, OUT/MODEL/TAG/stepN."""
+    run = manifest.get("run") or {}
+    if "model" in run and "tag" in run:
+        return run["model"], run["tag"]
+    return folder.parent.parent.name, folder.parent.name
 
 
 def find_targets(run_dir: Path, steps: set[int] | None = None, originals: bool = True) -> list[Target]:
-    """Averaged outputs under `run_dir` and (with `originals`) the original checkpoint of each step."""
+    """Trajectory outputs at any depth under `run_dir` and (with `originals`) the original checkpoint
+    of each of their steps."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: no such run folder")
+        raise InputError(f"{run_dir}: no such folder")
     targets: dict[tuple[str, str, int], Target] = {}
-    for run in _runs(run_dir):
-        model, tag = run.parent.name, run.name
-        for folder in sorted(run.glob("step*")):
-            manifest = read_manifest(folder)
-            method = (manifest or {}).get("method") or {}
-            if "step" not in method:
-                continue
-            step = int(method["step"])
-            if steps is not None and step not in steps:
-                continue
-            targets[(model, tag, step)] = Target(model, tag, method.get("name", tag), method.get("k"),
-                                                 method.get("nu"), step, folder)
-            if originals and (model, ORIGINAL, step) not in targets:
-                targets[(model, ORIGINAL, step)] = _original(model, step, manifest["inputs"])
+    for folder, manifest in finished_outputs(run_dir):
+        method = manifest.get("method") or {}
+        if "step" not in method:
+            continue  # `ckptavg average` and `interpolate` outputs: no place on a trajectory
+        step = int(method["step"])
+        if steps is not None and step not in steps:
+            continue
+        model, tag = _identity(folder, manifest)
+        targets[(model, tag, step)] = Target(model, tag, method.get("name", tag), method.get("k"), method.get("nu"),
+                                             step, folder)
+        if originals and (model, ORIGINAL, step) not in targets:
+            targets[(model, ORIGINAL, step)] = _original(model, step, manifest["inputs"])
+    if not targets and steps is None:
+        raise InputError(f"{run_dir}: no finished trajectory outputs (stepN/{MANIFEST}) at any depth")
     if steps is not None:
         missing = sorted(steps - {t.step for t in targets.values()})
         if missing:
@@ -178,7 +192,7 @@ def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
 
 
 def study_hooks(model: str, spec, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
-                device: str, out_dtype) -> dict:
+                device: str, out_dtype, copy: Sequence[str] = ()) -> dict:
     """`execute_run` hooks for a study that scores as it goes: each original is scored while it is
     on disk for averaging (no second download), and with `in_memory` each average is made in
     memory and scored instead of written."""
@@ -194,7 +208,7 @@ def study_hooks(model: str, spec, outputs: set[int], scorer: Scorer, *, original
 
         def average_and_score(window, folders: list[Path]) -> None:
             weights = average_in_memory(folders, weights=window.weights, normalize=False, device=device,
-                                        out_dtype=out_dtype)
+                                        out_dtype=out_dtype, copy=copy)
             target = Target(model, spec.tag(), spec.method, spec.k, spec.nu, window.step, folders[-1])
             scorer.score(target, folders[-1], state_dict=weights)
 

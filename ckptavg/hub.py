@@ -147,6 +147,7 @@ class HubTrajectory:
         return [f for f in listed if f.path in chosen]
 
     # -- the Source interface -----------------------------------------------------------------------
+    local = False  # downloaded, then deleted after its last window
     @property
     def missing_hint(self) -> str:
         if self.offline:
@@ -165,8 +166,9 @@ class HubTrajectory:
         return {"source": f"hf://{self.repo_id}", "repo": self.repo_id, "revision": branch,
                 "commit": self.commits[branch], "step": step, "pattern": self.pattern}
 
-    def duplicates(self, steps: list[int]) -> list[Duplicate]:
-        """Revisions among `steps` whose weights are byte-identical to another branch's (any branch of the repo)."""
+    def duplicates(self, steps: list[int], read_data: bool = True) -> list[Duplicate]:
+        """Revisions among `steps` whose weights are byte-identical to another branch's (any branch of the
+        repo), from the listings' LFS sha256: no tensor byte is read, so a dry run checks this too."""
         self._list_all()
         blobs = {}
         for branch, listed in self._trees.items():

@@ -63,6 +63,8 @@ class AveragePlan:
     accumulate: torch.dtype
     shards: tuple[Shard, ...]
     copied: dict[str, str] = field(default_factory=dict)  # name -> reason
+    absent: tuple[tuple[str, ...], ...] = ()  # per input: the buffers it lacks (never averaged ones only)
+    copy_patterns: tuple[str, ...] = ()
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -118,9 +120,10 @@ def plan_average(
 
     `out_dtype=None` keeps each tensor's dtype as stored in the newest checkpoint. Tensors
     that are not floating point, or that match `copy_patterns`, are copied from the newest
-    checkpoint. Output tensors follow the newest checkpoint's on-disk order (grouped by
-    item size, so every tensor stays aligned), which keeps all reads sequential when the
-    inputs share a layout, as consecutive checkpoints of one run do.
+    checkpoint, and may be absent from some inputs (see `_check_names`). Output tensors follow
+    the newest checkpoint's on-disk order (grouped by item size, so every tensor stays aligned),
+    which keeps all reads sequential when the inputs share a layout, as consecutive checkpoints
+    of one run do.
     """
     if not checkpoints:
         raise MismatchError("no checkpoints to average")
@@ -129,22 +132,17 @@ def plan_average(
     if out_dtype is not None and not _is_float(out_dtype):
         raise ValueError("out_dtype must be a floating point dtype")
     newest = checkpoints[-1]
-    names = set(newest.tensors)
-    for ckpt in checkpoints[:-1]:
-        if set(ckpt.tensors) != names:
-            extra = sorted(set(ckpt.tensors) - names)
-            missing = sorted(names - set(ckpt.tensors))
-            which = f"{missing[0]!r} is missing from {ckpt.path}" if missing else (
-                f"{extra[0]!r} is in {ckpt.path} but not in {newest.path}"
-            )
-            count = len(extra) + len(missing)
-            raise MismatchError(f"tensor names differ ({count} tensor(s)): {which}")
-
+    absent = _check_names(checkpoints, copy_patterns)
     ordered = list(newest.tensors.values())
     if newest.format == "safetensors":
         ordered.sort(key=lambda r: (newest.files.index(r.file), r.offset))
     jobs, copied = [], {}
     for ref in ordered:
+        reason = copy_reason(ref.name, [ref], copy_patterns)
+        if reason:
+            copied[ref.name] = reason
+            jobs.append(TensorJob(ref.name, ref.shape, ref.dtype, "copy", (ref,), reason))
+            continue
         refs = [c.tensors[ref.name] for c in checkpoints]
         for c, r in zip(checkpoints, refs):
             if r.shape != ref.shape:
@@ -156,23 +154,57 @@ def plan_average(
                 raise MismatchError(
                     f"tensor {ref.name!r} is {r.dtype} in {c.path} but {ref.dtype} in {newest.path}"
                 )
-        if not _is_float(ref.dtype):
-            reason = f"{str(ref.dtype).removeprefix('torch.')} buffer, not averaged"
-        elif any(fnmatch.fnmatchcase(ref.name, p) for p in copy_patterns):
-            reason = "non-trained buffer, not averaged"
-        else:
-            reason = ""
-        if reason:
-            copied[ref.name] = reason
-            jobs.append(TensorJob(ref.name, ref.shape, ref.dtype, "copy", (ref,), reason))
-        else:
-            dtype = out_dtype or ref.dtype
-            jobs.append(TensorJob(ref.name, ref.shape, dtype, "average", tuple(refs)))
+        jobs.append(TensorJob(ref.name, ref.shape, out_dtype or ref.dtype, "average", tuple(refs)))
     # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
     # also after a dtype change.
     jobs.sort(key=lambda j: -j.out_dtype.itemsize)
     return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), accumulate,
-                       assign_shards(jobs, shard_bytes), copied)
+                       assign_shards(jobs, shard_bytes), copied, absent, tuple(copy_patterns))
+
+
+def copy_reason(name: str, refs: Sequence[TensorRef], copy_patterns: Sequence[str]) -> str:
+    """Why a tensor is copied from the newest input instead of averaged ("" when it is averaged):
+    it is not floating point in some input, or its name matches a non-trained buffer pattern."""
+    odd = next((r.dtype for r in refs if not _is_float(r.dtype)), None)
+    if odd is not None:
+        return f"{str(odd).removeprefix('torch.')} buffer, not averaged"
+    if any(fnmatch.fnmatchcase(name, p) for p in copy_patterns):
+        return "non-trained buffer, not averaged"
+    return ""
+
+
+def _check_names(checkpoints: Sequence[Checkpoint], copy_patterns: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """Which tensors each input lacks, where that is allowed: only tensors that are never averaged.
+
+    Checkpoints written by different library versions differ in their buffers (Pythia's
+    transformers-4.24 `.bin` files carry causal masks and rotary frequencies that later
+    safetensors files do not), so a buffer may be absent from some inputs: the output holds it
+    exactly when the newest input does. A trained tensor absent from any input is an error.
+    """
+    newest = checkpoints[-1]
+    everywhere: dict[str, list[TensorRef]] = {}
+    for c in checkpoints:
+        for name, ref in c.tensors.items():
+            everywhere.setdefault(name, []).append(ref)
+    trained_gaps = []
+    absent: list[list[str]] = [[] for _ in checkpoints]
+    for name, refs in everywhere.items():
+        if len(refs) == len(checkpoints):
+            continue
+        for i, c in enumerate(checkpoints):
+            if name not in c.tensors:
+                absent[i].append(name)
+        # the newest input decides, as it does for the tensors every input holds
+        if not copy_reason(name, [newest.tensors[name]] if name in newest.tensors else refs, copy_patterns):
+            trained_gaps.append(name)
+    if trained_gaps:
+        name = trained_gaps[0]
+        lacking = next(c for c in checkpoints if name not in c.tensors)
+        where = (f"is missing from {lacking.path}" if lacking is not newest else
+                 f"is in {next(c for c in checkpoints if name in c.tensors).path} but not in {newest.path}")
+        raise MismatchError(f"tensor names differ ({len(trained_gaps)} trained tensor(s)): {name!r} {where} "
+                            f"(only buffers that are never averaged may be absent; --copy PATTERN names more)")
+    return tuple(tuple(sorted(a)) for a in absent)
 
 
 def assign_shards(jobs: Sequence[TensorJob], shard_bytes: int) -> tuple[Shard, ...]:

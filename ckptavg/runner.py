@@ -26,11 +26,12 @@ RUN_LOG = "ckptavg-run.jsonl"
 class Source(Protocol):
     name: str
     missing_hint: str  # appended to "window needs steps the trajectory does not have"
+    local: bool  # read in place (no downloads, no disk use but the outputs)
 
     def steps(self) -> list[int]: ...
     def size(self, step: int) -> int: ...
     def describe(self, step: int) -> dict: ...
-    def duplicates(self, steps: list[int]) -> list[Duplicate]: ...
+    def duplicates(self, steps: list[int], read_data: bool = True) -> list[Duplicate]: ...
     def fetch(self, step: int) -> Path: ...
     def evict(self, step: int) -> None: ...
     def evict_leftovers(self, keep: set[int]) -> list[str]: ...
@@ -84,6 +85,7 @@ class RunPlan:
     todo: tuple[Window, ...]  # those without a finished output
     fetch: FetchPlan
     out_dirs: dict[int, Path]  # window step -> output folder
+    read_bytes: int  # of the checkpoints the windows to do read (downloaded first, unless local)
 
 
 def output_root(out: Path, source: Source, spec: RunSpec) -> Path:
@@ -104,8 +106,11 @@ def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, k
     todo = [w for w in windows if force or not finished(w)]
     sizes = sizes or {s: source.size(s) for s in steps_of(todo)}
     output_bytes = max((sizes[w.members[-1]] for w in todo), default=0)
-    fetch = plan_fetches(todo, sizes, output_bytes, keep_downloads, disk_budget)
-    return RunPlan(tuple(windows), tuple(todo), fetch, out_dirs)
+    local = getattr(source, "local", False)
+    # local checkpoints are on disk already: only the output being written adds to the disk in use
+    on_disk = {s: 0 for s in sizes} if local else sizes
+    fetch = plan_fetches(todo, on_disk, output_bytes, keep_downloads, disk_budget)
+    return RunPlan(tuple(windows), tuple(todo), fetch, out_dirs, sum(sizes[s] for s in steps_of(todo)))
 
 
 def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
@@ -148,7 +153,8 @@ def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = F
             try:
                 out = average_checkpoints([on_disk[s] for s in w.members], plan.out_dirs[w.step], weights=w.weights,
                                           normalize=False, force=force, method=spec.record(w), progress=progress,
-                                          input_info=info, **average_kwargs)
+                                          input_info=info, run={"model": source.name, "tag": spec.tag()},
+                                          **average_kwargs)
             except MismatchError as e:  # name revisions, not cache folders
                 message = str(e)
                 for s, i in zip(w.members, info):

@@ -43,13 +43,22 @@ class Window:
     dropped_weight: float = 0.0  # EMA tail mass left out
 
 
-def validate(k: int, nu: int, interval: int, start: int, end: int) -> None:
+def check_parameters(method: str, k: int, nu: int, interval: int, ema_alpha: float) -> None:
+    """What can be checked before the trajectory's steps are known (so before any listing)."""
+    if method not in METHODS:
+        raise ScheduleError(f"unknown --method {method!r} (choose from {', '.join(METHODS)})")
     if k < 1:
         raise ScheduleError(f"--k must be at least 1, got {k}")
     if nu <= 0:
         raise ScheduleError(f"--nu must be positive, got {nu}")
     if interval <= 0:
         raise ScheduleError(f"--interval must be positive, got {interval}")
+    if method == "ema" and not 0.0 < ema_alpha <= 1.0:
+        raise ScheduleError(f"--ema-alpha must be in (0, 1], got {ema_alpha}")
+
+
+def validate(k: int, nu: int, interval: int, start: int, end: int) -> None:
+    check_parameters(METHODS[0], k, nu, interval, 1.0)
     if start > end:
         raise ScheduleError(f"--start ({start}) is after --end ({end})")
     if start - (k - 1) * nu < 0:

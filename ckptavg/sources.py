@@ -9,12 +9,12 @@ share (which files make a checkpoint, which revisions are suspiciously identical
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .tensors import WEIGHT_LAYOUTS
 from .writer import SIDE_FILES
 
 DEFAULT_STEP_PATTERN = r"step(\d+)"
@@ -22,15 +22,27 @@ _SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 _BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 
 
-def pick_files(names: Iterable[str]) -> set[str] | None:
-    """The files that make one checkpoint: safetensors weights when there are any, else `.bin`
-    weights, plus the side files a model folder needs; None when there are no weights at all."""
+def weight_files(names: Iterable[str]) -> set[str]:
+    """The weight files among `names`: safetensors when there are any, else `.bin` (never
+    `training_args.bin` or optimizer states)."""
     names = set(names)
-    for pattern, index in ((_SAFETENSORS, "model.safetensors.index.json"), (_BIN, "pytorch_model.bin.index.json")):
+    for pattern in (_SAFETENSORS, _BIN):
         weights = {n for n in names if pattern.fullmatch(n)}
         if weights:
-            return weights | ({index} & names) | (set(SIDE_FILES) & names)
-    return None
+            return weights
+    return set()
+
+
+def pick_files(names: Iterable[str]) -> set[str] | None:
+    """The files that make one checkpoint: its weight files, their index and the side files a model
+    folder needs; None when there are no weights at all."""
+    names = set(names)
+    weights = weight_files(names)
+    if not weights:
+        return None
+    index = "model.safetensors.index.json" if next(iter(weights)).endswith(".safetensors") else \
+        "pytorch_model.bin.index.json"
+    return weights | ({index} & names) | (set(SIDE_FILES) & names)
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -131,6 +143,8 @@ class LocalTrajectory:
         if not self._folders:
             raise InputError(f"{self.root}: no checkpoint folders matching {self.pattern!r}")
 
+    local = True  # read in place: nothing to download, nothing to delete
+
     @property
     def name(self) -> str:
         return self.root.name
@@ -138,11 +152,12 @@ class LocalTrajectory:
     def steps(self) -> list[int]:
         return sorted(self._folders)
 
-    def size(self, step: int) -> int:
+    def _weight_files(self, step: int) -> list[Path]:
         folder = self._folders[step]
-        names = {n for n, _ in WEIGHT_LAYOUTS}
-        return sum(f.stat().st_size for f in folder.iterdir()
-                   if f.suffix in (".safetensors", ".bin") or f.name in names)
+        return sorted(folder / n for n in weight_files(e.name for e in folder.iterdir() if e.is_file()))
+
+    def size(self, step: int) -> int:
+        return sum(f.stat().st_size for f in self._weight_files(step))
 
     def describe(self, step: int) -> dict:
         return {"source": str(self.root.absolute()), "step": step}
@@ -161,11 +176,21 @@ class LocalTrajectory:
 
     missing_hint = ""
 
-    def duplicates(self, steps: list[int]) -> list[Duplicate]:
-        """Hashes each weight file once (cached, and reused by the manifests)."""
-        from .hashing import file_sha256
-        from .tensors import open_checkpoint
+    def duplicates(self, steps: list[int], read_data: bool = True) -> list[Duplicate]:
+        """Weight files that are byte-identical across steps. Cheap: sizes first, then a sampled
+        fingerprint (9 small reads a file), and a full sha256 (cached, and reused by the manifests)
+        only for files whose fingerprints collide. `read_data=False` (a dry run) reads nothing."""
+        from .hashing import file_sha256, sample_fingerprint
 
-        blobs = {self._folders[s].name: {f.name: file_sha256(f)[0] for f in open_checkpoint(self._folders[s]).files}
-                 for s in steps}
+        if not read_data:
+            return []
+        files = {s: self._weight_files(s) for s in steps}
+        sizes = {f: f.stat().st_size for fs in files.values() for f in fs}
+        same_size = Counter(sizes.values())
+        keys = {f: sample_fingerprint(f) if same_size[n] > 1 else f"size:{n}" for f, n in sizes.items()}
+        collisions = Counter(keys.values())
+        for f, key in keys.items():
+            if collisions[key] > 1:
+                keys[f] = file_sha256(f)[0]
+        blobs = {self._folders[s].name: {f.name: keys[f] for f in fs} for s, fs in files.items()}
         return find_duplicates(blobs, {self._folders[s].name: s for s in steps}, blobs)

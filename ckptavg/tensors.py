@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpointError, InputError, UnsafeCheckpointError
+from .errors import CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -250,6 +250,12 @@ class TensorReader:
 
     def read(self, ref: TensorRef, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
         """Fill `out` (a uint8 buffer) with elements [start, start+count) of `ref`; return a typed view."""
+        try:
+            return self._read(ref, start, count, out)
+        except OSError as e:  # EIO, a file that vanished or lost its permissions mid-run: name it
+            raise with_path(e, ref.file) from None
+
+    def _read(self, ref: TensorRef, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
         nbytes = count * ref.dtype.itemsize
         dst = out[:nbytes]
         if ref.offset is not None:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .atomic import write_text
-from .errors import DiskSpaceError, OutputExistsError
+from .errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
 from .plan import Shard, TensorJob
 from .tensors import DTYPE_NAMES
 
@@ -79,15 +79,21 @@ class ShardFile:
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            n = self._f.write(view)
-            self.written += n
-            view = view[n:]
+        try:
+            while view:
+                n = self._f.write(view)
+                self.written += n
+                view = view[n:]
+        except OSError as e:  # a write on a descriptor names no file: say which
+            raise with_path(e, self.path) from None
 
     def finish(self) -> None:
         if self.written != self.expected:
             raise RuntimeError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
-        os.fsync(self._f.fileno())
+        try:
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise with_path(e, self.path) from None
         self._f.close()
 
     def abort(self) -> None:
@@ -196,6 +202,13 @@ class OutputDir:
             shutil.rmtree(old, ignore_errors=True)
         return self.final
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+        if isinstance(error, OSError):
+            # the operating system failed mid-run (a full disk, an I/O error, an input gone): one line,
+            # naming an output file as the user will look for it, not by its temporary folder
+            if error.filename is not None and Path(error.filename).is_relative_to(self.path):
+                renamed = self.final / Path(error.filename).relative_to(self.path)
+                error = OSError(error.errno, error.strerror, str(renamed))
+            raise IOFailure(f"{describe_os_error(error)}; nothing was left at {self.final}") from None

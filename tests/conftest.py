@@ -87,9 +87,10 @@ def load_reference(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_average(folders, weights=None, out_dtype=None):
+def reference_average(folders, weights=None, out_dtype=None, copy=()):
     """Load everything, sum in float64 in input order (the plain mean, sum / n, when no weights are
-    given), cast once; copy non-float and buffer tensors.
+    given), cast once; copy non-float and buffer tensors (and names ending in one of `copy`) from
+    the newest input, which alone decides which of them the output holds.
 
     Returns (reference, scale): scale[name] = sum_i |w_i x_i| in float64, the magnitude that bounds
     the rounding error of any accumulation order (needed where the inputs cancel to about zero).
@@ -100,7 +101,7 @@ def reference_average(folders, weights=None, out_dtype=None):
     newest = sds[-1]
     ref, scale = {}, {}
     for name, t in newest.items():
-        buffer = name.endswith(("attention.bias", "masked_bias", "inv_freq"))
+        buffer = name.endswith(("attention.bias", "masked_bias", "inv_freq", *copy))
         if not t.is_floating_point() or buffer:
             ref[name] = t.clone()
             continue

@@ -2,7 +2,8 @@
 
 The CLI runs in a subprocess, because huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when
 it is imported. The served repo is laid out like the real Pythia repos: step branches, some with
-sharded `.bin` plus index and buffers, some with `model.safetensors`, a `main` equal to the last
+sharded `.bin` plus index and the old generation's buffers, some with a `model.safetensors` that
+lacks them (so windows mix generations, newest-with and newest-without), a `main` equal to the last
 step, and one bad branch (step6000) serving step5000's files byte for byte.
 """
 
@@ -28,6 +29,9 @@ from test_trajectory import recursive_ema
 REPO = "EleutherAI/pythia-70m-deduped"  # the catalogue's name for --model 70m; the content is tiny
 STEPS = list(range(1000, 9000, 1000))
 DUPLICATE = {6000: 5000}  # step6000 serves step5000's files
+# transformers-4.24 `.bin` shards with the buffers; the others are safetensors without them. The window at
+# 3000 mixes both with the newest holding them, the one at 5000 with the newest lacking them.
+OLD_GENERATION = {1000, 3000, 4000, 8000}
 LAWA = ("--k", "3", "--nu", "1000", "--interval", "2000", "--start", "3000", "--end", "8000")
 
 
@@ -40,14 +44,17 @@ def hub(tmp_path_factory):
         if step in DUPLICATE:
             shutil.copytree(folders[DUPLICATE[step]], folder)
         else:
-            write_checkpoint(folder, pythia_state_dict(i, torch.float16), "bin-sharded" if i % 2 else "safetensors")
+            old = step in OLD_GENERATION
+            write_checkpoint(folder, pythia_state_dict(i, torch.float16, buffers=old), "bin-sharded" if old else "safetensors")
             char_tokenizer().save_pretrained(folder)
         folders[step] = folder
     server = HubServer()
     for step, folder in folders.items():
         server.add_branch(REPO, f"step{step}", folder)
     server.add_branch(REPO, "main", folders[STEPS[-1]])
-    bad = write_checkpoint(root / "bad", pythia_state_dict(0, torch.float16, buffers=False), "safetensors")
+    lacking = pythia_state_dict(0, torch.float16, buffers=False)
+    del lacking["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]
+    bad = write_checkpoint(root / "bad", lacking, "safetensors")
     for step in (1000, 2000):
         server.add_branch("someone/bad-run", f"ckpt-{step}", folders[step])
     server.add_branch("someone/bad-run", "ckpt-3000", bad)  # a tensor set that does not match
@@ -112,6 +119,12 @@ def test_pythia_lawa_from_the_hub(hub, tmp_path):
     assert max(e["source_disk"] for e in log) <= int(budget)
     assert [e["action"] for e in log].count("evict") == 7 and log[-1]["source_disk"] == 0
     assert cached_files(tmp_path) == []
+    from test_generations import assert_loads_in_transformers
+
+    assert_loads_in_transformers(base / "step3000")  # newest (a `.bin` revision) with buffers
+    assert_loads_in_transformers(base / "step5000")  # newest (a safetensors revision) without them
+    assert "gpt_neox.layers.0.attention.bias" in load_reference(base / "step3000")
+    assert "gpt_neox.layers.0.attention.bias" not in load_reference(base / "step5000")
 
 
 def test_disk_budget_too_small_is_refused_before_download(hub, tmp_path):
