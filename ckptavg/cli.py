@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import signal
 import sys
 from pathlib import Path
@@ -231,11 +231,14 @@ class _Study:
     batch_size: str
     originals: bool
     in_memory: bool
+    manager: object = None  # lm-eval's TaskManager with every task registered; None in a dry run
 
 
 def _study(tasks: Optional[str], pile: Optional[Path], ppl_task: list[str], include_path: list[Path], results: Path,
-           limit: Optional[int], batch_size: str, originals: bool, in_memory: bool) -> _Study:
-    """Every scoring option checked, before any listing, download or write."""
+           limit: Optional[int], batch_size: str, originals: bool, in_memory: bool, *, register: bool) -> _Study:
+    """Every scoring option checked, before any listing, download or write. `register` also registers
+    the tasks with lm-eval, which finds unknown task names (a dry run skips it: importing lm-eval
+    and indexing its tasks takes seconds)."""
     from .tasks import PILE_SUBSETS
 
     if in_memory and not tasks:
@@ -245,9 +248,27 @@ def _study(tasks: Optional[str], pile: Optional[Path], ppl_task: list[str], incl
     if pile_wanted and pile is None:
         raise _fail(f"{', '.join(pile_wanted)} need --pile FILE (a local Pile-format file; the Pile itself can "
                     f"no longer be downloaded), or leave them out of the tasks")
-    return _Study(task_list, opt.existing_file(pile, "--pile"), opt.named_files(ppl_task, "--ppl-task"),
-                  opt.existing_dirs(include_path, "--include-path"), results, opt.limit(limit),
-                  opt.batch_size(batch_size), originals, in_memory)
+    study = _Study(task_list, opt.existing_file(pile, "--pile"), opt.named_files(ppl_task, "--ppl-task"),
+                   opt.existing_dirs(include_path, "--include-path"), results, opt.limit(limit),
+                   opt.batch_size(batch_size), originals, in_memory)
+    return replace(study, manager=_register_tasks(study)) if register and task_list else study
+
+
+def _register_tasks(study: _Study):
+    """lm-eval's task index with our perplexity tasks (PILE subsets cut from --pile, --ppl-task files) in it."""
+    from .evaluate import check_tasks, quiet_lm_eval, task_manager
+    from .tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
+
+    quiet_lm_eval()
+    paths = list(study.include_path)
+    pile_wanted = [t for t in study.tasks if t in PILE_SUBSETS]
+    if pile_wanted:
+        paths.append(pile_tasks(study.pile, pile_wanted))
+    if study.ppl_files:
+        paths.append(perplexity_tasks(study.ppl_files))
+    manager = task_manager(paths, study.tasks)
+    check_tasks(manager, study.tasks)
+    return manager
 
 
 @dataclass(frozen=True)
@@ -411,7 +432,8 @@ def trajectory(
 
     check_parameters(method, k, nu, interval, ema_alpha)
     averaging = _averaging(device, dtype, disk_budget, copy, dry_run)
-    study = _study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory)
+    study = _study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory,
+                   register=not dry_run)
     bars = _Bars(quiet)
     src = _source(source, steps_from, cache_dir, bars)
     steps = src.steps()
@@ -480,7 +502,8 @@ def pythia(
     spec = _spec(method, k, nu, interval, start, end, ema_alpha, swa_start, False)
     spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
     averaging = _averaging(device, dtype, disk_budget, copy, dry_run)
-    study = _study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory)
+    study = _study(study_tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, in_memory,
+                   register=not dry_run)
     bars = _Bars(quiet)
     if dry_run:
         class CatalogueSource:
@@ -538,20 +561,9 @@ def interpolate(
 
 
 def _scorer(study: _Study, store, bars: _Bars, total: int, *, device: str, dtype: str, force: bool):
-    """Register the tasks with lm-eval and make the Scorer, with a progress line over `total` scores."""
-    from .evaluate import check_tasks, quiet_lm_eval, task_manager
+    """The Scorer over the study's registered tasks, with a progress line over `total` scores."""
     from .evalrun import Scorer
-    from .tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
 
-    quiet_lm_eval()
-    paths = list(study.include_path)
-    pile_wanted = [t for t in study.tasks if t in PILE_SUBSETS]
-    if pile_wanted:
-        paths.append(pile_tasks(study.pile, pile_wanted))
-    if study.ppl_files:
-        paths.append(perplexity_tasks(study.ppl_files))
-    manager = task_manager(paths, study.tasks)
-    check_tasks(manager, study.tasks)
     line = bars.progress.add_task("scoring", total=total) if bars.progress else None
 
     def on_task(target, task, status):
@@ -561,7 +573,7 @@ def _scorer(study: _Study, store, bars: _Bars, total: int, *, device: str, dtype
         if line is not None:
             bars.progress.update(line, advance=1, description=f"score {target.tag} step{target.step} {task}")
 
-    return Scorer(study.tasks, store, manager, device=device, dtype=dtype, batch_size=study.batch_size,
+    return Scorer(study.tasks, store, study.manager, device=device, dtype=dtype, batch_size=study.batch_size,
                   limit=study.limit, force=force, on_task=on_task)
 
 
@@ -598,10 +610,11 @@ def eval_(
     from .evalrun import fetch_bytes, find_targets
     from .results import ORIGINAL
 
-    study = _study(tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, False)
     wanted_steps = opt.ints(steps, "--steps") if steps else None
     eval_dtype = opt.choice(dtype, opt.EVAL_DTYPES, "--dtype")
     dev = opt.device(device) if dry_run else _device(device)
+    study = _study(tasks, pile, ppl_task, include_path, results, limit, batch_size, originals, False,
+                   register=not dry_run)
     targets = find_targets(run_dir, wanted_steps, originals)
     averaged = [t for t in targets if t.tag != ORIGINAL]
     runs = {(t.model, t.tag) for t in averaged}

@@ -1,9 +1,10 @@
-"""sha256 of input files for the manifest, computed at most once per file.
+"""sha256 of input files for the manifest and for checking downloads, computed at most once per file.
 
-Hashing 10 GB costs about 6 s of one core here, as much as the averaging itself, so a
-hash is taken for free where one exists (a file in the Hugging Face cache is a symlink to
-a blob named by its LFS sha256) and otherwise cached by (path, size, mtime, inode): a
-sliding window reuses each checkpoint k times but hashes it once.
+Hashing 10 GB costs about 6 s of one core here, as much as the averaging itself, so a hash is
+cached by (path, size, mtime, inode): a sliding window reuses each checkpoint k times but
+hashes it once. A file in the Hugging Face cache links to a blob named by the sha256 the server
+announced; ckptavg hashes the blobs it downloads once (`verify_blob`), and the cache remembers
+that they were checked.
 """
 
 from __future__ import annotations
@@ -82,22 +83,42 @@ def sample_fingerprint(path: str | os.PathLike) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
-def file_sha256(path: str | os.PathLike) -> tuple[str, str]:
-    """(hex digest, where it came from: "hub-blob", "cache" or "computed")."""
-    path = Path(path)
-    blob = hub_blob_sha256(path)
-    if blob is not None:
-        return blob, "hub-blob"
-    key = _key(path)
-    cached = _load().get(key)
-    if cached:
-        return cached, "cache"
+def _compute(path: Path) -> str:
     h = hashlib.sha256()
     buf = bytearray(BLOCK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
-    digest = h.hexdigest()
+    return h.hexdigest()
+
+
+def verify_blob(path: str | os.PathLike, expected: str) -> str:
+    """The sha256 of a downloaded file, hashed once and remembered: huggingface_hub names a blob by
+    the hash the server announced, not by the bytes that arrived, so only this proves them right.
+    Returns the actual digest; a caller compares it with `expected` (the Hub's LFS listing)."""
+    key = _key(Path(path))
+    cached = _load().get(key)
+    if cached:
+        return cached
+    digest = _compute(Path(path))
+    if digest == expected:
+        _store(key, digest)  # a wrong one is deleted by the caller, never remembered
+    return digest
+
+
+def file_sha256(path: str | os.PathLike) -> tuple[str, str]:
+    """(hex digest, where it came from), for the manifest. Sources: "computed" (hashed now), "cache"
+    (hashed before), "verified" (a Hub cache blob whose bytes ckptavg hashed when it fetched them),
+    "hub-blob" (a Hub cache blob's name, taken on trust: ckptavg did not download or check it)."""
+    path = Path(path)
+    key = _key(path)
+    cached = _load().get(key)
+    blob = hub_blob_sha256(path)
+    if blob is not None:
+        return (blob, "verified") if cached == blob else (blob, "hub-blob")
+    if cached:
+        return cached, "cache"
+    digest = _compute(path)
     _store(key, digest)
     return digest, "computed"

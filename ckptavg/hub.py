@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text
-from .errors import InputError
-from .hashing import cache_root, hub_blob_sha256
+from .errors import InputError, IntegrityError
+from .hashing import cache_root, hub_blob_sha256, verify_blob
 from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, pick_files, step_branches
 
 LIST_WORKERS = 8
@@ -191,10 +191,28 @@ class HubTrajectory:
             self._ledger_update(add=commit)
         advance = self.bars(f"download {branch}", sum(f.size for f in missing)) if self.bars and missing else None
         tqdm_class = _tqdm_forwarding(advance) if advance else None
-        with hub_errors(self.repo_id):
+
+        def download(f: RemoteFile) -> Path:
+            with hub_errors(self.repo_id):
+                return Path(hf_hub_download(self.repo_id, f.path, revision=commit, cache_dir=self.cache_dir,
+                                            tqdm_class=tqdm_class))
+
+        # each weight file is hashed while the next one downloads, from the page cache it was just written to
+        with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-verify") as hasher:
+            checks = []
             for f in files:
-                hf_hub_download(self.repo_id, f.path, revision=commit, cache_dir=self.cache_dir,
-                                tqdm_class=tqdm_class)
+                path = download(f)
+                if f.sha256:
+                    checks.append((f, path, hasher.submit(verify_blob, path, f.sha256)))
+            for f, path, check in checks:
+                if check.result() != f.sha256:
+                    _discard(path)  # once more: a byte flipped in transit does not flip twice
+                    path = download(f)
+                    actual = verify_blob(path, f.sha256)
+                    if actual != f.sha256:
+                        _discard(path)
+                        raise IntegrityError(f"{self.repo_id}@{branch}: {f.path} arrived corrupt twice (sha256 "
+                                             f"{actual}, the Hub lists {f.sha256}); the download was deleted")
         self._write_ref(branch, commit)
         return self._repo_cache / "snapshots" / commit
 
@@ -247,6 +265,13 @@ class HubTrajectory:
         path = self._ledger_path
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(sorted(ledger)))
+
+
+def _discard(snapshot_file: Path) -> None:
+    """Delete a cached file and the blob it links to, so that the next request downloads it again."""
+    blob = snapshot_file.resolve()
+    snapshot_file.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
 
 
 def _tqdm_forwarding(advance: Callable[[int], None]):

@@ -96,8 +96,8 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorRef], dict[str,
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise CorruptCheckpointError(f"{file}: corrupt or truncated safetensors header")
             raw = f.read(n)
-    except OSError as e:
-        raise InputError(f"{file}: cannot read ({e.strerror})") from None
+    except OSError as e:  # unreadable (permissions, EIO): the CLI's one line for the operating system's errors
+        raise with_path(e, file) from None
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
@@ -148,7 +148,7 @@ def load_torch_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
         zipped = _is_zipfile(file)
     except OSError as e:
-        raise InputError(f"{file}: cannot read ({e.strerror})") from None
+        raise with_path(e, file) from None
     if zipped:
         try:
             zipfile.ZipFile(file).close()

@@ -28,6 +28,8 @@ class HubServer:
         self.repos: dict[str, dict[str, Path]] = {}  # repo -> branch -> folder
         self.gets: Counter = Counter()  # (repo, branch, file) -> GET count
         self.stall: tuple[str, str] | None = None  # (branch, file): hold its GET until `release` is set
+        self.corrupt: Counter = Counter()  # (branch, file) -> how many more GETs serve it with one byte flipped
+        self.requests: list[str] = []  # every request's method and path, in order
         self.stalled = threading.Event()
         self.release = threading.Event()
         self._sha: dict[Path, str] = {}
@@ -117,6 +119,7 @@ class HubServer:
                 self.do_GET()
 
             def do_GET(self) -> None:
+                server.requests.append(f"{self.command} {self.path}")
                 url = urlparse(self.path)
                 parts = [p for p in url.path.split("/") if p]
                 if parts[:2] == ["api", "agent-harnesses"]:
@@ -139,6 +142,7 @@ class HubServer:
                 self._error(404, "EntryNotFound", f"no route for {url.path}")
 
             def do_POST(self) -> None:
+                server.requests.append(f"POST {self.path}")
                 parts = [p for p in urlparse(self.path).path.split("/") if p]
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length).decode()
@@ -180,6 +184,10 @@ class HubServer:
                     headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))}
                 if self.command == "GET":
                     server.gets[(repo, branch, name)] += 1
+                    if server.corrupt[(branch, name)] > 0:  # same length, same headers: only the hash tells
+                        server.corrupt[(branch, name)] -= 1
+                        mid = len(data) // 2  # in the tensor data, so that the file still parses
+                        data = data[:mid] + bytes([data[mid] ^ 0x01]) + data[mid + 1:]
                     if server.stall == (branch, name):
                         server.stalled.set()
                         server.release.wait(60)

@@ -183,16 +183,24 @@ def test_plot_draws_pngs(study, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--tasks", "pile-enron"), "need --pile FILE"),
     (("--tasks", "no-such-task", "--pile", "PILE"), "unknown lm-eval task(s): no-such-task"),
-    (("--tasks", "pile-enron", "--pile", "NOPE"), "no such Pile file"),
+    (("--tasks", "pile-enron", "--pile", "NOPE"), "--pile: no such file"),
+    (("--dtype", "float17"), "--dtype: unknown value 'float17'"),
+    (("--device", "tpu"), "unsupported device 'tpu'"),
+    (("--ppl-task", "x=NOPE", "--tasks", "x"), "--ppl-task x="),
+    (("--include-path", "NOPE", "--tasks", "tinymc"), "--include-path: no such folder"),
     (("--steps", "999"), "no finished output for step(s) 999"),
     (("--limit", "0"), "--limit must be at least 1"),
     (("--batch-size", "0"), "--batch-size must be auto or a positive integer"),
 ])
 def test_eval_errors(study, tmp_path, args, message):
     args = [study["pile"] if a == "PILE" else tmp_path / "nope.zst" if a == "NOPE" else a for a in args]
-    r = cli("eval", study["run"], *args, "--results", tmp_path / "r.sqlite", "--device", "cpu", "-q")
+    if "--tasks" not in args:  # one that needs nothing else, so that the option under test is what fails
+        args += ["--tasks", "tinymc", "--include-path", study["tasks"]]
+    device = () if "--device" in args else ("--device", "cpu")
+    r = cli("eval", study["run"], *args, "--results", tmp_path / "r.sqlite", *device, "-q")
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split()) and "Traceback" not in r.output
+    assert not (tmp_path / "r.sqlite").exists()  # checked before anything is scored or stored
 
 
 def test_pile_file_lacking_subsets_is_named(study, tmp_path):
@@ -235,3 +243,24 @@ def test_zero_shot_task_offline_without_its_dataset_says_what_to_download(study,
     text = " ".join(r.output.split())
     assert "failed: tiny-run lawa-k2-nu100 step300 sciq" in text and "0 task score(s) written" in text
     assert "pre-download the dataset allenai/sciq" in text and "datasets.load_dataset('allenai/sciq')" in text
+
+
+def test_eval_finds_outputs_at_any_depth_and_takes_their_identity_from_the_manifest(study, tmp_path):
+    """`eval OUT` where OUT is what the trajectory run was given as --out; and a moved, renamed tree."""
+    import shutil
+
+    moved = tmp_path / "archive" / "2026" / "renamed"
+    shutil.copytree(study["run"], moved)
+    for where, found in ((study["root"] / "out", "2 finished output(s) in 1 run(s)"),
+                         (tmp_path / "archive", "2 finished output(s) in 1 run(s)")):
+        db = tmp_path / f"{where.name}.sqlite"
+        r = cli("eval", where, "--tasks", "pile-enron", "--pile", study["pile"], "--limit", 1, "--no-originals",
+                "--results", db, "--device", "cpu", "-q")
+        assert r.exit_code == 0, r.output
+        assert found in " ".join(r.output.split())
+        rows = set(sqlite3.connect(db).execute("SELECT DISTINCT model, tag, step FROM scores WHERE status='ok'"))
+        assert rows == {("tiny-run", "lawa-k2-nu100", 200), ("tiny-run", "lawa-k2-nu100", 300)}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("eval", empty, "--tasks", "pile-enron", "--pile", study["pile"], "--results", tmp_path / "e.sqlite")
+    assert r.exit_code == 2 and "no finished trajectory outputs" in r.output

@@ -241,3 +241,70 @@ def test_study_scores_originals_while_on_disk_and_eval_fetches_them_again(hub, t
         "SELECT tag || step, value FROM scores WHERE metric='word_perplexity' AND status='ok'"))
     assert fresh.keys() == first.keys() and all(fresh[k] == pytest.approx(first[k], rel=1e-9) for k in first)
     assert cached_files(tmp_path) == []
+
+
+def test_a_download_corrupted_once_is_fetched_again_and_verified(hub, tmp_path):
+    """huggingface_hub names the blob by the announced hash whatever arrives: ckptavg checks the bytes."""
+    hub.gets.clear()
+    hub.corrupt[("step2000", "model.safetensors")] = 1
+    r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, "--end", "3000", "--out", str(tmp_path / "out"),
+                "--device", "cpu", "-q")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out" / "pythia-70m-deduped" / "lawa-k3-nu1000" / "step3000"
+    assert_matches(out, reference_average([hub.folders[s] for s in (1000, 2000, 3000)]), max_ulp=1)
+    assert hub.gets[(REPO, "step2000", "model.safetensors")] == 2
+    manifest = json.loads((out / "ckptavg.json").read_text())
+    sources = {f["name"]: f["sha256_source"] for i in manifest["inputs"] for f in i["files"]}
+    assert set(sources.values()) == {"verified"}, sources
+
+
+def test_a_download_corrupted_every_time_is_an_error_and_nothing_is_written(hub, tmp_path):
+    hub.gets.clear()
+    hub.corrupt[("step2000", "model.safetensors")] = 10
+    try:
+        r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *LAWA, "--out", str(tmp_path / "out"), "--device",
+                    "cpu", "-q")
+    finally:
+        hub.corrupt.clear()
+    assert r.returncode == 2, r.stderr
+    message = " ".join(r.stderr.split())
+    expected = hashlib.sha256((hub.folders[2000] / "model.safetensors").read_bytes()).hexdigest()
+    assert f"{REPO}@step2000: model.safetensors arrived corrupt twice" in message and expected in message
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3
+    assert hub.gets[(REPO, "step2000", "model.safetensors")] == 2
+    assert not any((tmp_path / "out").rglob("ckptavg.json"))  # the first window needs step2000
+    blobs = [p.name for p in cached_files(tmp_path) if p.parent.name == "blobs"]
+    assert expected not in blobs  # the corrupt bytes are not left under the good name
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(("--device", "cuda"), "no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
+    (("--device", "tpu"), "unsupported device 'tpu'"),
+    (("--disk-budget", "banana"), "--disk-budget: not a size: 'banana'"),
+    (("--dtype", "float17"), "--dtype: unknown value 'float17'"),
+    (("--eval", "tiny", "--ppl-task", "tiny=/nonexistent.jsonl"), "no such file /nonexistent.jsonl"),
+    (("--eval", "tiny", "--limit", "0"), "--limit must be at least 1"),
+    (("--in-memory",), "--in-memory needs --eval"),
+    (("--eval", "pile-enron"), "need --pile FILE"),
+    (("--method", "median"), "unknown --method 'median'"),
+    (("--ema-alpha", "1.5", "--method", "ema"), "--ema-alpha must be in (0, 1]"),
+])
+@pytest.mark.parametrize("command", ["pythia", "trajectory"])
+def test_every_option_is_checked_before_the_hub_is_asked_anything(hub, tmp_path, command, args, message):
+    hub.requests.clear()
+    source = ("--model", "70m") if command == "pythia" else (REPO,)
+    r = ckptavg(hub, tmp_path, command, *source, *LAWA, *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert message in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+    assert hub.requests == [] and not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_hub_dry_run_lists_but_downloads_and_writes_nothing(hub, tmp_path):
+    hub.requests.clear()
+    r = ckptavg(hub, tmp_path, "trajectory", REPO, *LAWA, "--out", str(tmp_path / "out"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "3 window(s) to average" in r.stdout and "to download" in r.stdout
+    assert "step5000, step6000 share weights byte for byte" in " ".join(r.stderr.split())  # from the listings
+    assert not [q for q in hub.requests if "/resolve/" in q]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckptavg-cache").exists()

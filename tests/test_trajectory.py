@@ -139,3 +139,50 @@ def test_pythia_12b_dry_run_from_catalogue(tmp_path):
     assert r.exit_code == 2 and "cannot hold one window" in r.stderr
     r = cli("pythia", "--model", "13b", "--dry-run")
     assert r.exit_code == 2 and "unknown Pythia size" in r.stderr
+
+
+def test_local_dry_run_reads_no_tensor_data(tmp_path):
+    """Four 1 GB (sparse, not even valid) weight files: a dry run plans from names and sizes alone."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "big-run"
+    for step in (1000, 2000, 3000, 4000):
+        (root / f"step{step}").mkdir(parents=True)
+        with open(root / f"step{step}" / "model.safetensors", "wb") as f:
+            f.truncate(10**9)
+    probe = ("import runpy, sys; sys.argv = ['ckptavg'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('ckptavg', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+             "rchar = [l for l in open('/proc/self/io') if l.startswith('rchar')][0].split()[1]\n"
+             "print('RCHAR', rchar, 'EXIT', code, file=sys.stderr)")
+    env = dict(os.environ, CKPTAVG_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", probe, "trajectory", str(root), "--k", "2", "--interval", "1000",
+                        "--out", str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True, env=env)
+    rchar, code = r.stderr.split("RCHAR ")[1].split(" EXIT ")
+    assert code.strip() == "0", r.stderr
+    assert int(rchar) < 300 * 10**6  # the interpreter and its modules; the weights are 4 GB
+    text = " ".join(r.stdout.split())
+    assert "3 window(s) to average" in text and "4 local checkpoint(s) to read (4.0 GB)" in text
+    assert "to download" not in text and "a dry run reads no tensor data" in " ".join(r.stderr.split())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_local_duplicate_check_hashes_only_candidates(traj, tmp_path, monkeypatch):
+    import shutil
+
+    from ckptavg.hashing import cache_file
+    from ckptavg.sources import LocalTrajectory
+
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    for step in (1000, 2000, 3000):
+        shutil.copytree(traj / f"step{step}", root / f"step{step}")
+    shutil.copytree(traj / "step2000", root / "step4000")  # served twice, as Pythia's bad branches are
+    shutil.copytree(traj / "step6000", root / "step5000")  # the same size as step2000, other bytes
+    assert (root / "step5000" / "model.safetensors").stat().st_size == (root / "step2000" / "model.safetensors").stat().st_size
+    found = LocalTrajectory(root).duplicates([1000, 2000, 3000, 4000, 5000])
+    assert [d.revisions for d in found] == [("step2000", "step4000")]
+    hashed = json.loads(cache_file().read_text())
+    assert sorted(k.split("|")[0].rsplit("/", 2)[-2] for k in hashed) == ["step2000", "step4000"]
+    assert LocalTrajectory(root).duplicates([1000, 3000, 4000], read_data=False) == []
