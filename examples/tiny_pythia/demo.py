@@ -89,9 +89,9 @@ def main() -> None:
     ckptavg("trajectory", out / "trajectories" / names[0], *window, "--method", "ema", "--ema-alpha", args.ema_alpha)
     ckptavg("trajectory", out / "trajectories" / names[0], *window, "--method", "swa")
     results = out / "results.sqlite"
-    for name in names:
-        ckptavg("eval", out / "averaged" / name, "--tasks", TASK, "--ppl-task", f"{TASK}={heldout}",
-                "--results", results, "--device", "cpu", "--quiet")
+    # every run of both trajectories, found under the --out the runs were given, and their originals
+    ckptavg("eval", out / "averaged", "--tasks", TASK, "--ppl-task", f"{TASK}={heldout}", "--results", results,
+            "--device", "cpu", "--quiet")
     ckptavg("results", results, "--metric", METRIC)
 
     lawa = f"lawa-k{args.k}-nu{args.nu}"
