@@ -1,22 +1,32 @@
-"""ckptavg: post-hoc checkpoint averaging of language-model training trajectories."""
+"""ckptavg: post-hoc checkpoint averaging of language-model training trajectories.
+
+The package reads as the pipeline:
+
+    trajectory/  where checkpoints come from, which windows to average, the run that fetches them
+    engine/      one weighted average: index, plan, read, accumulate, write
+    evaluation/  scoring checkpoints with lm-evaluation-harness
+    report/      the results store, tables, plots, savings
+    api.py       every command as a function; cli/ only parses options and prints
+
+`formats.py`, `manifest.py` and `layout.py` are the contracts between them: file names, the
+manifest that marks a finished output, and where outputs go.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "average_checkpoints", "open_checkpoint", "plan_average"]
+__all__ = ["__version__", "average_checkpoints", "average_in_memory", "open_checkpoint", "plan_average"]
+
+_LAZY = {  # imported on first use, so that `ckptavg --help` and planning never pay for importing torch
+    "average_checkpoints": "engine.average",
+    "average_in_memory": "engine.average",
+    "open_checkpoint": "engine.tensors",
+    "plan_average": "engine.plan",
+}
 
 
 def __getattr__(name: str):
-    # Lazy, so that `ckptavg --help` and pure planning never pay for importing torch.
-    if name == "average_checkpoints":
-        from .average import average_checkpoints
+    if name not in _LAZY:
+        raise AttributeError(name)
+    from importlib import import_module
 
-        return average_checkpoints
-    if name == "open_checkpoint":
-        from .tensors import open_checkpoint
-
-        return open_checkpoint
-    if name == "plan_average":
-        from .plan import plan_average
-
-        return plan_average
-    raise AttributeError(name)
+    return getattr(import_module(f".{_LAZY[name]}", __name__), name)

@@ -50,6 +50,47 @@ class DiskSpaceError(CkptavgError):
     """Not enough free space for the output."""
 
 
+class ManifestError(CkptavgError):
+    """A ckptavg.json that this version cannot read (another version's, or damaged)."""
+
+
+class ScheduleError(CkptavgError):
+    """Schedule parameters that describe no valid run."""
+
+
+class MissingStepsError(ScheduleError):
+    """A window needs checkpoints the trajectory does not have."""
+
+
+class SavingsError(CkptavgError):
+    """Results that cannot give a savings figure."""
+
+
+class HubError(CkptavgError):
+    """The Hub could not give what a trajectory needs. The subclasses keep huggingface_hub's
+    distinctions, so that a library caller can tell a typo from an outage."""
+
+
+class RepoNotFoundError(HubError):
+    """No such repo, or a private one without a login."""
+
+
+class RevisionNotFoundError(HubError):
+    """The repo has no such branch, tag or commit."""
+
+
+class HubAuthError(HubError):
+    """The Hub refused the credentials (gated or private repo)."""
+
+
+class HubUnreachableError(HubError):
+    """No network, a refused connection, a timeout, or a server error (5xx)."""
+
+
+class HubOfflineError(HubError):
+    """HF_HUB_OFFLINE is set and what is needed is not in the cache."""
+
+
 class IntegrityError(CkptavgError):
     """Downloaded bytes whose sha256 is not the one the Hub lists for them, twice in a row."""
 

@@ -9,8 +9,8 @@ import torch
 from conftest import load_reference, pythia_state_dict, reference_average, ulp_distance, write_checkpoint
 from safetensors import safe_open
 
-from ckptavg.average import average_checkpoints
-from ckptavg.writer import MANIFEST
+from ckptavg.engine.average import average_checkpoints
+from ckptavg.manifest import MANIFEST
 
 FORMATS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]
 
@@ -205,7 +205,7 @@ def test_parse_size():
 
 
 def test_in_memory_average_equals_the_written_one(ckpts, tmp_path):
-    from ckptavg.average import average_in_memory
+    from ckptavg.engine.average import average_in_memory
 
     folders = ckpts("bfloat16", "bin-sharded")
     written = load_reference(average_checkpoints(folders, tmp_path / "out", weights=[0.5, 0.3, 0.2]))

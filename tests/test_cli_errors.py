@@ -113,10 +113,10 @@ def test_existing_output_needs_force(pair, tmp_path):
 
 
 def test_not_enough_disk_space(pair, tmp_path, monkeypatch):
-    import ckptavg.writer
+    import ckptavg.engine.writer
 
     real = shutil.disk_usage
-    monkeypatch.setattr(ckptavg.writer.shutil, "disk_usage",
+    monkeypatch.setattr(ckptavg.engine.writer.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=1000))
     out = tmp_path / "avg"
     assert_user_error(run_cli("average", *pair, "--out", out), "needed for the output", "free", out=out)
@@ -166,7 +166,7 @@ def test_zip_pickle_needing_unsafe_unpickling(pair, tmp_path):
 
 
 def test_interrupt_leaves_nothing_behind(pair, tmp_path):
-    from ckptavg.average import average_checkpoints
+    from ckptavg.engine.average import average_checkpoints
 
     def progress(plan):
         def tick(n):

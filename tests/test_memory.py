@@ -19,7 +19,7 @@ PIECE = 1 << 18
 PROBE = r"""
 import json, sys, threading, time
 import torch
-from ckptavg.average import average_checkpoints
+from ckptavg.engine.average import average_checkpoints
 
 def rss_anon():
     with open("/proc/self/status") as f:

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ckptavg.cli import app
-from ckptavg.results import Row, Store
-from ckptavg.savings import SavingsError, first_reach, match_model, savings
+from ckptavg.report.store import Row, Store
+from ckptavg.errors import SavingsError
+from ckptavg.report.savings import first_reach, match_model, savings
 
 ORIGINAL = [(1000, 20.0), (2000, 15.0), (3000, 12.0), (4000, 10.0)]
 AVERAGED = [(1000, 18.0), (2000, 13.0), (3000, 10.0), (4000, 9.5)]

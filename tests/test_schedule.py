@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from ckptavg import pythia
-from ckptavg.schedule import (ScheduleError, ema_windows, lawa_windows, plan_fetches, sequence, steps_of,
+from ckptavg.trajectory import pythia
+from ckptavg.errors import ScheduleError
+from ckptavg.trajectory.schedule import (ema_windows, lawa_windows, plan_fetches, sequence, steps_of,
                               swa_windows, weight_sum_ok)
 
 

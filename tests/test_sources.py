@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ckptavg.errors import InputError
-from ckptavg.sources import find_duplicates, pick_files, step_branches
+from ckptavg.formats import pick_files
+from ckptavg.trajectory.sources import find_duplicates, step_branches
 
 
 def test_pick_files_prefers_safetensors_and_keeps_side_files():

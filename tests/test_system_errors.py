@@ -44,11 +44,11 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_mid_run_is_one_line_and_the_run_resumes(run, small_disk, monkeypatch):
-    import ckptavg.writer
+    import ckptavg.engine.writer
 
     # the free-space check passes: another process takes the space after it, as happens on shared disks
     real = shutil.disk_usage
-    monkeypatch.setattr(ckptavg.writer.shutil, "disk_usage", lambda p: real(p)._replace(free=10**12))
+    monkeypatch.setattr(ckptavg.engine.writer.shutil, "disk_usage", lambda p: real(p)._replace(free=10**12))
     r = CliRunner().invoke(app, ["trajectory", str(run), *WINDOWS, "--out", str(small_disk)])
     assert r.exit_code == 3, r.output
     lines = r.stderr.strip().splitlines()

@@ -10,9 +10,9 @@ from conftest import load_reference, pythia_state_dict, reference_average, ulp_d
 from test_average import assert_matches
 from typer.testing import CliRunner
 
-from ckptavg import pythia
+from ckptavg.trajectory import pythia
 from ckptavg.cli import app
-from ckptavg.schedule import sequence
+from ckptavg.trajectory.schedule import sequence
 from ckptavg.units import format_size
 
 runner = CliRunner()
@@ -172,7 +172,7 @@ def test_local_duplicate_check_hashes_only_candidates(traj, tmp_path, monkeypatc
     import shutil
 
     from ckptavg.hashing import cache_file
-    from ckptavg.sources import LocalTrajectory
+    from ckptavg.trajectory.sources import LocalTrajectory
 
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "run"

@@ -40,7 +40,7 @@ def ckptavg(*args: object) -> None:
 
 def summary(results: Path, names: list[str], lawa: str) -> None:
     """Where LAWA beats the original, by how much: the numbers the README quotes."""
-    from ckptavg.results import open_results
+    from ckptavg.report.store import open_results
 
     with open_results(results) as db:
         rows = db.rows(task=TASK, metric=METRIC)

@@ -18,27 +18,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .atomic import write_text
-from .errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
+from ..atomic import write_text
+from ..errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
+from ..formats import SAFETENSORS_INDEX, SIDE_FILES
+from ..layout import temporary_name, temporary_prefix
+from ..manifest import MANIFEST, Manifest, manifest_json
 from .plan import Shard, TensorJob
 from .tensors import DTYPE_NAMES
 
-MANIFEST = "ckptavg.json"
-INDEX = "model.safetensors.index.json"
-TMP_MARK = ".ckptavg-tmp-"
-# Non-weight files a model folder needs to be loaded and used; copied from the newest input.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
 SPACE_MARGIN = 64 * 1024 * 1024
 
 
@@ -110,7 +97,7 @@ def write_index(folder: Path, shards: Sequence[Shard]) -> None:
         return
     weight_map = {job.name: shard.filename for shard in shards for job in shard.jobs}
     total = sum(s.nbytes for s in shards)
-    write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -120,14 +107,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest of a finished output, or None when the folder is absent or unfinished."""
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def check_free_space(folder: Path, needed: int) -> None:
@@ -150,7 +129,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(final: Path) -> None:
     """Delete temporary folders that killed runs left beside `final`."""
-    prefix = f".{final.name}{TMP_MARK}"
+    prefix = temporary_prefix(final)
     if not final.parent.is_dir():
         return
     for entry in final.parent.iterdir():
@@ -169,7 +148,7 @@ class OutputDir:
     def __init__(self, final: str | os.PathLike, force: bool = False) -> None:
         self.final = Path(final).absolute()
         self.force = force
-        self.path = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = temporary_name(self.final, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._committed = False
 
     def check(self) -> None:
@@ -183,17 +162,17 @@ class OutputDir:
         self.path.mkdir()
         return self
 
-    def commit(self, manifest: dict, fsync_files: Iterable[Path] = ()) -> Path:
+    def commit(self, manifest: Manifest, fsync_files: Iterable[Path] = ()) -> Path:
         for f in fsync_files:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        write_json(self.path / MANIFEST, manifest)
+        write_text(self.path / MANIFEST, manifest_json(manifest), fsync=True)  # last: it marks the output finished
         fsync_dir(self.path)
         old = None
         if self.final.exists():
             if not self.force:
                 raise OutputExistsError(f"{self.final} appeared while writing (pass --force to replace it)")
-            old = self.final.parent / f".{self.final.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+            old = temporary_name(self.final, f"{os.getpid()}-old-{uuid.uuid4().hex[:8]}")
             os.rename(self.final, old)
         os.rename(self.path, self.final)
         fsync_dir(self.final.parent)

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 import time
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import MismatchError
-from .schedule import (METHODS, FetchPlan, MissingStepsError, ScheduleError, Window, ema_windows, lawa_windows, plan_fetches,
-                       steps_of, swa_windows)
+from ..errors import MismatchError, MissingStepsError, ScheduleError
+from ..layout import RUN_LOG, output_folder, run_folder
+from ..manifest import Method, RunId, is_finished
+from .schedule import METHODS, FetchPlan, Window, ema_windows, lawa_windows, plan_fetches, steps_of, swa_windows
 from .sources import Duplicate
-from .writer import read_manifest
-
-RUN_LOG = "ckptavg-run.jsonl"
 
 
 class Source(Protocol):
@@ -30,7 +27,8 @@ class Source(Protocol):
 
     def steps(self) -> list[int]: ...
     def size(self, step: int) -> int: ...
-    def describe(self, step: int) -> dict: ...
+    def label(self, step: int) -> str: ...  # how errors name a step's checkpoint (a revision, a folder)
+    def describe(self, step: int) -> dict: ...  # the manifest's provenance fields (`InputRecord`)
     def duplicates(self, steps: list[int], read_data: bool = True) -> list[Duplicate]: ...
     def fetch(self, step: int) -> Path: ...
     def evict(self, step: int) -> None: ...
@@ -69,14 +67,13 @@ class RunSpec:
             return swa_windows(swa_start=self.swa_start, **common)
         raise ScheduleError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
 
-    def record(self, window: Window) -> dict:
-        rec = {"name": self.method, "k": self.k, "nu": self.nu, "interval": self.interval, "step": window.step,
-               "members": list(window.members)}
+    def record(self, window: Window) -> Method:
+        params: dict = {}
         if self.method == "ema":
-            rec |= {"alpha": self.ema_alpha, "dropped_tail_weight": window.dropped_weight}
+            params = {"alpha": self.ema_alpha, "dropped_tail_weight": window.dropped_weight}
         if self.method == "swa":
-            rec["swa_start"] = window.members[0]
-        return rec
+            params = {"swa_start": window.members[0]}
+        return Method(self.method, window.step, self.k, self.nu, self.interval, window.members, params)
 
 
 @dataclass(frozen=True)
@@ -86,10 +83,12 @@ class RunPlan:
     fetch: FetchPlan
     out_dirs: dict[int, Path]  # window step -> output folder
     read_bytes: int  # of the checkpoints the windows to do read (downloaded first, unless local)
+    run: RunId
+    root: Path  # the run's folder: its outputs and its run log
 
 
-def output_root(out: Path, source: Source, spec: RunSpec) -> Path:
-    return Path(out) / source.name / spec.tag()
+def run_id(source: Source, spec: RunSpec) -> RunId:
+    return RunId(source.name, spec.tag())
 
 
 def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, keep_downloads: bool = False,
@@ -100,9 +99,9 @@ def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, k
         windows = spec.windows(source.steps())
     except MissingStepsError as e:
         raise MissingStepsError(f"{e}{source.missing_hint}") from None
-    root = output_root(out, source, spec)
-    out_dirs = {w.step: root / f"step{w.step}" for w in windows}
-    finished = done or (lambda w: read_manifest(out_dirs[w.step]) is not None)
+    run = run_id(source, spec)
+    out_dirs = {w.step: output_folder(out, run, w.step) for w in windows}
+    finished = done or (lambda w: is_finished(out_dirs[w.step]))
     todo = [w for w in windows if force or not finished(w)]
     sizes = sizes or {s: source.size(s) for s in steps_of(todo)}
     output_bytes = max((sizes[w.members[-1]] for w in todo), default=0)
@@ -110,7 +109,8 @@ def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, k
     # local checkpoints are on disk already: only the output being written adds to the disk in use
     on_disk = {s: 0 for s in sizes} if local else sizes
     fetch = plan_fetches(todo, on_disk, output_bytes, keep_downloads, disk_budget)
-    return RunPlan(tuple(windows), tuple(todo), fetch, out_dirs, sum(sizes[s] for s in steps_of(todo)))
+    return RunPlan(tuple(windows), tuple(todo), fetch, out_dirs, sum(sizes[s] for s in steps_of(todo)), run,
+                   run_folder(out, run))
 
 
 def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
@@ -127,12 +127,13 @@ def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = F
     downloads). Every action is appended to RUN_LOG next to the outputs, with the bytes the
     source holds on disk after it: the record of a long run, and of its disk budget.
     """
-    from .average import average_checkpoints
+    from ..engine.average import average_checkpoints
+    from ..engine.tensors import open_checkpoint
 
     by_step = {w.step: w for w in plan.todo}
     on_disk: dict[int, Path] = {}
     written = []
-    log = _RunLog(next(iter(plan.out_dirs.values())).parent if plan.out_dirs and in_memory is None else None, source)
+    log = _RunLog(plan.root if in_memory is None else None, source)
     if not keep_downloads:
         for commit in source.evict_leftovers(set(steps_of(plan.todo))):
             log.write("evict-leftover", None, revision=commit)
@@ -149,20 +150,17 @@ def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = F
         else:
             w = by_step[action.step]
             progress = (lambda p, s=w.step: bars(f"average step{s}", p.output_bytes)) if bars else None
-            info = [source.describe(s) for s in w.members]
             try:
-                out = average_checkpoints([on_disk[s] for s in w.members], plan.out_dirs[w.step], weights=w.weights,
-                                          normalize=False, force=force, method=spec.record(w), progress=progress,
-                                          input_info=info, run={"model": source.name, "tag": spec.tag()},
-                                          **average_kwargs)
-            except MismatchError as e:  # name revisions, not cache folders
-                message = str(e)
-                for s, i in zip(w.members, info):
-                    message = message.replace(str(on_disk[s]), i.get("revision", str(on_disk[s])))
-                raise MismatchError(f"window at step {w.step}: {message}") from None
-            written.append(out)
+                inputs = [open_checkpoint(on_disk[s], label=source.label(s)) for s in w.members]
+                written_to = average_checkpoints(inputs, plan.out_dirs[w.step], weights=w.weights, normalize=False,
+                                                 force=force, method=spec.record(w), progress=progress,
+                                                 provenance=[source.describe(s) for s in w.members], run=plan.run,
+                                                 **average_kwargs)
+            except MismatchError as e:
+                raise MismatchError(f"window at step {w.step}: {e}") from None
+            written.append(written_to)
             if on_window is not None:
-                on_window(w, out)
+                on_window(w, written_to)
         log.write(action.kind, action.step, planned_disk=action.disk_after)
     return written
 

@@ -15,11 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import CkptavgError
-
-
-class SavingsError(CkptavgError):
-    """Results that cannot give a savings figure."""
+from ..errors import SavingsError
 
 
 Curve = Sequence[tuple[int, float]]  # (step, value), sorted by step
@@ -94,7 +90,7 @@ def match_model(name: str, stored: Sequence[str]) -> str:
 
 def catalogue_gpu_hours(model: str) -> float | None:
     """Published A100 hours of a Pythia trajectory by its stored name, if any."""
-    from .pythia import MODELS
+    from ..trajectory.pythia import MODELS
 
     size = model.removeprefix("pythia-").removesuffix("-deduped")
     info = MODELS.get(size) if model.startswith("pythia-") else None

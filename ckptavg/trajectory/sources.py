@@ -3,7 +3,8 @@
 A source lists its steps and their sizes without downloading, puts one step's checkpoint on
 disk (`fetch`), and frees it again (`evict`). A local trajectory is folders named by step;
 fetching and evicting it are no-ops. The Hub source lives in `hub.py`; the pure rules both
-share (which files make a checkpoint, which revisions are suspiciously identical) live here.
+share (step names, which revisions are suspiciously identical) live here, and which files make
+a checkpoint in `formats.py`.
 """
 
 from __future__ import annotations
@@ -14,37 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
-from .writer import SIDE_FILES
+from ..errors import InputError
+from ..formats import weight_files
 
 DEFAULT_STEP_PATTERN = r"step(\d+)"
-_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
-_BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
-
-
-def weight_files(names: Iterable[str]) -> set[str]:
-    """The weight files among `names`: safetensors when there are any, else `.bin` (never
-    `training_args.bin` or optimizer states)."""
-    names = set(names)
-    for pattern in (_SAFETENSORS, _BIN):
-        weights = {n for n in names if pattern.fullmatch(n)}
-        if weights:
-            return weights
-    return set()
-
-
-def pick_files(names: Iterable[str]) -> set[str] | None:
-    """The files that make one checkpoint: its weight files, their index and the side files a model
-    folder needs; None when there are no weights at all."""
-    names = set(names)
-    weights = weight_files(names)
-    if not weights:
-        return None
-    index = "model.safetensors.index.json" if next(iter(weights)).endswith(".safetensors") else \
-        "pytorch_model.bin.index.json"
-    return weights | ({index} & names) | (set(SIDE_FILES) & names)
-
-
 def compile_pattern(pattern: str) -> re.Pattern:
     try:
         regex = re.compile(pattern)
@@ -159,6 +133,9 @@ class LocalTrajectory:
     def size(self, step: int) -> int:
         return sum(f.stat().st_size for f in self._weight_files(step))
 
+    def label(self, step: int) -> str:
+        return str(self._folders[step])
+
     def describe(self, step: int) -> dict:
         return {"source": str(self.root.absolute()), "step": step}
 
@@ -180,7 +157,7 @@ class LocalTrajectory:
         """Weight files that are byte-identical across steps. Cheap: sizes first, then a sampled
         fingerprint (9 small reads a file), and a full sha256 (cached, and reused by the manifests)
         only for files whose fingerprints collide. `read_data=False` (a dry run) reads nothing."""
-        from .hashing import file_sha256, sample_fingerprint
+        from ..hashing import file_sha256, sample_fingerprint
 
         if not read_data:
             return []

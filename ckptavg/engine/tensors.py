@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
+from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
+from ..formats import WEIGHT_LAYOUTS
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -41,13 +42,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-# Looked for in this order: the first one present decides the checkpoint's format.
-WEIGHT_LAYOUTS = (
-    ("model.safetensors.index.json", "safetensors"),
-    ("model.safetensors", "safetensors"),
-    ("pytorch_model.bin.index.json", "bin"),
-    ("pytorch_model.bin", "bin"),
-)
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
 
 
@@ -78,10 +72,15 @@ class Checkpoint:
     format: str  # "safetensors" | "bin"
     files: tuple[Path, ...]
     tensors: dict[str, TensorRef]
+    label: str | None = None  # what errors call it (a trajectory's revision name); the path by default
 
     @property
     def folder(self) -> Path:
         return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def shown(self) -> str:
+        return self.label or str(self.path)
 
 
 def read_safetensors_header(file: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
@@ -187,8 +186,9 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Index a Hugging Face model folder (or one weight file) without reading tensor data."""
+def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkpoint:
+    """Index a Hugging Face model folder (or one weight file) without reading tensor data.
+    `label` names it in error messages (a revision rather than a cache path)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -233,7 +233,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
     if not tensors:
         raise InputError(f"{path}: checkpoint holds no tensors")
-    return Checkpoint(path, fmt, tuple(files), tensors)
+    return Checkpoint(path, fmt, tuple(files), tensors, label)
 
 
 class TensorReader:

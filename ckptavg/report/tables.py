@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from .results import ORIGINAL, Row
+from .store import ORIGINAL, Row
 
 PRIMARY_METRICS = ("word_perplexity", "acc", "perplexity", "acc_norm", "bits_per_byte", "exact_match")
 
@@ -29,6 +29,14 @@ class Column:
 class WideTable:
     columns: tuple[Column, ...]
     rows: tuple[tuple[str, int, tuple[float | None, ...]], ...]  # (model, step, one value per column)
+
+    def beats_original(self, values: tuple[float | None, ...], i: int) -> bool:
+        """Whether column i's value is better than the original's on the same task (and row)."""
+        c, v = self.columns[i], values[i]
+        if c.tag == ORIGINAL or v is None or c.higher_is_better is None:
+            return False
+        original = next((values[j] for j, o in enumerate(self.columns) if o.task == c.task and o.tag == ORIGINAL), None)
+        return original is not None and v != original and (v > original) == c.higher_is_better
 
 
 def wide_table(rows: Sequence[Row], metric: str | None = None) -> WideTable:

@@ -19,18 +19,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import CkptavgError
+from ..errors import MissingStepsError, ScheduleError
 
 METHODS = ("lawa", "ema", "swa")
 EMA_TAIL = 1e-6  # EMA terms older than this much total weight are dropped (recorded in the manifest)
-
-
-class ScheduleError(CkptavgError):
-    """Schedule parameters that describe no valid run."""
-
-
-class MissingStepsError(ScheduleError):
-    """A window needs checkpoints the trajectory does not have."""
 
 
 @dataclass(frozen=True)

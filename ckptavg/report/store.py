@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 ORIGINAL = "original"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import MismatchError, WeightsError
+from ..errors import MismatchError, WeightsError
 from .tensors import Checkpoint, TensorRef
 
 # Buffers that ride along in real Pythia checkpoints but are not trained weights: averaging
@@ -147,12 +147,12 @@ def plan_average(
         for c, r in zip(checkpoints, refs):
             if r.shape != ref.shape:
                 raise MismatchError(
-                    f"tensor {ref.name!r} has shape {list(r.shape)} in {c.path} "
-                    f"but {list(ref.shape)} in {newest.path}"
+                    f"tensor {ref.name!r} has shape {list(r.shape)} in {c.shown} "
+                    f"but {list(ref.shape)} in {newest.shown}"
                 )
             if _is_float(r.dtype) != _is_float(ref.dtype):
                 raise MismatchError(
-                    f"tensor {ref.name!r} is {r.dtype} in {c.path} but {ref.dtype} in {newest.path}"
+                    f"tensor {ref.name!r} is {r.dtype} in {c.shown} but {ref.dtype} in {newest.shown}"
                 )
         jobs.append(TensorJob(ref.name, ref.shape, out_dtype or ref.dtype, "average", tuple(refs)))
     # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
@@ -200,8 +200,8 @@ def _check_names(checkpoints: Sequence[Checkpoint], copy_patterns: Sequence[str]
     if trained_gaps:
         name = trained_gaps[0]
         lacking = next(c for c in checkpoints if name not in c.tensors)
-        where = (f"is missing from {lacking.path}" if lacking is not newest else
-                 f"is in {next(c for c in checkpoints if name in c.tensors).path} but not in {newest.path}")
+        where = (f"is missing from {lacking.shown}" if lacking is not newest else
+                 f"is in {next(c for c in checkpoints if name in c.tensors).shown} but not in {newest.shown}")
         raise MismatchError(f"tensor names differ ({len(trained_gaps)} trained tensor(s)): {name!r} {where} "
                             f"(only buffers that are never averaged may be absent; --copy PATTERN names more)")
     return tuple(tuple(sorted(a)) for a in absent)

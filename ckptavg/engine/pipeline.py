@@ -4,32 +4,26 @@ Three stages run at once, handing fixed-size pieces to each other through bounde
 a reader thread copies each input's piece of a tensor into a pooled buffer (large
 sequential `pread`s), the calling thread accumulates the pieces in float32/float64 in
 cache-sized chunks and casts once to the output dtype, and a writer thread appends the
-result to the current output shard. File I/O and torch kernels release the GIL, so wall
-time tends to the slowest stage rather than the sum, and memory is the buffer pools:
-O(piece size x inputs), independent of model size.
+result to the current output shard (or, for scoring without writing, to tensors in memory).
+File I/O and torch kernels release the GIL, so wall time tends to the slowest stage rather
+than the sum, and memory is the buffer pools: O(piece size x inputs), independent of model size.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import CkptavgError
-from .hashing import file_sha256
-from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, TensorJob, check_weights, plan_average, uniform_weights
-from .tensors import Checkpoint, TensorReader, open_checkpoint
-from .writer import OutputDir, ShardFile, check_free_space, copy_side_files, write_index
+from ..errors import CkptavgError
+from .plan import AveragePlan, TensorJob
+from .tensors import TensorReader
+from .writer import ShardFile, write_index
 
 PIECE_ELEMENTS = 4 * 1024 * 1024  # per input per hand-off: 8 MB of fp16
 CHUNK_ELEMENTS = 1024 * 1024  # arithmetic granularity: keeps the fp32 temporaries in cache
@@ -260,123 +254,9 @@ def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | 
     write_index(Path(folder), plan.shards)
 
 
-def _open_and_plan(inputs: Sequence[str | os.PathLike | Checkpoint], weights: Sequence[float] | None,
-                   normalize: bool, copy: Sequence[str], **plan_options) -> tuple[list[Checkpoint], AveragePlan]:
-    checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
-    weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
-    patterns = tuple(dict.fromkeys((*DEFAULT_COPY_PATTERNS, *copy)))
-    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, **plan_options)
-
-
-def average_in_memory(inputs: Sequence[str | os.PathLike | Checkpoint], *, weights: Sequence[float] | None = None,
-                      normalize: bool = True, out_dtype: torch.dtype | None = None,
-                      accumulate: torch.dtype = torch.float32, device: str | torch.device = "auto",
-                      copy: Sequence[str] = (), piece_elements: int = PIECE_ELEMENTS) -> dict[str, torch.Tensor]:
-    """The same average as `average_checkpoints`, as a CPU state dict (names as stored), written nowhere.
-
-    Holds the whole output in memory, which scoring the model needs anyway; the inputs are
-    still streamed."""
-    _, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate)
+def execute_in_memory(plan: AveragePlan, device: torch.device, piece_elements: int = PIECE_ELEMENTS
+                      ) -> dict[str, torch.Tensor]:
+    """The plan's output tensors, assembled in memory (CPU), written nowhere."""
     sink = _MemorySink()
-    _Pipeline(plan, sink, resolve_device(device), piece_elements, None).run()
+    _Pipeline(plan, sink, device, piece_elements, None).run()
     return sink.tensors
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str:
-    return "auto (as stored in the newest input)" if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-
-    return {"ckptavg": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
-            "python": platform.python_version()}
-
-
-def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple[str, str]] | None,
-                     extra: Sequence[dict] | None, plan: AveragePlan) -> list[dict]:
-    inputs = []
-    for i, c in enumerate(checkpoints):
-        files = []
-        for f in c.files:
-            entry: dict = {"name": f.name, "size": f.stat().st_size}
-            if hashes is not None:
-                entry["sha256"], entry["sha256_source"] = hashes[f]
-            files.append(entry)
-        described = {"path": str(c.path.absolute()), "format": c.format, "files": files}
-        if plan.absent and plan.absent[i]:
-            described["absent_buffers"] = list(plan.absent[i])
-        inputs.append(described | (extra[i] if extra else {}))
-    return inputs
-
-
-def average_checkpoints(
-    inputs: Sequence[str | os.PathLike | Checkpoint],
-    out: str | os.PathLike,
-    *,
-    weights: Sequence[float] | None = None,
-    normalize: bool = True,
-    out_dtype: torch.dtype | None = None,
-    accumulate: torch.dtype = torch.float32,
-    device: str | torch.device = "auto",
-    shard_bytes: int = 5 * 10**9,
-    force: bool = False,
-    hash_inputs: bool = True,
-    copy: Sequence[str] = (),
-    method: dict | None = None,
-    input_info: Sequence[dict] | None = None,
-    run: dict | None = None,
-    piece_elements: int = PIECE_ELEMENTS,
-    progress: Callable[[AveragePlan], Progress | None] | None = None,
-) -> Path:
-    """Average checkpoints (oldest first, newest last) into the Hugging Face model folder `out`.
-
-    Config and tokenizer files, and every tensor that is not averaged, come from the newest
-    input. Tensors that are never averaged (non-float tensors, Pythia's non-trained buffers and
-    names matching a `copy` pattern) may be absent from some inputs; the manifest says which.
-    `method`, `input_info` and `run` are recorded verbatim in the manifest, so callers such as
-    trajectory runs can say where the inputs came from and which run (model, tag) the output
-    belongs to. Returns the output folder.
-    """
-    output = OutputDir(out, force=force)
-    output.check()
-    dev = resolve_device(device)
-    checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
-                                       accumulate=accumulate, shard_bytes=shard_bytes)
-    output.final.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(output.final.parent, plan.output_bytes)
-    started = time.time()
-    with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
-        files = sorted({f for c in checkpoints for f in c.files})
-        pending = {f: pool.submit(file_sha256, f) for f in files} if hash_inputs else {}
-        execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
-                     progress=progress(plan) if progress else None)
-        side = copy_side_files(checkpoints[-1].folder, output.path)
-        hashes = {f: fut.result() for f, fut in pending.items()} if hash_inputs else None
-        manifest = {
-            "ckptavg_manifest": 1,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "method": method or {"name": "weighted_average"},
-            **({"run": run} if run else {}),
-            "weights": list(plan.weights),
-            "normalized": normalize,
-            "inputs": _describe_inputs(checkpoints, hashes, input_info, plan),
-            "dtype_policy": {
-                "output": _dtype_name(out_dtype),
-                "accumulate": _dtype_name(accumulate),
-                "not_averaged": "copied from the newest input: non-float tensors and non-trained buffers; "
-                                "the output holds one exactly when the newest input does",
-                "copy_patterns": list(plan.copy_patterns),
-            },
-            "copied_tensors": plan.copied,
-            "output": {
-                "files": [{"name": s.filename, "tensors": len(s.jobs), "bytes": s.nbytes} for s in plan.shards],
-                "tensor_bytes": plan.output_bytes,
-                "side_files_from_newest_input": side,
-            },
-            "device": str(dev),
-            "seconds": round(time.time() - started, 3),
-            "versions": _versions(),
-        }
-        output.commit(manifest, fsync_files=[output.path / n for n in side])
-    return output.final

@@ -12,8 +12,8 @@ here lazily, after the command line has been parsed.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_text
-from .errors import InputError, IntegrityError
-from .hashing import cache_root, hub_blob_sha256, verify_blob
-from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, pick_files, step_branches
+from ..atomic import write_text
+from ..errors import (HubAuthError, HubError, HubOfflineError, HubUnreachableError, InputError, IntegrityError,
+                      RepoNotFoundError, RevisionNotFoundError)
+from ..formats import pick_files
+from ..hashing import cache_root, hub_blob_sha256, verify_blob
+from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, step_branches
 
 LIST_WORKERS = 8
 ByteBar = Callable[[str, int], Callable[[int], None]]
@@ -37,31 +39,48 @@ class RemoteFile:
     sha256: str | None  # LFS files only
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's connection-level errors (no network, refused, timeout): huggingface_hub 2.x
+    speaks through httpx2, 1.x through httpx."""
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
 @contextmanager
 def hub_errors(repo_id: str) -> Iterator[None]:
-    """huggingface_hub's and the network's exceptions, as one-line messages that say what to do."""
+    """huggingface_hub's typed exceptions as ckptavg's (errors.HubError's subclasses, the same
+    distinctions), each a one-line message that says what to do."""
     from huggingface_hub import constants, errors
 
+    offline_hint = (f"with no network, pre-download the revisions (`hf download {repo_id} --revision stepN`) and "
+                    f"set HF_HUB_OFFLINE=1")
     try:
         yield
+    except errors.GatedRepoError:
+        raise HubAuthError(f"{repo_id} is gated: accept its terms on the Hub and log in (`hf auth login`)") from None
     except errors.RepositoryNotFoundError:
-        raise InputError(f"{repo_id}: no such model repo on {constants.ENDPOINT} (or it is private: "
-                         f"log in with `hf auth login`)") from None
+        raise RepoNotFoundError(f"{repo_id}: no such model repo on {constants.ENDPOINT} (or it is private: "
+                                f"log in with `hf auth login`)") from None
     except errors.RevisionNotFoundError as e:
-        raise InputError(f"{repo_id}: revision not found ({_first_line(e)})") from None
+        raise RevisionNotFoundError(f"{repo_id}: revision not found ({_first_line(e)})") from None
     except errors.OfflineModeIsEnabled:
-        raise InputError(f"{repo_id}: HF_HUB_OFFLINE is set and this needs the Hub") from None
+        raise HubOfflineError(f"{repo_id}: HF_HUB_OFFLINE is set and this needs the Hub") from None
     except errors.LocalEntryNotFoundError as e:
-        raise InputError(f"{repo_id}: cannot download ({_first_line(e)}); with no network, pre-download "
-                         f"the revisions (`hf download {repo_id} --revision stepN`) and set HF_HUB_OFFLINE=1"
-                         ) from None
+        raise HubUnreachableError(f"{repo_id}: cannot download ({_first_line(e)}); {offline_hint}") from None
     except errors.HfHubHTTPError as e:
-        raise InputError(f"{repo_id}: the Hub answered {_first_line(e)}") from None
-    except Exception as e:  # httpx's transport errors: no network, refused, timeout
-        if type(e).__module__.split(".")[0].startswith("httpx"):
-            raise InputError(f"cannot reach {constants.ENDPOINT} for {repo_id} ({e}); with no network, "
-                             f"use revisions already in the cache with HF_HUB_OFFLINE=1") from None
-        raise
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise HubAuthError(f"{repo_id}: the Hub refused access ({status}): log in with `hf auth login` "
+                               f"with a token that can read it") from None
+        kind = HubUnreachableError if status is not None and status >= 500 else HubError
+        raise kind(f"{repo_id}: the Hub answered {_first_line(e)}") from None
+    except _transport_errors() as e:
+        raise HubUnreachableError(f"cannot reach {constants.ENDPOINT} for {repo_id} ({e}); {offline_hint}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -100,12 +119,23 @@ class HubTrajectory:
     def _repo_cache(self) -> Path:
         return self.cache_dir / ("models--" + self.repo_id.replace("/", "--"))
 
+    def _cached_repo(self):
+        """This repo in huggingface_hub's own view of the cache (`scan_cache_dir`), or None."""
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+
+        try:
+            scan = scan_cache_dir(self.cache_dir)
+        except CacheNotFound:
+            return None
+        return next((r for r in scan.repos if r.repo_id == self.repo_id and r.repo_type == "model"), None)
+
     def _cached_refs(self) -> dict[str, str]:
-        refs = self._repo_cache / "refs"
-        if not refs.is_dir():
-            raise InputError(f"HF_HUB_OFFLINE is set and {self.repo_id} is not in the cache {self.cache_dir}: "
-                             f"download its revisions first (`hf download {self.repo_id} --revision stepN`)")
-        return {p.name: p.read_text().strip() for p in refs.iterdir() if p.is_file()}
+        repo = self._cached_repo()
+        if repo is None or not repo.refs:
+            raise HubOfflineError(f"HF_HUB_OFFLINE is set and {self.repo_id} is not in the cache {self.cache_dir}: "
+                                  f"download its revisions first (`hf download {self.repo_id} --revision stepN`)")
+        return {ref: revision.commit_hash for ref, revision in repo.refs.items()}
 
     def tree(self, branch: str) -> list[RemoteFile]:
         if branch not in self._trees:
@@ -120,12 +150,12 @@ class HubTrajectory:
         return [RemoteFile(i.path, i.size, i.lfs.sha256 if i.lfs else None) for i in items if isinstance(i, RepoFile)]
 
     def _cached_tree(self, branch: str) -> list[RemoteFile]:
-        snapshot = self._repo_cache / "snapshots" / self.commits[branch]
-        files = []
-        for p in sorted(snapshot.rglob("*")) if snapshot.is_dir() else []:
-            if p.is_file():
-                files.append(RemoteFile(p.relative_to(snapshot).as_posix(), p.stat().st_size, hub_blob_sha256(p)))
-        return files
+        repo = self._cached_repo()
+        revision = next((r for r in repo.revisions if r.commit_hash == self.commits[branch]), None) if repo else None
+        if revision is None:
+            return []
+        return sorted((RemoteFile(f.file_path.relative_to(revision.snapshot_path).as_posix(), f.size_on_disk,
+                                  hub_blob_sha256(f.file_path)) for f in revision.files), key=lambda f: f.path)
 
     def _list_all(self) -> None:
         todo = [b for b in self.commits if b not in self._trees]
@@ -161,10 +191,14 @@ class HubTrajectory:
     def size(self, step: int) -> int:
         return sum(f.size for f in self.files(step))
 
+    def label(self, step: int) -> str:
+        return self.branches[step]
+
     def describe(self, step: int) -> dict:
         branch = self.branches[step]
         return {"source": f"hf://{self.repo_id}", "repo": self.repo_id, "revision": branch,
-                "commit": self.commits[branch], "step": step, "pattern": self.pattern}
+                "commit": self.commits[branch], "step": step, "pattern": self.pattern,
+                "cache_dir": str(self.cache_dir.absolute())}
 
     def duplicates(self, steps: list[int], read_data: bool = True) -> list[Duplicate]:
         """Revisions among `steps` whose weights are byte-identical to another branch's (any branch of the
@@ -202,6 +236,7 @@ class HubTrajectory:
             checks = []
             for f in files:
                 path = download(f)
+                snapshot = path.parents[len(Path(f.path).parts) - 1]  # the revision's folder in the cache
                 if f.sha256:
                     checks.append((f, path, hasher.submit(verify_blob, path, f.sha256)))
             for f, path, check in checks:
@@ -214,10 +249,13 @@ class HubTrajectory:
                         raise IntegrityError(f"{self.repo_id}@{branch}: {f.path} arrived corrupt twice (sha256 "
                                              f"{actual}, the Hub lists {f.sha256}); the download was deleted")
         self._write_ref(branch, commit)
-        return self._repo_cache / "snapshots" / commit
+        return snapshot
 
     def _write_ref(self, branch: str, commit: str) -> None:
-        """What huggingface_hub records when downloading by branch name, so HF_HUB_OFFLINE runs find the revision."""
+        """What huggingface_hub records when it downloads by branch name, so that HF_HUB_OFFLINE runs find the
+        revision. ckptavg downloads by commit id (the listing's, so a branch that moves mid-run cannot mix two
+        commits), and huggingface_hub has no public call that records a ref, so it is written here, as
+        huggingface_hub's cache layout documents it: refs/BRANCH holds the commit id."""
         ref = self._repo_cache / "refs" / branch
         if not self.offline and (not ref.is_file() or ref.read_text() != commit):
             ref.parent.mkdir(parents=True, exist_ok=True)
@@ -235,8 +273,8 @@ class HubTrajectory:
         return gone
 
     def disk_usage(self) -> int:
-        blobs = self._repo_cache / "blobs"
-        return sum(e.stat().st_size for e in os.scandir(blobs) if e.is_file()) if blobs.is_dir() else 0
+        repo = self._cached_repo()
+        return repo.size_on_disk if repo is not None else 0
 
     def _evict_commit(self, commit: str) -> None:
         """Only revisions this tool downloaded; blobs other snapshots still use are kept by huggingface_hub."""

@@ -12,13 +12,13 @@ import gzip
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
-from .atomic import write_text
-from .errors import InputError
-from .hashing import cache_root
+from ..atomic import replacing, write_text
+from ..errors import InputError
+from ..hashing import cache_root
 
 PILE_SUBSETS = {
     "pile-philpapers": "PhilPapers",
@@ -32,16 +32,20 @@ PERPLEXITY_METRICS = {"word_perplexity": "weighted_perplexity", "byte_perplexity
 
 def task_yaml(name: str, data_file: Path) -> str:
     """A rolling-loglikelihood task over a jsonl file of {"text": ...} records."""
-    metrics = "".join(f"  - metric: {m}\n    aggregation: {agg}\n    higher_is_better: false\n"
-                      for m, agg in PERPLEXITY_METRICS.items())
-    return (f"task: {name}\n"
-            f"dataset_path: json\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(Path(data_file).absolute()))}\n"
-            f"test_split: test\n"
-            f"output_type: loglikelihood_rolling\n"
-            f'doc_to_text: ""\n'
-            f'doc_to_target: "{{{{text}}}}"\n'
-            f"metric_list:\n{metrics}")
+    import yaml
+
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).absolute())}},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False}
+                        for m, agg in PERPLEXITY_METRICS.items()],
+    }
+    return yaml.safe_dump(task, sort_keys=False)
 
 
 def perplexity_tasks(files: Mapping[str, Path], task_dir: Path | None = None) -> Path:
@@ -94,19 +98,15 @@ def pile_tasks(pile: Path, wanted: list[str], root: Path | None = None) -> Path:
     if not done.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         by_set = {s: t for t, s in PILE_SUBSETS.items()}
-        outs = {t: open(folder / f".{t}.jsonl.tmp", "w", encoding="utf-8") for t in PILE_SUBSETS}
         counts = dict.fromkeys(PILE_SUBSETS, 0)
-        try:
+        with ExitStack() as stack:  # every subset appears whole once the pass is done, or none does
+            outs = {t: stack.enter_context(open(stack.enter_context(replacing(folder / f"{t}.jsonl")), "w",
+                                                encoding="utf-8")) for t in PILE_SUBSETS}
             for rec in _records(pile):
                 task = by_set.get((rec.get("meta") or {}).get("pile_set_name"))
                 if task and isinstance(rec.get("text"), str):
                     outs[task].write(json.dumps({"text": rec["text"]}) + "\n")
                     counts[task] += 1
-        finally:
-            for f in outs.values():
-                f.close()
-        for t in PILE_SUBSETS:
-            os.replace(folder / f".{t}.jsonl.tmp", folder / f"{t}.jsonl")
         write_text(done, json.dumps({"source": str(pile.resolve()), "documents": counts}))
     counts = json.loads(done.read_text())["documents"]
     lacking = [t for t in wanted if counts.get(t, 0) == 0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import CkptavgError
+from ..errors import CkptavgError
 
 TOTAL_STEPS = 143_000
 ORG = "EleutherAI"

@@ -3,12 +3,12 @@ and each averaging run), as in the paper's Figures 4 to 7."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import InputError
-from .results import ORIGINAL, Row
+from ..atomic import replacing
+from ..errors import InputError
+from .store import ORIGINAL, Row
 
 
 def series(rows: Sequence[Row], task: str, metric: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
@@ -57,10 +57,11 @@ def _save(fig, ax, out: Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with replacing(out) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 DEFAULT_TASKS = ("pile-philpapers", "pile-bookcorpus2", "pile-youtubesubtitles", "pile-enron",
                  "lambada_openai", "sciq", "arc_easy", "wikitext", "boolq")

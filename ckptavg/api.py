@@ -1,0 +1,400 @@
+"""Everything the command line does, as functions. The CLI parses options, calls these, and prints.
+
+    from ckptavg import api
+    avg = api.Averaging(device="cpu")
+    run = api.run_trajectory(api.open_trajectory("runs/my-run"), api.RunSpec("lawa", 5, 1000, 3000, 5000, 20000),
+                             "out", avg)
+    api.evaluate("out", api.scoring("heldout", "results.sqlite", ppl_task=["heldout=heldout.jsonl"]))
+
+Settings are checked when they are made (`scoring`, `Averaging.checked`), so that a bad one fails
+before anything is listed, fetched or written; pass them to the functions that do the work.
+Averaging itself is `ckptavg.average_checkpoints` and `ckptavg.average_in_memory`. Importing this
+module imports no torch: planning and dry runs run anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import options as opt
+from .errors import OptionError, SavingsError
+from .manifest import Method, is_finished, read_manifest
+from .trajectory.run import RunPlan, RunSpec, execute_run, plan_run, run_id
+from .trajectory.schedule import Window, check_parameters, steps_of
+from .trajectory.sources import DEFAULT_STEP_PATTERN, Duplicate
+
+ByteBar = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance(n)
+OnTask = Callable[[object, str, str], None]  # (target, task, "skipped" | "done" | "failed: why")
+
+
+def torch_dtype(name: str):
+    """A dtype name checked by `options.choice`, as torch's (None for auto)."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def resolve_device(name: str) -> str:
+    """The syntax, and whether a CUDA device asked for is really there (this imports torch)."""
+    from .engine.pipeline import resolve_device as resolve
+
+    return str(resolve(opt.device(name)))
+
+
+# -- scoring settings -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scoring:
+    """What to score with and how; made by `scoring()`, which checks every value first."""
+
+    tasks: tuple[str, ...]
+    results: Path
+    pile: Path | None = None
+    ppl_files: dict[str, Path] = field(default_factory=dict)
+    include_path: tuple[Path, ...] = ()
+    limit: int | None = None
+    batch_size: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    originals: bool = True
+    in_memory: bool = False
+    manager: object = None  # lm-eval's TaskManager, every task registered; None until `registered()`
+
+    def registered(self) -> Scoring:
+        return self if self.manager is not None else replace(self, manager=_register_tasks(self))
+
+
+def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", *, pile: Path | None = None,
+            ppl_task: Sequence[str] = (), include_path: Sequence[Path] = (), limit: int | None = None,
+            batch_size: str = "auto", device: str = "auto", dtype: str = "auto", originals: bool = True,
+            in_memory: bool = False, register: bool = True) -> Scoring:
+    """Checked scoring settings. `register` also registers the tasks with lm-eval, which is what finds an
+    unknown task name (a dry run can skip it: importing lm-eval and indexing its tasks takes seconds)."""
+    from .evaluation.tasks import PILE_SUBSETS
+
+    task_list = opt.tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    pile_wanted = [t for t in task_list if t in PILE_SUBSETS]
+    if pile_wanted and pile is None:
+        raise OptionError(f"{', '.join(pile_wanted)} need --pile FILE (a local Pile-format file; the Pile itself "
+                          f"can no longer be downloaded), or leave them out of the tasks")
+    checked = Scoring(tuple(task_list), Path(results), opt.existing_file(pile, "--pile"),
+                      opt.named_files(ppl_task, "--ppl-task"), tuple(opt.existing_dirs(include_path, "--include-path")),
+                      opt.limit(limit), opt.batch_size(batch_size), opt.device(device),
+                      opt.choice(dtype, opt.EVAL_DTYPES, "--dtype"), originals, in_memory)
+    return checked.registered() if register else checked
+
+
+def _register_tasks(s: Scoring):
+    """lm-eval's task index with our perplexity tasks in it (PILE subsets cut from the Pile file, --ppl-task files)."""
+    from .evaluation.harness import check_tasks, quiet_lm_eval, task_manager
+    from .evaluation.tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
+
+    quiet_lm_eval()
+    paths = list(s.include_path)
+    pile_wanted = [t for t in s.tasks if t in PILE_SUBSETS]
+    if pile_wanted:
+        paths.append(pile_tasks(s.pile, pile_wanted))
+    if s.ppl_files:
+        paths.append(perplexity_tasks(s.ppl_files))
+    manager = task_manager(paths, s.tasks)
+    check_tasks(manager, s.tasks)
+    return manager
+
+
+# -- trajectories -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Averaging:
+    """How a trajectory run averages and fetches. `checked()` validates every value (and, for a real run,
+    finds out whether the device is there) before any listing or download."""
+
+    device: str = "auto"
+    dtype: str = "auto"  # auto (as stored), float16, bfloat16, float32, float64
+    disk_budget: int | str | None = None  # bytes, or a size such as "200GB"
+    copy: tuple[str, ...] = ()  # fnmatch patterns of tensors to copy from the newest input, never average
+    keep_downloads: bool = False
+    force: bool = False  # redo finished outputs
+
+    def checked(self, dry_run: bool = False) -> Averaging:
+        budget = opt.size(self.disk_budget, "--disk-budget") if isinstance(self.disk_budget, str) else self.disk_budget
+        return replace(self, device=opt.device(self.device) if dry_run else resolve_device(self.device),
+                       dtype=opt.choice(self.dtype, opt.AVERAGE_DTYPES, "--dtype"), disk_budget=budget,
+                       copy=opt.copy_patterns(self.copy))
+
+
+def open_trajectory(source: str | Path, pattern: str = DEFAULT_STEP_PATTERN, *, cache_dir: Path | None = None,
+                    bars: ByteBar | None = None):
+    """A local folder of step folders, or a Hub repo (ORG/NAME) whose branches are steps."""
+    from .trajectory.hub import HubTrajectory, looks_like_repo_id
+    from .trajectory.sources import LocalTrajectory
+
+    if Path(source).is_dir():
+        return LocalTrajectory(Path(source), pattern)
+    if looks_like_repo_id(str(source)) and not Path(source).exists():
+        return HubTrajectory(str(source), pattern, cache_dir=cache_dir, bars=bars)
+    raise OptionError(f"{source}: neither a local trajectory folder nor a Hub repo id (ORG/NAME)")
+
+
+def pythia_trajectory(size: str, deduped: bool = True, *, cache_dir: Path | None = None, bars: ByteBar | None = None):
+    from .trajectory import pythia
+    from .trajectory.hub import HubTrajectory
+
+    return HubTrajectory(pythia.model(size).repo_id(deduped), cache_dir=cache_dir, bars=bars)
+
+
+@dataclass(frozen=True)
+class CatalogueTrajectory:
+    """A Pythia repo as the built-in catalogue describes it (revisions, approximate fp16 sizes): what a
+    dry run plans from, offline."""
+
+    size: str
+    deduped: bool = True
+    missing_hint = ""
+    local = False
+
+    @property
+    def name(self) -> str:
+        from .trajectory import pythia
+
+        return pythia.model(self.size).repo_id(self.deduped).split("/")[1]
+
+    def steps(self) -> list[int]:
+        from .trajectory import pythia
+
+        return pythia.steps()
+
+    def sizes(self) -> dict[int, int]:
+        from .trajectory import pythia
+
+        return dict.fromkeys(self.steps(), pythia.model(self.size).fp16_bytes)
+
+
+@dataclass(frozen=True)
+class TrajectoryRun:
+    plan: RunPlan
+    duplicates: tuple[Duplicate, ...]
+    written: tuple[Path, ...] = ()
+    scored: int = 0  # task scores written
+    failed: int = 0
+
+
+def run_trajectory(source, spec: RunSpec, out: str | Path, averaging: Averaging = Averaging(),
+                   scoring: Scoring | None = None, *, dry_run: bool = False, bars: ByteBar | None = None,
+                   on_plan: Callable[[RunPlan, list[Duplicate]], None] | None = None,
+                   on_window: Callable[[Window, Path], None] | None = None,
+                   on_task: OnTask | None = None) -> TrajectoryRun:
+    """Plan every window of `spec` over `source`, check the revisions for duplicates, then (unless
+    `dry_run`) fetch, average, score and evict in order. Finished windows are skipped (with
+    `scoring.in_memory`: windows whose every task is stored), so an interrupted run resumes.
+
+    `on_plan(plan, duplicates)` is called before anything is fetched; `on_window(window, folder)` after
+    each output is written; `on_task` for each (checkpoint, task) scored."""
+    averaging = averaging.checked(dry_run)
+    check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha)
+    scoring = scoring if scoring and scoring.tasks else None
+    if scoring is not None and not dry_run:
+        scoring = scoring.registered()
+    store = None
+    if scoring is not None and not dry_run:  # a dry run writes nothing, not even an empty results store
+        from .report.store import Store
+
+        store = Store(scoring.results)
+    try:
+        done = None
+        if store is not None and scoring.in_memory:
+            run = run_id(source, spec)
+            done = lambda w: all(store.done(run.model, run.tag, w.step, t, scoring.limit or 0)  # noqa: E731
+                                 for t in scoring.tasks)
+        sizes = source.sizes() if isinstance(source, CatalogueTrajectory) else None
+        plan = plan_run(source, spec, Path(out), force=averaging.force, keep_downloads=averaging.keep_downloads,
+                        disk_budget=averaging.disk_budget, sizes=sizes, done=done)
+        duplicates = [] if sizes is not None else source.duplicates(steps_of(plan.todo), read_data=not dry_run)
+        if on_plan is not None:
+            on_plan(plan, duplicates)
+        if dry_run:
+            return TrajectoryRun(plan, tuple(duplicates))
+        return _execute(source, spec, plan, duplicates, averaging, scoring, store, bars, on_window, on_task)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _execute(source, spec: RunSpec, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store,
+             bars, on_window, on_task) -> TrajectoryRun:
+    out_dtype = torch_dtype(averaging.dtype)
+    hooks: dict = {}
+    scorer = None
+    if scoring is not None:
+        from .evaluation.scorer import study_hooks
+
+        scorer = _scorer(scoring, store, averaging.device, averaging.force, on_task)
+        hooks = study_hooks(plan.run.model, spec, {w.step for w in plan.todo}, scorer, originals=scoring.originals,
+                            in_memory=scoring.in_memory, device=averaging.device, out_dtype=out_dtype,
+                            copy=averaging.copy)
+    written = execute_run(source, spec, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
+                          device=averaging.device, out_dtype=out_dtype, copy=averaging.copy, bars=bars,
+                          on_window=on_window, **hooks)
+    if scorer is not None and not scoring.in_memory:  # the averages, and originals not scored on the way
+        from .evaluation.scorer import run_eval
+        from .evaluation.targets import find_targets
+
+        run_eval(find_targets(plan.root, {w.step for w in plan.windows}, scoring.originals), scorer, bars)
+    return TrajectoryRun(plan, tuple(duplicates), tuple(written), scorer.scored if scorer else 0,
+                         scorer.failed if scorer else 0)
+
+
+def _scorer(scoring: Scoring, store, device: str, force: bool, on_task: OnTask | None):
+    from .evaluation.scorer import Scorer
+
+    return Scorer(scoring.tasks, store, scoring.registered().manager, device=device, dtype=scoring.dtype,
+                  batch_size=scoring.batch_size, limit=scoring.limit, force=force, on_task=on_task)
+
+
+# -- scoring a folder of outputs --------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalRun:
+    targets: tuple
+    scored: int = 0
+    failed: int = 0
+
+
+def find_targets(root: str | Path, steps: set[int] | None = None, originals: bool = True) -> list:
+    from .evaluation.targets import find_targets as find
+
+    return find(Path(root), steps, originals)
+
+
+def fetch_summary(targets: Sequence) -> tuple[int, int, int, int]:
+    """(averaged outputs, runs they belong to, originals to fetch from the Hub, bytes to fetch)."""
+    from .evaluation.targets import fetch_bytes
+    from .report.store import ORIGINAL
+
+    averaged = [t for t in targets if t.tag != ORIGINAL]
+    return (len(averaged), len({(t.model, t.tag) for t in averaged}), sum(1 for t in targets if t.repo),
+            fetch_bytes(targets))
+
+
+def evaluate(root: str | Path, scoring: Scoring, *, steps: set[int] | None = None, force: bool = False,
+             bars: ByteBar | None = None, on_task: OnTask | None = None) -> EvalRun:
+    """Score every finished output at any depth under `root` (and the originals of their steps) into
+    `scoring.results`; what the store has is skipped unless `force`."""
+    from .evaluation.scorer import run_eval
+    from .report.store import Store
+
+    targets = find_targets(root, steps, scoring.originals)
+    device = resolve_device(scoring.device)
+    with Store(scoring.results) as store:
+        scorer = _scorer(scoring, store, device, force, on_task)
+        run_eval(targets, scorer, bars)
+    return EvalRun(tuple(targets), scorer.scored, scorer.failed)
+
+
+# -- interpolation ----------------------------------------------------------------------------------
+def interpolate(a: str | Path, b: str | Path, alphas: Sequence[float], out: str | Path, *, device: str = "auto",
+                dtype: str = "auto", copy: Sequence[str] = (), force: bool = False,
+                progress: Callable[[float], Callable | None] | None = None) -> list[tuple[float, Path, bool]]:
+    """alpha*A + (1-alpha)*B for each alpha into OUT/alphaA/; finished ones are skipped unless `force`.
+    Returns (alpha, folder, written) per alpha. `progress(alpha)` gives `average_checkpoints`' hook."""
+    from .engine.average import average_checkpoints
+    from .layout import interpolation_folder
+
+    if not alphas:
+        raise OptionError("--alphas is empty")
+    out_dtype = torch_dtype(opt.choice(dtype, opt.AVERAGE_DTYPES, "--dtype"))
+    patterns, dev = opt.copy_patterns(copy), resolve_device(device)
+    done = []
+    for alpha in alphas:
+        target = interpolation_folder(out, alpha)
+        if not force and is_finished(target):
+            done.append((alpha, target, False))
+            continue
+        average_checkpoints([a, b], target, weights=[alpha, 1 - alpha], normalize=False, force=force, device=dev,
+                            out_dtype=out_dtype, copy=patterns, progress=progress(alpha) if progress else None,
+                            method=Method("interpolate", params={"alpha": alpha, "a": str(a), "b": str(b)}))
+        done.append((alpha, target, True))
+    return done
+
+
+def output_summary(folder: str | Path) -> tuple[int, float]:
+    """(tensor bytes, seconds) of a finished output, from its manifest."""
+    manifest = read_manifest(folder)
+    return (manifest.output.tensor_bytes, manifest.seconds) if manifest else (0, 0.0)
+
+
+# -- savings ----------------------------------------------------------------------------------------
+def savings_table(store: str | Path, models: Sequence[str], task: str, *, metric: str | None = None,
+                  tag: str | None = None, tolerances: Sequence[float] = (0, 0.5, 1, 2, 5),
+                  total_steps: int | None = None, gpu_hours: float | None = None,
+                  usd_per_gpu_hour: float | None = None) -> tuple[str, list[dict]]:
+    """(metric, one record per model and tolerance): GPU hours saved by the averaged run `tag` of each
+    model (a stored name, or a Pythia size such as 6.9b) on `task`."""
+    from .report.savings import catalogue_gpu_hours, match_model, savings
+    from .report.store import ORIGINAL, open_results
+    from .report.tables import primary_metric
+    from .trajectory.pythia import TOTAL_STEPS
+
+    if not tolerances:
+        raise OptionError("--tolerance is empty")
+    with open_results(store) as db:
+        rows = db.rows(task=task)
+    if not rows:
+        raise SavingsError(f"{store}: no results for task {task!r}")
+    chosen = metric or primary_metric(r.metric for r in rows)
+    rows = [r for r in rows if r.metric == chosen]
+    if not rows:
+        raise SavingsError(f"{store}: no {chosen!r} results for task {task!r}")
+    stored = sorted({r.model for r in rows})
+    table = []
+    for name in models:
+        m = match_model(name, stored)
+        mine = [r for r in rows if r.model == m]
+        tags = sorted({r.tag for r in mine if r.tag != ORIGINAL})
+        run = tag or (tags[0] if len(tags) == 1 else None)
+        if run is None or run not in tags:
+            raise SavingsError(f"{m}: choose the averaging run with --tag ({', '.join(tags) or 'none stored'})")
+        hours = gpu_hours or catalogue_gpu_hours(m)
+        if hours is None:
+            raise SavingsError(f"{m}: no published GPU hours; give --gpu-hours")
+        better = next((r.higher_is_better for r in mine if r.higher_is_better is not None), False)
+        original_curve = [(r.step, r.value) for r in mine if r.tag == ORIGINAL]
+        averaged_curve = [(r.step, r.value) for r in mine if r.tag == run]
+        for s in savings(original_curve, averaged_curve, tolerances, total_steps=total_steps or TOTAL_STEPS,
+                         gpu_hours=hours, higher_is_better=better, usd_per_gpu_hour=usd_per_gpu_hour):
+            table.append({"model": m, "tag": run, "task": task, "metric": chosen, "tolerance_pct": s.tolerance,
+                          "target": s.target, "step_reached": s.step, "original_reached": s.original_step,
+                          "steps_saved": s.steps_saved,
+                          "pct_of_training": None if s.fraction is None else 100 * s.fraction,
+                          "gpu_hours_saved": s.gpu_hours} | ({"usd_saved": s.usd} if usd_per_gpu_hour else {}))
+    return chosen, table
+
+
+# -- results and figures ----------------------------------------------------------------------------
+def result_rows(store: str | Path, *, model: str | None = None, task: str | None = None, metric: str | None = None,
+                failed: bool = False) -> list:
+    """Stored rows (`report.store.Row`): successful scores, or with `failed` the failed checkpoint x task pairs."""
+    from .report.store import open_results
+
+    with open_results(store) as db:
+        rows = db.rows(model=model, task=task, status="failed" if failed else "ok")
+    return [r for r in rows if r.metric == metric] if metric and not failed else rows
+
+
+def plot(store: str | Path, task: str, out: str | Path, *, metric: str | None = None, model: str | None = None,
+         compare: Sequence[str] = (), original: bool = True, title: str | None = None) -> Path:
+    """A metric against training step: the original trajectory and the averaged runs (`compare`: only these
+    methods or run tags)."""
+    from .errors import InputError
+    from .report.plots import plot_trajectories
+    from .report.store import ORIGINAL
+    from .report.tables import primary_metric
+
+    opt.image_file(Path(out), "--out")
+    rows = result_rows(store, model=model, task=task)
+    if not rows:
+        raise InputError(f"{store}: no results for task {task!r}" + (f" and model {model!r}" if model else ""))
+    chosen = metric or primary_metric(r.metric for r in rows)
+    if compare:
+        rows = [r for r in rows if r.tag == ORIGINAL or r.method in compare or r.tag in compare]
+    if not original:
+        rows = [r for r in rows if r.tag != ORIGINAL]
+    return plot_trajectories(rows, task, chosen, Path(out), title)

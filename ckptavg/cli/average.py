@@ -1,0 +1,80 @@
+"""`ckptavg average` and `ckptavg interpolate`: local checkpoints in, one model folder out per average."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import options as opt
+from ..units import format_size
+from .common import Arithmetic, Bars, app, grouped, say, user_errors
+
+
+@app.command()
+@user_errors
+@grouped(arith=Arithmetic)
+def average(
+    srcs: list[Path] = typer.Argument(..., help="Checkpoint folders (or weight files), oldest first. "
+                                      "The last one is the newest: config, tokenizer and every tensor "
+                                      "that is not averaged are taken from it."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output Hugging Face model folder."),
+    weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per SRC, in SRC "
+                                          "order (default: uniform 1/n)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize",
+                                   help="Require the weights to sum to 1; --no-normalize uses them as given."),
+    accumulate: str = typer.Option("float32", help="Accumulation precision: float32, or float64 for "
+                                   "bit-exact sums of float32 inputs."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard (e.g. 5GB, 500MiB); "
+                                   "larger outputs are split, with a model.safetensors.index.json."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    hash_inputs: bool = typer.Option(True, "--hash/--no-hash", help="Record each input file's sha256 in "
+                                     "the manifest (cached per file; free for Hugging Face cache files)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    arith: Arithmetic = None,
+) -> None:
+    """Average local checkpoints tensor by tensor into a new model folder.
+
+    Inputs may be model.safetensors, sharded safetensors with an index, pytorch_model.bin, or
+    sharded .bin with an index, in any mix. Floats are accumulated in float32 (or float64) and
+    cast once; integer and boolean buffers are copied from the newest input. The output is
+    written under a temporary name and appears only when complete, with ckptavg.json last.
+    """
+    from ..api import output_summary, resolve_device, torch_dtype
+    from ..engine.average import average_checkpoints
+
+    out_dtype = torch_dtype(opt.choice(arith.dtype, opt.AVERAGE_DTYPES, "--dtype"))
+    acc = torch_dtype(opt.choice(accumulate, opt.ACCUMULATE_DTYPES, "--accumulate"))
+    w = opt.floats(weights, "--weights") if weights else None
+    shard_bytes, patterns = opt.size(shard_size, "--shard-size"), opt.copy_patterns(arith.copy)
+    device = resolve_device(arith.device)
+    with Bars(quiet) as bars:
+        result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
+                                     accumulate=acc, device=device, shard_bytes=shard_bytes, force=force,
+                                     hash_inputs=hash_inputs, copy=patterns, progress=bars.for_plan("averaging"))
+    size, seconds = output_summary(result)
+    say(f"wrote {result} ({format_size(size)}, {len(srcs)} inputs, {seconds:.1f} s)")
+
+
+@app.command()
+@user_errors
+@grouped(arith=Arithmetic)
+def interpolate(
+    a: Path = typer.Argument(..., help="Checkpoint A."),
+    b: Path = typer.Argument(..., help="Checkpoint B (config, tokenizer and non-averaged tensors come from B)."),
+    alphas: str = typer.Option("0,0.2,0.4,0.6,0.8,1", help="Comma-separated alphas; each output is "
+                               "alpha*A + (1-alpha)*B (values outside [0, 1] extrapolate)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Outputs go to OUT/alpha{ALPHA}/."),
+    force: bool = typer.Option(False, "--force", help="Redo finished outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    arith: Arithmetic = None,
+) -> None:
+    """Linear interpolation between two checkpoints, a probe of linear mode connectivity."""
+    from ..api import interpolate as run
+
+    with Bars(quiet) as bars:
+        done = run(a, b, opt.floats(alphas, "--alphas"), out_dir, device=arith.device, dtype=arith.dtype,
+                   copy=arith.copy, force=force, progress=lambda alpha: bars.for_plan(f"alpha {alpha:g}"))
+    for _, folder, written in done:
+        say(f"wrote {folder}" if written else f"skipped {folder} (finished)")

@@ -1,0 +1,243 @@
+"""What every command shares: the Typer app, the consoles, one-line errors and exit codes, progress
+bars, and the option groups, each declared once and added to the commands that take it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import CkptavgError, describe_os_error
+
+app = typer.Typer(
+    help="Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+# Piped output (logs, files) gets room for the wide tables; a terminal or $COLUMNS decides otherwise.
+_WIDTH = None if os.environ.get("COLUMNS") or sys.stdout.isatty() else 120
+err = Console(stderr=True, width=_WIDTH)
+out = Console(width=_WIDTH)
+
+
+def say(message: str, **style) -> None:
+    """A line on stderr, where progress and status go (stdout is for tables and data)."""
+    err.print(message, highlight=False, soft_wrap=True, **style)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Library errors become one line on stderr and exit code 2 (bad input) or 3 (the operating
+    system failed mid-run: a full disk, an I/O error, a permission, a vanished file); Ctrl-C 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CkptavgError as e:
+            raise fail(str(e), e.exit_code) from None
+        except OSError as e:
+            raise fail(describe_os_error(e), 3) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: no partial output was left behind")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class Bars:
+    """One rich progress display per command; every download and every average gets a bar of bytes."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.progress = None
+        if not quiet:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+
+    def __enter__(self) -> Bars:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, description: str, total: int) -> Callable[[int], None]:
+        bars = self.progress
+        if bars is None:
+            return lambda n: None
+        for task in list(bars.tasks):
+            if task.finished:
+                bars.remove_task(task.id)
+        task_id = bars.add_task(description, total=total)
+        return lambda n: bars.advance(task_id, n)
+
+    def for_plan(self, description: str):
+        """The progress hook `average_checkpoints` takes: called with the plan, returns the callback."""
+        return lambda plan: self(description, plan.output_bytes)
+
+    def scoring(self, total: int):
+        """An `on_task` callback: failures said on one line each, and a progress line over `total` scores."""
+        line = self.progress.add_task("scoring", total=total) if self.progress is not None else None
+
+        def on_task(target, task: str, status: str) -> None:
+            if status.startswith("failed"):
+                say(f"[yellow]failed:[/] {target.model} {target.tag} step{target.step} {task}: {status[8:]}")
+            if line is not None:
+                self.progress.update(line, advance=1, description=f"score {target.tag} step{target.step} {task}")
+
+        return on_task
+
+
+def grouped(**groups: type) -> Callable[[Callable], Callable]:
+    """Add the options of each group (a dataclass whose defaults are typer options) to a command, which
+    then receives one object per group under the given name: options are declared once, in one place,
+    and a command's own signature lists only what is its own."""
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name not in groups]
+        added = []
+        for cls in groups.values():
+            hints = typing.get_type_hints(cls)
+            added += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=hints[f.name]) for f in dataclasses.fields(cls)]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            for name, cls in groups.items():
+                kwargs[name] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+            return fn(*args, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=own + added)
+        command.__annotations__ = {p.name: p.annotation for p in own + added}
+        return command
+
+    return decorate
+
+
+# -- the option groups ------------------------------------------------------------------------------
+SCORING = "Scoring"
+
+
+@dataclass
+class Schedule:
+    """Which windows: the method and its spacing (start and end are each command's own)."""
+
+    k: int = typer.Option(5, "--k", help="Checkpoints per LAWA window (EMA and SWA use the same checkpoint "
+                          "sequence).")
+    nu: int = typer.Option(1000, "--nu", help="Steps between the checkpoints of one window.")
+    interval: int = typer.Option(3000, "--interval", help="Steps between consecutive outputs.")
+    method: str = typer.Option("lawa", help="lawa (uniform over the latest k), ema or swa.")
+    ema_alpha: float = typer.Option(0.9, help="EMA: e_i = (1-alpha) e_(i-1) + alpha c_i over the checkpoint "
+                                    "sequence.")
+    swa_start: Optional[int] = typer.Option(None, help="SWA: first step of the running mean (default: the first "
+                                            "checkpoint of the sequence).")
+
+
+@dataclass
+class Arithmetic:
+    """Where and in what precision averaged tensors are computed and stored, and what is never averaged."""
+
+    device: str = typer.Option("auto", help="Where to do the arithmetic: auto (cuda if available), cpu, cuda or "
+                               "cuda:N.")
+    dtype: str = typer.Option("auto", help="Output dtype of averaged tensors: auto (as stored in the newest input), "
+                              "float16, bfloat16, float32 or float64.")
+    copy: list[str] = typer.Option([], "--copy", help="Also copy tensors whose names match this fnmatch pattern "
+                                    "from the newest input instead of averaging them (your architecture's "
+                                    "non-trained buffers, e.g. '*.attn.masked_bias'); like Pythia's buffers, they "
+                                    "may be absent from older inputs. Repeatable.")
+
+
+@dataclass
+class Downloads:
+    """Where Hub revisions go and whether they stay."""
+
+    cache_dir: Optional[Path] = typer.Option(None, help="Hugging Face cache folder for downloads (default: "
+                                             "HF_HUB_CACHE, ~/.cache/huggingface/hub).")
+    keep_downloads: bool = typer.Option(False, help="Keep every downloaded revision instead of deleting each one "
+                                        "after its last window (only revisions ckptavg downloaded are ever "
+                                        "deleted).")
+
+
+@dataclass
+class Tasks:
+    """What scoring runs with: task files, the store, and lm-eval's settings."""
+
+    pile: Optional[Path] = typer.Option(None, help="A Pile-format file (.jsonl, .jsonl.zst or .jsonl.gz; records "
+                                        '{"text", "meta": {"pile_set_name"}}, like the Pile\'s val/test files) for '
+                                        "the pile-* tasks.", rich_help_panel=SCORING)
+    ppl_task: list[str] = typer.Option([], "--ppl-task", help="NAME=FILE.jsonl: a perplexity task over your own "
+                                       '{"text": ...} records (word and byte perplexity, bits per byte). '
+                                       "Repeatable.", rich_help_panel=SCORING)
+    include_path: list[Path] = typer.Option([], help="A folder of lm-eval task YAMLs to register. Repeatable.",
+                                            rich_help_panel=SCORING)
+    results: Path = typer.Option(Path("results.sqlite"), help="SQLite results store (created if missing).",
+                                 rich_help_panel=SCORING)
+    limit: Optional[int] = typer.Option(None, help="At most N documents per task (for quick looks; stored apart "
+                                        "from full scores).", rich_help_panel=SCORING)
+    batch_size: str = typer.Option("auto", help="lm-eval batch size: auto (8 on CPU) or N.", rich_help_panel=SCORING)
+
+
+@dataclass
+class Study:
+    """Scoring as a trajectory run goes."""
+
+    study_tasks: Optional[str] = typer.Option(None, "--eval", help="Also score with these lm-eval tasks "
+                                              "(comma-separated, as in `ckptavg eval`) into --results: each original "
+                                              "while it is on disk for averaging, each average once made, so a whole "
+                                              "study fetches every revision once.", rich_help_panel=SCORING)
+    originals: bool = typer.Option(True, "--originals/--no-originals", help="With --eval: also score the original "
+                                   "checkpoint at each output step.", rich_help_panel=SCORING)
+    in_memory: bool = typer.Option(False, "--in-memory", help="With --eval: average in memory and score, writing no "
+                                   "model folders, only results.", rich_help_panel=SCORING)
+
+
+def scoring(tasks: Optional[str], t: Tasks, *, originals: bool, in_memory: bool, register: bool, device: str = "auto",
+            dtype: str = "auto"):
+    """The checked scoring settings of a command (None when it scores nothing)."""
+    from ..api import scoring as checked
+
+    if in_memory and not tasks:
+        raise fail("--in-memory needs --eval TASKS: without scoring there is nothing to keep")
+    if tasks is None:
+        return None
+    return checked(tasks, t.results, pile=t.pile, ppl_task=t.ppl_task, include_path=t.include_path, limit=t.limit,
+                   batch_size=t.batch_size, device=device, dtype=dtype, originals=originals, in_memory=in_memory,
+                   register=register)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"ckptavg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories."""

@@ -1,0 +1,182 @@
+"""`ckptavg results`, `plot` and `savings`: what the stored scores say. No torch is imported."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import options as opt
+from .common import app, fail, out, say, user_errors
+
+FORMATS = ("table", "csv", "json")
+STORE_ARG = typer.Argument(Path("results.sqlite"), help="The results store written by `ckptavg eval`.")
+
+
+@app.command()
+@user_errors
+def results(
+    store: Path = STORE_ARG,
+    fmt: str = typer.Option("table", "--format", help="table (the paper's Table 2 layout), csv or json (tidy rows)."),
+    model: Optional[str] = typer.Option(None, help="Only this trajectory (e.g. pythia-1b-deduped)."),
+    task: Optional[str] = typer.Option(None, help="Only this task."),
+    metric: Optional[str] = typer.Option(None, help="The metric to show per task (default: word_perplexity for "
+                                         "perplexity tasks, acc for the others)."),
+    failed: bool = typer.Option(False, "--failed", help="List failed checkpoint x task pairs and their errors instead."),
+) -> None:
+    """Print stored scores: originals against averages, step by step."""
+    from ..api import result_rows
+    from ..report.tables import tidy, wide_table
+
+    opt.choice(fmt, FORMATS, "--format")
+    rows = result_rows(store, model=model, task=task, metric=metric, failed=failed)
+    if failed:
+        for r in rows:
+            out.print(f"{r.model} {r.tag} step{r.step} {r.task}: {r.error}", highlight=False, soft_wrap=True)
+        say(f"{len(rows)} failed checkpoint x task pair(s)")
+        return
+    if not rows:
+        raise fail(f"{store}: no results" + (" matching the filters" if model or task or metric else ""))
+    if fmt == "table":
+        print_wide(wide_table(rows, metric))
+    else:
+        print_records(tidy(rows), fmt, "")
+
+
+def print_wide(table) -> None:
+    """The wide layout, split into several tables by task when it is wider than the console."""
+    from rich.table import Table
+
+    tasks = list(dict.fromkeys(c.task for c in table.columns))
+    groups, width, room = [[]], 0, max(out.width - 16, 30)
+    for task in tasks:
+        need = 12 * sum(c.task == task for c in table.columns)
+        if groups[-1] and width + need > room:
+            groups.append([])
+            width = 0
+        groups[-1].append(task)
+        width += need
+    for group in groups:
+        cols = [(i, c) for i, c in enumerate(table.columns) if c.task in group]
+        t = Table(title_justify="left")
+        t.add_column("model", no_wrap=True)
+        t.add_column("step", justify="right")
+        for _, c in cols:
+            t.add_column(f"{c.task}\n{c.metric}\n{c.tag}", justify="right", overflow="fold")
+        for model, step, values in table.rows:
+            cells = ["-" if values[i] is None else f"{values[i]:.4g}" for i, _ in cols]
+            cells = [f"[bold green]{text}[/]" if table.beats_original(values, i) else text
+                     for (i, _), text in zip(cols, cells)]
+            t.add_row(model, str(step), *cells)
+        out.print(t)
+    out.print("green: the average beats the original at that step", style="dim")
+
+
+@app.command()
+@user_errors
+def plot(
+    store: Path = STORE_ARG,
+    task: str = typer.Option(..., help="The task to plot, e.g. pile-philpapers."),
+    metric: Optional[str] = typer.Option(None, help="The metric (default: word_perplexity for perplexity tasks, "
+                                         "acc for the others)."),
+    model: Optional[str] = typer.Option(None, help="Only this trajectory (default: every one in the store)."),
+    compare: Optional[str] = typer.Option(None, help="Comma-separated methods or run tags to draw side by side, e.g. "
+                                          "lawa,ema,swa (default: every run)."),
+    original: bool = typer.Option(True, "--original/--no-original", help="Draw the original trajectory too."),
+    out_file: Path = typer.Option(Path("plot.png"), "--out", "-o", help="The image to write (.png, .pdf, .svg)."),
+    title: Optional[str] = typer.Option(None, help="Figure title."),
+) -> None:
+    """Draw a metric against training step: the original trajectory and the averaged ones."""
+    from ..api import plot as draw
+
+    wanted = tuple(w.strip() for w in (compare or "").split(",") if w.strip())
+    say(f"wrote {draw(store, task, out_file, metric=metric, model=model, compare=wanted, original=original, title=title)}")
+
+
+@app.command()
+@user_errors
+def savings(
+    store: Path = STORE_ARG,
+    model: str = typer.Option(..., help="Comma-separated trajectories as stored (e.g. pythia-6.9b-deduped, or a "
+                              "Pythia size such as 6.9b)."),
+    task: str = typer.Option(..., help="The task, e.g. pile-philpapers."),
+    metric: Optional[str] = typer.Option(None, help="The metric (default: word_perplexity for perplexity tasks, "
+                                         "acc for the others); whether higher is better comes from lm-eval."),
+    tag: Optional[str] = typer.Option(None, help="The averaging run to credit, e.g. lawa-k5-nu1000 (needed when "
+                                      "the store has several for a model)."),
+    tolerance: str = typer.Option("0,0.5,1,2,5", help="Comma-separated tolerances in percent of the original's "
+                                  "final value."),
+    total_steps: Optional[int] = typer.Option(None, help="Steps of the whole training run (default: Pythia's, "
+                                              "143000)."),
+    gpu_hours: Optional[float] = typer.Option(None, help="GPU hours of the whole run (default: the published "
+                                              "figure for Pythia 1b, 2.8b, 6.9b and 12b)."),
+    usd_per_gpu_hour: Optional[float] = typer.Option(None, help="Also show the savings in dollars at this price."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also draw GPU hours saved against tolerance, "
+                                             "one line per model."),
+) -> None:
+    """GPU hours saved by averaging: how much earlier the averaged curve reaches the original's final value."""
+    from ..api import savings_table
+
+    opt.choice(fmt, FORMATS, "--format")
+    if plot_file is not None:
+        opt.image_file(plot_file, "--plot")
+    models = [m.strip() for m in model.split(",") if m.strip()]
+    chosen, table = savings_table(store, models, task, metric=metric, tag=tag,
+                                  tolerances=opt.floats(tolerance, "--tolerance"), total_steps=total_steps,
+                                  gpu_hours=gpu_hours, usd_per_gpu_hour=usd_per_gpu_hour)
+    runs = ", ".join(dict.fromkeys(r["tag"] for r in table))
+    print_records(table, fmt, f"GPU hours saved by {runs} on {task} ({chosen})")
+    if plot_file:
+        from ..report.plots import plot_savings
+
+        say(f"wrote {plot_savings(table, plot_file)}")
+
+
+HEADERS = {"tolerance_pct": "tolerance", "step_reached": "averaged reaches it at",
+           "original_reached": "original reaches it at", "pct_of_training": "% of run",
+           "gpu_hours_saved": "GPU hours saved", "usd_saved": "USD saved"}
+
+
+def print_records(records: list[dict], fmt: str, title: str) -> None:
+    if fmt == "json":
+        import json
+
+        out.print_json(json.dumps(records))
+        return
+    if fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        return
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    cols = [c for c in records[0] if c not in ("task", "metric", "tag")]  # those are in the title
+    for c in cols:
+        t.add_column(HEADERS.get(c, c.replace("_", " ")), justify="left" if c == "model" else "right",
+                     no_wrap=c == "model")
+    for rec in records:
+        t.add_row(*[_cell(c, rec[c]) for c in cols])
+    out.print(t)
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return "never reached" if column == "step_reached" else "-"
+    if column in ("model", "tag"):
+        return str(value)
+    if column == "tolerance_pct":
+        return f"{value:g}%"
+    if column in ("step_reached", "original_reached", "steps_saved"):
+        return f"{value:,.0f}"
+    if column == "pct_of_training":
+        return f"{value:.1f}%"
+    if column in ("gpu_hours_saved", "usd_saved"):
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        return f"${text}" if column == "usd_saved" else text
+    return f"{value:.4g}"

@@ -1,0 +1,168 @@
+"""`ckptavg trajectory` and `ckptavg pythia`: every window of a run, local or from the Hub, scored as it goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..units import format_size
+from .common import Arithmetic, Bars, Downloads, Schedule, Study, Tasks, app, grouped, out, say, scoring, user_errors
+
+DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, peak disk) and exit; reads no tensor data."
+
+
+@app.command()
+@user_errors
+@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study)
+def trajectory(
+    source: str = typer.Argument(..., help="A local folder of checkpoint folders named by step (step1000/, "
+                                 "step2000/, ...), or a Hub model repo id whose branches are steps."),
+    steps_from: str = typer.Option(r"step(\d+)", "--steps-from-branches", "--steps-from",
+                                   help="Regular expression matching a branch or folder name in full; "
+                                   "group 1 is its step."),
+    start: Optional[int] = typer.Option(None, help="First output step (default: the first step with a full window)."),
+    end: Optional[int] = typer.Option(None, help="Last output step (default: the last step of the trajectory)."),
+    skip_incomplete: bool = typer.Option(False, help="Skip windows whose checkpoints are not all present instead "
+                                         "of failing."),
+    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/NAME/METHOD-TAG/stepN/."),
+    disk_budget: Optional[str] = typer.Option(None, help="Refuse plans whose peak disk use (downloads plus one "
+                                              "output) exceeds this, e.g. 200GB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_HELP),
+    force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars."),
+    schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
+    study: Study = None,
+) -> None:
+    """Average a training trajectory window by window (LAWA, EMA or SWA), from local folders or the Hub.
+
+    Each Hub revision is downloaded once, by commit id, into the Hugging Face cache and deleted after
+    its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
+    where it stopped.
+    """
+    from ..api import open_trajectory
+
+    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
+    bars = Bars(quiet)
+    src = open_trajectory(source, steps_from, cache_dir=downloads.cache_dir, bars=bars)
+    steps = src.steps()
+    first = start if start is not None else steps[0] + (schedule.k - 1) * schedule.nu
+    _run(src, _spec(schedule, first, end if end is not None else steps[-1], skip_incomplete), out_dir, *checks,
+         dry_run=dry_run, quiet=quiet, bars=bars)
+
+
+@app.command()
+@user_errors
+@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study)
+def pythia(
+    model: str = typer.Option(..., "--model", help="Pythia size: 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b or 12b."),
+    start: int = typer.Option(21000, help="First output step."),
+    end: int = typer.Option(141000, help="Last output step."),
+    deduped: bool = typer.Option(True, "--deduped/--no-deduped", help="The -deduped repos (default) or the originals."),
+    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/pythia-SIZE[-deduped]/METHOD-TAG/"
+                                 "stepN/."),
+    disk_budget: Optional[str] = typer.Option("200GB", help="Refuse plans whose peak disk use (downloads plus one "
+                                              "output) exceeds this."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan from the built-in catalogue (offline, "
+                                 "approximate fp16 sizes) and exit."),
+    force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars."),
+    schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
+    study: Study = None,
+) -> None:
+    """Average EleutherAI Pythia revisions from the Hub (LAWA by default: k=5, nu=1000, every 3000 steps).
+
+    Before any download, the weight hashes of every branch are compared, and revisions that the Hub
+    serves byte-identical to another step are listed (this happens on the public repos).
+    """
+    from ..api import CatalogueTrajectory, pythia_trajectory
+    from ..trajectory import pythia as catalogue
+
+    catalogue.model(model)  # an unknown size, before anything else
+    spec = _spec(schedule, start, end, False)
+    spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
+    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
+    bars = Bars(quiet)
+    src = (CatalogueTrajectory(model, deduped) if dry_run else
+           pythia_trajectory(model, deduped, cache_dir=downloads.cache_dir, bars=bars))
+    _run(src, spec, out_dir, *checks, dry_run=dry_run, quiet=quiet, bars=bars)
+
+
+def _spec(s: Schedule, start: int, end: int, skip_incomplete: bool):
+    from ..trajectory.run import RunSpec
+
+    return RunSpec(s.method, s.k, s.nu, s.interval, start, end, s.ema_alpha, s.swa_start, skip_incomplete)
+
+
+def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks: Tasks, study: Study,
+             disk_budget: Optional[str], force: bool, dry_run: bool):
+    """Every option of a run, checked before the trajectory is listed: (averaging, scoring)."""
+    from ..api import Averaging
+    from ..trajectory.schedule import check_parameters
+
+    check_parameters(schedule.method, schedule.k, schedule.nu, schedule.interval, schedule.ema_alpha)
+    averaging = Averaging(arith.device, arith.dtype, disk_budget, tuple(arith.copy), downloads.keep_downloads,
+                          force).checked(dry_run)
+    return averaging, scoring(study.study_tasks, tasks, originals=study.originals, in_memory=study.in_memory,
+                              register=not dry_run, device=averaging.device)
+
+
+def _run(source, spec, out_dir: Path, averaging, checked_scoring, *, dry_run: bool, quiet: bool, bars: Bars) -> None:
+    from ..api import run_trajectory
+
+    def on_plan(plan, duplicates) -> None:
+        if dry_run or not quiet:
+            print_plan(f"{source.name}: {spec.tag()}", plan, local=source.local)
+        if dry_run and source.local:
+            say("local checkpoints are compared for duplicates when the run starts: a dry run reads no tensor data",
+                style="dim")
+        for dup in duplicates:
+            say(f"[bold yellow]warning:[/] {dup}: the trajectory serves the same checkpoint under different steps, "
+                f"and these averages will include it as given")
+
+    scores = checked_scoring is not None
+    with bars:
+        on_task = bars.scoring(2 * len(spec.windows(None)) * len(checked_scoring.tasks)) if scores else None
+        run = run_trajectory(source, spec, out_dir, averaging, checked_scoring, dry_run=dry_run, bars=bars,
+                             on_plan=on_plan, on_window=None if quiet else lambda w, p: say(f"wrote {p}"),
+                             on_task=on_task)
+    if dry_run:
+        return
+    if scores and checked_scoring.in_memory:
+        say(f"{len(run.plan.todo)} window(s) averaged in memory and scored")
+    else:
+        say(f"{len(run.written)} output(s) written under {out_dir}")
+    if scores:
+        say(f"{run.scored} task score(s) written to {checked_scoring.results}, {run.failed} failed")
+
+
+def print_plan(title: str, plan, local: bool) -> None:
+    """Windows in order, with what each needs first: checkpoints to download (Hub) or to read (local)."""
+    from rich.table import Table
+
+    columns = ("output step", "checkpoints", "new to read" if local else "to fetch", "output" if local else "disk after")
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="right" if col != "checkpoints" else "left")
+    windows = {w.step: w for w in plan.todo}
+    fetched: list[int] = []
+    for a in plan.fetch.actions:
+        if a.kind == "fetch":
+            fetched.append(a.step)
+        elif a.kind == "average":
+            w = windows[a.step]
+            members = (", ".join(map(str, w.members)) if len(w.members) <= 5
+                       else f"{w.members[0]} ... {w.members[-1]} ({len(w.members)})")
+            table.add_row(str(w.step), members, str(len(fetched)), format_size(a.disk_after))
+            fetched = []
+    out.print(table)
+    done = len(plan.windows) - len(plan.todo)
+    if local:
+        what = (f"{len(plan.fetch.fetches)} local checkpoint(s) to read ({format_size(plan.read_bytes)}), "
+                f"largest output {format_size(plan.fetch.peak_disk)}")
+    else:
+        what = (f"{len(plan.fetch.fetches)} revision(s) to fetch, {format_size(plan.fetch.download_bytes)} to "
+                f"download, peak disk {format_size(plan.fetch.peak_disk)}")
+    out.print(f"{len(plan.todo)} window(s) to average ({done} already finished), {what}", highlight=False,
+              soft_wrap=True)

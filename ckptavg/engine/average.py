@@ -1,0 +1,136 @@
+"""Averaging as a library call: open the inputs, plan, execute, and record what was done.
+
+`average_checkpoints` writes a Hugging Face model folder atomically with its manifest last;
+`average_in_memory` gives the same tensors without writing (for scoring an average).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..hashing import file_sha256
+from ..manifest import (DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId,
+                        ShardRecord)
+from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_plan, resolve_device
+from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
+from .tensors import Checkpoint, open_checkpoint
+from .writer import OutputDir, check_free_space, copy_side_files
+
+Inputs = Sequence[str | os.PathLike | Checkpoint]
+
+
+def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: bool, copy: Sequence[str],
+                   **plan_options) -> tuple[list[Checkpoint], AveragePlan]:
+    checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
+    weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
+    patterns = tuple(dict.fromkeys((*DEFAULT_COPY_PATTERNS, *copy)))
+    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, **plan_options)
+
+
+def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
+                      out_dtype: torch.dtype | None = None, accumulate: torch.dtype = torch.float32,
+                      device: str | torch.device = "auto", copy: Sequence[str] = (),
+                      piece_elements: int = PIECE_ELEMENTS) -> dict[str, torch.Tensor]:
+    """The same average as `average_checkpoints`, as a CPU state dict (names as stored), written nowhere.
+
+    Holds the whole output in memory, which scoring the model needs anyway; the inputs are
+    still streamed."""
+    _, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate)
+    return execute_in_memory(plan, resolve_device(device), piece_elements)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "auto (as stored in the newest input)" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    return {"ckptavg": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            "python": platform.python_version()}
+
+
+def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple[str, str]] | None,
+                     provenance: Sequence[dict] | None, plan: AveragePlan) -> tuple[InputRecord, ...]:
+    inputs = []
+    for i, c in enumerate(checkpoints):
+        files = tuple(FileRecord(f.name, f.stat().st_size, *(hashes[f] if hashes is not None else (None, None)))
+                      for f in c.files)
+        inputs.append(InputRecord(str(c.path.absolute()), c.format, files, plan.absent[i] if plan.absent else (),
+                                  **(provenance[i] if provenance else {})))
+    return tuple(inputs)
+
+
+def average_checkpoints(
+    inputs: Inputs,
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    out_dtype: torch.dtype | None = None,
+    accumulate: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
+    shard_bytes: int = 5 * 10**9,
+    force: bool = False,
+    hash_inputs: bool = True,
+    copy: Sequence[str] = (),
+    method: Method | None = None,
+    provenance: Sequence[dict] | None = None,
+    run: RunId | None = None,
+    piece_elements: int = PIECE_ELEMENTS,
+    progress: Callable[[AveragePlan], Progress | None] | None = None,
+) -> Path:
+    """Average checkpoints (oldest first, newest last) into the Hugging Face model folder `out`.
+
+    Config and tokenizer files, and every tensor that is not averaged, come from the newest
+    input. Tensors that are never averaged (non-float tensors, Pythia's non-trained buffers and
+    names matching a `copy` pattern) may be absent from some inputs; the manifest says which.
+    `method`, `provenance` (per input: where it came from, `InputRecord`'s trajectory fields)
+    and `run` (the trajectory run the output belongs to) go into the manifest. Returns the
+    output folder.
+    """
+    output = OutputDir(out, force=force)
+    output.check()
+    dev = resolve_device(device)
+    checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
+                                       accumulate=accumulate, shard_bytes=shard_bytes)
+    output.final.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(output.final.parent, plan.output_bytes)
+    started = time.time()
+    with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
+        files = sorted({f for c in checkpoints for f in c.files})
+        pending = {f: pool.submit(file_sha256, f) for f in files} if hash_inputs else {}
+        execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
+                     progress=progress(plan) if progress else None)
+        side = copy_side_files(checkpoints[-1].folder, output.path)
+        hashes = {f: fut.result() for f, fut in pending.items()} if hash_inputs else None
+        manifest = Manifest(
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            method=method or Method("weighted_average"),
+            weights=plan.weights,
+            normalized=normalize,
+            inputs=_describe_inputs(checkpoints, hashes, provenance, plan),
+            dtype_policy=DtypePolicy(
+                output=_dtype_name(out_dtype), accumulate=_dtype_name(accumulate),
+                not_averaged="copied from the newest input: non-float tensors and non-trained buffers; "
+                             "the output holds one exactly when the newest input does",
+                copy_patterns=plan.copy_patterns),
+            copied_tensors=plan.copied,
+            output=OutputRecord(tuple(ShardRecord(s.filename, len(s.jobs), s.nbytes) for s in plan.shards),
+                                plan.output_bytes, tuple(side)),
+            device=str(dev),
+            seconds=round(time.time() - started, 3),
+            versions=_versions(),
+            run=run,
+        )
+        output.commit(manifest, fsync_files=[output.path / n for n in side])
+    return output.final

@@ -1,0 +1,100 @@
+"""Scoring checkpoints into the results store: the loop `ckptavg eval` runs, and the hooks that let a
+trajectory run score as it goes (each original while it is on disk, each average once made)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..report.store import ORIGINAL, Row, Store, failed_row
+from .targets import Target, fetched
+
+
+class Scorer:
+    """Scores checkpoints into the store: skips what is there (unless `force`), records failures,
+    and reports each (checkpoint, task) pair to `on_task` as "skipped", "done" or "failed: why"."""
+
+    def __init__(self, tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str, batch_size: str,
+                 limit: int | None, force: bool, on_task: Callable[[Target, str, str], None] | None = None) -> None:
+        from .harness import lm_eval_version
+
+        self.tasks, self.store, self.manager = list(tasks), store, manager
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.limit, self.force = limit, force
+        self.report = on_task or (lambda *a: None)
+        self.version = lm_eval_version()
+        self.scored = self.failed = 0
+
+    def todo(self, target: Target) -> list[str]:
+        return [t for t in self.tasks if self.force or not self.store.done(target.model, target.tag, target.step, t,
+                                                                            self.limit or 0)]
+
+    def score(self, target: Target, folder: Path, state_dict: dict | None = None) -> None:
+        """Score a checkpoint folder, or (`state_dict`) weights in memory with `folder`'s config and tokenizer."""
+        from .harness import load_model, score
+
+        todo = self.todo(target)
+        for t in self.tasks:
+            if t not in todo:
+                self.report(target, t, "skipped")
+        if not todo:
+            return
+        try:
+            lm = load_model(folder, self.device, self.dtype, self.batch_size, state_dict=state_dict)
+        except Exception as e:  # a checkpoint that does not load fails its tasks, not the study
+            message = f"loading {folder} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            for task in todo:
+                self._record(target, task, message, [], folder)
+            return
+        where = "(in memory)" if state_dict is not None else str(folder)
+        for outcome in score(lm, todo, self.manager, self.limit):
+            now = time.time()
+            rows = [Row(target.model, target.tag, target.method, target.k, target.nu, target.step, outcome.task,
+                        s.metric, s.value, s.stderr, s.higher_is_better, self.limit or 0, "ok", "", self.version,
+                        where, now) for s in outcome.scores]
+            self._record(target, outcome.task, outcome.error or ("" if rows else "lm-eval returned no numeric metric"),
+                         rows, folder)
+
+    def _record(self, target: Target, task: str, error: str, rows: list[Row], folder: Path) -> None:
+        self.store.put(rows or [failed_row(target.model, target.tag, target.method, target.k, target.nu, target.step,
+                                           task, self.limit or 0, error, self.version, str(folder))])
+        self.scored += not error
+        self.failed += bool(error)
+        self.report(target, task, f"failed: {error}" if error else "done")
+
+
+def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
+    """Score every target; Hub originals no longer on disk are fetched for it and deleted after."""
+    sources: dict = {}
+    for target in targets:
+        if target.repo and scorer.todo(target):
+            with fetched(target, sources, bars) as folder:
+                scorer.score(target, folder)
+        else:  # on disk, or fully scored already (score() then only reports the skips)
+            scorer.score(target, target.folder)
+
+
+def study_hooks(model: str, spec, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
+                device: str, out_dtype, copy: Sequence[str] = ()) -> dict:
+    """`execute_run` hooks for a study that scores as it goes: each original is scored while it is
+    on disk for averaging (no second download), and with `in_memory` each average is made in
+    memory and scored instead of written."""
+    hooks: dict = {}
+    if originals:
+        def on_fetch(step: int, folder: Path) -> None:
+            if step in outputs:
+                scorer.score(Target(model, ORIGINAL, ORIGINAL, None, None, step, folder), folder)
+
+        hooks["on_fetch"] = on_fetch
+    if in_memory:
+        from ..engine.average import average_in_memory
+
+        def average_and_score(window, folders: list[Path]) -> None:
+            weights = average_in_memory(folders, weights=window.weights, normalize=False, device=device,
+                                        out_dtype=out_dtype, copy=copy)
+            target = Target(model, spec.tag(), spec.method, spec.k, spec.nu, window.step, folders[-1])
+            scorer.score(target, folders[-1], state_dict=weights)
+
+        hooks["in_memory"] = average_and_score
+    return hooks

@@ -1,0 +1,57 @@
+"""What the files of a Hugging Face model folder are called: the one place that knows, without torch.
+
+The engine reads and writes these files; trajectory sources decide from a branch's file list
+which files make a checkpoint, before anything is downloaded. Both ask here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Looked for in a folder in this order: the first one present decides the checkpoint's format.
+WEIGHT_LAYOUTS = (
+    (SAFETENSORS_INDEX, "safetensors"),
+    ("model.safetensors", "safetensors"),
+    (BIN_INDEX, "bin"),
+    ("pytorch_model.bin", "bin"),
+)
+# Non-weight files a model folder needs to be loaded and used; an output copies them from its newest input.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+_BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+
+
+def weight_files(names: Iterable[str]) -> set[str]:
+    """The weight files among `names`: safetensors when there are any, else `.bin` (never
+    `training_args.bin` or optimizer states)."""
+    names = set(names)
+    for pattern in (_SAFETENSORS, _BIN):
+        weights = {n for n in names if pattern.fullmatch(n)}
+        if weights:
+            return weights
+    return set()
+
+
+def pick_files(names: Iterable[str]) -> set[str] | None:
+    """The files that make one checkpoint: its weight files, their index and the side files a model
+    folder needs; None when there are no weights at all."""
+    names = set(names)
+    weights = weight_files(names)
+    if not weights:
+        return None
+    index = SAFETENSORS_INDEX if next(iter(weights)).endswith(".safetensors") else BIN_INDEX
+    return weights | ({index} & names) | (set(SIDE_FILES) & names)

@@ -1,0 +1,64 @@
+"""Where outputs go: the folder layout every command writes and `ckptavg eval` walks, built and read here.
+
+    OUT/NAME/TAG/stepN/        one trajectory output (a model folder with ckptavg.json)
+    OUT/NAME/TAG/ckptavg-run.jsonl   the run log of that run
+    OUT/alphaA/                one interpolation
+    .NAME.ckptavg-tmp-PID-...  an output being built (hidden, beside its final place)
+
+Identity (which trajectory, which run) is read from each output's manifest, not from these
+names, so a tree can be moved or renamed; `position_identity` reads old outputs whose manifests
+predate that record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .manifest import MANIFEST, Manifest, RunId, read_manifest
+
+RUN_LOG = "ckptavg-run.jsonl"
+TMP_MARK = ".ckptavg-tmp-"
+
+
+def run_folder(out: str | Path, run: RunId) -> Path:
+    return Path(out) / run.model / run.tag
+
+
+def output_folder(out: str | Path, run: RunId, step: int) -> Path:
+    return run_folder(out, run) / f"step{step}"
+
+
+def interpolation_folder(out: str | Path, alpha: float) -> Path:
+    return Path(out) / f"alpha{alpha:g}"
+
+
+def temporary_name(final: Path, suffix: str) -> Path:
+    """The hidden sibling an output is built in before it is renamed into place."""
+    return final.parent / f".{final.name}{TMP_MARK}{suffix}"
+
+
+def temporary_prefix(final: Path) -> str:
+    return f".{final.name}{TMP_MARK}"
+
+
+def position_identity(folder: Path) -> RunId:
+    """OUT/NAME/TAG/stepN -> (NAME, TAG): only for outputs whose manifests do not say."""
+    return RunId(folder.parent.parent.name, folder.parent.name)
+
+
+def identity(folder: Path, manifest: Manifest) -> RunId:
+    return manifest.run or position_identity(folder)
+
+
+def finished_outputs(root: Path) -> Iterator[tuple[Path, Manifest]]:
+    """Every finished output at any depth under `root`, with its manifest, in name order. Hidden folders
+    (outputs still being built) are not entered, nor are outputs themselves."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if MANIFEST in files:
+            dirs.clear()
+            manifest = read_manifest(folder)
+            if manifest is not None:
+                yield Path(folder), manifest
