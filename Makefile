@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 DEMO := out/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test test-fast demo bench clean
 
 # torch is pinned first: on a CPU machine it resolves to a local CPU build, where an unpinned
 # `torch` (pulled in by transformers) would download several GB of CUDA wheels.
@@ -14,8 +14,17 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# Style and the layering (pyproject.toml's import-linter contracts); part of `make test`.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
+
+test: lint
 	$(PYTHON) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (about 30 s).
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # Trains two small trajectories once (about 4 minutes on 2 cores), then averages, scores, plots and
 # computes savings with the ckptavg CLI; the figures go to docs/, where the README shows them.

@@ -107,7 +107,7 @@ def reference_average(folders, weights=None, out_dtype=None, copy=()):
             continue
         acc = sds[0][name].double() * (1.0 if mean else weights[0])
         mag = acc.abs()
-        for sd, w in zip(sds[1:], weights[1:]):
+        for sd, w in zip(sds[1:], weights[1:], strict=True):
             term = sd[name].double() * (1.0 if mean else w)
             acc = acc + term
             mag = mag + term.abs()
@@ -130,6 +130,58 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(i < 0, lowest - i, i)
 
     return (ordered(a) - ordered(b)).abs()
+
+
+def assert_matches(out_dir, reference, max_ulp: int, accumulate=torch.float32):
+    """Every float within `max_ulp` of the float64 reference; where inputs cancel to about zero,
+    within the accumulation dtype's rounding error of sum |w_i x_i| instead (0 slack for float64)."""
+    ref, scale = reference
+    got = load_reference(out_dir)
+    assert set(got) == set(ref)
+    slack = 0.0 if accumulate == torch.float64 else 4 * torch.finfo(accumulate).eps
+    for name, r in ref.items():
+        g = got[name]
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        if name in scale:
+            far = ulp_distance(g, r) > max_ulp
+            cancelled = (g.double() - r.double()).abs() <= slack * scale[name]
+            assert not (far & ~cancelled).any(), name
+        else:
+            assert torch.equal(g, r), name
+
+
+def assert_user_error(result, *fragments, out=None):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def recursive_ema(folders, alpha):
+    sds = [load_reference(f) for f in folders]
+    out = {}
+    for name, t in sds[-1].items():
+        if not t.is_floating_point() or name.endswith(("attention.bias", "masked_bias", "inv_freq")):
+            continue
+        e = sds[0][name].double()
+        for sd in sds[1:]:
+            e = (1 - alpha) * e + alpha * sd[name].double()
+        out[name] = e.to(t.dtype)
+    return out
+
+
+def assert_loads_in_transformers(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    written = load_reference(folder)
+    assert torch.equal(model.lm_head.weight.detach(), written["embed_out.weight"])
+    assert torch.isfinite(model(torch.arange(8).unsqueeze(0)).logits).all()
 
 
 @pytest.fixture(scope="session")

@@ -6,31 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import load_reference, pythia_state_dict, reference_average, ulp_distance, write_checkpoint
+from conftest import assert_matches, load_reference, pythia_state_dict, reference_average, write_checkpoint
 from safetensors import safe_open
 
 from ckptavg.engine.average import average_checkpoints
 from ckptavg.manifest import MANIFEST
 
 FORMATS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]
-
-
-def assert_matches(out_dir, reference, max_ulp: int, accumulate=torch.float32):
-    """Every float within `max_ulp` of the float64 reference; where inputs cancel to about zero,
-    within the accumulation dtype's rounding error of sum |w_i x_i| instead (0 slack for float64)."""
-    ref, scale = reference
-    got = load_reference(out_dir)
-    assert set(got) == set(ref)
-    slack = 0.0 if accumulate == torch.float64 else 4 * torch.finfo(accumulate).eps
-    for name, r in ref.items():
-        g = got[name]
-        assert g.dtype == r.dtype and g.shape == r.shape, name
-        if name in scale:
-            far = ulp_distance(g, r) > max_ulp
-            cancelled = (g.double() - r.double()).abs() <= slack * scale[name]
-            assert not (far & ~cancelled).any(), name
-        else:
-            assert torch.equal(g, r), name
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

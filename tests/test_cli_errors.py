@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import pythia_state_dict, write_checkpoint
+from conftest import assert_user_error, pythia_state_dict, write_checkpoint
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -22,18 +22,6 @@ runner = CliRunner()
 
 def run_cli(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments, out=None):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 @pytest.fixture

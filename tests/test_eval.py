@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ckptavg.cli import app
 
+pytestmark = pytest.mark.slow  # lm-eval scores every checkpoint
 runner = CliRunner()
 SUBSETS = {"pile-philpapers": "PhilPapers", "pile-bookcorpus2": "BookCorpus2",
            "pile-youtubesubtitles": "YoutubeSubtitles", "pile-enron": "Enron Emails"}
@@ -65,7 +66,8 @@ def study(tmp_path_factory):
 
     import zstandard
 
-    lines = "".join(json.dumps({"text": d, "meta": {"pile_set_name": s}}) + "\n" for s, docs in DOCS.items() for d in docs)
+    lines = "".join(json.dumps({"text": d, "meta": {"pile_set_name": s}}) + "\n"
+                    for s, docs in DOCS.items() for d in docs)
     pile = root / "val.jsonl.zst"
     pile.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
 
@@ -221,9 +223,10 @@ def test_trajectory_scores_as_it_goes_and_in_memory_agrees(study, tmp_path):
             "--in-memory")
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "mem").exists()  # nothing but results
-    written, in_memory = ({(tag, step, task, metric): value for tag, step, task, metric, value in sqlite3.connect(db).execute(
-        "SELECT tag, step, task, metric, value FROM scores WHERE status='ok'")} for db in (tmp_path / "a.sqlite",
-                                                                                          tmp_path / "b.sqlite"))
+    query = "SELECT tag, step, task, metric, value FROM scores WHERE status='ok'"
+    written, in_memory = ({(tag, step, task, metric): value for tag, step, task, metric, value
+                           in sqlite3.connect(db).execute(query)}
+                          for db in (tmp_path / "a.sqlite", tmp_path / "b.sqlite"))
     expected = {(tag, step, task, m) for tag in ("original", "lawa-k2-nu100") for step in (200, 300)
                 for task in ("pile-enron", "pile-philpapers") for m in ("word_perplexity", "byte_perplexity",
                                                                         "bits_per_byte")}

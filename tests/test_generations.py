@@ -13,9 +13,15 @@ import json
 
 import pytest
 import torch
-from conftest import load_reference, pythia_state_dict, reference_average, write_checkpoint
-from test_average import assert_matches
-from test_cli_errors import assert_user_error
+from conftest import (
+    assert_loads_in_transformers,
+    assert_matches,
+    assert_user_error,
+    load_reference,
+    pythia_state_dict,
+    reference_average,
+    write_checkpoint,
+)
 from typer.testing import CliRunner
 
 from ckptavg.cli import app
@@ -45,15 +51,6 @@ def mixed(tmp_path_factory):
     return root
 
 
-def assert_loads_in_transformers(folder):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    written = load_reference(folder)
-    assert torch.equal(model.lm_head.weight.detach(), written["embed_out.weight"])
-    assert torch.isfinite(model(torch.arange(8).unsqueeze(0)).logits).all()
-
-
 def test_trajectory_over_mixed_generations(mixed, tmp_path):
     r = cli("trajectory", mixed, "--k", 3, "--nu", 1000, "--interval", 1000, "--out", tmp_path, "-q")
     assert r.exit_code == 0, r.output
@@ -65,7 +62,7 @@ def test_trajectory_over_mixed_generations(mixed, tmp_path):
         got = set(load_reference(out))
         assert (BUFFERS <= got) if has_buffers(t) else not (BUFFERS & got), t
         manifest = json.loads((out / "ckptavg.json").read_text())
-        for s, described in zip(members, manifest["inputs"]):
+        for s, described in zip(members, manifest["inputs"], strict=True):
             lacks = set(described.get("absent_buffers", []))
             assert lacks == (set() if has_buffers(s) else BUFFERS), (t, s)
         if has_buffers(t):

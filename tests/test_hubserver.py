@@ -18,7 +18,8 @@ import huggingface_hub as hh
 repo = "EleutherAI/pythia-tiny"
 api = hh.HfApi()
 refs = sorted(b.name for b in api.list_repo_refs(repo).branches)
-tree = {t.path: (t.lfs.sha256 if t.lfs else None) for t in api.list_repo_tree(repo, revision="step1000", recursive=True)}
+listed = api.list_repo_tree(repo, revision="step1000", recursive=True)
+tree = {t.path: (t.lfs.sha256 if t.lfs else None) for t in listed}
 path = hh.hf_hub_download(repo, "model.safetensors", revision="step2000")
 try:
     list(api.list_repo_tree(repo, revision="step9999"))

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ckptavg.cli import app
-from ckptavg.report.store import Row, Store
 from ckptavg.errors import SavingsError
 from ckptavg.report.savings import first_reach, match_model, savings
+from ckptavg.report.store import Row, Store
 
 ORIGINAL = [(1000, 20.0), (2000, 15.0), (3000, 12.0), (4000, 10.0)]
 AVERAGED = [(1000, 18.0), (2000, 13.0), (3000, 10.0), (4000, 9.5)]
@@ -87,8 +87,8 @@ def test_savings_command(store, tmp_path):
     assert "tiny-run" in r.output and "pythia-1b-deduped" in r.output and "never reached" not in r.output
     r = runner.invoke(app, ["savings", str(store), "--model", "1b", "--task", "pile-enron", "--tolerance", "0,10",
                             "--format", "csv"])
-    assert r.output.splitlines()[1].startswith("pythia-1b-deduped,lawa-k5-nu1000,pile-enron,word_perplexity,0.0,10.0,3000"
-                                               ".0,4000.0,1000.0")
+    assert r.output.splitlines()[1].startswith("pythia-1b-deduped,lawa-k5-nu1000,pile-enron,word_perplexity,0.0,10.0,"
+                                               "3000.0,4000.0,1000.0")
 
 
 @pytest.mark.parametrize("args, message", [

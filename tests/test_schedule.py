@@ -6,10 +6,17 @@ import math
 
 import pytest
 
+from ckptavg.errors import OptionError, ScheduleError
 from ckptavg.trajectory import pythia
-from ckptavg.errors import ScheduleError
-from ckptavg.trajectory.schedule import (ema_windows, lawa_windows, plan_fetches, sequence, steps_of,
-                              swa_windows, weight_sum_ok)
+from ckptavg.trajectory.schedule import (
+    ema_windows,
+    lawa_windows,
+    plan_fetches,
+    sequence,
+    steps_of,
+    swa_windows,
+    weight_sum_ok,
+)
 
 
 def test_lawa_windows_slide_by_interval():
@@ -47,7 +54,7 @@ def test_missing_revision_is_named_unless_skipped():
 def recursive_ema(n: int, alpha: float) -> list[float]:
     """e_0 = c_0, e_i = (1-a) e_{i-1} + a c_i, run on coefficient vectors."""
     e = [1.0]
-    for i in range(1, n):
+    for _ in range(1, n):
         e = [(1 - alpha) * x for x in e] + [alpha]
     return e
 
@@ -121,5 +128,5 @@ def test_pythia_catalogue():
     assert pythia.model("6.9b").repo_id() == "EleutherAI/pythia-6.9b-deduped"
     assert pythia.model("pythia-12B").repo_id(deduped=False) == "EleutherAI/pythia-12b"
     assert math.isclose(pythia.model("1b").gpu_hours, 4830)
-    with pytest.raises(Exception, match="unknown Pythia size"):
+    with pytest.raises(OptionError, match="unknown Pythia size"):
         pythia.model("3b")

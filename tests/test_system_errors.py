@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import pythia_state_dict, reference_average, write_checkpoint
-from test_average import assert_matches
+from conftest import assert_matches, pythia_state_dict, reference_average, write_checkpoint
 from typer.testing import CliRunner
 
 from ckptavg.cli import app

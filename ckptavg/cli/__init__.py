@@ -7,7 +7,7 @@ import os
 import signal
 
 # each registers its commands; `ckptavg --help` lists them in this order, the pipeline's
-from . import average, trajectory, evaluate, report  # noqa: F401, I001
+from . import average, evaluate, report, trajectory  # noqa: F401, I001
 from .common import app
 
 

@@ -25,7 +25,8 @@ def eval_(
                                    "--pile; the others are lm-eval's own tasks."),
     originals: bool = typer.Option(True, "--originals/--no-originals", help="Also score the original checkpoint "
                                    "at each averaged step (fetched from the Hub if it is no longer on disk)."),
-    steps: Optional[str] = typer.Option(None, help="Only these steps, comma-separated (default: every finished output)."),
+    steps: Optional[str] = typer.Option(None, help="Only these steps, comma-separated (default: every finished "
+                                        "output)."),
     device: str = typer.Option("auto", help="Where to run the models: auto (cuda if available), cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="Model dtype for scoring: auto (float32 on CPU, as stored on a GPU), "
                               "float16, bfloat16 or float32."),

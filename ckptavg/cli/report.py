@@ -24,7 +24,8 @@ def results(
     task: Optional[str] = typer.Option(None, help="Only this task."),
     metric: Optional[str] = typer.Option(None, help="The metric to show per task (default: word_perplexity for "
                                          "perplexity tasks, acc for the others)."),
-    failed: bool = typer.Option(False, "--failed", help="List failed checkpoint x task pairs and their errors instead."),
+    failed: bool = typer.Option(False, "--failed", help="List failed checkpoint x task pairs and their errors "
+                                "instead."),
 ) -> None:
     """Print stored scores: originals against averages, step by step."""
     from ..api import result_rows
@@ -68,7 +69,7 @@ def print_wide(table) -> None:
         for model, step, values in table.rows:
             cells = ["-" if values[i] is None else f"{values[i]:.4g}" for i, _ in cols]
             cells = [f"[bold green]{text}[/]" if table.beats_original(values, i) else text
-                     for (i, _), text in zip(cols, cells)]
+                     for (i, _), text in zip(cols, cells, strict=True)]
             t.add_row(model, str(step), *cells)
         out.print(t)
     out.print("green: the average beats the original at that step", style="dim")
@@ -92,7 +93,8 @@ def plot(
     from ..api import plot as draw
 
     wanted = tuple(w.strip() for w in (compare or "").split(",") if w.strip())
-    say(f"wrote {draw(store, task, out_file, metric=metric, model=model, compare=wanted, original=original, title=title)}")
+    path = draw(store, task, out_file, metric=metric, model=model, compare=wanted, original=original, title=title)
+    say(f"wrote {path}")
 
 
 @app.command()

@@ -141,7 +141,7 @@ def print_plan(title: str, plan, local: bool) -> None:
     """Windows in order, with what each needs first: checkpoints to download (Hub) or to read (local)."""
     from rich.table import Table
 
-    columns = ("output step", "checkpoints", "new to read" if local else "to fetch", "output" if local else "disk after")
+    columns = ("output step", "checkpoints", *(("new to read", "output") if local else ("to fetch", "disk after")))
     table = Table(title=title, title_justify="left")
     for col in columns:
         table.add_column(col, justify="right" if col != "checkpoints" else "left")

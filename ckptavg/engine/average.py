@@ -18,8 +18,7 @@ import torch
 
 from .. import __version__
 from ..hashing import file_sha256
-from ..manifest import (DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId,
-                        ShardRecord)
+from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
 from .tensors import Checkpoint, open_checkpoint

@@ -175,7 +175,7 @@ class _Pipeline:
         with TensorReader() as reader:
             for p in self.pieces:
                 bufs = [self._get(self.in_pool) for _ in p.job.sources]
-                views = [reader.read(r, p.start, p.count, b) for r, b in zip(p.job.sources, bufs)]
+                views = [reader.read(r, p.start, p.count, b) for r, b in zip(p.job.sources, bufs, strict=True)]
                 self._put(self.read_q, (p, bufs, views))
         self._put(self.read_q, None)
 
@@ -209,7 +209,7 @@ class _Pipeline:
                 acc.div_(k)
             else:  # mul then add, never fused: the same rounding as the plain reference sum
                 acc.copy_(views[0][s:e], non_blocking=on_gpu).mul_(w[0])
-                for v, wi in zip(views[1:], w[1:]):
+                for v, wi in zip(views[1:], w[1:], strict=True):
                     tmp.copy_(v[s:e], non_blocking=on_gpu).mul_(wi)
                     acc.add_(tmp)
             out[s:e].copy_(acc)  # the one cast to the output dtype (a synchronising copy on CUDA)

@@ -144,7 +144,7 @@ def plan_average(
             jobs.append(TensorJob(ref.name, ref.shape, ref.dtype, "copy", (ref,), reason))
             continue
         refs = [c.tensors[ref.name] for c in checkpoints]
-        for c, r in zip(checkpoints, refs):
+        for c, r in zip(checkpoints, refs, strict=True):
             if r.shape != ref.shape:
                 raise MismatchError(
                     f"tensor {ref.name!r} has shape {list(r.shape)} in {c.shown} "

@@ -154,7 +154,7 @@ def load_torch_bin(file: Path) -> dict[str, torch.Tensor]:
         except zipfile.BadZipFile:
             raise CorruptCheckpointError(f"{file}: truncated or corrupt zip checkpoint") from None
     else:
-        warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it is loaded whole into memory")
+        warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it is loaded whole into memory", stacklevel=2)
     try:
         sd = torch.load(file, map_location="cpu", mmap=zipped, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -200,7 +200,7 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
         else:
             raise InputError(f"{path}: unknown checkpoint format (expected .safetensors or .bin)")
     else:
-        for name, fmt in WEIGHT_LAYOUTS:
+        for name, fmt in WEIGHT_LAYOUTS:  # noqa: B007  (the one found is used below)
             if (path / name).is_file():
                 break
         else:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from ..errors import SavingsError
 
-
 Curve = Sequence[tuple[int, float]]  # (step, value), sorted by step
 
 

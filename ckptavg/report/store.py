@@ -93,7 +93,7 @@ class Store:
         sql += " ORDER BY model, step, task, metric, tag"
         out = []
         for rec in self.db.execute(sql, args):
-            row = dict(zip(_COLUMNS, rec))
+            row = dict(zip(_COLUMNS, rec, strict=True))
             hib = row["higher_is_better"]
             row["higher_is_better"] = None if hib is None else bool(hib)
             out.append(Row(**row))

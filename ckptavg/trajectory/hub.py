@@ -22,8 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text
-from ..errors import (HubAuthError, HubError, HubOfflineError, HubUnreachableError, InputError, IntegrityError,
-                      RepoNotFoundError, RevisionNotFoundError)
+from ..errors import (
+    HubAuthError,
+    HubError,
+    HubOfflineError,
+    HubUnreachableError,
+    InputError,
+    IntegrityError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+)
 from ..formats import pick_files
 from ..hashing import cache_root, hub_blob_sha256, verify_blob
 from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, step_branches
@@ -160,7 +168,7 @@ class HubTrajectory:
     def _list_all(self) -> None:
         todo = [b for b in self.commits if b not in self._trees]
         with ThreadPoolExecutor(LIST_WORKERS) as pool:
-            for branch, files in zip(todo, pool.map(self.tree, todo)):
+            for branch, files in zip(todo, pool.map(self.tree, todo), strict=True):
                 self._trees[branch] = files
 
     def files(self, step: int) -> list[RemoteFile]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import CkptavgError
+from ..errors import OptionError
 
 TOTAL_STEPS = 143_000
 ORG = "EleutherAI"
@@ -37,7 +37,7 @@ MODELS: dict[str, PythiaModel] = {m.size: m for m in (
 def model(size: str) -> PythiaModel:
     key = size.lower().removeprefix("pythia-")
     if key not in MODELS:
-        raise CkptavgError(f"unknown Pythia size {size!r} (choose from {', '.join(MODELS)})")
+        raise OptionError(f"unknown Pythia size {size!r} (choose from {', '.join(MODELS)})")
     return MODELS[key]
 
 

@@ -78,7 +78,7 @@ def find_duplicates(blobs: Mapping[str, Mapping[str, str]], steps: Mapping[str, 
         for name, sha in files.items():
             owners.setdefault(sha, []).append((rev, name))
     shared: dict[str, set[str]] = {}
-    for sha, holders in owners.items():
+    for holders in owners.values():
         for i, (a, name) in enumerate(holders):
             for b, _ in holders[i + 1:]:
                 sa, sb = steps.get(a), steps.get(b)

@@ -76,7 +76,7 @@ def main() -> None:
     size = (["--width", "32", "--vocab", "300", "--ctx", "64", "--batch", "4", "--heldout-chars", "300",
              "--max-files", "10"] if args.tiny
             else ["--heldout-chars", "1500"])
-    for lr, name in zip(lrs, names):
+    for lr, name in zip(lrs, names, strict=True):
         run(sys.executable, HERE / "train.py", "--out", out / "trajectories" / name, "--lr", lr, "--steps", args.steps,
             "--every", args.nu, "--heldout", heldout, *size)
 
@@ -95,7 +95,7 @@ def main() -> None:
     ckptavg("results", results, "--metric", METRIC)
 
     lawa = f"lawa-k{args.k}-nu{args.nu}"
-    for lr, name in zip(lrs, names):
+    for lr, name in zip(lrs, names, strict=True):
         ckptavg("plot", results, "--task", TASK, "--metric", METRIC, "--model", name, "--compare", "lawa", "--out",
                 figures / f"lawa-vs-original-lr{lr:g}.png", "--title", f"{name}: held-out bits per byte")
     ckptavg("plot", results, "--task", TASK, "--metric", METRIC, "--model", names[0], "--compare", "lawa,ema,swa",

@@ -1,0 +1,147 @@
+"""The pieces every layer relies on, tested directly: the manifest, the results store and its tables,
+atomic writes, the hash cache, and planning that runs without torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from ckptavg.atomic import replacing, write_text
+from ckptavg.errors import InputError, ManifestError
+from ckptavg.manifest import MANIFEST, Manifest, RunId, is_finished, read_manifest
+from ckptavg.report.store import ORIGINAL, Row, Store, failed_row
+from ckptavg.report.tables import primary_metric, tidy, wide_table
+
+
+def row(tag, step, value, task="t", metric="word_perplexity", model="m", better=False):
+    return Row(model, tag, tag.split("-")[0], 5, 1000, step, task, metric, value, None, better, 0, "ok", "", "0.4",
+               "/ckpt", 1.0)
+
+
+# -- the manifest ----------------------------------------------------------------------------------
+def test_manifest_written_by_the_engine_reads_back_typed_and_round_trips(ckpts, tmp_path):
+    from ckptavg.engine.average import average_checkpoints
+    from ckptavg.manifest import Method
+
+    out = average_checkpoints(ckpts("float16", "bin"), tmp_path / "avg", device="cpu", hash_inputs=False,
+                              method=Method("lawa", 2000, 3, 1000, 1000, (0, 1, 2)), run=RunId("tiny", "lawa-k3"))
+    manifest = read_manifest(out)
+    assert is_finished(out) and manifest.run == RunId("tiny", "lawa-k3")
+    assert manifest.method.step == 2000 and manifest.method.members == (0, 1, 2) and len(manifest.inputs) == 3
+    assert manifest.newest.path == str(ckpts("float16", "bin")[-1].absolute())
+    raw = json.loads((out / MANIFEST).read_text())
+    assert Manifest.from_json(raw).to_json() == raw  # nothing is lost or invented on the way through
+
+
+def test_an_unknown_or_damaged_manifest_is_an_error_not_a_misread(tmp_path):
+    assert read_manifest(tmp_path / "absent") is None and not is_finished(tmp_path / "absent")
+    (tmp_path / MANIFEST).write_text(json.dumps({"ckptavg_manifest": 7, "method": {}}))
+    with pytest.raises(ManifestError, match="manifest version 7 is not one this ckptavg reads"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"ckptavg_manifest": 1, "created": "now"}))
+    with pytest.raises(ManifestError, match="malformed"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("{half a file")
+    with pytest.raises(ManifestError, match="not JSON"):
+        read_manifest(tmp_path)
+
+
+# -- the results store and its views ----------------------------------------------------------------
+def test_store_upserts_a_checkpoint_task_group_and_keeps_failures_apart(tmp_path):
+    with Store(tmp_path / "r.sqlite") as store:
+        store.put([row(ORIGINAL, 1000, 10.0), row(ORIGINAL, 1000, 0.5, metric="acc")])
+        assert store.done("m", ORIGINAL, 1000, "t", 0) and not store.done("m", ORIGINAL, 2000, "t", 0)
+        store.put([row(ORIGINAL, 1000, 9.0)])  # a re-score replaces the whole group, not one metric
+        assert [(r.metric, r.value) for r in store.rows()] == [("word_perplexity", 9.0)]
+        store.put([failed_row("m", "lawa-k5", "lawa", 5, 1000, 2000, "t", 0, "boom", "0.4", "/c")])
+        assert not store.done("m", "lawa-k5", 2000, "t", 0)
+        assert [r.error for r in store.rows(status="failed")] == ["boom"] and len(store.rows()) == 1
+    assert sqlite3.connect(tmp_path / "r.sqlite").execute("SELECT COUNT(*) FROM scores").fetchone() == (2,)
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(InputError, match="not a ckptavg results database"):
+        Store(tmp_path / "junk.sqlite")
+
+
+def test_wide_table_lines_up_originals_and_averages_and_says_which_is_better():
+    rows = [row(ORIGINAL, 1000, 10.0), row("lawa-k5", 1000, 9.0), row(ORIGINAL, 2000, 8.0), row("lawa-k5", 2000, 8.5),
+            row(ORIGINAL, 1000, 0.5, task="mc", metric="acc", better=True), row("lawa-k5", 1000, 0.6, task="mc",
+                                                                                   metric="acc", better=True)]
+    table = wide_table(rows)
+    assert [(c.task, c.tag) for c in table.columns] == [("mc", ORIGINAL), ("mc", "lawa-k5"), ("t", ORIGINAL),
+                                                       ("t", "lawa-k5")]
+    (m1, s1, v1), (m2, s2, v2) = table.rows
+    assert (s1, v1) == (1000, (0.5, 0.6, 10.0, 9.0)) and (s2, v2) == (2000, (None, None, 8.0, 8.5))
+    assert [table.beats_original(v1, i) for i in range(4)] == [False, True, False, True]  # higher acc, lower ppl
+    assert [table.beats_original(v2, i) for i in range(4)] == [False, False, False, False]
+    assert primary_metric(["acc_norm", "acc", "bits_per_byte"]) == "acc"
+    assert primary_metric(["zeta", "alpha"]) == "alpha"
+    assert set(tidy(rows[:1])[0]) == {"model", "tag", "method", "k", "nu", "step", "task", "metric", "value",
+                                      "stderr", "limit", "lm_eval_version"}
+
+
+# -- atomic writes and the hash cache ---------------------------------------------------------------
+def test_replacing_shows_the_old_or_the_new_file_never_a_part(tmp_path):
+    target = tmp_path / "figure.png"
+    write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with replacing(target) as tmp:
+            assert tmp.suffix == ".png" and tmp.parent == tmp_path  # a writer may choose its format by the suffix
+            tmp.write_text("half")
+            assert target.read_text() == "old"
+            raise RuntimeError("the writer failed")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
+    with replacing(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
+
+
+def test_hash_cache_is_keyed_by_the_file_and_forgets_a_changed_one(tmp_path, monkeypatch):
+    from ckptavg.hashing import cache_file, file_sha256, verify_blob
+
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 1000)
+    assert file_sha256(f) == (hashlib.sha256(b"a" * 1000).hexdigest(), "computed")
+    assert file_sha256(f)[1] == "cache"
+    f.write_bytes(b"b" * 1000)  # same size, new contents (and mtime): hashed again, not served stale
+    os.utime(f, ns=(1, 1))
+    assert file_sha256(f) == (hashlib.sha256(b"b" * 1000).hexdigest(), "computed")
+    # a download whose bytes do not match the announced hash is not remembered as checked
+    wrong = verify_blob(f, "0" * 64)
+    assert wrong == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert all(v != "0" * 64 for v in json.loads(cache_file().read_text()).values())
+
+
+# -- planning without torch -------------------------------------------------------------------------
+TORCHLESS = ("import sys\n"
+             "for name in ('torch', 'safetensors', 'transformers', 'lm_eval'):\n"
+             "    sys.modules[name] = None  # any import of them now fails\n"
+             "from ckptavg.cli import main\n"
+             "sys.argv = ['ckptavg'] + sys.argv[1:]\n"
+             "main()\n")
+
+
+@pytest.mark.parametrize("args, shown", [
+    (("pythia", "--model", "12b", "--dry-run", "--out", "OUT"), "41 window(s) to average"),
+    (("pythia", "--model", "1b", "--method", "ema", "--dry-run", "--eval", "lambada_openai", "--out", "OUT"),
+     "41 window(s) to average"),
+    (("results", "STORE"), "lawa-k5"),
+    (("savings", "STORE", "--model", "m", "--task", "t", "--total-steps", "3000", "--gpu-hours", "10", "--format",
+      "csv"), "m,lawa-k5,t,word_perplexity"),
+])
+def test_planning_and_reporting_run_with_torch_unimportable(tmp_path, args, shown):
+    store = tmp_path / "r.sqlite"
+    with Store(store) as s:
+        s.put([row(ORIGINAL, 1000, 10.0), row(ORIGINAL, 2000, 9.0), row("lawa-k5", 1000, 9.5),
+               row("lawa-k5", 2000, 8.9)])
+    args = [{"STORE": str(store), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), COLUMNS="200")
+    r = subprocess.run([sys.executable, "-c", TORCHLESS, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert shown in r.stdout and not (tmp_path / "out").exists()
