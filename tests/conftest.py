@@ -132,6 +132,15 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordered(a) - ordered(b)).abs()
 
 
+def cli(*args):
+    """`ckptavg ARGS` in this process (typer's runner), every argument as a string."""
+    from typer.testing import CliRunner
+
+    from ckptavg.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def assert_matches(out_dir, reference, max_ulp: int, accumulate=torch.float32):
     """Every float within `max_ulp` of the float64 reference; where inputs cancel to about zero,
     within the accumulation dtype's rounding error of sum |w_i x_i| instead (0 slack for float64)."""

@@ -11,17 +11,8 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_user_error, pythia_state_dict, write_checkpoint
+from conftest import assert_user_error, cli, pythia_state_dict, write_checkpoint
 from safetensors.torch import save_file
-from typer.testing import CliRunner
-
-from ckptavg.cli import app
-
-runner = CliRunner()
-
-
-def run_cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -31,7 +22,7 @@ def pair(ckpts):
 
 def test_missing_input(pair, tmp_path):
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", pair[0], tmp_path / "nope", "--out", out), "nope", "no such", out=out)
+    assert_user_error(cli("average", pair[0], tmp_path / "nope", "--out", out), "nope", "no such", out=out)
 
 
 def test_unknown_format(pair, tmp_path):
@@ -39,10 +30,10 @@ def test_unknown_format(pair, tmp_path):
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", pair[0], empty, "--out", out), "no weights found", out=out)
+    assert_user_error(cli("average", pair[0], empty, "--out", out), "no weights found", out=out)
     odd = tmp_path / "weights.npz"
     odd.write_bytes(b"x")
-    assert_user_error(run_cli("average", pair[0], odd, "--out", out), "unknown checkpoint format", out=out)
+    assert_user_error(cli("average", pair[0], odd, "--out", out), "unknown checkpoint format", out=out)
 
 
 def test_tensor_missing_from_one_input(pair, tmp_path):
@@ -50,7 +41,7 @@ def test_tensor_missing_from_one_input(pair, tmp_path):
     del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
     other = write_checkpoint(tmp_path / "other", sd, "safetensors")
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", other, pair[1], "--out", out),
+    assert_user_error(cli("average", other, pair[1], "--out", out),
                       "gpt_neox.layers.1.mlp.dense_4h_to_h.bias", str(other), out=out)
 
 
@@ -59,7 +50,7 @@ def test_shape_mismatch(pair, tmp_path):
     sd["embed_out.weight"] = sd["embed_out.weight"][:100].contiguous()
     other = write_checkpoint(tmp_path / "other", sd, "bin")
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", other, pair[1], "--out", out),
+    assert_user_error(cli("average", other, pair[1], "--out", out),
                       "embed_out.weight", "shape", str(other), str(pair[1]), out=out)
 
 
@@ -68,22 +59,22 @@ def test_dtype_family_mismatch(pair, tmp_path):
     sd["embed_out.weight"] = sd["embed_out.weight"].to(torch.int16)
     other = write_checkpoint(tmp_path / "other", sd, "safetensors")
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", other, pair[1], "--out", out), "embed_out.weight", "int16", out=out)
+    assert_user_error(cli("average", other, pair[1], "--out", out), "embed_out.weight", "int16", out=out)
 
 
 def test_weights_must_sum_to_one_unless_no_normalize(pair, tmp_path):
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", *pair, "--out", out, "--weights", "0.5,0.6"), "sum to 1.1", out=out)
-    assert_user_error(run_cli("average", *pair, "--out", out, "--weights", "1"), "1 weights for 2 inputs", out=out)
-    assert_user_error(run_cli("average", *pair, "--out", out, "--weights", "a,b"), "--weights", out=out)
-    result = run_cli("average", *pair, "--out", out, "--weights", "0.5,0.6", "--no-normalize", "-q")
+    assert_user_error(cli("average", *pair, "--out", out, "--weights", "0.5,0.6"), "sum to 1.1", out=out)
+    assert_user_error(cli("average", *pair, "--out", out, "--weights", "1"), "1 weights for 2 inputs", out=out)
+    assert_user_error(cli("average", *pair, "--out", out, "--weights", "a,b"), "--weights", out=out)
+    result = cli("average", *pair, "--out", out, "--weights", "0.5,0.6", "--no-normalize", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "ckptavg.json").read_text())["weights"] == [0.5, 0.6]
 
 
 def test_unknown_device(pair, tmp_path):
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", *pair, "--out", out, "--device", "bogus"), "unsupported device 'bogus'",
+    assert_user_error(cli("average", *pair, "--out", out, "--device", "bogus"), "unsupported device 'bogus'",
                       out=out)
 
 
@@ -91,10 +82,10 @@ def test_existing_output_needs_force(pair, tmp_path):
     out = tmp_path / "avg"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    result = run_cli("average", *pair, "--out", out)
+    result = cli("average", *pair, "--out", out)
     assert result.exit_code == 2 and "--force" in result.stderr
     assert (out / "keep.txt").read_text() == "user data"
-    result = run_cli("average", *pair, "--out", out, "--force", "-q")
+    result = cli("average", *pair, "--out", out, "--force", "-q")
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "ckptavg.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["avg"]
@@ -107,7 +98,7 @@ def test_not_enough_disk_space(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(ckptavg.engine.writer.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=1000))
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", *pair, "--out", out), "needed for the output", "free", out=out)
+    assert_user_error(cli("average", *pair, "--out", out), "needed for the output", "free", out=out)
 
 
 def test_truncated_safetensors(pair, tmp_path):
@@ -116,7 +107,7 @@ def test_truncated_safetensors(pair, tmp_path):
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) - 100])
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", bad, pair[1], "--out", out), "truncated", out=out)
+    assert_user_error(cli("average", bad, pair[1], "--out", out), "truncated", out=out)
 
 
 def test_corrupt_safetensors_header(pair, tmp_path):
@@ -126,7 +117,7 @@ def test_corrupt_safetensors_header(pair, tmp_path):
     data[8:20] = b"#" * 12
     (bad / "model.safetensors").write_bytes(bytes(data))
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", bad, pair[1], "--out", out), "corrupt", out=out)
+    assert_user_error(cli("average", bad, pair[1], "--out", out), "corrupt", out=out)
 
 
 class Payload:
@@ -142,7 +133,7 @@ def test_non_zip_pickle_needing_unsafe_unpickling(pair, tmp_path):
     with open(bad / "pytorch_model.bin", "wb") as f:
         pickle.dump({"w": Payload()}, f)
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", bad, pair[1], "--out", out), "refusing to unpickle", out=out)
+    assert_user_error(cli("average", bad, pair[1], "--out", out), "refusing to unpickle", out=out)
 
 
 def test_zip_pickle_needing_unsafe_unpickling(pair, tmp_path):
@@ -150,7 +141,7 @@ def test_zip_pickle_needing_unsafe_unpickling(pair, tmp_path):
     bad.mkdir()
     torch.save({"w": Payload()}, bad / "pytorch_model.bin")
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", bad, pair[1], "--out", out), "refusing to unpickle", out=out)
+    assert_user_error(cli("average", bad, pair[1], "--out", out), "refusing to unpickle", out=out)
 
 
 def test_interrupt_leaves_nothing_behind(pair, tmp_path):
@@ -173,7 +164,7 @@ def test_index_naming_missing_shard(ckpts, tmp_path):
     shutil.copytree(src[0], bad)
     (bad / "model-00002-of-00002.safetensors").unlink()
     out = tmp_path / "avg"
-    assert_user_error(run_cli("average", bad, src[1], "--out", out), "missing shard", out=out)
+    assert_user_error(cli("average", bad, src[1], "--out", out), "missing shard", out=out)
 
 
 def test_real_process_exit_code_and_no_traceback(pair, tmp_path):
@@ -190,7 +181,7 @@ def test_safetensors_written_by_us_is_read_by_safetensors(pair, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "avg"
-    assert run_cli("average", *pair, "--out", out, "-q").exit_code == 0
+    assert cli("average", *pair, "--out", out, "-q").exit_code == 0
     tensors = load_file(out / "model.safetensors")
     assert tensors["gpt_neox.layers.0.attention.bias"].dtype == torch.bool
     save_file(tensors, tmp_path / "again.safetensors")  # and it is an ordinary state dict

@@ -16,12 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from ckptavg.cli import app
+from conftest import cli
 
 pytestmark = pytest.mark.slow  # lm-eval scores every checkpoint
-runner = CliRunner()
 SUBSETS = {"pile-philpapers": "PhilPapers", "pile-bookcorpus2": "BookCorpus2",
            "pile-youtubesubtitles": "YoutubeSubtitles", "pile-enron": "Enron Emails"}
 DOCS = {
@@ -33,9 +30,6 @@ DOCS = {
 }
 STEPS = (100, 200, 300)
 
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

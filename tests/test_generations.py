@@ -17,25 +17,19 @@ from conftest import (
     assert_loads_in_transformers,
     assert_matches,
     assert_user_error,
+    cli,
     load_reference,
     pythia_state_dict,
     reference_average,
     write_checkpoint,
 )
-from typer.testing import CliRunner
 
-from ckptavg.cli import app
-
-runner = CliRunner()
 STEPS = list(range(1000, 9000, 1000))
 # old generation (with buffers) and new (without), alternating, single and sharded
 LAYOUTS = [("bin", True), ("safetensors", False), ("bin-sharded", True), ("safetensors-sharded", False)]
 BUFFERS = {f"gpt_neox.layers.{i}.attention.{b}" for i in range(2)
            for b in ("bias", "masked_bias", "rotary_emb.inv_freq")} | {"gpt_neox.step_counter"}
 
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def has_buffers(step: int) -> bool:

@@ -6,16 +6,14 @@ import json
 import time
 
 import pytest
-from typer.testing import CliRunner
+from conftest import cli
 
-from ckptavg.cli import app
 from ckptavg.errors import SavingsError
 from ckptavg.report.savings import first_reach, match_model, savings
 from ckptavg.report.store import Row, Store
 
 ORIGINAL = [(1000, 20.0), (2000, 15.0), (3000, 12.0), (4000, 10.0)]
 AVERAGED = [(1000, 18.0), (2000, 13.0), (3000, 10.0), (4000, 9.5)]
-runner = CliRunner()
 
 
 def test_lower_is_better_by_hand():
@@ -72,21 +70,21 @@ def store(tmp_path):
 
 
 def test_savings_command(store, tmp_path):
-    r = runner.invoke(app, ["savings", str(store), "--model", "1b", "--task", "pile-enron", "--tolerance", "0,10",
-                            "--format", "json", "--usd-per-gpu-hour", "2"])
+    r = cli("savings", str(store), "--model", "1b", "--task", "pile-enron", "--tolerance", "0,10",
+                            "--format", "json", "--usd-per-gpu-hour", "2")
     assert r.exit_code == 0, r.output
     recs = json.loads(r.output)
     assert [rec["steps_saved"] for rec in recs] == [1000, pytest.approx(1333.33, abs=0.01)]
     assert recs[0]["gpu_hours_saved"] == pytest.approx(1000 / 143000 * 4830) and recs[0]["model"] == "pythia-1b-deduped"
     assert recs[0]["usd_saved"] == pytest.approx(2 * 1000 / 143000 * 4830)
     png = tmp_path / "s.png"
-    r = runner.invoke(app, ["savings", str(store), "--model", "1b,tiny-run", "--gpu-hours", "100", "--task",
-                            "pile-enron", "--tolerance", "0,10,100", "--plot", str(png)])
+    r = cli("savings", str(store), "--model", "1b,tiny-run", "--gpu-hours", "100", "--task",
+                            "pile-enron", "--tolerance", "0,10,100", "--plot", str(png))
     assert r.exit_code == 0, r.output
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "tiny-run" in r.output and "pythia-1b-deduped" in r.output and "never reached" not in r.output
-    r = runner.invoke(app, ["savings", str(store), "--model", "1b", "--task", "pile-enron", "--tolerance", "0,10",
-                            "--format", "csv"])
+    r = cli("savings", str(store), "--model", "1b", "--task", "pile-enron", "--tolerance", "0,10",
+                            "--format", "csv")
     assert r.output.splitlines()[1].startswith("pythia-1b-deduped,lawa-k5-nu1000,pile-enron,word_perplexity,0.0,10.0,"
                                                "3000.0,4000.0,1000.0")
 
@@ -99,6 +97,6 @@ def test_savings_command(store, tmp_path):
     (("--model", "7b", "--task", "pile-enron"), "no results for model '7b'"),
 ])
 def test_savings_errors(store, args, message):
-    r = runner.invoke(app, ["savings", str(store), *args])
+    r = cli("savings", str(store), *args)
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split())

@@ -10,10 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_matches, pythia_state_dict, reference_average, write_checkpoint
-from typer.testing import CliRunner
-
-from ckptavg.cli import app
+from conftest import assert_matches, cli, pythia_state_dict, reference_average, write_checkpoint
 
 WINDOWS = ("--k", "2", "--nu", "1000", "--interval", "1000", "--start", "2000", "--end", "4000", "-q")
 
@@ -48,7 +45,7 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes(run, small_disk, monk
     # the free-space check passes: another process takes the space after it, as happens on shared disks
     real = shutil.disk_usage
     monkeypatch.setattr(ckptavg.engine.writer.shutil, "disk_usage", lambda p: real(p)._replace(free=10**12))
-    r = CliRunner().invoke(app, ["trajectory", str(run), *WINDOWS, "--out", str(small_disk)])
+    r = cli("trajectory", str(run), *WINDOWS, "--out", str(small_disk))
     assert r.exit_code == 3, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.output, r.output
@@ -57,7 +54,7 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes(run, small_disk, monk
     finished = sorted(p.name for p in base.glob("step*"))
     assert finished == ["step2000"] and leftovers(small_disk) == []
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
-    r = CliRunner().invoke(app, ["trajectory", str(run), *WINDOWS[:-1], "--out", str(small_disk)])
+    r = cli("trajectory", str(run), *WINDOWS[:-1], "--out", str(small_disk))
     assert r.exit_code == 0, r.output
     assert "2 window(s) to average (1 already finished)" in r.output
     for t in (2000, 3000, 4000):

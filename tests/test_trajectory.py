@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import (
     assert_matches,
+    cli,
     load_reference,
     pythia_state_dict,
     recursive_ema,
@@ -15,19 +16,13 @@ from conftest import (
     ulp_distance,
     write_checkpoint,
 )
-from typer.testing import CliRunner
 
-from ckptavg.cli import app
 from ckptavg.trajectory import pythia
 from ckptavg.trajectory.schedule import sequence
 from ckptavg.units import format_size
 
-runner = CliRunner()
 STEPS = list(range(1000, 9000, 1000))
 
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
