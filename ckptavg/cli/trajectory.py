@@ -123,7 +123,8 @@ def _run(source, spec, out_dir: Path, averaging, checked_scoring, *, dry_run: bo
 
     scores = checked_scoring is not None
     with bars:
-        on_task = bars.scoring(2 * len(spec.windows(None)) * len(checked_scoring.tasks)) if scores else None
+        total = 2 * len(spec.windows(None)) * len(checked_scoring.tasks) if scores else 0  # at most
+        on_task = bars.scoring(total) if scores and not dry_run else None
         run = run_trajectory(source, spec, out_dir, averaging, checked_scoring, dry_run=dry_run, bars=bars,
                              on_plan=on_plan, on_window=None if quiet else lambda w, p: say(f"wrote {p}"),
                              on_task=on_task)

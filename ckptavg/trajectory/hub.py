@@ -11,6 +11,7 @@ here lazily, after the command line has been parsed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -128,7 +129,8 @@ class HubTrajectory:
         return self.cache_dir / ("models--" + self.repo_id.replace("/", "--"))
 
     def _cached_repo(self):
-        """This repo in huggingface_hub's own view of the cache (`scan_cache_dir`), or None."""
+        """This repo in huggingface_hub's own view of the cache (`scan_cache_dir`), or None. A fresh scan
+        each time: downloads and evictions change it."""
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
 
@@ -138,8 +140,14 @@ class HubTrajectory:
             return None
         return next((r for r in scan.repos if r.repo_id == self.repo_id and r.repo_type == "model"), None)
 
+    @functools.cached_property
+    def _offline_snapshot(self):
+        """The cache as it was when an offline run started: what its listings are read from (once, not once
+        per branch)."""
+        return self._cached_repo()
+
     def _cached_refs(self) -> dict[str, str]:
-        repo = self._cached_repo()
+        repo = self._offline_snapshot
         if repo is None or not repo.refs:
             raise HubOfflineError(f"HF_HUB_OFFLINE is set and {self.repo_id} is not in the cache {self.cache_dir}: "
                                   f"download its revisions first (`hf download {self.repo_id} --revision stepN`)")
@@ -158,7 +166,7 @@ class HubTrajectory:
         return [RemoteFile(i.path, i.size, i.lfs.sha256 if i.lfs else None) for i in items if isinstance(i, RepoFile)]
 
     def _cached_tree(self, branch: str) -> list[RemoteFile]:
-        repo = self._cached_repo()
+        repo = self._offline_snapshot
         revision = next((r for r in repo.revisions if r.commit_hash == self.commits[branch]), None) if repo else None
         if revision is None:
             return []
