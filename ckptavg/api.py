@@ -21,8 +21,8 @@ from pathlib import Path
 from . import options as opt
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
-from .trajectory.run import RunPlan, RunSpec, execute_run, plan_run, run_id
-from .trajectory.schedule import Window, check_parameters, steps_of
+from .trajectory.run import Job, RunPlan, RunSpec, execute_run, plan_runs
+from .trajectory.schedule import check_parameters, steps_of
 from .trajectory.sources import DEFAULT_STEP_PATTERN, Duplicate
 
 ByteBar = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance(n)
@@ -178,19 +178,22 @@ class TrajectoryRun:
     failed: int = 0
 
 
-def run_trajectory(source, spec: RunSpec, out: str | Path, averaging: Averaging = Averaging(),
+def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, averaging: Averaging = Averaging(),
                    scoring: Scoring | None = None, *, dry_run: bool = False, bars: ByteBar | None = None,
                    on_plan: Callable[[RunPlan, list[Duplicate]], None] | None = None,
-                   on_window: Callable[[Window, Path], None] | None = None,
+                   on_window: Callable[[Job, Path], None] | None = None,
                    on_task: OnTask | None = None) -> TrajectoryRun:
-    """Plan every window of `spec` over `source`, check the revisions for duplicates, then (unless
-    `dry_run`) fetch, average, score and evict in order. Finished windows are skipped (with
-    `scoring.in_memory`: windows whose every task is stored), so an interrupted run resumes.
+    """Plan every window of `specs` (one run or several) over `source`, check the revisions for
+    duplicates, then (unless `dry_run`) fetch, average, score and evict in order: a revision several
+    runs need is fetched once. Finished windows are skipped (with `scoring.in_memory`: windows whose
+    every task is stored), so an interrupted run resumes.
 
-    `on_plan(plan, duplicates)` is called before anything is fetched; `on_window(window, folder)` after
+    `on_plan(plan, duplicates)` is called before anything is fetched; `on_window(job, folder)` after
     each output is written; `on_task` for each (checkpoint, task) scored."""
+    specs = [specs] if isinstance(specs, RunSpec) else list(specs)
     averaging = averaging.checked(dry_run)
-    check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha)
+    for spec in specs:
+        check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha)
     scoring = scoring if scoring and scoring.tasks else None
     if scoring is not None and not dry_run:
         scoring = scoring.registered()
@@ -202,25 +205,24 @@ def run_trajectory(source, spec: RunSpec, out: str | Path, averaging: Averaging 
     try:
         done = None
         if store is not None and scoring.in_memory:
-            run = run_id(source, spec)
-            done = lambda w: all(store.done(run.model, run.tag, w.step, t, scoring.limit or 0)  # noqa: E731
+            done = lambda j: all(store.done(j.run.model, j.run.tag, j.window.step, t, scoring.limit or 0)  # noqa: E731
                                  for t in scoring.tasks)
         sizes = source.sizes() if isinstance(source, CatalogueTrajectory) else None
-        plan = plan_run(source, spec, Path(out), force=averaging.force, keep_downloads=averaging.keep_downloads,
-                        disk_budget=averaging.disk_budget, sizes=sizes, done=done)
-        duplicates = [] if sizes is not None else source.duplicates(steps_of(plan.todo), read_data=not dry_run)
+        plan = plan_runs(source, specs, Path(out), force=averaging.force, keep_downloads=averaging.keep_downloads,
+                         disk_budget=averaging.disk_budget, sizes=sizes, done=done)
+        duplicates = [] if sizes is not None else source.duplicates(steps_of(plan.windows), read_data=not dry_run)
         if on_plan is not None:
             on_plan(plan, duplicates)
         if dry_run:
             return TrajectoryRun(plan, tuple(duplicates))
-        return _execute(source, spec, plan, duplicates, averaging, scoring, store, bars, on_window, on_task)
+        return _execute(source, plan, duplicates, averaging, scoring, store, bars, on_window, on_task)
     finally:
         if store is not None:
             store.close()
 
 
-def _execute(source, spec: RunSpec, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store,
-             bars, on_window, on_task) -> TrajectoryRun:
+def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store, bars,
+             on_window, on_task) -> TrajectoryRun:
     out_dtype = torch_dtype(averaging.dtype)
     hooks: dict = {}
     scorer = None
@@ -228,17 +230,19 @@ def _execute(source, spec: RunSpec, plan: RunPlan, duplicates, averaging: Averag
         from .evaluation.scorer import study_hooks
 
         scorer = _scorer(scoring, store, averaging.device, averaging.force, on_task)
-        hooks = study_hooks(plan.run.model, spec, {w.step for w in plan.todo}, scorer, originals=scoring.originals,
+        hooks = study_hooks(source.name, {j.window.step for j in plan.todo}, scorer, originals=scoring.originals,
                             in_memory=scoring.in_memory, device=averaging.device, out_dtype=out_dtype,
                             copy=averaging.copy)
-    written = execute_run(source, spec, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
+    written = execute_run(source, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
                           device=averaging.device, out_dtype=out_dtype, copy=averaging.copy, bars=bars,
                           on_window=on_window, **hooks)
     if scorer is not None and not scoring.in_memory:  # the averages, and originals not scored on the way
         from .evaluation.scorer import run_eval
         from .evaluation.targets import find_targets
 
-        run_eval(find_targets(plan.root, {w.step for w in plan.windows}, scoring.originals), scorer, bars)
+        for root in plan.roots.values():
+            steps = {j.window.step for j in plan.jobs if j.out_dir.parent == root}
+            run_eval(find_targets(root, steps, scoring.originals), scorer, bars)
     return TrajectoryRun(plan, tuple(duplicates), tuple(written), scorer.scored if scorer else 0,
                          scorer.failed if scorer else 0)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
@@ -139,6 +141,19 @@ def cli(*args):
     from ckptavg.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def hub_cli(hub, home: Path, *args: str, offline: bool = False, endpoint: str | None = None,
+            wait: bool = True):
+    """`ckptavg ARGS` in a process of its own, against the test Hub `hub` (huggingface_hub reads HF_ENDPOINT
+    and HF_HUB_OFFLINE when it is imported), with every cache under `home`."""
+    env = dict(os.environ, HF_ENDPOINT=endpoint or hub.url, HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HOME=str(home / "hf"), CKPTAVG_CACHE=str(home / "ckptavg-cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "ckptavg", *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def assert_matches(out_dir, reference, max_ulp: int, accumulate=torch.float32):

@@ -27,7 +27,7 @@ def test_demo_pipeline(tmp_path):
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = ["tiny-pythia-lr0.01", "tiny-pythia-lr0.001"]
-    tags = {names[0]: ["lawa-k2-nu10", "ema-alpha0.5-k2-nu10", "swa-fromfirst-k2-nu10"], names[1]: ["lawa-k2-nu10"]}
+    tags = dict.fromkeys(names, ["lawa-k2-nu10", "ema-alpha0.5-k2-nu10", "swa-fromfirst-k2-nu10"])  # one study
     for name in names:
         traj = out / "trajectories" / name
         assert sorted(p.name for p in traj.glob("step*")) == ["step10", "step20", "step30"]
@@ -51,3 +51,11 @@ def test_demo_pipeline(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("trajectory present, reused") == 2
     assert "0 task score(s) written" in again.stderr
+
+
+def test_the_committed_demo_study_is_what_the_demo_writes():
+    """examples/tiny_pythia/study.toml, shown in the README, is the demo's own study at its defaults."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import demo; "
+            "print(demo.study_file(['tiny-pythia-lr0.01', 'tiny-pythia-lr0.001'], 5, 50, 100, 1500, 0.5))")
+    r = subprocess.run([sys.executable, "-c", code, str(DEMO.parent)], capture_output=True, text=True, check=True)
+    assert r.stdout == (DEMO.parent / "study.toml").read_text()

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +27,9 @@ from conftest import (
     recursive_ema,
     reference_average,
     write_checkpoint,
+)
+from conftest import (
+    hub_cli as ckptavg,
 )
 from hubserver import HubServer
 
@@ -71,17 +71,6 @@ def hub(tmp_path_factory):
     server.folders = folders
     yield server
     server.stop()
-
-
-def ckptavg(hub: HubServer, home: Path, *args: str, offline: bool = False, endpoint: str | None = None,
-            wait: bool = True):
-    env = dict(os.environ, HF_ENDPOINT=endpoint or hub.url, HF_HUB_OFFLINE="1" if offline else "0",
-               HF_HOME=str(home / "hf"), CKPTAVG_CACHE=str(home / "ckptavg-cache"),
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "ckptavg", *args]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def content_gets(hub: HubServer) -> Counter:

@@ -7,7 +7,9 @@ import os
 import signal
 
 # each registers its commands; `ckptavg --help` lists them in this order, the pipeline's
-from . import average, evaluate, report, trajectory  # noqa: F401, I001
+# isort: off
+from . import average, trajectory, evaluate, report, study  # noqa: F401
+# isort: on
 from .common import app
 
 

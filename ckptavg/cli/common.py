@@ -102,8 +102,9 @@ class Bars:
         """The progress hook `average_checkpoints` takes: called with the plan, returns the callback."""
         return lambda plan: self(description, plan.output_bytes)
 
-    def scoring(self, total: int):
-        """An `on_task` callback: failures said on one line each, and a progress line over `total` scores."""
+    def scoring(self, total: int | None):
+        """An `on_task` callback: failures said on one line each, and a progress line over `total` scores
+        (None: not known in advance)."""
         line = self.progress.add_task("scoring", total=total) if self.progress is not None else None
 
         def on_task(target, task: str, status: str) -> None:

@@ -126,7 +126,7 @@ def _run(source, spec, out_dir: Path, averaging, checked_scoring, *, dry_run: bo
         total = 2 * len(spec.windows(None)) * len(checked_scoring.tasks) if scores else 0  # at most
         on_task = bars.scoring(total) if scores and not dry_run else None
         run = run_trajectory(source, spec, out_dir, averaging, checked_scoring, dry_run=dry_run, bars=bars,
-                             on_plan=on_plan, on_window=None if quiet else lambda w, p: say(f"wrote {p}"),
+                             on_plan=on_plan, on_window=None if quiet else lambda job, p: say(f"wrote {p}"),
                              on_task=on_task)
     if dry_run:
         return
@@ -146,13 +146,12 @@ def print_plan(title: str, plan, local: bool) -> None:
     table = Table(title=title, title_justify="left")
     for col in columns:
         table.add_column(col, justify="right" if col != "checkpoints" else "left")
-    windows = {w.step: w for w in plan.todo}
     fetched: list[int] = []
     for a in plan.fetch.actions:
         if a.kind == "fetch":
             fetched.append(a.step)
         elif a.kind == "average":
-            w = windows[a.step]
+            w = plan.todo[a.window].window
             members = (", ".join(map(str, w.members)) if len(w.members) <= 5
                        else f"{w.members[0]} ... {w.members[-1]} ({len(w.members)})")
             table.add_row(str(w.step), members, str(len(fetched)), format_size(a.disk_after))

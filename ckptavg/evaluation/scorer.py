@@ -75,7 +75,7 @@ def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
             scorer.score(target, target.folder)
 
 
-def study_hooks(model: str, spec, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
+def study_hooks(model: str, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
                 device: str, out_dtype, copy: Sequence[str] = ()) -> dict:
     """`execute_run` hooks for a study that scores as it goes: each original is scored while it is
     on disk for averaging (no second download), and with `in_memory` each average is made in
@@ -90,10 +90,11 @@ def study_hooks(model: str, spec, outputs: set[int], scorer: Scorer, *, original
     if in_memory:
         from ..engine.average import average_in_memory
 
-        def average_and_score(window, folders: list[Path]) -> None:
-            weights = average_in_memory(folders, weights=window.weights, normalize=False, device=device,
+        def average_and_score(job, folders: list[Path]) -> None:
+            weights = average_in_memory(folders, weights=job.window.weights, normalize=False, device=device,
                                         out_dtype=out_dtype, copy=copy)
-            target = Target(model, spec.tag(), spec.method, spec.k, spec.nu, window.step, folders[-1])
+            target = Target(job.run.model, job.run.tag, job.spec.method, job.spec.k, job.spec.nu, job.window.step,
+                            folders[-1])
             scorer.score(target, folders[-1], state_dict=weights)
 
         hooks["in_memory"] = average_and_score

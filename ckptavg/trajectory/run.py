@@ -77,91 +77,119 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
-class RunPlan:
-    windows: tuple[Window, ...]  # all windows of the run
-    todo: tuple[Window, ...]  # those without a finished output
-    fetch: FetchPlan
-    out_dirs: dict[int, Path]  # window step -> output folder
-    read_bytes: int  # of the checkpoints the windows to do read (downloaded first, unless local)
+class Job:
+    """One window of one run: the unit of averaging work."""
+
     run: RunId
-    root: Path  # the run's folder: its outputs and its run log
+    spec: RunSpec
+    window: Window
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every window of one or more runs over one source, in the order they are done, with one fetch plan
+    for all of them: a revision several runs need is fetched once and kept until the last of them."""
+
+    jobs: tuple[Job, ...]  # every window of every run
+    todo: tuple[Job, ...]  # those without a finished output, in the order they are done
+    fetch: FetchPlan  # its "average" actions index into `todo`
+    read_bytes: int  # of the checkpoints `todo` reads (downloaded first, unless local)
+    roots: dict[RunId, Path]  # each run's folder: its outputs
+    log_dir: Path  # where the run log goes: the run's folder, or the trajectory's for several runs
+
+    @property
+    def windows(self) -> tuple[Window, ...]:
+        return tuple(j.window for j in self.jobs)
 
 
 def run_id(source: Source, spec: RunSpec) -> RunId:
     return RunId(source.name, spec.tag())
 
 
-def plan_run(source: Source, spec: RunSpec, out: Path, *, force: bool = False, keep_downloads: bool = False,
-             disk_budget: int | None = None, sizes: dict[int, int] | None = None,
-             done: Callable[[Window], bool] | None = None) -> RunPlan:
-    """`done(window)` says a window needs no work (default: its output has a manifest)."""
-    try:
-        windows = spec.windows(source.steps())
-    except MissingStepsError as e:
-        raise MissingStepsError(f"{e}{source.missing_hint}") from None
-    run = run_id(source, spec)
-    out_dirs = {w.step: output_folder(out, run, w.step) for w in windows}
-    finished = done or (lambda w: is_finished(out_dirs[w.step]))
-    todo = [w for w in windows if force or not finished(w)]
-    sizes = sizes or {s: source.size(s) for s in steps_of(todo)}
-    output_bytes = max((sizes[w.members[-1]] for w in todo), default=0)
-    local = getattr(source, "local", False)
+def plan_runs(source: Source, specs: Sequence[RunSpec], out: Path, *, force: bool = False,
+              keep_downloads: bool = False, disk_budget: int | None = None, sizes: dict[int, int] | None = None,
+              done: Callable[[Job], bool] | None = None) -> RunPlan:
+    """Plan `specs` over `source` together. `done(job)` says a window needs no work (default: its output
+    has a manifest). Windows are done in order of their newest checkpoint, so that each revision is
+    evicted as soon as every run is past it."""
+    available = source.steps()
+    jobs = []
+    for spec in dict.fromkeys(specs):
+        try:
+            windows = spec.windows(available)
+        except MissingStepsError as e:
+            raise MissingStepsError(f"{spec.tag()}: {e}{source.missing_hint}" if len(specs) > 1 else
+                                    f"{e}{source.missing_hint}") from None
+        run = run_id(source, spec)
+        jobs += [Job(run, spec, w, output_folder(out, run, w.step)) for w in windows]
+    finished = done or (lambda j: is_finished(j.out_dir))
+    todo = sorted((j for j in jobs if force or not finished(j)), key=lambda j: (j.window.members[-1], j.window.step))
+    sizes = sizes or {s: source.size(s) for s in steps_of([j.window for j in todo])}
+    output_bytes = max((sizes[j.window.members[-1]] for j in todo), default=0)
     # local checkpoints are on disk already: only the output being written adds to the disk in use
-    on_disk = {s: 0 for s in sizes} if local else sizes
-    fetch = plan_fetches(todo, on_disk, output_bytes, keep_downloads, disk_budget)
-    return RunPlan(tuple(windows), tuple(todo), fetch, out_dirs, sum(sizes[s] for s in steps_of(todo)), run,
-                   run_folder(out, run))
+    on_disk = {s: 0 for s in sizes} if getattr(source, "local", False) else sizes
+    fetch = plan_fetches([j.window for j in todo], on_disk, output_bytes, keep_downloads, disk_budget)
+    roots = {j.run: run_folder(out, j.run) for j in jobs}
+    log_dir = next(iter(roots.values())) if len(roots) == 1 else Path(out) / source.name
+    return RunPlan(tuple(jobs), tuple(todo), fetch, sum(sizes[s] for s in steps_of([j.window for j in todo])), roots,
+                   log_dir)
 
 
-def execute_run(source: Source, spec: RunSpec, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
-                on_window: Callable[[Window, Path], None] | None = None,
+def plan_run(source: Source, spec: RunSpec, out: Path, **options) -> RunPlan:
+    return plan_runs(source, [spec], out, **options)
+
+
+def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
+                on_window: Callable[[Job, Path], None] | None = None,
                 on_fetch: Callable[[int, Path], None] | None = None,
-                in_memory: Callable[[Window, list[Path]], None] | None = None,
+                in_memory: Callable[[Job, list[Path]], None] | None = None,
                 bars: Callable[[str, int], Callable[[int], None]] | None = None, **average_kwargs) -> list[Path]:
     """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype...).
 
     `on_fetch(step, folder)` runs while a revision is on disk (to score an original without a
-    second download); `in_memory(window, folders)` replaces writing the window's output.
+    second download); `in_memory(job, folders)` replaces writing the window's output.
 
     `bars(description, total_bytes)` makes a progress callback, for averaging (and the source's
-    downloads). Every action is appended to RUN_LOG next to the outputs, with the bytes the
-    source holds on disk after it: the record of a long run, and of its disk budget.
+    downloads). Every action is appended to RUN_LOG, with the bytes the source holds on disk
+    after it: the record of a long run, and of its disk budget.
     """
     from ..engine.average import average_checkpoints
     from ..engine.tensors import open_checkpoint
 
-    by_step = {w.step: w for w in plan.todo}
     on_disk: dict[int, Path] = {}
     written = []
-    log = _RunLog(plan.root if in_memory is None else None, source)
+    log = _RunLog(plan.log_dir if in_memory is None else None, source)
     if not keep_downloads:
-        for commit in source.evict_leftovers(set(steps_of(plan.todo))):
+        for commit in source.evict_leftovers(set(steps_of([j.window for j in plan.todo]))):
             log.write("evict-leftover", None, revision=commit)
     for action in plan.fetch.actions:
+        job = plan.todo[action.window] if action.kind == "average" else None
         if action.kind == "fetch":
             on_disk[action.step] = source.fetch(action.step)
             if on_fetch is not None:
                 on_fetch(action.step, on_disk[action.step])
-        elif action.kind == "average" and in_memory is not None:
-            in_memory(by_step[action.step], [on_disk[s] for s in by_step[action.step].members])
         elif action.kind == "evict":
             source.evict(action.step)
             on_disk.pop(action.step, None)
+        elif in_memory is not None:
+            in_memory(job, [on_disk[s] for s in job.window.members])
         else:
-            w = by_step[action.step]
+            w = job.window
             progress = (lambda p, s=w.step: bars(f"average step{s}", p.output_bytes)) if bars else None
             try:
                 inputs = [open_checkpoint(on_disk[s], label=source.label(s)) for s in w.members]
-                written_to = average_checkpoints(inputs, plan.out_dirs[w.step], weights=w.weights, normalize=False,
-                                                 force=force, method=spec.record(w), progress=progress,
-                                                 provenance=[source.describe(s) for s in w.members], run=plan.run,
+                written_to = average_checkpoints(inputs, job.out_dir, weights=w.weights, normalize=False, force=force,
+                                                 method=job.spec.record(w), progress=progress,
+                                                 provenance=[source.describe(s) for s in w.members], run=job.run,
                                                  **average_kwargs)
             except MismatchError as e:
                 raise MismatchError(f"window at step {w.step}: {e}") from None
             written.append(written_to)
             if on_window is not None:
-                on_window(w, written_to)
-        log.write(action.kind, action.step, planned_disk=action.disk_after)
+                on_window(job, written_to)
+        extra = {"run": job.run.tag} if job is not None and len(plan.roots) > 1 else {}
+        log.write(action.kind, action.step, planned_disk=action.disk_after, **extra)
     return written
 
 

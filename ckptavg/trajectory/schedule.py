@@ -138,6 +138,7 @@ class Action:
     kind: str  # "fetch" | "average" | "evict"
     step: int  # the revision's step, or the window's output step
     disk_after: int  # bytes of downloads resident (plus the output being written, for "average")
+    window: int = -1  # for "average": the window's index in the list that was planned
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def plan_fetches(windows: Sequence[Window], sizes: Mapping[int, int], output_byt
                 total += sizes[s]
                 actions.append(Action("fetch", s, disk))
         peak = max(peak, disk + output_bytes)
-        actions.append(Action("average", w.step, disk + output_bytes))
+        actions.append(Action("average", w.step, disk + output_bytes, i))
         if not keep_downloads:
             for s in w.members:
                 if last_use[s] == i and s in resident:

@@ -56,6 +56,27 @@ def summary(results: Path, names: list[str], lawa: str) -> None:
               f"{best}; at the last step {change[steps[-1]]:+.1f}%")
 
 
+def _toml(value: object) -> str:
+    """A TOML value for the strings, numbers and lists a study file holds (the same syntax as JSON's)."""
+    return json.dumps(value)
+
+
+def study_file(names: list[str], k: int, nu: int, interval: int, steps: int, ema_alpha: float) -> str:
+    """The demo's study: both trajectories, LAWA and the EMA and SWA baselines over the same checkpoints,
+    scored on the held-out files; paths relative to the demo's --out. examples/tiny_pythia/study.toml is
+    this with the defaults."""
+    first = (k - 1) * nu + interval  # the first full window on the interval grid
+    lines = ["# The demo's study (written by examples/tiny_pythia/demo.py; run it with --root OUT)",
+             'out = "averaged"', 'results = "results.sqlite"', 'device = "cpu"', "",
+             "[steps]", f"start = {first}", f"end = {steps}", f"interval = {interval}", ""]
+    for name in names:
+        lines += ["[[sources]]", f"local = {_toml('trajectories/' + name)}", ""]
+    for method, extra in (("lawa", ""), ("ema", f"ema_alpha = {_toml(ema_alpha)}\n"), ("swa", "")):
+        lines += ["[[runs]]", f"method = {_toml(method)}", f"k = {k}", f"nu = {nu}", extra]
+    lines += ["[scoring]", f"tasks = {_toml([TASK])}", f"ppl_task = {_toml([TASK + '=heldout.jsonl'])}", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
@@ -80,18 +101,12 @@ def main() -> None:
         run(sys.executable, HERE / "train.py", "--out", out / "trajectories" / name, "--lr", lr, "--steps", args.steps,
             "--every", args.nu, "--heldout", heldout, *size)
 
-    first = (args.k - 1) * args.nu + args.interval  # the first full window on the interval grid
-    window = ["--k", args.k, "--nu", args.nu, "--interval", args.interval, "--start", first, "--end", args.steps,
-              "--out", out / "averaged", "--quiet"]
-    for name in names:
-        ckptavg("trajectory", out / "trajectories" / name, *window)
-    # the baselines, on the high-learning-rate run, over the same checkpoints
-    ckptavg("trajectory", out / "trajectories" / names[0], *window, "--method", "ema", "--ema-alpha", args.ema_alpha)
-    ckptavg("trajectory", out / "trajectories" / names[0], *window, "--method", "swa")
+    # LAWA and the EMA and SWA baselines on both trajectories, scored as they are made: one study file
+    study = out / "study.toml"
+    study.write_text(study_file(names, args.k, args.nu, args.interval, args.steps, args.ema_alpha))
+    print(f"\n{study}:\n{study.read_text()}")
+    ckptavg("study", "run", study, "--root", out, "--quiet")
     results = out / "results.sqlite"
-    # every run of both trajectories, found under the --out the runs were given, and their originals
-    ckptavg("eval", out / "averaged", "--tasks", TASK, "--ppl-task", f"{TASK}={heldout}", "--results", results,
-            "--device", "cpu", "--quiet")
     ckptavg("results", results, "--metric", METRIC)
 
     lawa = f"lawa-k{args.k}-nu{args.nu}"

@@ -1,0 +1,85 @@
+"""`ckptavg study plan|run|status FILE`: a whole study (sources x a grid of runs x scoring) from one TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..units import format_size
+from .common import Bars, app, out, say, user_errors
+
+study_app = typer.Typer(help="A whole study from one TOML file: every source, every run of a grid, scored as it "
+                        "goes, each revision fetched once for all the runs that need it.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+FILE_ARG = typer.Argument(..., help="The study file (TOML; the format is in the README, under Studies).")
+ROOT_OPT = typer.Option(None, "--root", help="Relative paths in the file are relative to this folder (default: the "
+                        "current directory).")
+
+
+@study_app.command("plan")
+@user_errors
+def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
+    """The grid, the revisions, the bytes to download and the peak disk of every source; reads no tensor data
+    and writes nothing (Pythia sources plan from the built-in catalogue, offline)."""
+    from rich.table import Table
+
+    from ..study import load_study, plan_study
+
+    study = load_study(file, root)
+    table = Table(title=f"{file}: {len(study.grid)} run(s) per source", title_justify="left")
+    for col in ("source", "runs", "windows", "to do", "revisions", "to download", "peak disk"):
+        table.add_column(col, justify="left" if col in ("source", "runs") else "right")
+    plans = plan_study(study)
+    for p in plans:
+        tags = ", ".join(s.tag() for s in p.specs)
+        table.add_row(p.source, tags, str(len(p.plan.jobs)), str(len(p.plan.todo)), str(len(p.plan.fetch.fetches)),
+                      format_size(p.plan.fetch.download_bytes), format_size(p.plan.fetch.peak_disk))
+    out.print(table)
+    total = sum(p.plan.fetch.download_bytes for p in plans)
+    peak = max((p.plan.fetch.peak_disk for p in plans), default=0)
+    out.print(f"{sum(len(p.plan.todo) for p in plans)} window(s) to average over {len(plans)} source(s), "
+              f"{sum(len(p.plan.fetch.fetches) for p in plans)} revision(s) fetched once each, "
+              f"{format_size(total)} to download, peak disk {format_size(peak)} (one source at a time)",
+              highlight=False, soft_wrap=True)
+    for p in plans:
+        for dup in p.duplicates:
+            say(f"[bold yellow]warning:[/] {dup}")
+
+
+@study_app.command("run")
+@user_errors
+def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
+        force: bool = typer.Option(False, "--force", help="Redo outputs (and scores) that are already finished."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+    """Run the study on this machine: source by source, each revision fetched once for every run of the grid.
+    Everything is checked before the first download; finished outputs and stored scores are skipped."""
+    from ..study import load_study, run_study
+
+    study = load_study(file, root)
+    with Bars(quiet) as bars:
+        on_task = bars.scoring(None) if study.scoring.get("tasks") else None
+        runs = run_study(study, force=force, bars=bars, on_task=on_task,
+                         on_window=None if quiet else lambda job, p: say(f"wrote {p}"))
+    say(f"{sum(len(r.written) for r in runs)} output(s) written under {study.out}"
+        + (f"; {sum(r.scored for r in runs)} task score(s) written to {study.results}, "
+           f"{sum(r.failed for r in runs)} failed" if study.scoring.get("tasks") else ""))
+
+
+@study_app.command("status")
+@user_errors
+def status(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
+    """Per source and run: windows, finished outputs, pending, and scored windows."""
+    from rich.table import Table
+
+    from ..study import load_study, study_status
+
+    rows = study_status(load_study(file, root))
+    table = Table(title_justify="left")
+    for col in ("source", "run", "windows", "finished", "pending", "scored"):
+        table.add_column(col, justify="left" if col in ("source", "run") else "right")
+    for r in rows:
+        table.add_row(r.source, r.run, str(r.windows), str(r.finished), str(r.pending),
+                      "-" if r.scored is None else str(r.scored))
+    out.print(table)

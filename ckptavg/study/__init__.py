@@ -1,0 +1,126 @@
+"""A whole study from one file: every source, every run of the grid, scored as it goes, with each revision
+fetched once for all the runs that need it.
+
+    from ckptavg import study
+    s = study.load_study("examples/studies/paper.toml")
+    for p in study.plan_study(s):            # offline for Pythia sources; a listing for other Hub repos
+        print(p.source, p.plan.fetch.download_bytes, p.plan.fetch.peak_disk)
+    study.run_study(s)                       # on this machine; finished work is skipped
+    for row in study.study_status(s):
+        print(row)
+
+The file format is documented in `ckptavg.study.file`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..api import Averaging, ByteBar, CatalogueTrajectory, OnTask, open_trajectory, pythia_trajectory, run_trajectory
+from ..api import scoring as checked_scoring
+from ..manifest import is_finished
+from ..trajectory.run import RunPlan, RunSpec
+from .file import SourceEntry, StudyFile, load_study
+
+__all__ = ["SourcePlan", "StatusRow", "StudyFile", "load_study", "plan_study", "run_study", "study_status"]
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    source: str  # the trajectory's name
+    specs: tuple[RunSpec, ...]
+    plan: RunPlan
+    duplicates: tuple
+
+
+def _open(entry: SourceEntry, *, offline_catalogue: bool, bars: ByteBar | None = None):
+    if entry.kind == "pythia":
+        return (CatalogueTrajectory(entry.name, entry.deduped) if offline_catalogue
+                else pythia_trajectory(entry.name, entry.deduped, cache_dir=entry.cache_dir, bars=bars))
+    return open_trajectory(entry.name if entry.kind == "hub" else Path(entry.name), entry.steps_from,
+                           cache_dir=entry.cache_dir, bars=bars)
+
+
+def _averaging(s: StudyFile, force: bool = False) -> Averaging:
+    return Averaging(s.device, s.dtype, s.disk_budget, s.copy, s.keep_downloads, force)
+
+
+def _scoring(s: StudyFile, register: bool):
+    if not s.scoring.get("tasks"):
+        return None
+    options = {k: v for k, v in s.scoring.items() if k != "tasks"}
+    return checked_scoring(s.scoring["tasks"], s.results, register=register, device=s.device, **options)
+
+
+def plan_study(s: StudyFile, on_plan: Callable[[SourcePlan], None] | None = None) -> list[SourcePlan]:
+    """Every source's plan, from listings only (Pythia: the built-in catalogue, offline); checks the disk
+    budget and the averaging settings (scoring's files are checked when the study runs: a plan can be made
+    where they are not). Reads no tensor data and writes nothing."""
+    averaging = _averaging(s).checked(dry_run=True)
+    plans = []
+    for entry in s.sources:
+        source = _open(entry, offline_catalogue=True)
+        specs = entry.specs(s.grid, source.steps())
+        run = run_trajectory(source, specs, s.out, averaging, dry_run=True)
+        plans.append(SourcePlan(source.name, tuple(specs), run.plan, run.duplicates))
+        if on_plan is not None:
+            on_plan(plans[-1])
+    return plans
+
+
+def run_study(s: StudyFile, *, force: bool = False, bars: ByteBar | None = None,
+              on_plan: Callable[[SourcePlan], None] | None = None, on_window=None, on_task: OnTask | None = None):
+    """Run the study on this machine, source by source; each source's revisions are fetched once for every
+    run of the grid. Everything is checked first (settings, every source's plan and the disk budget), then
+    work starts. Returns each source's `api.TrajectoryRun`."""
+    averaging, scoring = _averaging(s, force).checked(), _scoring(s, register=True)
+    plan_study(s)  # every error a study file can hold, before the first download
+    done = []
+    for entry in s.sources:
+        source = _open(entry, offline_catalogue=False, bars=bars)
+        specs = entry.specs(s.grid, source.steps())
+        done.append(run_trajectory(source, specs, s.out, averaging, scoring, bars=bars, on_window=on_window,
+                                   on_task=on_task,
+                                   on_plan=(lambda p, d, n=source.name, sp=tuple(specs): on_plan(SourcePlan(n, sp, p,
+                                                                                                          tuple(d))))
+                                   if on_plan else None))
+    return done
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    source: str
+    run: str  # the run's tag
+    windows: int
+    finished: int  # outputs with a manifest
+    scored: int | None  # windows whose every task is in the results store (None: the study scores nothing)
+
+    @property
+    def pending(self) -> int:
+        return self.windows - self.finished
+
+
+def study_status(s: StudyFile) -> list[StatusRow]:
+    """Per source and run: how many windows there are, how many outputs are finished and how many are scored."""
+    from ..report.store import open_results
+
+    tasks = list(s.scoring.get("tasks") or [])
+    limit = s.scoring.get("limit") or 0
+    store = open_results(s.results) if tasks and Path(s.results).is_file() else None
+    rows = []
+    try:
+        for p in plan_study(s):
+            for spec in p.specs:
+                jobs = [j for j in p.plan.jobs if j.spec == spec]
+                scored = None
+                if tasks:
+                    scored = sum(store is not None and all(store.done(j.run.model, j.run.tag, j.window.step, t, limit)
+                                                           for t in tasks) for j in jobs)
+                rows.append(StatusRow(p.source, spec.tag(), len(jobs), sum(is_finished(j.out_dir) for j in jobs),
+                                      scored))
+    finally:
+        if store is not None:
+            store.close()
+    return rows
