@@ -80,12 +80,14 @@ def run_study(s: StudyFile, *, force: bool = False, bars: ByteBar | None = None,
     done = []
     for entry in s.sources:
         source = _open(entry, offline_catalogue=False, bars=bars)
-        specs = entry.specs(s.grid, source.steps())
-        done.append(run_trajectory(source, specs, s.out, averaging, scoring, bars=bars, on_window=on_window,
-                                   on_task=on_task,
-                                   on_plan=(lambda p, d, n=source.name, sp=tuple(specs): on_plan(SourcePlan(n, sp, p,
-                                                                                                          tuple(d))))
-                                   if on_plan else None))
+        specs = tuple(entry.specs(s.grid, source.steps()))
+
+        def planned(plan: RunPlan, duplicates, name: str = source.name, specs: tuple = specs) -> None:
+            if on_plan is not None:
+                on_plan(SourcePlan(name, specs, plan, tuple(duplicates)))
+
+        done.append(run_trajectory(source, specs, s.out, averaging, scoring, bars=bars, on_plan=planned,
+                                   on_window=on_window, on_task=on_task))
     return done
 
 
