@@ -145,3 +145,43 @@ def test_planning_and_reporting_run_with_torch_unimportable(tmp_path, args, show
     r = subprocess.run([sys.executable, "-c", TORCHLESS, *args], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert shown in r.stdout and not (tmp_path / "out").exists()
+
+
+WRITER = """
+import sys, time
+from ckptavg.report.store import Row, Store
+path, me = sys.argv[1], int(sys.argv[2])
+with Store(path) as store:
+    for step in range(40):  # every writer scores the same 40 checkpoints: the groups collide on purpose
+        store.put([Row("m", "lawa", "lawa", 5, 1000, step, "t", metric, float(me), None, False, 0, "ok", "",
+                       "0.4", f"/writer{me}", time.time()) for metric in ("acc", "acc_norm")])
+"""
+
+
+def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
+    """Four processes upsert the same 40 checkpoint x task groups at once: one whole group each survives."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    store = tmp_path / "shared.sqlite"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), str(me)], env=env, stderr=subprocess.PIPE,
+                              text=True) for me in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    rows = sqlite3.connect(store).execute("SELECT step, metric, value, checkpoint FROM scores").fetchall()
+    assert len(rows) == 80 and len({(s, m) for s, m, _, _ in rows}) == 80  # no step x metric twice
+    by_step: dict[int, set] = {}
+    for step, _, value, checkpoint in rows:
+        by_step.setdefault(step, set()).add((value, checkpoint))
+    assert all(len(v) == 1 for v in by_step.values())  # a group is one writer's, never a mix of two
+
+
+def test_merge_takes_the_newer_score_of_each_group(tmp_path):
+    with Store(tmp_path / "main.sqlite") as main, Store(tmp_path / "job.sqlite") as job:
+        main.put([row(ORIGINAL, 1000, 10.0)])
+        job.put([row(ORIGINAL, 2000, 8.0), row("lawa-k5", 2000, 7.5)])
+        older = row(ORIGINAL, 1000, 99.0)
+        job.put([Row(*[*older.__dict__.values()][:-1], 0.5)])  # an older score of a group main has
+    with Store(tmp_path / "main.sqlite") as main:
+        assert main.merge(tmp_path / "job.sqlite") == 2
+        got = {(r.tag, r.step): r.value for r in main.rows()}
+        assert got == {(ORIGINAL, 1000): 10.0, (ORIGINAL, 2000): 8.0, ("lawa-k5", 2000): 7.5}
+        assert main.merge(tmp_path / "job.sqlite") == 0  # merging again changes nothing

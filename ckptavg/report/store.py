@@ -1,6 +1,11 @@
 """The results store: one SQLite file, one row per (model, run tag, step, task, metric, limit).
 
 Rows are upserted, so a re-run replaces what it re-scores and skips what is already there.
+Several processes may write one store at once (a study's jobs on one machine): each write is one
+immediate transaction that waits for the others (busy timeout) and replaces a whole checkpoint x
+task group, so no row is lost or duplicated, whatever the interleaving. The store runs in WAL mode,
+which needs every writer on one host; jobs on other nodes write stores of their own, and `merge`
+folds them into one.
 A task that failed for one checkpoint is stored as a row with status "failed" and its error,
 and is tried again on the next run. Only the standard library is used, so tables, plots and
 savings work on a machine without torch or lm-eval.
@@ -49,12 +54,18 @@ _SCHEMA = (f"CREATE TABLE IF NOT EXISTS scores ({_quoted(_COLUMNS)}, "
            f'PRIMARY KEY (model, tag, step, task, metric, "limit"))')
 
 
+BUSY_TIMEOUT_S = 600  # a writer waits this long for another's transaction (a score takes far less to store)
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path)
+            # autocommit: every write below opens its own IMMEDIATE transaction, so a writer takes the lock
+            # before it reads what it will replace (a deferred one could deadlock with another writer)
+            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(_SCHEMA)
         except sqlite3.DatabaseError as e:
             raise InputError(f"{self.path}: not a ckptavg results database ({e})") from None
@@ -76,11 +87,32 @@ class Store:
 
     def put(self, rows: Sequence[Row]) -> None:
         """Replace every row of the (model, tag, step, task, limit) groups in `rows` at once."""
-        with self.db:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
             for key in {(r.model, r.tag, r.step, r.task, r.limit) for r in rows}:
                 self.db.execute('DELETE FROM scores WHERE model=? AND tag=? AND step=? AND task=? AND "limit"=?', key)
             self.db.executemany(f"INSERT INTO scores ({_quoted(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                                 [tuple(asdict(r).values()) for r in rows])
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def merge(self, other: Path) -> int:
+        """Fold another store (a job's own) into this one, group by group as `put` does: the newer of two
+        scores of one checkpoint x task wins. Returns the number of groups taken."""
+        with Store(other) as source:
+            groups: dict[tuple, list[Row]] = {}
+            for row in source.rows(status=None):
+                groups.setdefault((row.model, row.tag, row.step, row.task, row.limit), []).append(row)
+        taken = 0
+        for key, rows in groups.items():
+            ours = self.db.execute('SELECT MAX(time) FROM scores WHERE model=? AND tag=? AND step=? AND task=? '
+                                   'AND "limit"=?', key).fetchone()[0]
+            if ours is None or ours < max(r.time for r in rows):
+                self.put(rows)
+                taken += 1
+        return taken
 
     def rows(self, *, model: str | None = None, task: str | None = None, metric: str | None = None,
              status: str | None = "ok") -> list[Row]:
