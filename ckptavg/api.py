@@ -182,14 +182,15 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
                    scoring: Scoring | None = None, *, dry_run: bool = False, bars: ByteBar | None = None,
                    on_plan: Callable[[RunPlan, list[Duplicate]], None] | None = None,
                    on_window: Callable[[Job, Path], None] | None = None,
-                   on_task: OnTask | None = None) -> TrajectoryRun:
+                   on_task: OnTask | None = None, select: Callable[[Job], bool] | None = None) -> TrajectoryRun:
     """Plan every window of `specs` (one run or several) over `source`, check the revisions for
     duplicates, then (unless `dry_run`) fetch, average, score and evict in order: a revision several
     runs need is fetched once. Finished windows are skipped (with `scoring.in_memory`: windows whose
     every task is stored), so an interrupted run resumes.
 
     `on_plan(plan, duplicates)` is called before anything is fetched; `on_window(job, folder)` after
-    each output is written; `on_task` for each (checkpoint, task) scored."""
+    each output is written; `on_task` for each (checkpoint, task) scored; `select(job)` keeps only some
+    windows (a cluster job's share of a study)."""
     specs = [specs] if isinstance(specs, RunSpec) else list(specs)
     averaging = averaging.checked(dry_run)
     for spec in specs:
@@ -209,7 +210,7 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
                                  for t in scoring.tasks)
         sizes = source.sizes() if isinstance(source, CatalogueTrajectory) else None
         plan = plan_runs(source, specs, Path(out), force=averaging.force, keep_downloads=averaging.keep_downloads,
-                         disk_budget=averaging.disk_budget, sizes=sizes, done=done)
+                         disk_budget=averaging.disk_budget, sizes=sizes, done=done, select=select)
         duplicates = [] if sizes is not None else source.duplicates(steps_of(plan.windows), read_data=not dry_run)
         if on_plan is not None:
             on_plan(plan, duplicates)

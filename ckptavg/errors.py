@@ -95,6 +95,13 @@ class IntegrityError(CkptavgError):
     """Downloaded bytes whose sha256 is not the one the Hub lists for them, twice in a row."""
 
 
+class JobsFailedError(CkptavgError):
+    """Some of a study's cluster jobs did not finish (an error, a cancellation, a lost node); what the others
+    finished is kept, and running the study again does the rest."""
+
+    exit_code = 4
+
+
 class IOFailure(CkptavgError):
     """The operating system failed a read or write mid-run: ENOSPC, EIO, EACCES, a vanished file."""
 

@@ -144,12 +144,12 @@ def cli(*args):
 
 
 def hub_cli(hub, home: Path, *args: str, offline: bool = False, endpoint: str | None = None,
-            wait: bool = True):
+            wait: bool = True, env: dict | None = None):
     """`ckptavg ARGS` in a process of its own, against the test Hub `hub` (huggingface_hub reads HF_ENDPOINT
-    and HF_HUB_OFFLINE when it is imported), with every cache under `home`."""
+    and HF_HUB_OFFLINE when it is imported), with every cache under `home`; `env` adds variables."""
     env = dict(os.environ, HF_ENDPOINT=endpoint or hub.url, HF_HUB_OFFLINE="1" if offline else "0",
                HF_HOME=str(home / "hf"), CKPTAVG_CACHE=str(home / "ckptavg-cache"),
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(sys.path))
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
     cmd = [sys.executable, "-m", "ckptavg", *args]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

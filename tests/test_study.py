@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +145,105 @@ def test_paper_study_plans_offline_in_seconds(hub, tmp_path):
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     assert "328 window(s) to average over 4 source(s), 500 revision(s) fetched once each" in text
+
+
+# -- on a real Slurm ----------------------------------------------------------------------------------
+SCORED = GRID + """
+[scoring]
+tasks = ["tiny"]
+ppl_task = ["tiny=docs.jsonl"]
+"""
+SLURM_ARGS = ("--executor", "slurm", "--partition", "debug", "--cpus-per-job", "1", "--jobs-per-source", "2",
+              "--time-min", "10")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Debian's slurmctld, slurmd, munge, slurmdbd and MariaDB, started here; skipped, with the reason, where
+    they cannot be."""
+    import tempfile
+
+    from slurmcluster import Cluster, Unavailable
+
+    base = Path(tempfile.mkdtemp(prefix="ckptavg-slurm-"))  # pytest's folders are 0700: munged could not enter
+    base.chmod(0o755)
+    cluster = Cluster(base)
+    try:
+        cluster.start()
+    except (Unavailable, OSError, subprocess.SubprocessError) as e:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"no Slurm on this machine: {e}")
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def conf(cluster) -> dict:
+    return {"SLURM_CONF": str(cluster.conf)}  # what sbatch, squeue and sacct need; the jobs inherit the rest
+
+
+def scored_study(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the cat sat", "a b c d")))
+    return study(folder, SCORED)
+
+
+def outputs(root):
+    return {p.parent.relative_to(root): load_reference(p.parent) for p in sorted(root.rglob("ckptavg.json"))}
+
+
+def rows(db):
+    return sorted(sqlite3.connect(db).execute(
+        "SELECT model, tag, step, task, metric, value FROM scores WHERE status='ok'").fetchall())
+
+
+def test_slurm_gives_the_local_executors_outputs_and_rows(hub, slurm, tmp_path):
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    r = hub_cli(hub, local, "study", "run", str(scored_study(local)), "--root", str(local), "-q")
+    assert r.returncode == 0, r.stderr
+    r = hub_cli(hub, cluster, "study", "run", str(scored_study(cluster)), "--root", str(cluster), *SLURM_ARGS,
+                env=conf(slurm))
+    assert r.returncode == 0, r.stderr
+    assert "by Slurm jobs" in r.stderr
+    jobs = json.loads((cluster / "out" / ".study-study" / "jobs.json").read_text())
+    assert len(jobs) == 2 and all(Path(j["stdout"]).is_file() for j in jobs)
+    mine, theirs = outputs(local / "out"), outputs(cluster / "out")
+    assert mine.keys() == theirs.keys() and len(mine) == 20  # 15 LAWA windows and 5 EMA
+    for folder, tensors in mine.items():
+        assert all(torch.equal(tensors[k], theirs[folder][k]) for k in tensors), folder
+    assert rows(local / "results.sqlite") == rows(cluster / "results.sqlite") != []
+    r = hub_cli(hub, cluster, "study", "status", str(cluster / "study.toml"), "--root", str(cluster),
+                env=conf(slurm) | {"COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    states = [line for line in r.stdout.splitlines() if "_0_log.err" in line]
+    assert len(states) == 2 and all("COMPLETED" in line for line in states), r.stdout
+
+
+def test_a_cancelled_job_is_reported_and_a_resubmission_completes_the_study(hub, slurm, tmp_path):
+    file = scored_study(tmp_path)
+    hub.stall, hub.release = ("step6000", "model.safetensors"), type(hub.release)()
+    hub.stalled.clear()
+    proc = hub_cli(hub, tmp_path, "study", "run", str(file), "--root", str(tmp_path), *SLURM_ARGS, env=conf(slurm),
+                   wait=False)
+    try:
+        assert hub.stalled.wait(120), "no job reached step6000"
+        subprocess.run(["scancel", "--name", "study"], env=slurm.env, check=True)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        hub.stall = None
+        hub.release.set()
+    assert proc.returncode == 4, stderr
+    assert "did not finish" in stderr and "run the study again" in " ".join(stderr.split())
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".ckptavg-tmp-" in p.name]
+    r = hub_cli(hub, tmp_path, "study", "run", str(file), "--root", str(tmp_path), *SLURM_ARGS, env=conf(slurm))
+    assert r.returncode == 0, r.stderr
+    done = outputs(tmp_path / "out")
+    assert len(done) == 20
+    for (k, nu), first in LAWA.items():
+        for t in range(first, 7000, 1000):
+            members = [hub.folders[s] for s in range(t - (k - 1) * nu, t + 1, nu)]
+            assert_matches(tmp_path / "out" / "grid-run" / f"lawa-k{k}-nu{nu}" / f"step{t}",
+                           reference_average(members), max_ulp=1)
+    scored = {(tag, step) for _, tag, step, *_ in rows(tmp_path / "results.sqlite")}
+    assert len(scored) == 20 + 5  # every average, and the original at each output step, 2000 to 6000

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..units import format_size
-from .common import Bars, app, out, say, user_errors
+from .common import Bars, app, fail, grouped, out, say, user_errors
 
 study_app = typer.Typer(help="A whole study from one TOML file: every source, every run of a grid, scored as it "
                         "goes, each revision fetched once for all the runs that need it.", no_args_is_help=True)
@@ -48,16 +49,51 @@ def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
             say(f"[bold yellow]warning:[/] {dup}")
 
 
+SLURM = "Slurm (--executor slurm)"
+
+
+@dataclass
+class Cluster:
+    """Where the study runs, and the Slurm job settings."""
+
+    executor: str = typer.Option("local", help="local (this machine) or slurm (a job array through submitit, "
+                                 "SLURM_CONF and the Slurm commands as the submitting shell has them).")
+    partition: Optional[str] = typer.Option(None, help="Slurm partition.", rich_help_panel=SLURM)
+    jobs_per_source: int = typer.Option(4, help="Array tasks each source's windows are split into (groups of "
+                                        "consecutive steps).", rich_help_panel=SLURM)
+    cpus_per_job: int = typer.Option(2, help="CPUs per task.", rich_help_panel=SLURM)
+    gpus_per_job: int = typer.Option(0, help="GPUs per task.", rich_help_panel=SLURM)
+    mem: Optional[str] = typer.Option(None, help="Memory per task, as sbatch takes it (e.g. 32G).",
+                                      rich_help_panel=SLURM)
+    time_min: int = typer.Option(240, help="Time limit per task, in minutes.", rich_help_panel=SLURM)
+    array_parallelism: int = typer.Option(32, help="Tasks running at once.", rich_help_panel=SLURM)
+    sbatch: list[str] = typer.Option([], help="Another sbatch option, KEY=VALUE (e.g. account=proj). Repeatable.",
+                                     rich_help_panel=SLURM)
+
+
 @study_app.command("run")
 @user_errors
+@grouped(cluster=Cluster)
 def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
         force: bool = typer.Option(False, "--force", help="Redo outputs (and scores) that are already finished."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
-    """Run the study on this machine: source by source, each revision fetched once for every run of the grid.
-    Everything is checked before the first download; finished outputs and stored scores are skipped."""
-    from ..study import load_study, run_study
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."), cluster: Cluster = None) -> None:
+    """Run the study: each revision fetched once for every run of the grid that needs it. Everything is checked
+    before the first download; finished outputs and stored scores are skipped, so running it again after an
+    interruption (or a failed cluster job) does only what is missing."""
+    from ..study import load_study, run_study, submit_study
+    from ..study.slurm import SlurmOptions
 
     study = load_study(file, root)
+    if cluster.executor not in ("local", "slurm"):
+        raise fail(f"--executor: unknown value {cluster.executor!r} (choose from local, slurm)")
+    if cluster.executor == "slurm":
+        totals = submit_study(study, SlurmOptions(cluster.partition, cluster.jobs_per_source, cluster.cpus_per_job,
+                                                  cluster.gpus_per_job, cluster.mem, cluster.time_min,
+                                                  cluster.array_parallelism, tuple(cluster.sbatch)))
+        say(f"{totals['written']} output(s) written under {study.out} by Slurm jobs"
+            + (f"; {totals['scored']} task score(s) merged into {study.results}, {totals['failed']} failed"
+               if study.scoring.get("tasks") else ""))
+        return
     with Bars(quiet) as bars:
         on_task = bars.scoring(None) if study.scoring.get("tasks") else None
         runs = run_study(study, force=force, bars=bars, on_task=on_task,
@@ -70,12 +106,15 @@ def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
 @study_app.command("status")
 @user_errors
 def status(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
-    """Per source and run: windows, finished outputs, pending, and scored windows."""
+    """Per source and run: windows, finished outputs, pending, and scored windows; and the last Slurm
+    submission's jobs with their states and logs."""
     from rich.table import Table
 
     from ..study import load_study, study_status
+    from ..study.slurm import job_status
 
-    rows = study_status(load_study(file, root))
+    study = load_study(file, root)
+    rows = study_status(study)
     table = Table(title_justify="left")
     for col in ("source", "run", "windows", "finished", "pending", "scored"):
         table.add_column(col, justify="left" if col in ("source", "run") else "right")
@@ -83,3 +122,11 @@ def status(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
         table.add_row(r.source, r.run, str(r.windows), str(r.finished), str(r.pending),
                       "-" if r.scored is None else str(r.scored))
     out.print(table)
+    jobs = job_status(study)
+    if jobs:
+        table = Table(title="the last Slurm submission", title_justify="left")
+        for col in ("job", "source", "group", "windows", "state", "log"):
+            table.add_column(col, justify="right" if col in ("group", "windows") else "left")
+        for j in jobs:
+            table.add_row(j.job, j.source, str(j.group), str(j.windows), j.state, j.log)
+        out.print(table)

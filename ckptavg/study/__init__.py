@@ -24,7 +24,8 @@ from ..manifest import is_finished
 from ..trajectory.run import RunPlan, RunSpec
 from .file import SourceEntry, StudyFile, load_study
 
-__all__ = ["SourcePlan", "StatusRow", "StudyFile", "load_study", "plan_study", "run_study", "study_status"]
+__all__ = ["SourcePlan", "StatusRow", "StudyFile", "load_study", "plan_study", "run_study", "study_status",
+           "submit_study"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,16 @@ def study_status(s: StudyFile) -> list[StatusRow]:
         if store is not None:
             store.close()
     return rows
+
+
+def submit_study(s: StudyFile, options=None) -> dict:
+    """Run the study on a Slurm cluster through submitit (see `ckptavg.study.slurm`): checks everything,
+    submits one job array, waits for it, and folds the jobs' results into the study's store. Returns the
+    totals (outputs written, scores written, failed scores); raises `JobsFailedError` naming the jobs that
+    did not finish."""
+    from .slurm import SlurmOptions, collect, submit
+
+    options = (options or SlurmOptions()).checked()
+    _averaging(s).checked(dry_run=True)  # the submitting machine need not have the jobs' GPUs
+    _scoring(s, register=True)
+    return collect(s, submit(s, options, plan_study(s)))

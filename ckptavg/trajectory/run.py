@@ -109,10 +109,11 @@ def run_id(source: Source, spec: RunSpec) -> RunId:
 
 def plan_runs(source: Source, specs: Sequence[RunSpec], out: Path, *, force: bool = False,
               keep_downloads: bool = False, disk_budget: int | None = None, sizes: dict[int, int] | None = None,
-              done: Callable[[Job], bool] | None = None) -> RunPlan:
+              done: Callable[[Job], bool] | None = None, select: Callable[[Job], bool] | None = None) -> RunPlan:
     """Plan `specs` over `source` together. `done(job)` says a window needs no work (default: its output
-    has a manifest). Windows are done in order of their newest checkpoint, so that each revision is
-    evicted as soon as every run is past it."""
+    has a manifest); `select(job)` keeps only some windows (one cluster job's share of a study). Windows
+    are done in order of their newest checkpoint, so that each revision is evicted as soon as every run
+    is past it."""
     available = source.steps()
     jobs = []
     for spec in dict.fromkeys(specs):
@@ -123,6 +124,8 @@ def plan_runs(source: Source, specs: Sequence[RunSpec], out: Path, *, force: boo
                                     f"{e}{source.missing_hint}") from None
         run = run_id(source, spec)
         jobs += [Job(run, spec, w, output_folder(out, run, w.step)) for w in windows]
+    if select is not None:
+        jobs = [j for j in jobs if select(j)]
     finished = done or (lambda j: is_finished(j.out_dir))
     todo = sorted((j for j in jobs if force or not finished(j)), key=lambda j: (j.window.members[-1], j.window.step))
     sizes = sizes or {s: source.size(s) for s in steps_of([j.window for j in todo])}
