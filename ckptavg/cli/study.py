@@ -21,13 +21,17 @@ ROOT_OPT = typer.Option(None, "--root", help="Relative paths in the file are rel
 
 @study_app.command("plan")
 @user_errors
-def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
+def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
+         jobs_per_source: int = typer.Option(4, help="Also show the Slurm jobs `study run --executor slurm` would "
+                                             "submit with this --jobs-per-source.")) -> None:
     """The grid, the revisions, the bytes to download and the peak disk of every source; reads no tensor data
     and writes nothing (Pythia sources plan from the built-in catalogue, offline)."""
     from rich.table import Table
 
     from ..study import load_study, plan_study
+    from ..study.slurm import SlurmOptions, split
 
+    SlurmOptions(jobs_per_source=jobs_per_source).checked()
     study = load_study(file, root)
     table = Table(title=f"{file}: {len(study.grid)} run(s) per source", title_justify="left")
     for col in ("source", "runs", "windows", "to do", "revisions", "to download", "peak disk"):
@@ -47,6 +51,13 @@ def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
     for p in plans:
         for dup in p.duplicates:
             say(f"[bold yellow]warning:[/] {dup}")
+    groups = [(p.source, g) for p in plans for g in split(p.plan, jobs_per_source)]
+    out.print(f"with --executor slurm: {len(groups)} job(s) in one array, each averaging (and scoring) a range of "
+              f"consecutive steps of one source:", highlight=False, soft_wrap=True)
+    for source, group in groups:
+        steps = [j.window.members[-1] for j in group]
+        out.print(f"  {source}: {len(group)} window(s), newest checkpoints {min(steps)} to {max(steps)}, "
+                  f"{len({m for j in group for m in j.window.members})} revision(s)", highlight=False, soft_wrap=True)
 
 
 SLURM = "Slurm (--executor slurm)"
