@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..api import Averaging, ByteBar, CatalogueTrajectory, OnTask, open_trajectory, pythia_trajectory, run_trajectory
+from ..api import Averaging, ByteBar, CatalogueTrajectory, OnTask, pythia_trajectory, run_trajectory
 from ..api import scoring as checked_scoring
 from ..manifest import is_finished
 from ..trajectory.run import RunPlan, RunSpec
@@ -37,11 +37,17 @@ class SourcePlan:
 
 
 def _open(entry: SourceEntry, *, offline_catalogue: bool, bars: ByteBar | None = None):
+    """The source a study file names; a Pythia size plans from the catalogue (offline) and runs from the Hub."""
     if entry.kind == "pythia":
         return (CatalogueTrajectory(entry.name, entry.deduped) if offline_catalogue
                 else pythia_trajectory(entry.name, entry.deduped, cache_dir=entry.cache_dir, bars=bars))
-    return open_trajectory(entry.name if entry.kind == "hub" else Path(entry.name), entry.steps_from,
-                           cache_dir=entry.cache_dir, bars=bars)
+    if entry.kind == "local":
+        from ..trajectory.sources import LocalTrajectory
+
+        return LocalTrajectory(Path(entry.name), entry.steps_from)
+    from ..trajectory.hub import HubTrajectory
+
+    return HubTrajectory(entry.name, entry.steps_from, cache_dir=entry.cache_dir, bars=bars)
 
 
 def _averaging(s: StudyFile, force: bool = False) -> Averaging:
