@@ -21,8 +21,9 @@ from pathlib import Path
 from . import options as opt
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
+from .trajectory.methods import check_parameters
 from .trajectory.run import Job, RunPlan, RunSpec, execute_run, plan_runs
-from .trajectory.schedule import check_parameters, steps_of
+from .trajectory.schedule import steps_of
 from .trajectory.sources import DEFAULT_STEP_PATTERN, Duplicate
 
 ByteBar = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance(n)
@@ -194,7 +195,7 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
     specs = [specs] if isinstance(specs, RunSpec) else list(specs)
     averaging = averaging.checked(dry_run)
     for spec in specs:
-        check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha)
+        check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha, spec.decay_shape)
     scoring = scoring if scoring and scoring.tasks else None
     if scoring is not None and not dry_run:
         scoring = scoring.registered()

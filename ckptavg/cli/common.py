@@ -155,9 +155,15 @@ class Schedule:
                           "sequence).")
     nu: int = typer.Option(1000, "--nu", help="Steps between the checkpoints of one window.")
     interval: int = typer.Option(3000, "--interval", help="Steps between consecutive outputs.")
-    method: str = typer.Option("lawa", help="lawa (uniform over the latest k), ema or swa.")
-    ema_alpha: float = typer.Option(0.9, help="EMA: e_i = (1-alpha) e_(i-1) + alpha c_i over the checkpoint "
-                                    "sequence.")
+    method: str = typer.Option("lawa", help="lawa: uniform over the latest k checkpoints, nu steps apart; "
+                               "wma: weights i / (k(k+1)/2), i = 1 oldest (PMA); decay: weights f((i-1)/k) - f(i/k) "
+                               "for --decay-shape f (WSM; linear is lawa); ema-window: EMA inside each window, "
+                               "w_1 = (1-alpha)^(k-1), w_i = alpha (1-alpha)^(k-i) (PMA); ema: EMA over the whole "
+                               "checkpoint sequence; swa: uniform mean since --swa-start.")
+    ema_alpha: float = typer.Option(0.9, help="ema: e_i = (1-alpha) e_(i-1) + alpha c_i over the whole checkpoint "
+                                    "sequence; ema-window: the same inside each window of k.")
+    decay_shape: str = typer.Option("1-sqrt", help="decay: the shape f with f(0) = 1, f(1) = 0: linear (1 - x), "
+                                    "cosine ((1 + cos(pi x)) / 2) or 1-sqrt (1 - sqrt(x)).")
     swa_start: Optional[int] = typer.Option(None, help="SWA: first step of the running mean (default: the first "
                                             "checkpoint of the sequence).")
 

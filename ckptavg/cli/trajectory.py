@@ -92,16 +92,18 @@ def pythia(
 def _spec(s: Schedule, start: int, end: int, skip_incomplete: bool):
     from ..trajectory.run import RunSpec
 
-    return RunSpec(s.method, s.k, s.nu, s.interval, start, end, s.ema_alpha, s.swa_start, skip_incomplete)
+    return RunSpec(s.method, s.k, s.nu, s.interval, start, end, s.ema_alpha, s.swa_start, skip_incomplete,
+                   s.decay_shape)
 
 
 def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks: Tasks, study: Study,
              disk_budget: Optional[str], force: bool, dry_run: bool):
     """Every option of a run, checked before the trajectory is listed: (averaging, scoring)."""
     from ..api import Averaging
-    from ..trajectory.schedule import check_parameters
+    from ..trajectory.methods import check_parameters
 
-    check_parameters(schedule.method, schedule.k, schedule.nu, schedule.interval, schedule.ema_alpha)
+    check_parameters(schedule.method, schedule.k, schedule.nu, schedule.interval, schedule.ema_alpha,
+                     schedule.decay_shape)
     averaging = Averaging(arith.device, arith.dtype, disk_budget, tuple(arith.copy), downloads.keep_downloads,
                           force).checked(dry_run)
     return averaging, scoring(study.study_tasks, tasks, originals=study.originals, in_memory=study.in_memory,

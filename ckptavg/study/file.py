@@ -47,15 +47,15 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..errors import CkptavgError, OptionError
+from ..trajectory.methods import METHODS, check_parameters
 from ..trajectory.run import RunSpec
-from ..trajectory.schedule import METHODS, check_parameters
 
 TOP_KEYS = {"out", "results", "disk_budget", "device", "dtype", "copy", "keep_downloads", "steps", "sources", "runs",
             "scoring", "name"}
 STEP_KEYS = {"start", "end", "interval"}
 SOURCE_KINDS = ("pythia", "hub", "local")
 SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", *STEP_KEYS}
-RUN_KEYS = {"method", "k", "nu", "ema_alpha", "swa_start", "skip_incomplete"}
+RUN_KEYS = {"method", "k", "nu", "ema_alpha", "swa_start", "decay_shape", "skip_incomplete"}
 SCORING_KEYS = {"tasks", "pile", "ppl_task", "include_path", "limit", "batch_size", "originals", "in_memory"}
 PYTHIA_STEPS = {"start": 21000, "end": 141000, "interval": 3000}  # the paper's
 
@@ -86,7 +86,8 @@ class SourceEntry:
             return default + max(0, -(-(needed - default) // interval)) * interval
 
         return [RunSpec(g["method"], g["k"], g["nu"], interval, start(g), self.steps.get("end", last),
-                        g.get("ema_alpha", 0.9), g.get("swa_start"), g.get("skip_incomplete", False)) for g in grid]
+                        g.get("ema_alpha", 0.9), g.get("swa_start"), g.get("skip_incomplete", False),
+                        g.get("decay_shape", "1-sqrt")) for g in grid]
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _expand(run: dict, where: str) -> list[dict]:
     method = run.get("method")
     if method not in METHODS:
         raise OptionError(f"{where}: unknown method {method!r} (choose from {', '.join(METHODS)})")
-    keys = [k for k in ("k", "nu", "ema_alpha", "swa_start") if k in run]
+    keys = [k for k in ("k", "nu", "ema_alpha", "swa_start", "decay_shape") if k in run]
     configs = []
     for values in itertools.product(*(_as_list(run[k]) for k in keys)):
         config = {"method": method, "skip_incomplete": bool(run.get("skip_incomplete", False)),
@@ -130,7 +131,8 @@ def _expand(run: dict, where: str) -> list[dict]:
             if not isinstance(config.get(key), int):
                 raise OptionError(f"{where}: {key} must be a whole number or a list of them, got {config.get(key)!r}")
         try:
-            check_parameters(method, config["k"], config["nu"], 1, config.get("ema_alpha", 0.9))
+            check_parameters(method, config["k"], config["nu"], 1, config.get("ema_alpha", 0.9),
+                             config.get("decay_shape", "1-sqrt"))
         except CkptavgError as e:  # say which table
             raise type(e)(f"{where}: {str(e).replace('--', '')}") from None
         configs.append(config)

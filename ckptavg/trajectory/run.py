@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import MismatchError, MissingStepsError, ScheduleError
+from ..errors import MismatchError, MissingStepsError
 from ..layout import RUN_LOG, output_folder, run_folder
 from ..manifest import Method, RunId, is_finished
-from .schedule import METHODS, FetchPlan, Window, ema_windows, lawa_windows, plan_fetches, steps_of, swa_windows
+from .methods import method
+from .schedule import FetchPlan, Window, plan_fetches, steps_of
 from .sources import Duplicate
 
 
@@ -38,6 +39,8 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One run: a method (`trajectory.methods`) and its parameters, over output steps start..end."""
+
     method: str
     k: int
     nu: int
@@ -47,33 +50,17 @@ class RunSpec:
     ema_alpha: float = 0.9
     swa_start: int | None = None
     skip_incomplete: bool = False
+    decay_shape: str = "1-sqrt"
 
     def tag(self) -> str:
-        base = f"k{self.k}-nu{self.nu}"
-        if self.method == "lawa":
-            return f"lawa-{base}"
-        if self.method == "ema":
-            return f"ema-alpha{self.ema_alpha:g}-{base}"
-        return f"swa-from{self.swa_start if self.swa_start is not None else 'first'}-{base}"
+        return method(self.method).tag(self)
 
     def windows(self, available: Sequence[int] | None) -> list[Window]:
-        common = dict(k=self.k, nu=self.nu, interval=self.interval, start=self.start, end=self.end,
-                      available=available, skip_incomplete=self.skip_incomplete)
-        if self.method == "lawa":
-            return lawa_windows(**common)
-        if self.method == "ema":
-            return ema_windows(alpha=self.ema_alpha, **common)
-        if self.method == "swa":
-            return swa_windows(swa_start=self.swa_start, **common)
-        raise ScheduleError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
+        return method(self.method).windows(self, available)
 
     def record(self, window: Window) -> Method:
-        params: dict = {}
-        if self.method == "ema":
-            params = {"alpha": self.ema_alpha, "dropped_tail_weight": window.dropped_weight}
-        if self.method == "swa":
-            params = {"swa_start": window.members[0]}
-        return Method(self.method, window.step, self.k, self.nu, self.interval, window.members, params)
+        return Method(self.method, window.step, self.k, self.nu, self.interval, window.members,
+                      method(self.method).record(self, window))
 
 
 @dataclass(frozen=True)

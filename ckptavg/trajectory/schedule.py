@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from ..errors import MissingStepsError, ScheduleError
 
-METHODS = ("lawa", "ema", "swa")
 EMA_TAIL = 1e-6  # EMA terms older than this much total weight are dropped (recorded in the manifest)
 
 
@@ -35,22 +34,13 @@ class Window:
     dropped_weight: float = 0.0  # EMA tail mass left out
 
 
-def check_parameters(method: str, k: int, nu: int, interval: int, ema_alpha: float) -> None:
-    """What can be checked before the trajectory's steps are known (so before any listing)."""
-    if method not in METHODS:
-        raise ScheduleError(f"unknown --method {method!r} (choose from {', '.join(METHODS)})")
+def validate(k: int, nu: int, interval: int, start: int, end: int) -> None:
     if k < 1:
         raise ScheduleError(f"--k must be at least 1, got {k}")
     if nu <= 0:
         raise ScheduleError(f"--nu must be positive, got {nu}")
     if interval <= 0:
         raise ScheduleError(f"--interval must be positive, got {interval}")
-    if method == "ema" and not 0.0 < ema_alpha <= 1.0:
-        raise ScheduleError(f"--ema-alpha must be in (0, 1], got {ema_alpha}")
-
-
-def validate(k: int, nu: int, interval: int, start: int, end: int) -> None:
-    check_parameters(METHODS[0], k, nu, interval, 1.0)
     if start > end:
         raise ScheduleError(f"--start ({start}) is after --end ({end})")
     if start - (k - 1) * nu < 0:
@@ -88,10 +78,43 @@ def sequence(k: int, nu: int, interval: int, start: int, end: int) -> list[int]:
 
 
 def lawa_windows(k: int, nu: int, interval: int, start: int, end: int,
-                 available: Iterable[int] | None = None, skip_incomplete: bool = False) -> list[Window]:
+                 available: Iterable[int] | None = None, skip_incomplete: bool = False,
+                 weights: Sequence[float] | None = None) -> list[Window]:
+    """LAWA's windows; with `weights` (one per member, oldest first) the same windows weighted otherwise."""
     validate(k, nu, interval, start, end)
-    windows = [Window(t, lawa_members(t, k, nu), tuple([1.0 / k] * k)) for t in output_steps(start, end, interval)]
+    w = tuple(weights) if weights is not None else tuple([1.0 / k] * k)
+    windows = [Window(t, lawa_members(t, k, nu), w) for t in output_steps(start, end, interval)]
     return _check_available(windows, available, skip_incomplete)
+
+
+def wma_weights(k: int) -> list[float]:
+    """PMA's weighted moving average: member i (1 = oldest) gets i / (k(k+1)/2)."""
+    total = k * (k + 1) // 2
+    return [i / total for i in range(1, k + 1)]
+
+
+DECAY_SHAPES = {  # f on [0, 1], f(0) = 1, f(1) = 0
+    "linear": lambda x: 1.0 - x,
+    "cosine": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
+    "1-sqrt": lambda x: 1.0 - math.sqrt(x),
+}
+
+
+def decay_weights(k: int, shape: str) -> list[float]:
+    """WSM's decay-shaped merge: member i (1 = oldest) gets f((i-1)/k) - f(i/k). Merging with these equals
+    training with a learning-rate multiplier f(j/k) on the updates between members j and j+1 (the tail
+    sums). Linear is exactly LAWA's uniform 1/k, returned as such so that its average is LAWA's, bit for bit."""
+    if shape not in DECAY_SHAPES:
+        raise ScheduleError(f"unknown decay shape {shape!r} (choose from {', '.join(DECAY_SHAPES)})")
+    if shape == "linear":
+        return [1.0 / k] * k
+    f = DECAY_SHAPES[shape]
+    return [f((i - 1) / k) - f(i / k) for i in range(1, k + 1)]
+
+
+def ema_window_weights(k: int, alpha: float) -> list[float]:
+    """PMA's EMA inside one window: w_1 = (1-a)^(k-1), w_i = a (1-a)^(k-i) for i >= 2 (1 = oldest)."""
+    return ema_weights(k, alpha)
 
 
 def ema_weights(n: int, alpha: float) -> list[float]:
