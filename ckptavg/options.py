@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import OptionError
-from .units import parse_size
+from .units import parse_size, parse_tokens
 
 # Output dtypes of averaged tensors; "auto" keeps the dtype stored in the newest input.
 AVERAGE_DTYPES = ("auto", "float16", "bfloat16", "float32", "float64")
@@ -37,6 +37,13 @@ def device(value: str, option: str = "--device") -> str:
 def size(text: str, option: str) -> int:
     try:
         return parse_size(text)
+    except ValueError as e:
+        raise OptionError(f"{option}: {e}") from None
+
+
+def tokens(text: str, option: str) -> int:
+    try:
+        return parse_tokens(text)
     except ValueError as e:
         raise OptionError(f"{option}: {e}") from None
 

@@ -25,3 +25,24 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+_TOKEN_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_tokens(text: str) -> int:
+    """'4B' -> 4_000_000_000; '500M', '2.5T', a plain count. Decimal units, as pre-training papers count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]?)\s*", str(text))
+    if not m or m.group(2).upper() not in _TOKEN_UNITS:
+        raise ValueError(f"not a token count: {text!r} (examples: 4B, 500M, 2097152000)")
+    value = round(float(m.group(1)) * _TOKEN_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"token count must be positive: {text!r}")
+    return value
+
+
+def format_tokens(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"

@@ -88,3 +88,38 @@ def test_method_errors_and_the_registry_in_help_and_study_files(mixed, tmp_path)
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert "decay-linear-k3-nu1000" in text and "decay-1sqrt-k3-nu1000" in text and "wma-k3-nu1000" in text
+
+
+def test_windows_in_tokens():
+    from ckptavg.trajectory.schedule import steps_for_tokens
+    from ckptavg.units import parse_tokens
+
+    assert parse_tokens("4B") == 4 * 10**9 and parse_tokens("500M") == 5 * 10**8 and parse_tokens("2.5T") == 25 * 10**11
+    assert parse_tokens("2097152000") == 2_097_152_000
+    for bad in ("", "4X", "-1B", "0"):
+        with pytest.raises(ValueError):
+            parse_tokens(bad)
+    assert steps_for_tokens(2_097_152_000, 2_097_152, "--nu-tokens") == 1000
+    with pytest.raises(ScheduleError, match=r"the nearest are 1,998,585,856 \(953 steps\) and 2,000,683,008 \(954"):
+        steps_for_tokens(2 * 10**9, 2_097_152, "--nu-tokens")
+
+
+def test_pythia_windows_in_tokens_plan_like_steps(tmp_path):
+    steps = cli("pythia", "--model", "1b", "--k", 3, "--nu", 1000, "--interval", 3000, "--dry-run", "--out", tmp_path)
+    tokens = cli("pythia", "--model", "1b", "--k", 3, "--nu-tokens", "2.097152B", "--interval-tokens", "6291456000",
+                 "--dry-run", "--out", tmp_path)
+    assert steps.exit_code == tokens.exit_code == 0, tokens.output
+    assert "41 window(s) to average" in tokens.output and "44B" in tokens.output  # step 21000 = 44.0B tokens
+    summary = [line for line in tokens.output.splitlines() if "window(s) to average" in line]
+    assert summary == [line for line in steps.output.splitlines() if "window(s) to average" in line]
+    r = cli("pythia", "--model", "1b", "--nu-tokens", "2B", "--dry-run", "--out", tmp_path)
+    assert r.exit_code == 2 and "not a whole number" in r.output
+
+
+def test_manifest_counts_in_tokens_when_it_knows_them(mixed, tmp_path):
+    r = cli("trajectory", mixed, *WINDOW, "--tokens-per-step", 1000, "--nu-tokens", "1M", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    method = json.loads((tmp_path / "run" / "lawa-k3-nu1000" / "step4000" / "ckptavg.json").read_text())["method"]
+    assert method["nu"] == 1000 and method["nu_tokens"] == 10**6 and method["step_tokens"] == 4 * 10**6
+    r = cli("trajectory", mixed, *WINDOW, "--nu-tokens", "1M", "--out", tmp_path)
+    assert r.exit_code == 2 and "needs --tokens-per-step" in r.output

@@ -164,6 +164,12 @@ class Schedule:
                                     "sequence; ema-window: the same inside each window of k.")
     decay_shape: str = typer.Option("1-sqrt", help="decay: the shape f with f(0) = 1, f(1) = 0: linear (1 - x), "
                                     "cosine ((1 + cos(pi x)) / 2) or 1-sqrt (1 - sqrt(x)).")
+    nu_tokens: Optional[str] = typer.Option(None, help="--nu in tokens (e.g. 4B, 500M), instead of steps; it must "
+                                            "be a whole number of steps.")
+    interval_tokens: Optional[str] = typer.Option(None, help="--interval in tokens (e.g. 6.3B).")
+    tokens_per_step: Optional[int] = typer.Option(None, help="Tokens per training step, for --nu-tokens and "
+                                                  "--interval-tokens and to show tokens in the plan and manifests "
+                                                  "(`pythia`: 2097152, from the catalogue).")
     swa_start: Optional[int] = typer.Option(None, help="SWA: first step of the running mean (default: the first "
                                             "checkpoint of the sequence).")
 

@@ -7,8 +7,22 @@ from typing import Optional
 
 import typer
 
-from ..units import format_size
-from .common import Arithmetic, Bars, Downloads, Schedule, Study, Tasks, app, grouped, out, say, scoring, user_errors
+from ..units import format_size, format_tokens
+from .common import (
+    Arithmetic,
+    Bars,
+    Downloads,
+    Schedule,
+    Study,
+    Tasks,
+    app,
+    fail,
+    grouped,
+    out,
+    say,
+    scoring,
+    user_errors,
+)
 
 DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, peak disk) and exit; reads no tensor data."
 
@@ -43,6 +57,7 @@ def trajectory(
     """
     from ..api import open_trajectory
 
+    schedule = _in_steps(schedule, schedule.tokens_per_step)
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     bars = Bars(quiet)
     src = open_trajectory(source, steps_from, cache_dir=downloads.cache_dir, bars=bars)
@@ -80,6 +95,7 @@ def pythia(
     from ..trajectory import pythia as catalogue
 
     catalogue.model(model)  # an unknown size, before anything else
+    schedule = _in_steps(schedule, schedule.tokens_per_step or catalogue.TOKENS_PER_STEP)
     spec = _spec(schedule, start, end, False)
     spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
@@ -89,11 +105,31 @@ def pythia(
     _run(src, spec, out_dir, *checks, dry_run=dry_run, quiet=quiet, bars=bars)
 
 
+def _in_steps(s: Schedule, tokens_per_step: Optional[int]) -> Schedule:
+    """The schedule with --nu-tokens and --interval-tokens turned into steps."""
+    from dataclasses import replace
+
+    from .. import options as opt
+    from ..trajectory.schedule import steps_for_tokens
+
+    if tokens_per_step is not None and tokens_per_step < 1:
+        raise fail(f"--tokens-per-step must be at least 1, got {tokens_per_step}")
+    changes = {}
+    for option, value, field in (("--nu-tokens", s.nu_tokens, "nu"), ("--interval-tokens", s.interval_tokens,
+                                                                        "interval")):
+        if value is None:
+            continue
+        if tokens_per_step is None:
+            raise fail(f"{option} needs --tokens-per-step (`pythia` knows it)")
+        changes[field] = steps_for_tokens(opt.tokens(value, option), tokens_per_step, option)
+    return replace(s, tokens_per_step=tokens_per_step, **changes)
+
+
 def _spec(s: Schedule, start: int, end: int, skip_incomplete: bool):
     from ..trajectory.run import RunSpec
 
     return RunSpec(s.method, s.k, s.nu, s.interval, start, end, s.ema_alpha, s.swa_start, skip_incomplete,
-                   s.decay_shape)
+                   s.decay_shape, s.tokens_per_step)
 
 
 def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks: Tasks, study: Study,
@@ -144,7 +180,9 @@ def print_plan(title: str, plan, local: bool) -> None:
     """Windows in order, with what each needs first: checkpoints to download (Hub) or to read (local)."""
     from rich.table import Table
 
-    columns = ("output step", "checkpoints", *(("new to read", "output") if local else ("to fetch", "disk after")))
+    per_step = plan.jobs[0].spec.tokens_per_step if plan.jobs else None
+    columns = ("output step", *(("tokens",) if per_step else ()), "checkpoints",
+               *(("new to read", "output") if local else ("to fetch", "disk after")))
     table = Table(title=title, title_justify="left")
     for col in columns:
         table.add_column(col, justify="right" if col != "checkpoints" else "left")
@@ -156,7 +194,8 @@ def print_plan(title: str, plan, local: bool) -> None:
             w = plan.todo[a.window].window
             members = (", ".join(map(str, w.members)) if len(w.members) <= 5
                        else f"{w.members[0]} ... {w.members[-1]} ({len(w.members)})")
-            table.add_row(str(w.step), members, str(len(fetched)), format_size(a.disk_after))
+            tokens = (format_tokens(w.step * per_step),) if per_step else ()
+            table.add_row(str(w.step), *tokens, members, str(len(fetched)), format_size(a.disk_after))
             fetched = []
     out.print(table)
     done = len(plan.windows) - len(plan.todo)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import OptionError
 
 TOTAL_STEPS = 143_000
+TOKENS_PER_STEP = 2_097_152  # a batch of 1024 sequences of 2048 tokens
 ORG = "EleutherAI"
 
 

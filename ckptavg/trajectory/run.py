@@ -51,6 +51,7 @@ class RunSpec:
     swa_start: int | None = None
     skip_incomplete: bool = False
     decay_shape: str = "1-sqrt"
+    tokens_per_step: int | None = None  # known: the plan and the manifest also count in tokens
 
     def tag(self) -> str:
         return method(self.method).tag(self)
@@ -59,8 +60,11 @@ class RunSpec:
         return method(self.method).windows(self, available)
 
     def record(self, window: Window) -> Method:
+        tokens = {} if self.tokens_per_step is None else {
+            "tokens_per_step": self.tokens_per_step, "step_tokens": window.step * self.tokens_per_step,
+            "nu_tokens": self.nu * self.tokens_per_step, "interval_tokens": self.interval * self.tokens_per_step}
         return Method(self.method, window.step, self.k, self.nu, self.interval, window.members,
-                      method(self.method).record(self, window))
+                      method(self.method).record(self, window) | tokens)
 
 
 @dataclass(frozen=True)

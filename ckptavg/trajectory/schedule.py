@@ -222,3 +222,14 @@ def steps_of(windows: Sequence[Window]) -> list[int]:
 
 def weight_sum_ok(window: Window) -> bool:
     return math.isclose(math.fsum(window.weights) + window.dropped_weight, 1.0, abs_tol=1e-9)
+
+
+def steps_for_tokens(tokens: int, tokens_per_step: int, option: str) -> int:
+    """A spacing given in tokens, in training steps; it must be a whole number of them."""
+    steps, rest = divmod(tokens, tokens_per_step)
+    if rest:
+        below, above = steps * tokens_per_step, (steps + 1) * tokens_per_step
+        nearest = ([f"{below:,} ({steps} steps)"] if steps else []) + [f"{above:,} ({steps + 1} steps)"]
+        raise ScheduleError(f"{option} {tokens:,} tokens is not a whole number of {tokens_per_step:,}-token steps: "
+                            f"the nearest are {' and '.join(nearest)}")
+    return steps
