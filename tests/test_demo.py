@@ -27,7 +27,8 @@ def test_demo_pipeline(tmp_path):
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = ["tiny-pythia-lr0.01", "tiny-pythia-lr0.001"]
-    tags = dict.fromkeys(names, ["lawa-k2-nu10", "ema-alpha0.5-k2-nu10", "swa-fromfirst-k2-nu10"])  # one study
+    tags = dict.fromkeys(names, ["lawa-k2-nu10", "ema-alpha0.5-k2-nu10", "swa-fromfirst-k2-nu10", "wma-k2-nu10",
+                                 "decay-1sqrt-k2-nu10"])  # one study
     for name in names:
         traj = out / "trajectories" / name
         assert sorted(p.name for p in traj.glob("step*")) == ["step10", "step20", "step30"]

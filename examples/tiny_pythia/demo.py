@@ -1,10 +1,11 @@
 """The paper's study in miniature, on two small trajectories trained here: `make demo`.
 
 Trains (once) two Pythia-architecture runs on the standard library's source that differ only in
-learning rate (a high one and one 10x lower), then runs the real `ckptavg` commands on them:
-LAWA (k=5) every `interval` steps, the EMA and SWA baselines over the same checkpoints, `ckptavg
-eval` with a perplexity task over the held-out standard-library files, `ckptavg results`, the
-plots, and `ckptavg savings`. Every command is printed before it runs.
+learning rate (a high one and one 10x lower), then runs the real `ckptavg` commands on them: one
+study file (LAWA with k=5 every `interval` steps, the EMA and SWA baselines, WMA and a 1-sqrt
+decay-shaped merge over the same checkpoints, each scored with a perplexity task over the held-out
+standard-library files as it is made), `ckptavg results`, the plots, and `ckptavg savings`. Every
+command is printed before it runs.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _toml(value: object) -> str:
 
 
 def study_file(names: list[str], k: int, nu: int, interval: int, steps: int, ema_alpha: float) -> str:
-    """The demo's study: both trajectories, LAWA and the EMA and SWA baselines over the same checkpoints,
+    """The demo's study: both trajectories, LAWA, the EMA and SWA baselines, WMA and a 1-sqrt decay-shaped
+    merge over the same checkpoints,
     scored on the held-out files; paths relative to the demo's --out. examples/tiny_pythia/study.toml is
     this with the defaults."""
     first = (k - 1) * nu + interval  # the first full window on the interval grid
@@ -71,7 +73,8 @@ def study_file(names: list[str], k: int, nu: int, interval: int, steps: int, ema
              "[steps]", f"start = {first}", f"end = {steps}", f"interval = {interval}", ""]
     for name in names:
         lines += ["[[sources]]", f"local = {_toml('trajectories/' + name)}", ""]
-    for method, extra in (("lawa", ""), ("ema", f"ema_alpha = {_toml(ema_alpha)}\n"), ("swa", "")):
+    for method, extra in (("lawa", ""), ("ema", f"ema_alpha = {_toml(ema_alpha)}\n"), ("swa", ""), ("wma", ""),
+                          ("decay", 'decay_shape = "1-sqrt"\n')):
         lines += ["[[runs]]", f"method = {_toml(method)}", f"k = {k}", f"nu = {nu}", extra]
     lines += ["[scoring]", f"tasks = {_toml([TASK])}", f"ppl_task = {_toml([TASK + '=heldout.jsonl'])}", ""]
     return "\n".join(lines)
@@ -113,8 +116,9 @@ def main() -> None:
     for lr, name in zip(lrs, names, strict=True):
         ckptavg("plot", results, "--task", TASK, "--metric", METRIC, "--model", name, "--compare", "lawa", "--out",
                 figures / f"lawa-vs-original-lr{lr:g}.png", "--title", f"{name}: held-out bits per byte")
-    ckptavg("plot", results, "--task", TASK, "--metric", METRIC, "--model", names[0], "--compare", "lawa,ema,swa",
-            "--out", figures / "methods.png", "--title", f"{names[0]}: LAWA, EMA and SWA")
+    ckptavg("plot", results, "--task", TASK, "--metric", METRIC, "--model", names[0], "--compare",
+            "lawa,ema,swa,wma,decay", "--out", figures / "methods.png", "--title",
+            f"{names[0]}: LAWA, EMA, SWA, WMA and 1-sqrt decay")
     seconds = json.loads((out / "trajectories" / names[0] / "training.json").read_text())["seconds"]
     print(f"\n(--gpu-hours {GPU_HOURS}: a stated round figure; the high-learning-rate run took {seconds / 3600:.3f} "
           f"hours to train here, on CPU)")
