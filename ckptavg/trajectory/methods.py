@@ -9,7 +9,9 @@ Each method is a weighted sum of the checkpoints of a window (members oldest fir
     decay       decay-shaped merge (WSM, arXiv 2507.17634): w_i = f((i-1)/k) - f(i/k) for a decay shape f,
                 f(0) = 1, f(1) = 0: linear f = 1 - x (exactly LAWA), cosine f = (1 + cos(pi x)) / 2,
                 1-sqrt f = 1 - sqrt(x). The tail sums are f(j/k): merging equals a learning-rate decay of
-                that shape over the window. The oldest member gets 1 - f(1/k), the newest f((k-1)/k).
+                that shape over the window. The oldest member gets 1 - f(1/k), the newest f((k-1)/k): the
+                convention of Megatron-LM's weighted_merge.py too (which sets the oldest to 1 minus the
+                others, has no cosine shape, and computes linear by the formula, not as 1/k).
     ema-window  EMA inside the window (PMA): w_1 = (1-a)^(k-1), w_i = a (1-a)^(k-i) for i >= 2
     ema         EMA over the whole checkpoint sequence so far: e_0 = c_0, e_i = (1-a) e_(i-1) + a c_i
     swa         SWA: the uniform mean of every checkpoint from the start step on
