@@ -27,6 +27,7 @@ from ..errors import ScheduleError
 from .schedule import (
     DECAY_SHAPES,
     Window,
+    check_spacing,
     decay_weights,
     ema_window_weights,
     ema_windows,
@@ -93,12 +94,7 @@ def check_parameters(method_name: str, k: int, nu: int, interval: int, ema_alpha
                      decay_shape: str = "1-sqrt") -> None:
     """What can be checked before the trajectory's steps are known (so before any listing)."""
     uses = method(method_name).params
-    if k < 1:
-        raise ScheduleError(f"--k must be at least 1, got {k}")
-    if nu <= 0:
-        raise ScheduleError(f"--nu must be positive, got {nu}")
-    if interval <= 0:
-        raise ScheduleError(f"--interval must be positive, got {interval}")
+    check_spacing(k, nu, interval)
     if "ema_alpha" in uses and not 0.0 < ema_alpha <= 1.0:
         raise ScheduleError(f"--ema-alpha must be in (0, 1], got {ema_alpha}")
     if "decay_shape" in uses and decay_shape not in DECAY_SHAPES:

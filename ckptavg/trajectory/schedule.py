@@ -34,13 +34,17 @@ class Window:
     dropped_weight: float = 0.0  # EMA tail mass left out
 
 
-def validate(k: int, nu: int, interval: int, start: int, end: int) -> None:
+def check_spacing(k: int, nu: int, interval: int) -> None:
     if k < 1:
         raise ScheduleError(f"--k must be at least 1, got {k}")
     if nu <= 0:
         raise ScheduleError(f"--nu must be positive, got {nu}")
     if interval <= 0:
         raise ScheduleError(f"--interval must be positive, got {interval}")
+
+
+def validate(k: int, nu: int, interval: int, start: int, end: int) -> None:
+    check_spacing(k, nu, interval)
     if start > end:
         raise ScheduleError(f"--start ({start}) is after --end ({end})")
     if start - (k - 1) * nu < 0:
