@@ -361,6 +361,13 @@ def savings_table(store: str | Path, models: Sequence[str], task: str, *, metric
         hours = gpu_hours or catalogue_gpu_hours(m)
         if hours is None:
             raise SavingsError(f"{m}: no published GPU hours; give --gpu-hours")
+        used = [r for r in mine if r.tag in (ORIGINAL, run)]
+        settings = sorted({r.settings for r in used})
+        if len(settings) > 1:  # lm-eval's numbers move with the batch size (lm-eval #704): unlike scores
+            shown = " and ".join(f"batch {b or '?'}, {d or '?'}, {v or '?'}" for b, d, v in settings)
+            raise SavingsError(f"{m}: the original and {run} on {task} were scored with different settings ({shown}); "
+                               f"score them again alike (`ckptavg eval --force` with one --batch-size, --dtype and "
+                               f"--device) before comparing")
         better = next((r.higher_is_better for r in mine if r.higher_is_better is not None), False)
         original_curve = [(r.step, r.value) for r in mine if r.tag == ORIGINAL]
         averaged_curve = [(r.step, r.value) for r in mine if r.tag == run]

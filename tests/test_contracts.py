@@ -9,8 +9,10 @@ import os
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+from conftest import cli
 
 from ckptavg.atomic import replacing, write_text
 from ckptavg.errors import InputError, ManifestError
@@ -82,7 +84,7 @@ def test_wide_table_lines_up_originals_and_averages_and_says_which_is_better():
     assert primary_metric(["acc_norm", "acc", "bits_per_byte"]) == "acc"
     assert primary_metric(["zeta", "alpha"]) == "alpha"
     assert set(tidy(rows[:1])[0]) == {"model", "tag", "method", "k", "nu", "step", "task", "metric", "value",
-                                      "stderr", "limit", "lm_eval_version"}
+                                      "stderr", "limit", "lm_eval_version", "batch_size", "dtype", "device"}
 
 
 # -- atomic writes and the hash cache ---------------------------------------------------------------
@@ -179,9 +181,39 @@ def test_merge_takes_the_newer_score_of_each_group(tmp_path):
         main.put([row(ORIGINAL, 1000, 10.0)])
         job.put([row(ORIGINAL, 2000, 8.0), row("lawa-k5", 2000, 7.5)])
         older = row(ORIGINAL, 1000, 99.0)
-        job.put([Row(*[*older.__dict__.values()][:-1], 0.5)])  # an older score of a group main has
+        job.put([replace(older, time=0.5)])  # an older score of a group main has
     with Store(tmp_path / "main.sqlite") as main:
         assert main.merge(tmp_path / "job.sqlite") == 2
         got = {(r.tag, r.step): r.value for r in main.rows()}
         assert got == {(ORIGINAL, 1000): 10.0, (ORIGINAL, 2000): 8.0, ("lawa-k5", 2000): 7.5}
         assert main.merge(tmp_path / "job.sqlite") == 0  # merging again changes nothing
+
+
+def test_scoring_settings_are_part_of_a_score(tmp_path):
+    """Rows record batch size, dtype and device; a curve mixing them is flagged, and savings refuse it."""
+    old = tmp_path / "old.sqlite"  # a store written before the settings were recorded
+    con = sqlite3.connect(old)
+    con.execute('CREATE TABLE scores (model, tag, method, k, nu, step, task, metric, value, stderr, higher_is_better, '
+                '"limit", status, error, lm_eval_version, checkpoint, time, '
+                'PRIMARY KEY (model, tag, step, task, metric, "limit"))')
+    con.execute("INSERT INTO scores VALUES ('m', 'original', 'original', NULL, NULL, 1000, 't', 'word_perplexity', "
+                "10.0, NULL, 0, 0, 'ok', '', '0.4', '/c', 1.0)")
+    con.commit()
+    con.close()
+    with Store(old) as store:
+        (r,) = store.rows()
+        assert r.settings == ("", "", "") and r.value == 10.0
+        store.put([replace(row(ORIGINAL, 2000, 9.0), batch_size="8", dtype="float32", device="cpu")])
+        assert {x.settings for x in store.rows()} == {("", "", ""), ("8", "float32", "cpu")}
+
+    db = tmp_path / "mixed.sqlite"
+    with Store(db) as store:
+        store.put([replace(row(tag, step, value, model="pythia-1b-deduped"), batch_size=batch, dtype="float32",
+                           device="cpu")
+                   for tag, step, value, batch in ((ORIGINAL, 1000, 10.0, "8"), (ORIGINAL, 2000, 9.0, "8"),
+                                                   ("lawa-k5", 1000, 9.5, "8"), ("lawa-k5", 2000, 8.9, "16"))])
+    r = cli("results", db)
+    assert r.exit_code == 0 and "pythia-1b-deduped lawa-k5 t word_perplexity: scored with batch 16" in \
+        " ".join(r.stderr.split())
+    r = cli("savings", db, "--model", "1b", "--task", "t")
+    assert r.exit_code == 2 and "scored with different settings" in " ".join(r.stderr.split())

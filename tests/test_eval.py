@@ -121,6 +121,8 @@ def test_eval_scores_originals_and_averages(study, tmp_path):
             assert {(tag, task, m) for m in ("byte_perplexity", "bits_per_byte")} <= set(got)
         assert 0.0 <= got[(tag, "tinymc", "acc")] <= 1.0
     assert {s for (s,) in con.execute("SELECT DISTINCT step FROM scores")} == {300}
+    # the settings each score was made with (auto on a CPU: batches of 8, float32)
+    assert set(con.execute("SELECT DISTINCT batch_size, dtype, device FROM scores")) == {("8", "float32", "cpu")}
 
     # a re-run skips what is stored; --force scores again
     stamp = dict(con.execute("SELECT tag || task || metric, time FROM scores"))

@@ -40,10 +40,19 @@ def results(
         return
     if not rows:
         raise fail(f"{store}: no results" + (" matching the filters" if model or task or metric else ""))
+    _warn_mixed(rows)
     if fmt == "table":
         print_wide(wide_table(rows, metric))
     else:
         print_records(tidy(rows), fmt, "")
+
+
+def _warn_mixed(rows) -> None:
+    """A curve whose points were scored with different settings is flagged, never silently drawn or shown."""
+    from ..report.tables import mixed_settings
+
+    for line in mixed_settings(rows):
+        say(f"[bold yellow]warning:[/] {line}: its points are not comparable")
 
 
 def print_wide(table) -> None:
@@ -91,8 +100,10 @@ def plot(
 ) -> None:
     """Draw a metric against training step: the original trajectory and the averaged ones."""
     from ..api import plot as draw
+    from ..api import result_rows
 
     wanted = tuple(w.strip() for w in (compare or "").split(",") if w.strip())
+    _warn_mixed(result_rows(store, model=model, task=task, metric=metric))
     path = draw(store, task, out_file, metric=metric, model=model, compare=wanted, original=original, title=title)
     say(f"wrote {path}")
 

@@ -80,17 +80,23 @@ def check_tasks(manager, tasks: Sequence[str]) -> None:
         raise InputError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
 
 
+def effective_settings(device: str, dtype: str, batch_size: str) -> tuple[str, str]:
+    """(batch size, dtype) as a checkpoint is scored with them: auto is float32 and batches of 8 on a CPU
+    (lm-eval's batch-size search is meant for GPUs); on a GPU, auto stays auto (as stored, searched)."""
+    if dtype == "auto" and device == "cpu":
+        dtype = "float32"
+    if batch_size == "auto" and device == "cpu":
+        batch_size = "8"
+    return batch_size, dtype
+
+
 def load_model(folder: Path, device: str, dtype: str, batch_size: str, *, state_dict: dict | None = None,
                trust_remote_code: bool = False):
     """An lm-eval model for one checkpoint folder, or for `state_dict` (weights as stored, e.g. an
-    average made in memory) with the folder's config and tokenizer. dtype auto: float32 on CPU,
-    as stored on a GPU."""
+    average made in memory) with the folder's config and tokenizer."""
     from lm_eval.models.huggingface import HFLM
 
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "auto"
-    if batch_size == "auto" and device == "cpu":
-        batch_size = "8"  # lm-eval's batch-size search is meant for GPUs
+    batch_size, dtype = effective_settings(device, dtype, batch_size)
     if state_dict is None:
         return HFLM(pretrained=str(folder), device=device, dtype=dtype, batch_size=batch_size,
                     trust_remote_code=trust_remote_code)

@@ -17,10 +17,13 @@ class Scorer:
 
     def __init__(self, tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str, batch_size: str,
                  limit: int | None, force: bool, on_task: Callable[[Target, str, str], None] | None = None) -> None:
-        from .harness import lm_eval_version
+        from .harness import effective_settings, lm_eval_version
 
         self.tasks, self.store, self.manager = list(tasks), store, manager
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        # every row records the settings its score was made with: one study scores all its checkpoints alike
+        self.settings = dict(zip(("batch_size", "dtype"), effective_settings(device, dtype, batch_size),
+                                 strict=True)) | {"device": device}
         self.limit, self.force = limit, force
         self.report = on_task or (lambda *a: None)
         self.version = lm_eval_version()
@@ -52,7 +55,7 @@ class Scorer:
             now = time.time()
             rows = [Row(target.model, target.tag, target.method, target.k, target.nu, target.step, outcome.task,
                         s.metric, s.value, s.stderr, s.higher_is_better, self.limit or 0, "ok", "", self.version,
-                        where, now) for s in outcome.scores]
+                        where, now, **self.settings) for s in outcome.scores]
             self._record(target, outcome.task, outcome.error or ("" if rows else "lm-eval returned no numeric metric"),
                          rows, folder)
 

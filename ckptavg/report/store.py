@@ -43,6 +43,15 @@ class Row:
     lm_eval_version: str
     checkpoint: str  # the folder that was scored
     time: float
+    # the scoring settings, part of a score (lm-eval's numbers move with the batch size, lm-eval #704);
+    # empty in rows stored before ckptavg recorded them
+    batch_size: str = ""
+    dtype: str = ""
+    device: str = ""
+
+    @property
+    def settings(self) -> tuple[str, str, str]:
+        return (self.batch_size, self.dtype, self.device)
 
 
 def _quoted(names: Iterable[str]) -> str:
@@ -67,6 +76,9 @@ class Store:
             self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(_SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(scores)")}
+            for column in (c for c in _COLUMNS if c not in have):  # a store from before a column existed
+                self.db.execute(f'ALTER TABLE scores ADD COLUMN "{column}" DEFAULT \'\'')
         except sqlite3.DatabaseError as e:
             raise InputError(f"{self.path}: not a ckptavg results database ({e})") from None
 

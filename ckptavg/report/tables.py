@@ -56,8 +56,20 @@ def wide_table(rows: Sequence[Row], metric: str | None = None) -> WideTable:
 
 
 TIDY_FIELDS = ("model", "tag", "method", "k", "nu", "step", "task", "metric", "value", "stderr", "limit",
-               "lm_eval_version")
+               "lm_eval_version", "batch_size", "dtype", "device")
 
 
 def tidy(rows: Sequence[Row]) -> list[dict]:
     return [{k: v for k, v in asdict(r).items() if k in TIDY_FIELDS} for r in rows]
+
+
+def mixed_settings(rows: Sequence[Row]) -> list[str]:
+    """Curves (model, run, task, metric) whose points were scored with different settings (batch size, dtype,
+    device): lm-eval's numbers move with them, so such a curve compares unlike things. One line each."""
+    seen: dict[tuple, set] = {}
+    for r in rows:
+        if r.status == "ok":
+            seen.setdefault((r.model, r.tag, r.task, r.metric), set()).add(r.settings)
+    return [f"{model} {tag} {task} {metric}: scored with " + " and ".join(
+                sorted(f"batch {b or '?'}, {d or '?'}, {v or '?'}" for b, d, v in settings))
+            for (model, tag, task, metric), settings in sorted(seen.items()) if len(settings) > 1]
