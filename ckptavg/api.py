@@ -212,7 +212,9 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
         sizes = source.sizes() if isinstance(source, CatalogueTrajectory) else None
         plan = plan_runs(source, specs, Path(out), force=averaging.force, keep_downloads=averaging.keep_downloads,
                          disk_budget=averaging.disk_budget, sizes=sizes, done=done, select=select)
-        duplicates = [] if sizes is not None else source.duplicates(steps_of(plan.windows), read_data=not dry_run)
+        # only the revisions still to be read: a resumed run does not re-check what it is done with
+        to_read = steps_of([j.window for j in plan.todo])
+        duplicates = [] if sizes is not None else source.duplicates(to_read, read_data=not dry_run)
         if on_plan is not None:
             on_plan(plan, duplicates)
         if dry_run:
@@ -281,13 +283,14 @@ def fetch_summary(targets: Sequence) -> tuple[int, int, int, int]:
 
 
 def evaluate(root: str | Path, scoring: Scoring, *, steps: set[int] | None = None, force: bool = False,
-             bars: ByteBar | None = None, on_task: OnTask | None = None) -> EvalRun:
+             bars: ByteBar | None = None, on_task: OnTask | None = None, targets: Sequence | None = None) -> EvalRun:
     """Score every finished output at any depth under `root` (and the originals of their steps) into
-    `scoring.results`; what the store has is skipped unless `force`."""
+    `scoring.results`; what the store has is skipped unless `force`. `targets`, when a caller has found
+    them already (`find_targets`), saves walking the outputs and reading their manifests again."""
     from .evaluation.scorer import run_eval
     from .report.store import Store
 
-    targets = find_targets(root, steps, scoring.originals)
+    targets = list(targets) if targets is not None else find_targets(root, steps, scoring.originals)
     device = resolve_device(scoring.device)
     with Store(scoring.results) as store:
         scorer = _scorer(scoring, store, device, force, on_task)

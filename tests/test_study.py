@@ -9,6 +9,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -213,10 +214,14 @@ def test_slurm_gives_the_local_executors_outputs_and_rows(hub, slurm, tmp_path):
     for folder, tensors in mine.items():
         assert all(torch.equal(tensors[k], theirs[folder][k]) for k in tensors), folder
     assert rows(local / "results.sqlite") == rows(cluster / "results.sqlite") != []
-    r = hub_cli(hub, cluster, "study", "status", str(cluster / "study.toml"), "--root", str(cluster),
-                env=conf(slurm) | {"COLUMNS": "400"})
-    assert r.returncode == 0, r.stderr
-    states = [line for line in r.stdout.splitlines() if "_0_log.err" in line]
+    for _ in range(30):  # slurmdbd records a job's end a moment after the job has returned its result
+        r = hub_cli(hub, cluster, "study", "status", str(cluster / "study.toml"), "--root", str(cluster),
+                    env=conf(slurm) | {"COLUMNS": "400"})
+        assert r.returncode == 0, r.stderr
+        states = [line for line in r.stdout.splitlines() if "_0_log.err" in line]
+        if all("COMPLETED" in line for line in states):
+            break
+        time.sleep(1)
     assert len(states) == 2 and all("COMPLETED" in line for line in states), r.stdout
 
 

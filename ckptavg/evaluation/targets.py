@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError
-from ..formats import SIDE_FILES
 from ..layout import finished_outputs, identity
 from ..manifest import MANIFEST, InputRecord
 from ..report.store import ORIGINAL
@@ -82,7 +81,7 @@ def _legacy_cache_dir(snapshot: Path) -> Path | None:
 
 
 def _complete(folder: Path, described: InputRecord) -> bool:
-    return all((folder / f.name).is_file() for f in described.files) and (folder / SIDE_FILES[0]).is_file()
+    return all((folder / f.name).is_file() for f in described.files) and (folder / "config.json").is_file()
 
 
 def fetch_bytes(targets: Sequence[Target]) -> int:

@@ -15,7 +15,7 @@ The file format is documented in `ckptavg.study.file`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..api import Averaging, ByteBar, CatalogueTrajectory, OnTask, pythia_trajectory, run_trajectory
@@ -34,6 +34,7 @@ class SourcePlan:
     specs: tuple[RunSpec, ...]
     plan: RunPlan
     duplicates: tuple
+    trajectory: object = field(default=None, compare=False, repr=False)  # the opened source the plan was made on
 
 
 def _open(entry: SourceEntry, *, offline_catalogue: bool, bars: ByteBar | None = None):
@@ -61,17 +62,18 @@ def _scoring(s: StudyFile, register: bool):
     return checked_scoring(s.scoring["tasks"], s.results, register=register, device=s.device, **options)
 
 
-def plan_study(s: StudyFile, on_plan: Callable[[SourcePlan], None] | None = None) -> list[SourcePlan]:
-    """Every source's plan, from listings only (Pythia: the built-in catalogue, offline); checks the disk
-    budget and the averaging settings (scoring's files are checked when the study runs: a plan can be made
-    where they are not). Reads no tensor data and writes nothing."""
+def plan_study(s: StudyFile, on_plan: Callable[[SourcePlan], None] | None = None, *, offline: bool = True,
+               bars: ByteBar | None = None) -> list[SourcePlan]:
+    """Every source's plan, from listings only (with `offline`, Pythia sources plan from the built-in
+    catalogue); checks the disk budget and the averaging settings (scoring's files are checked when the
+    study runs: a plan can be made where they are not). Reads no tensor data and writes nothing."""
     averaging = _averaging(s).checked(dry_run=True)
     plans = []
     for entry in s.sources:
-        source = _open(entry, offline_catalogue=True)
+        source = _open(entry, offline_catalogue=offline, bars=bars)
         specs = entry.specs(s.grid, source.steps())
         run = run_trajectory(source, specs, s.out, averaging, dry_run=True)
-        plans.append(SourcePlan(source.name, tuple(specs), run.plan, run.duplicates))
+        plans.append(SourcePlan(source.name, tuple(specs), run.plan, run.duplicates, source))
         if on_plan is not None:
             on_plan(plans[-1])
     return plans
@@ -83,17 +85,17 @@ def run_study(s: StudyFile, *, force: bool = False, bars: ByteBar | None = None,
     run of the grid. Everything is checked first (settings, every source's plan and the disk budget), then
     work starts. Returns each source's `api.TrajectoryRun`."""
     averaging, scoring = _averaging(s, force).checked(), _scoring(s, register=True)
-    plan_study(s)  # every error a study file can hold, before the first download
+    # every error a study file can hold, before the first download; the sources opened (and listed) for it
+    # are the ones the run uses, so a Hub repo is listed once
+    plans = plan_study(s, offline=False, bars=bars)
     done = []
-    for entry in s.sources:
-        source = _open(entry, offline_catalogue=False, bars=bars)
-        specs = tuple(entry.specs(s.grid, source.steps()))
+    for p in plans:
 
-        def planned(plan: RunPlan, duplicates, name: str = source.name, specs: tuple = specs) -> None:
+        def planned(plan: RunPlan, duplicates, p: SourcePlan = p) -> None:
             if on_plan is not None:
-                on_plan(SourcePlan(name, specs, plan, tuple(duplicates)))
+                on_plan(SourcePlan(p.source, p.specs, plan, tuple(duplicates), p.trajectory))
 
-        done.append(run_trajectory(source, specs, s.out, averaging, scoring, bars=bars, on_plan=planned,
+        done.append(run_trajectory(p.trajectory, p.specs, s.out, averaging, scoring, bars=bars, on_plan=planned,
                                    on_window=on_window, on_task=on_task))
     return done
 

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -289,8 +290,10 @@ class HubTrajectory:
         return gone
 
     def disk_usage(self) -> int:
-        repo = self._cached_repo()
-        return repo.size_on_disk if repo is not None else 0
+        """Bytes of this repo's blobs. Asked after every action of a run, so it lists one folder rather than
+        scanning the whole cache (`scan_cache_dir` reads every repo in it)."""
+        blobs = self._repo_cache / "blobs"
+        return sum(e.stat().st_size for e in os.scandir(blobs) if e.is_file()) if blobs.is_dir() else 0
 
     def _evict_commit(self, commit: str) -> None:
         """Only revisions this tool downloaded; blobs other snapshots still use are kept by huggingface_hub."""
