@@ -130,8 +130,7 @@ class HubTrajectory:
         return self.cache_dir / ("models--" + self.repo_id.replace("/", "--"))
 
     def _cached_repo(self):
-        """This repo in huggingface_hub's own view of the cache (`scan_cache_dir`), or None. A fresh scan
-        each time: downloads and evictions change it."""
+        """This repo in huggingface_hub's own view of the cache (`scan_cache_dir`), or None."""
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
 
