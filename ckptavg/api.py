@@ -60,6 +60,7 @@ class Scoring:
     dtype: str = "auto"
     originals: bool = True
     in_memory: bool = False
+    fresh_model: bool = False  # build a model per checkpoint instead of swapping weights into one (same scores)
     manager: object = None  # lm-eval's TaskManager, every task registered; None until `registered()`
 
     def registered(self) -> Scoring:
@@ -69,7 +70,7 @@ class Scoring:
 def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", *, pile: Path | None = None,
             ppl_task: Sequence[str] = (), include_path: Sequence[Path] = (), limit: int | None = None,
             batch_size: str = "auto", device: str = "auto", dtype: str = "auto", originals: bool = True,
-            in_memory: bool = False, register: bool = True) -> Scoring:
+            in_memory: bool = False, fresh_model: bool = False, register: bool = True) -> Scoring:
     """Checked scoring settings. `register` also registers the tasks with lm-eval, which is what finds an
     unknown task name (a dry run can skip it: importing lm-eval and indexing its tasks takes seconds)."""
     from .evaluation.tasks import PILE_SUBSETS
@@ -82,7 +83,7 @@ def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", 
     checked = Scoring(tuple(task_list), Path(results), opt.existing_file(pile, "--pile"),
                       opt.named_files(ppl_task, "--ppl-task"), tuple(opt.existing_dirs(include_path, "--include-path")),
                       opt.limit(limit), opt.batch_size(batch_size), opt.device(device),
-                      opt.choice(dtype, opt.EVAL_DTYPES, "--dtype"), originals, in_memory)
+                      opt.choice(dtype, opt.EVAL_DTYPES, "--dtype"), originals, in_memory, fresh_model)
     return checked.registered() if register else checked
 
 
@@ -235,7 +236,7 @@ def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: S
 
         scorer = _scorer(scoring, store, averaging.device, averaging.force, on_task)
         hooks = study_hooks(source.name, {j.window.step for j in plan.todo}, scorer, originals=scoring.originals,
-                            in_memory=scoring.in_memory, device=averaging.device, out_dtype=out_dtype,
+                            in_memory=scoring.in_memory, out_dtype=out_dtype,
                             copy=averaging.copy)
     written = execute_run(source, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
                           device=averaging.device, out_dtype=out_dtype, copy=averaging.copy, bars=bars,
@@ -255,7 +256,8 @@ def _scorer(scoring: Scoring, store, device: str, force: bool, on_task: OnTask |
     from .evaluation.scorer import Scorer
 
     return Scorer(scoring.tasks, store, scoring.registered().manager, device=device, dtype=scoring.dtype,
-                  batch_size=scoring.batch_size, limit=scoring.limit, force=force, on_task=on_task)
+                  batch_size=scoring.batch_size, limit=scoring.limit, force=force, on_task=on_task,
+                  resident=not scoring.fresh_model)
 
 
 # -- scoring a folder of outputs --------------------------------------------------------------------

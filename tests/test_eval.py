@@ -227,12 +227,88 @@ def test_trajectory_scores_as_it_goes_and_in_memory_agrees(study, tmp_path):
                 for task in ("pile-enron", "pile-philpapers") for m in ("word_perplexity", "byte_perplexity",
                                                                         "bits_per_byte")}
     assert set(written) == set(in_memory) == expected
-    for key, value in written.items():
-        assert in_memory[key] == pytest.approx(value, rel=1e-6), key
+    # both scored on the resident model: the written folder copied into it, the in-memory average made in it
+    assert in_memory == written
     # resumed: everything is scored, so nothing is averaged or scored again
     r = cli("trajectory", study["traj"], *common, "--out", tmp_path / "mem", "--results", tmp_path / "b.sqlite",
             "--in-memory")
     assert r.exit_code == 0 and "0 window(s) averaged in memory" in r.output and "0 task score(s)" in r.output
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resident_model_holds_exactly_what_transformers_loads(study):
+    """Weights swapped into one model (stored `embed_out` into transformers 5's `lm_head`) and an average
+    accumulated into it equal, bit for bit, what `from_pretrained` gives from the folders themselves."""
+    from transformers import AutoModelForCausalLM
+
+    from ckptavg.engine.average import plan_in_memory
+    from ckptavg.evaluation.resident import ResidentModel
+
+    def reference(folder: Path) -> dict[str, torch.Tensor]:
+        return _state(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+
+    resident = ResidentModel("cpu", "auto", "auto")
+    lm = resident.lm(study["traj"] / "step100")
+    model = resident.loaded.model
+    for step in (300, 200):
+        assert resident.lm(study["traj"] / f"step{step}") is lm
+        got, want = _state(model), reference(study["traj"] / f"step{step}")
+        assert got.keys() == want.keys() and "lm_head.weight" in got
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["lm_head.weight"], reference(study["traj"] / "step300")["lm_head.weight"])
+    plan = plan_in_memory([study["traj"] / "step200", study["traj"] / "step300"])
+    assert resident.lm(study["traj"] / "step300", plan) is lm
+    got, want = _state(model), reference(study["run"] / "step300")  # the same average, written by `trajectory`
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert resident.builds == 1
+
+
+def test_resident_model_refuses_what_it_cannot_load_as_transformers_does(study, tmp_path):
+    """A first checkpoint lacking a parameter (transformers would initialise it at random) is not taken as
+    the resident model's (the scorer then builds fresh models); a later one lacking it fails by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ckptavg.errors import InputError
+    from ckptavg.evaluation.resident import ResidentModel, ResidentUnsupported
+
+    lacking = tmp_path / "lacking"
+    shutil.copytree(study["traj"] / "step300", lacking)
+    weights = load_file(lacking / "model.safetensors")
+    del weights["embed_out.weight"]
+    save_file(weights, lacking / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ResidentUnsupported, match="lm_head.weight"):
+        ResidentModel("cpu", "auto", "auto").lm(lacking)
+    resident = ResidentModel("cpu", "auto", "auto")
+    resident.lm(study["traj"] / "step100")
+    with pytest.raises(InputError, match="lacks 1 tensor.*lm_head.weight"):
+        resident.lm(lacking)
+
+
+def test_one_resident_model_scores_checkpoints_exactly_as_fresh_models(study, tmp_path):
+    """The cross-talk guard (lm-eval #2715, #4063): checkpoints scored in turn on one model, in either
+    order, get the scores that a fresh model for each gets."""
+    from ckptavg import api
+
+    targets = [t for t in api.find_targets(study["run"], {200, 300}) if t.tag == "original"]
+    assert [t.step for t in targets] == [200, 300]
+    scores = {}
+    for name, order, fresh in (("fresh", targets, True), ("resident", targets, False),
+                               ("reversed", targets[::-1], False)):
+        scoring = api.scoring("pile-enron,tinymc", tmp_path / f"{name}.sqlite", pile=study["pile"],
+                              include_path=[study["tasks"]], device="cpu", fresh_model=fresh)
+        run = api.evaluate(study["run"], scoring, targets=order)
+        assert run.scored == 4 and run.failed == 0
+        scores[name] = {(step, task, metric): value for step, task, metric, value in sqlite3.connect(
+            tmp_path / f"{name}.sqlite").execute("SELECT step, task, metric, value FROM scores")}
+    assert scores["resident"] == scores["fresh"] == scores["reversed"]
+    # the two checkpoints do score differently, so cross-talk would show
+    assert scores["fresh"][(200, "pile-enron", "word_perplexity")] != scores["fresh"][(300, "pile-enron",
+                                                                                       "word_perplexity")]
 
 
 def test_zero_shot_task_offline_without_its_dataset_says_what_to_download(study, tmp_path):

@@ -216,6 +216,9 @@ class Tasks:
     limit: Optional[int] = typer.Option(None, help="At most N documents per task (for quick looks; stored apart "
                                         "from full scores).", rich_help_panel=SCORING)
     batch_size: str = typer.Option("auto", help="lm-eval batch size: auto (8 on CPU) or N.", rich_help_panel=SCORING)
+    fresh_model: bool = typer.Option(False, "--fresh-model", help="Build a new model for every checkpoint instead "
+                                     "of loading each one's weights into one resident model (slower; the scores "
+                                     "are the same).", rich_help_panel=SCORING)
 
 
 @dataclass
@@ -243,7 +246,7 @@ def scoring(tasks: Optional[str], t: Tasks, *, originals: bool, in_memory: bool,
         return None
     return checked(tasks, t.results, pile=t.pile, ppl_task=t.ppl_task, include_path=t.include_path, limit=t.limit,
                    batch_size=t.batch_size, device=device, dtype=dtype, originals=originals, in_memory=in_memory,
-                   register=register)
+                   fresh_model=t.fresh_model, register=register)
 
 
 def show_version(value: bool) -> None:

@@ -1,7 +1,8 @@
 """Averaging as a library call: open the inputs, plan, execute, and record what was done.
 
 `average_checkpoints` writes a Hugging Face model folder atomically with its manifest last;
-`average_in_memory` gives the same tensors without writing (for scoring an average).
+`average_in_memory` gives the same tensors without writing, and `plan_in_memory` + `average_into`
+write them straight into existing tensors (a resident model's parameters, for scoring an average).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from .. import __version__
 from ..hashing import file_sha256
 from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
-from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_plan, resolve_device
+from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
 from .tensors import Checkpoint, open_checkpoint
 from .writer import OutputDir, check_free_space, copy_side_files
@@ -45,6 +46,21 @@ def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None,
     still streamed."""
     _, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate)
     return execute_in_memory(plan, resolve_device(device), piece_elements)
+
+
+def plan_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
+                   out_dtype: torch.dtype | None = None, accumulate: torch.dtype = torch.float32,
+                   copy: Sequence[str] = ()) -> AveragePlan:
+    """The plan of the same average as `average_checkpoints`, for `average_into`: the caller learns the
+    output's tensor names (and can check them) before a byte of tensor data is read."""
+    return _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate)[1]
+
+
+def average_into(plan: AveragePlan, destinations: dict[str, torch.Tensor], *, device: str | torch.device = "auto",
+                 piece_elements: int = PIECE_ELEMENTS) -> None:
+    """Execute `plan` into existing tensors (by stored name), each value rounded to the plan's output
+    dtype first, so that they hold exactly what loading the written average would give them."""
+    execute_into(plan, destinations, resolve_device(device), piece_elements)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:

@@ -113,27 +113,54 @@ class _MemorySink:
         self.tensors.clear()
 
 
+class _IntoSink:
+    """Copies finished pieces straight into existing tensors (a resident model's parameters, on its
+    device), cast to their dtype as loading the written output would cast it; names without a
+    destination are never read (`wanted`)."""
+
+    def __init__(self, destinations: dict[str, torch.Tensor]) -> None:
+        self.destinations = destinations
+        self.wanted = set(destinations)
+
+    def write(self, p: _Piece, data: torch.Tensor) -> None:
+        flat = self.destinations[p.job.name].view(-1)
+        flat[p.start : p.start + p.count].copy_(data.view(p.job.out_dtype))
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+Sink = _FileSink | _MemorySink | _IntoSink
+
+
 class _Pipeline:
-    def __init__(self, plan: AveragePlan, sink: _FileSink | _MemorySink, device: torch.device,
+    def __init__(self, plan: AveragePlan, sink: Sink, device: torch.device,
                  piece_elements: int, progress: Progress | None) -> None:
         self.plan, self.sink, self.device = plan, sink, device
         self.progress = progress
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        jobs = plan.jobs
+        wanted = getattr(sink, "wanted", None)
+        jobs = [j for j in plan.jobs if wanted is None or j.name in wanted]
         # No buffer needs to be larger than the largest tensor: small models get small pools.
-        piece_elements = max(1, min(piece_elements, max(j.numel for j in jobs)))
-        self.pieces = _pieces(plan, piece_elements)
-        n_in = max(len(j.sources) for j in jobs)
-        in_bytes = piece_elements * max(r.dtype.itemsize for j in jobs for r in j.sources)
-        out_bytes = piece_elements * max(j.out_dtype.itemsize for j in jobs)
+        piece_elements = max(1, min(piece_elements, max((j.numel for j in jobs), default=1)))
+        self.pieces = [p for p in _pieces(plan, piece_elements) if wanted is None or p.job.name in wanted]
+        n_in = max((len(j.sources) for j in jobs), default=1)
+        in_bytes = piece_elements * max((r.dtype.itemsize for j in jobs for r in j.sources), default=1)
+        out_bytes = piece_elements * max((j.out_dtype.itemsize for j in jobs), default=1)
         pin = device.type == "cuda"
+        # results bound for tensors on the device stay there: no round trip through host memory
+        out_device = device if isinstance(sink, _IntoSink) else torch.device("cpu")
         self.in_pool: queue.Queue[torch.Tensor] = queue.Queue()
         self.out_pool: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(PIPELINE_DEPTH * n_in):
             self.in_pool.put(torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin))
         for _ in range(PIPELINE_DEPTH):
-            self.out_pool.put(torch.empty(out_bytes, dtype=torch.uint8, pin_memory=pin))
+            self.out_pool.put(torch.empty(out_bytes, dtype=torch.uint8, device=out_device,
+                                          pin_memory=pin and out_device.type == "cpu"))
         self.read_q: queue.Queue = queue.Queue(PIPELINE_DEPTH)
         self.write_q: queue.Queue = queue.Queue(PIPELINE_DEPTH)
         chunk = piece_elements if device.type == "cuda" else min(CHUNK_ELEMENTS, piece_elements)
@@ -260,3 +287,14 @@ def execute_in_memory(plan: AveragePlan, device: torch.device, piece_elements: i
     sink = _MemorySink()
     _Pipeline(plan, sink, device, piece_elements, None).run()
     return sink.tensors
+
+
+def execute_into(plan: AveragePlan, destinations: dict[str, torch.Tensor], device: torch.device,
+                 piece_elements: int = PIECE_ELEMENTS) -> None:
+    """Write the plan's output tensors named in `destinations` into those tensors, in place; the
+    plan's other tensors are not read. Host memory stays O(piece size x inputs)."""
+    for job in plan.jobs:
+        dest = destinations.get(job.name)
+        if dest is not None and (dest.numel() != job.numel or not dest.is_contiguous()):
+            raise CkptavgError(f"{job.name}: shape {tuple(dest.shape)} where the checkpoints have {job.shape}")
+    _Pipeline(plan, _IntoSink(destinations), device, piece_elements, None).run()

@@ -4,20 +4,30 @@ trajectory run score as it goes (each original while it is on disk, each average
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..report.store import ORIGINAL, Row, Store, failed_row
 from .targets import Target, fetched
 
+if TYPE_CHECKING:
+    from ..engine.plan import AveragePlan
+
 
 class Scorer:
     """Scores checkpoints into the store: skips what is there (unless `force`), records failures,
-    and reports each (checkpoint, task) pair to `on_task` as "skipped", "done" or "failed: why"."""
+    and reports each (checkpoint, task) pair to `on_task` as "skipped", "done" or "failed: why".
+
+    One resident model scores every checkpoint (`resident.py`); `resident=False` builds a fresh model
+    for each, which is slower and scores the same."""
 
     def __init__(self, tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str, batch_size: str,
-                 limit: int | None, force: bool, on_task: Callable[[Target, str, str], None] | None = None) -> None:
+                 limit: int | None, force: bool, on_task: Callable[[Target, str, str], None] | None = None,
+                 resident: bool = True) -> None:
         from .harness import effective_settings, lm_eval_version
+        from .resident import ResidentModel
 
         self.tasks, self.store, self.manager = list(tasks), store, manager
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
@@ -28,14 +38,15 @@ class Scorer:
         self.report = on_task or (lambda *a: None)
         self.version = lm_eval_version()
         self.scored = self.failed = 0
+        self.resident = ResidentModel(device, dtype, batch_size) if resident else None
 
     def todo(self, target: Target) -> list[str]:
         return [t for t in self.tasks if self.force or not self.store.done(target.model, target.tag, target.step, t,
                                                                             self.limit or 0)]
 
-    def score(self, target: Target, folder: Path, state_dict: dict | None = None) -> None:
-        """Score a checkpoint folder, or (`state_dict`) weights in memory with `folder`'s config and tokenizer."""
-        from .harness import load_model, score
+    def score(self, target: Target, folder: Path, average: AveragePlan | None = None) -> None:
+        """Score a checkpoint folder, or (`average`) an average made in memory, with `folder`'s config and tokenizer."""
+        from .harness import score
 
         todo = self.todo(target)
         for t in self.tasks:
@@ -44,13 +55,13 @@ class Scorer:
         if not todo:
             return
         try:
-            lm = load_model(folder, self.device, self.dtype, self.batch_size, state_dict=state_dict)
+            lm = self._model(folder, average)
         except Exception as e:  # a checkpoint that does not load fails its tasks, not the study
             message = f"loading {folder} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
             for task in todo:
                 self._record(target, task, message, [], folder)
             return
-        where = "(in memory)" if state_dict is not None else str(folder)
+        where = "(in memory)" if average is not None else str(folder)
         for outcome in score(lm, todo, self.manager, self.limit):
             now = time.time()
             rows = [Row(target.model, target.tag, target.method, target.k, target.nu, target.step, outcome.task,
@@ -58,6 +69,23 @@ class Scorer:
                         where, now, **self.settings) for s in outcome.scores]
             self._record(target, outcome.task, outcome.error or ("" if rows else "lm-eval returned no numeric metric"),
                          rows, folder)
+
+    def _model(self, folder: Path, average: AveragePlan | None):
+        from .harness import load_model
+        from .resident import ResidentUnsupported
+
+        if self.resident is not None:
+            try:
+                return self.resident.lm(folder, average)
+            except ResidentUnsupported as e:
+                warnings.warn(f"{e}: scoring with a fresh model per checkpoint", stacklevel=2)
+                self.resident = None
+        weights = None
+        if average is not None:
+            from ..engine.pipeline import execute_in_memory, resolve_device
+
+            weights = execute_in_memory(average, resolve_device(self.device))
+        return load_model(folder, self.device, self.dtype, self.batch_size, state_dict=weights)
 
     def _record(self, target: Target, task: str, error: str, rows: list[Row], folder: Path) -> None:
         self.store.put(rows or [failed_row(target.model, target.tag, target.method, target.k, target.nu, target.step,
@@ -79,7 +107,7 @@ def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
 
 
 def study_hooks(model: str, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
-                device: str, out_dtype, copy: Sequence[str] = ()) -> dict:
+                out_dtype, copy: Sequence[str] = ()) -> dict:
     """`execute_run` hooks for a study that scores as it goes: each original is scored while it is
     on disk for averaging (no second download), and with `in_memory` each average is made in
     memory and scored instead of written."""
@@ -91,14 +119,14 @@ def study_hooks(model: str, outputs: set[int], scorer: Scorer, *, originals: boo
 
         hooks["on_fetch"] = on_fetch
     if in_memory:
-        from ..engine.average import average_in_memory
+        from ..engine.average import plan_in_memory
 
         def average_and_score(job, folders: list[Path]) -> None:
-            weights = average_in_memory(folders, weights=job.window.weights, normalize=False, device=device,
-                                        out_dtype=out_dtype, copy=copy)
+            # planned here, so that inputs that do not match end the run as they would when writing
+            plan = plan_in_memory(folders, weights=job.window.weights, normalize=False, out_dtype=out_dtype, copy=copy)
             target = Target(job.run.model, job.run.tag, job.spec.method, job.spec.k, job.spec.nu, job.window.step,
                             folders[-1])
-            scorer.score(target, folders[-1], state_dict=weights)
+            scorer.score(target, folders[-1], average=plan)
 
         hooks["in_memory"] = average_and_score
     return hooks

@@ -27,7 +27,7 @@
     [scoring]                          # optional: score originals and averages as the study goes
     tasks = ["pile-philpapers", "lambada_openai"]
     pile = "val.jsonl.zst"             # and ppl_task = ["NAME=FILE"], include_path, limit, batch_size,
-    originals = true                   # in_memory = false
+    originals = true                   # in_memory = false, fresh_model = false
 
 Relative paths are relative to the study's root: the folder given with `--root`, by default the
 current directory. Unknown keys are errors, so that a typo never silently changes a study.
@@ -56,7 +56,8 @@ STEP_KEYS = {"start", "end", "interval"}
 SOURCE_KINDS = ("pythia", "hub", "local")
 SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", *STEP_KEYS}
 RUN_KEYS = {"method", "k", "nu", "ema_alpha", "swa_start", "decay_shape", "skip_incomplete"}
-SCORING_KEYS = {"tasks", "pile", "ppl_task", "include_path", "limit", "batch_size", "originals", "in_memory"}
+SCORING_KEYS = {"tasks", "pile", "ppl_task", "include_path", "limit", "batch_size", "originals", "in_memory",
+                "fresh_model"}
 PYTHIA_STEPS = {"start": 21000, "end": 141000, "interval": 3000}  # the paper's
 
 

@@ -1,0 +1,173 @@
+"""One resident model per study: built once, its weights replaced in place for every checkpoint it scores.
+
+A trajectory's checkpoints share their config and tokenizer, so building a model for each of them
+(allocation, initialisation, a fresh lm-eval wrapper: for a 12B model 24 GB each time) is wasted
+work. The first checkpoint is loaded by transformers' own `from_pretrained`; every later one has
+its tensors streamed into the parameters through the averaging engine, which for an average made
+in memory means the average is accumulated straight into the model (on its device) and never
+exists anywhere else.
+
+Stored names are mapped to parameters by transformers' own renaming rules (Pythia's `embed_out`
+is `lm_head` in transformers 5), and the mapping is checked once against the model transformers
+loaded: every parameter covered, every value equal. Where transformers does more than rename on
+loading (fusing or splitting tensors), `ResidentUnsupported` says so and the caller builds a fresh
+model per checkpoint, as before. lm-eval's response cache is never used (it does not key on the
+weights: lm-eval #2715, #4063); that a resident model scores exactly as fresh ones is tested.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..engine.average import average_into, plan_in_memory
+from ..engine.plan import AveragePlan
+from ..engine.tensors import Checkpoint, TensorReader, open_checkpoint
+from ..errors import InputError
+from ..formats import SIDE_FILES
+
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+
+
+class ResidentUnsupported(Exception):
+    """This architecture's weights cannot be swapped in place faithfully; build a fresh model instead."""
+
+
+def identity(folder: Path) -> str:
+    """What must be equal for two checkpoints to share a model: the config (but for where it was saved
+    from and by which transformers) and the tokenizer files' bytes."""
+    digest = hashlib.sha256()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}/config.json: {e}") from None
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name in SIDE_FILES[1:]:
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _renamer(model) -> Callable[[str], str]:
+    """stored name -> the model's state-dict key, by transformers' own rules (transformers 5 keeps them
+    in `conversion_mapping`; transformers 4 loads names as stored, bar the base-model prefix)."""
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        def rename(name: str) -> str:
+            if prefix and name not in state and f"{prefix}.{name}" in state:
+                return f"{prefix}.{name}"
+            if prefix and name.startswith(prefix + ".") and name not in state:
+                return name.removeprefix(prefix + ".")
+            return name
+        return rename
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+    def rename(name: str) -> str:
+        try:
+            key, converted = rename_source_key(name, renamings, converters, prefix or None, state)
+        except TypeError as e:  # another transformers' signature: do not guess
+            raise ResidentUnsupported(f"transformers' renaming rules could not be applied ({e})") from None
+        if converted is not None:
+            raise ResidentUnsupported(f"{type(model).__name__} converts {name!r} on loading, not only renames it")
+        return key
+    return rename
+
+
+@dataclass
+class _Loaded:
+    key: str
+    model: object
+    lm: object
+    rename: Callable[[str], str]
+
+    def destinations(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """stored name -> the tensor it is loaded into; a name the model has no place for is ignored, as
+        transformers ignores it; a parameter no name reaches is an error."""
+        state = self.model.state_dict(keep_vars=True)
+        out = {}
+        for name in names:
+            key = self.rename(name)
+            if key in state:
+                out[name] = state[key].data
+        reached = {t.data_ptr() for t in out.values()}
+        missing = sorted(k for k, t in state.items() if t.data_ptr() not in reached)
+        if missing:
+            raise InputError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+        return out
+
+
+class ResidentModel:
+    """The lm-eval model scoring a study's checkpoints: rebuilt only when config or tokenizer change."""
+
+    def __init__(self, device: str, dtype: str, batch_size: str, *, trust_remote_code: bool = False) -> None:
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.trust_remote_code = trust_remote_code
+        self.loaded: _Loaded | None = None
+        self.builds = 0
+
+    def lm(self, folder: Path, average: AveragePlan | None = None):
+        """The model holding `folder`'s weights, or (`average`) the plan's average, made into it; `folder`
+        gives config and tokenizer."""
+        key = identity(folder)
+        fresh = self.loaded is None or self.loaded.key != key
+        if fresh:
+            self._build(folder, key)
+            if average is None:
+                return self.loaded.lm
+        # a copy of one checkpoint, accumulated in float64 so that no stored dtype is rounded
+        plan = average or plan_in_memory([folder], weights=[1.0], accumulate=torch.float64)
+        try:
+            average_into(plan, self.loaded.destinations(j.name for j in plan.jobs), device=self.device)
+        except BaseException:
+            self.loaded = None  # weights half replaced: the next checkpoint builds afresh
+            raise
+        return self.loaded.lm
+
+    def _build(self, folder: Path, key: str) -> None:
+        from lm_eval.models.huggingface import HFLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .harness import effective_settings
+
+        self.loaded = None
+        gc.collect()  # the previous model's memory goes back before the next one is allocated
+        batch_size, dtype = effective_settings(self.device, self.dtype, self.batch_size)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                     trust_remote_code=self.trust_remote_code)
+        model = model.to(self.device).eval()
+        loaded = _Loaded(key, model, None, _renamer(model))
+        checkpoint = open_checkpoint(folder)
+        _check_mapping(loaded, checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
+        loaded.lm = HFLM(pretrained=model, tokenizer=tokenizer, device=self.device, batch_size=batch_size)
+        self.loaded = loaded
+        self.builds += 1
+
+
+def _check_mapping(loaded: _Loaded, checkpoint: Checkpoint) -> None:
+    """Once per model: the names map to parameters holding exactly what transformers loaded from them
+    (a second read of one checkpoint, a tensor at a time)."""
+    try:
+        destinations = loaded.destinations(checkpoint.tensors)
+    except InputError as e:
+        raise ResidentUnsupported(f"{checkpoint.shown}: {e} after renaming as transformers does") from None
+    with TensorReader() as reader:
+        for name, dest in destinations.items():
+            ref = checkpoint.tensors[name]
+            stored = reader.read(ref, 0, ref.numel, torch.empty(ref.nbytes, dtype=torch.uint8))
+            if dest.numel() != ref.numel or not torch.equal(dest.detach().reshape(-1).cpu(), stored.to(dest.dtype)):
+                raise ResidentUnsupported(f"{checkpoint.shown}: {name!r} is not loaded as stored")
