@@ -380,6 +380,7 @@ def savings_table(store: str | Path, models: Sequence[str], task: str, *, metric
                          gpu_hours=hours, higher_is_better=better, usd_per_gpu_hour=usd_per_gpu_hour):
             table.append({"model": m, "tag": run, "task": task, "metric": chosen, "tolerance_pct": s.tolerance,
                           "target": s.target, "step_reached": s.step, "original_reached": s.original_step,
+                          "steps_ahead": s.steps_ahead, "gpu_hours_ahead": s.gpu_hours_ahead,
                           "steps_saved": s.steps_saved,
                           "pct_of_training": None if s.fraction is None else 100 * s.fraction,
                           "gpu_hours_saved": s.gpu_hours} | ({"usd_saved": s.usd} if usd_per_gpu_hour else {}))

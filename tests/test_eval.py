@@ -148,6 +148,31 @@ def test_eval_scores_originals_and_averages(study, tmp_path):
     assert r.exit_code == 0 and "pile-enron" in r.output and "300" in r.output
 
 
+def test_scores_are_lm_evals_own_simple_evaluate(study, tmp_path):
+    """ckptavg calls lm-eval's `evaluate` with `simple_evaluate`'s setup (skipping its environment survey):
+    values and stderrs must be the ones `simple_evaluate` gives."""
+    import lm_eval
+
+    from ckptavg import api
+    from ckptavg.evaluation.harness import BOOTSTRAP_ITERS, load_model, score
+
+    s = api.scoring("pile-enron,tinymc", tmp_path / "unused.sqlite", pile=study["pile"], include_path=[study["tasks"]],
+                    device="cpu")
+    lm = load_model(study["traj"] / "step300", "cpu", "auto", "auto")
+    outcomes = list(score(lm, s.tasks, s.manager))
+    assert [o.error for o in outcomes] == ["", ""]
+    assert any(x.stderr is not None for o in outcomes for x in o.scores)  # bootstrapped ones too
+    for outcome in outcomes:
+        out = lm_eval.simple_evaluate(model=lm, tasks=[outcome.task], task_manager=s.manager, log_samples=False,
+                                      bootstrap_iters=BOOTSTRAP_ITERS, verbosity="ERROR")
+        reference = out["results"][outcome.task]
+        assert len(outcome.scores) >= 1
+        for x in outcome.scores:
+            assert reference[f"{x.metric},none"] == x.value, (outcome.task, x.metric)
+            assert x.stderr is None or reference[f"{x.metric}_stderr,none"] == x.stderr, (outcome.task, x.metric)
+    assert not (tmp_path / "unused.sqlite").exists()
+
+
 def test_failed_task_is_recorded_and_the_study_goes_on(study, tmp_path):
     db = tmp_path / "r.sqlite"
     r = cli("eval", study["run"], "--tasks", "broken,tinymc", "--include-path", study["tasks"], "--steps", 200,

@@ -25,6 +25,11 @@ def test_lower_is_better_by_hand():
     assert got[10].steps_saved == pytest.approx(4000 - 2666.6667, abs=1e-3)
     assert got[50].step == pytest.approx(1600)  # 18 -> 13 crosses 15 at three fifths
     assert got[100].step == 1000 and got[100].fraction == pytest.approx(3000 / 143000)  # reached at the first point
+    # the fair credit: ahead of where the original itself gets (at 0% the same as the paper's figure)
+    assert got[0].steps_ahead == got[0].steps_saved == 1000
+    assert got[50].steps_ahead == pytest.approx(2000 - 1600) and got[50].steps_saved == pytest.approx(4000 - 1600)
+    assert got[50].gpu_hours_ahead == pytest.approx(400 / 143000 * 4830)
+    assert got[100].steps_ahead == 0  # both curves start at or below 40: averaging gets no credit
 
 
 def test_never_reached_and_dollars():
@@ -87,6 +92,7 @@ def test_savings_command(store, tmp_path):
                             "--format", "csv")
     assert r.output.splitlines()[1].startswith("pythia-1b-deduped,lawa-k5-nu1000,pile-enron,word_perplexity,0.0,10.0,"
                                                "3000.0,4000.0,1000.0")
+    assert [rec["steps_ahead"] for rec in recs] == [1000, pytest.approx(3500 - 2666.67, abs=0.01)]  # original: 12 -> 10 crosses 11 halfway
 
 
 @pytest.mark.parametrize("args, message", [

@@ -149,8 +149,9 @@ def savings(
 
 
 HEADERS = {"tolerance_pct": "tolerance", "step_reached": "averaged reaches it at",
-           "original_reached": "original reaches it at", "pct_of_training": "% of run",
-           "gpu_hours_saved": "GPU hours saved", "usd_saved": "USD saved"}
+           "original_reached": "original reaches it at", "steps_ahead": "steps ahead",
+           "gpu_hours_ahead": "GPU hours ahead", "steps_saved": "steps saved (paper)", "pct_of_training": "% of run",
+           "gpu_hours_saved": "GPU hours saved (paper)", "usd_saved": "USD saved (paper)"}
 
 
 def print_records(records: list[dict], fmt: str, title: str) -> None:
@@ -185,11 +186,11 @@ def _cell(column: str, value) -> str:
         return str(value)
     if column == "tolerance_pct":
         return f"{value:g}%"
-    if column in ("step_reached", "original_reached", "steps_saved"):
+    if column in ("step_reached", "original_reached", "steps_ahead", "steps_saved"):
         return f"{value:,.0f}"
     if column == "pct_of_training":
         return f"{value:.1f}%"
-    if column in ("gpu_hours_saved", "usd_saved"):
+    if column in ("gpu_hours_ahead", "gpu_hours_saved", "usd_saved"):
         text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
         return f"${text}" if column == "usd_saved" else text
     return f"{value:.4g}"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
+BOOTSTRAP_ITERS = 1000  # for the stderr of metrics that have no closed form (perplexities)
 DEFAULT_TASKS = ("pile-philpapers", "pile-bookcorpus2", "pile-youtubesubtitles", "pile-enron",
                  "lambada_openai", "sciq", "arc_easy", "wikitext", "boolq")
 
@@ -166,16 +167,36 @@ def _stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+def _evaluate(lm, task: str, manager, limit: int | None) -> dict:
+    """What `lm_eval.simple_evaluate(model=lm, tasks=[task], ...)` computes: the same seeds, task loading
+    and few-shot defaults, then lm-eval's own `evaluate`. Not `simple_evaluate` itself, because after
+    scoring it surveys the environment (torch's `collect_env`, which runs `pip list` in subprocesses):
+    most of the time a small model's checkpoint takes. That the results are equal is tested."""
+    import random
+
+    import numpy as np
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    set_torch_seed(DEFAULT_OTHER_SEED)
+    loaded = manager.load([task])
+    for task_obj in loaded["tasks"].values():
+        if task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+                    verbosity="ERROR")
+
+
 def score(lm, tasks: Sequence[str], manager, limit: int | None = None) -> Iterator[TaskOutcome]:
     """Run each task on `lm`; yields one outcome per task, failed ones with their error."""
-    import lm_eval
-
     for task in tasks:
         try:
             with _stderr_silenced():
-                out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
-                                              log_samples=False, use_cache=None, verbosity="ERROR",
-                                              bootstrap_iters=1000)
+                out = _evaluate(lm, task, manager, limit)
             results = out["results"][task]
             better = out.get("higher_is_better", {}).get(task, {})
         except Exception as e:  # one bad task must not end a long study
