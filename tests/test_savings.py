@@ -92,7 +92,8 @@ def test_savings_command(store, tmp_path):
                             "--format", "csv")
     assert r.output.splitlines()[1].startswith("pythia-1b-deduped,lawa-k5-nu1000,pile-enron,word_perplexity,0.0,10.0,"
                                                "3000.0,4000.0,1000.0")
-    assert [rec["steps_ahead"] for rec in recs] == [1000, pytest.approx(3500 - 2666.67, abs=0.01)]  # original: 12 -> 10 crosses 11 halfway
+    # the original's own 12 -> 10 crosses 11 halfway, at 3500
+    assert [rec["steps_ahead"] for rec in recs] == [1000, pytest.approx(3500 - 2666.67, abs=0.01)]
 
 
 @pytest.mark.parametrize("args, message", [
