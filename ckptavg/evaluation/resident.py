@@ -2,10 +2,10 @@
 
 A trajectory's checkpoints share their config and tokenizer, so building a model for each of them
 (allocation, initialisation, a fresh lm-eval wrapper: for a 12B model 24 GB each time) is wasted
-work. The first checkpoint is loaded by transformers' own `from_pretrained`; every later one has
-its tensors streamed into the parameters through the averaging engine, which for an average made
-in memory means the average is accumulated straight into the model (on its device) and never
-exists anywhere else.
+work. The first checkpoint is loaded by transformers' own `from_pretrained`; every later one has its
+tensors read straight into the parameters, and an average made in memory is made by the averaging
+engine straight into them (on the model's device): it never exists anywhere else, and host memory
+stays O(largest tensor) however large the model.
 
 Stored names are mapped to parameters by transformers' own renaming rules (Pythia's `embed_out`
 is `lm_head` in transformers 5), and the mapping is checked once against the model transformers
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.average import average_into, plan_in_memory
+from ..engine.average import average_into
 from ..engine.plan import AveragePlan
 from ..engine.tensors import Checkpoint, TensorReader, open_checkpoint
 from ..errors import InputError
@@ -128,10 +128,12 @@ class ResidentModel:
             self._build(folder, key)
             if average is None:
                 return self.loaded.lm
-        # a copy of one checkpoint, accumulated in float64 so that no stored dtype is rounded
-        plan = average or plan_in_memory([folder], weights=[1.0], accumulate=torch.float64)
         try:
-            average_into(plan, self.loaded.destinations(j.name for j in plan.jobs), device=self.device)
+            if average is not None:
+                average_into(average, self.loaded.destinations(j.name for j in average.jobs), device=self.device)
+            else:
+                checkpoint = open_checkpoint(folder)
+                _copy_into(checkpoint, self.loaded.destinations(checkpoint.tensors))
         except BaseException:
             self.loaded = None  # weights half replaced: the next checkpoint builds afresh
             raise
@@ -171,3 +173,20 @@ def _check_mapping(loaded: _Loaded, checkpoint: Checkpoint) -> None:
             stored = reader.read(ref, 0, ref.numel, torch.empty(ref.nbytes, dtype=torch.uint8))
             if dest.numel() != ref.numel or not torch.equal(dest.detach().reshape(-1).cpu(), stored.to(dest.dtype)):
                 raise ResidentUnsupported(f"{checkpoint.shown}: {name!r} is not loaded as stored")
+
+
+def _copy_into(checkpoint: Checkpoint, destinations: dict[str, torch.Tensor]) -> None:
+    """Each stored tensor into its parameter: read straight into it where dtype and device allow, else
+    through one buffer (the largest tensor) and cast on the copy, as `from_pretrained` casts."""
+    buffer = torch.empty(0, dtype=torch.uint8)
+    with TensorReader() as reader:
+        for name, dest in destinations.items():
+            ref = checkpoint.tensors[name]
+            if dest.numel() != ref.numel:
+                raise InputError(f"{checkpoint.shown}: {name} has {ref.numel} elements, the model {dest.numel()}")
+            if dest.device.type == "cpu" and dest.dtype == ref.dtype and dest.is_contiguous():
+                reader.read(ref, 0, ref.numel, dest.view(-1).view(torch.uint8))
+                continue
+            if buffer.numel() < ref.nbytes:
+                buffer = torch.empty(ref.nbytes, dtype=torch.uint8)
+            dest.view(-1).copy_(reader.read(ref, 0, ref.numel, buffer))
