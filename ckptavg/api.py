@@ -61,6 +61,7 @@ class Scoring:
     originals: bool = True
     in_memory: bool = False
     fresh_model: bool = False  # build a model per checkpoint instead of swapping weights into one (same scores)
+    diversity: Path | None = None  # a text: also measure how consecutive window members disagree on it
     manager: object = None  # lm-eval's TaskManager, every task registered; None until `registered()`
 
     def registered(self) -> Scoring:
@@ -70,7 +71,8 @@ class Scoring:
 def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", *, pile: Path | None = None,
             ppl_task: Sequence[str] = (), include_path: Sequence[Path] = (), limit: int | None = None,
             batch_size: str = "auto", device: str = "auto", dtype: str = "auto", originals: bool = True,
-            in_memory: bool = False, fresh_model: bool = False, register: bool = True) -> Scoring:
+            in_memory: bool = False, fresh_model: bool = False, diversity: Path | None = None,
+            register: bool = True) -> Scoring:
     """Checked scoring settings. `register` also registers the tasks with lm-eval, which is what finds an
     unknown task name (a dry run can skip it: importing lm-eval and indexing its tasks takes seconds)."""
     from .evaluation.tasks import PILE_SUBSETS
@@ -83,7 +85,8 @@ def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", 
     checked = Scoring(tuple(task_list), Path(results), opt.existing_file(pile, "--pile"),
                       opt.named_files(ppl_task, "--ppl-task"), tuple(opt.existing_dirs(include_path, "--include-path")),
                       opt.limit(limit), opt.batch_size(batch_size), opt.device(device),
-                      opt.choice(dtype, opt.EVAL_DTYPES, "--dtype"), originals, in_memory, fresh_model)
+                      opt.choice(dtype, opt.EVAL_DTYPES, "--dtype"), originals, in_memory, fresh_model,
+                      opt.existing_file(diversity, "--diversity"))
     return checked.registered() if register else checked
 
 
@@ -236,7 +239,7 @@ def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: S
 
         scorer = _scorer(scoring, store, averaging.device, averaging.force, on_task)
         hooks = study_hooks(source.name, {j.window.step for j in plan.todo}, scorer, originals=scoring.originals,
-                            in_memory=scoring.in_memory, out_dtype=out_dtype,
+                            in_memory=scoring.in_memory, out_dtype=out_dtype, diversity=scoring.diversity,
                             copy=averaging.copy)
     written = execute_run(source, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
                           device=averaging.device, out_dtype=out_dtype, copy=averaging.copy, bars=bars,
@@ -298,6 +301,65 @@ def evaluate(root: str | Path, scoring: Scoring, *, steps: set[int] | None = Non
         scorer = _scorer(scoring, store, device, force, on_task)
         run_eval(targets, scorer, bars)
     return EvalRun(tuple(targets), scorer.scored, scorer.failed)
+
+
+# -- checkpoint diversity ---------------------------------------------------------------------------
+def diversity(a: str | Path, b: str | Path, text: str | Path, *, device: str = "auto", dtype: str = "auto",
+              results: str | Path | None = None, model: str | None = None, step: int | None = None,
+              tag: str = "pair", context: int | None = None):
+    """How much checkpoints A and B disagree on `text` (`evaluation.diversity.Diversity`): argmax
+    disagreement and mean KL(A || B). With `results`, stored as task `diversity:TEXT-NAME` of the run
+    `model`/`tag` at `step` (by default B's trajectory and step, from its manifest or its folder's
+    name), so that `plot` draws it against step."""
+    from .evaluation.diversity import TASK_PREFIX, measure, read_texts
+    from .evaluation.resident import identity
+
+    a, b = Path(a), Path(b)
+    for folder in (a, b):
+        if not (folder / "config.json").is_file():
+            raise OptionError(f"{folder}: not a model folder (no config.json)")
+    texts = read_texts(Path(text))
+    dtype = opt.choice(dtype, opt.EVAL_DTYPES, "--dtype")
+    model, step = _identity(b, model, step) if results is not None else (model or "", step or 0)
+    if identity(a) != identity(b):
+        raise OptionError(f"{a} and {b} differ in config or tokenizer: their predictions are not comparable")
+    dev = resolve_device(device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation.harness import effective_settings
+
+    _, dtype = effective_settings(dev, dtype, "auto")
+    load = dict(dtype=dtype if dtype == "auto" else torch_dtype(dtype))
+    model_a = AutoModelForCausalLM.from_pretrained(a, **load).to(dev).eval()
+    model_b = AutoModelForCausalLM.from_pretrained(b, **load).to(dev).eval()
+    found = measure(model_a, model_b, AutoTokenizer.from_pretrained(b), texts, context)
+    if results is not None:
+        _store_diversity(results, model, tag, step, f"{TASK_PREFIX}{Path(text).stem}", found,
+                         f"{a} vs {b}", dtype, dev)
+    return found
+
+
+def _identity(folder: Path, model: str | None, step: int | None) -> tuple[str, int]:
+    """(trajectory, step) of a checkpoint: given, or from its manifest's run, or its folder's names."""
+    import re
+
+    manifest = read_manifest(folder) if is_finished(folder) else None
+    model = model or (manifest.run.model if manifest and manifest.run else folder.parent.name)
+    if step is None:
+        found = re.fullmatch(DEFAULT_STEP_PATTERN, folder.name)
+        if found is None:
+            raise OptionError(f"{folder}: no step in its name; give --step")
+        step = int(found.group(1))
+    return model, step
+
+
+def _store_diversity(results, model: str, tag: str, step: int, task: str, found, where: str, dtype: str,
+                     device: str) -> None:
+    from .evaluation.diversity import rows
+    from .report.store import Store
+
+    with Store(Path(results)) as store:
+        store.put(rows(found, model, tag, step, task, where, dtype, device))
 
 
 # -- interpolation ----------------------------------------------------------------------------------

@@ -217,3 +217,14 @@ def test_scoring_settings_are_part_of_a_score(tmp_path):
         " ".join(r.stderr.split())
     r = cli("savings", db, "--model", "1b", "--task", "t")
     assert r.exit_code == 2 and "scored with different settings" in " ".join(r.stderr.split())
+
+
+def test_study_file_resolves_its_diversity_text_against_the_root(tmp_path):
+    from ckptavg.study.file import load_study
+
+    file = tmp_path / "s.toml"
+    file.write_text('[[sources]]\nlocal = "traj"\ninterval = 100\n\n[[runs]]\nmethod = "lawa"\nk = 2\nnu = 100\n\n'
+                    '[scoring]\ntasks = ["pile-enron"]\ndiversity = "texts/mail.jsonl"\nfresh_model = true\n')
+    loaded = load_study(file, root=tmp_path / "root")
+    assert loaded.scoring["diversity"] == tmp_path / "root" / "texts" / "mail.jsonl"
+    assert loaded.scoring["fresh_model"] is True

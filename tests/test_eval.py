@@ -336,6 +336,93 @@ def test_one_resident_model_scores_checkpoints_exactly_as_fresh_models(study, tm
                                                                                        "word_perplexity")]
 
 
+def test_diversity_against_an_independent_computation(study, tmp_path):
+    """Argmax disagreement and mean KL(A || B) against float64 logits and torch's own kl_div; stored and
+    plotted against step; two checkpoints that are not comparable are refused."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    a, b = study["traj"] / "step100", study["traj"] / "step300"
+    docs = DOCS["Enron Emails"] + DOCS["PhilPapers"]
+    text = tmp_path / "mail.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    db = tmp_path / "d.sqlite"
+    r = cli("diversity", a, b, "--text", text, "--results", db, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+
+    tok = AutoTokenizer.from_pretrained(b)
+    ma, mb = (AutoModelForCausalLM.from_pretrained(f, dtype=torch.float64).eval() for f in (a, b))
+    differ, positions, kl = 0, 0, 0.0
+    for doc in docs:
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([[tok.eos_token_id, *ids[:-1]]])
+        with torch.no_grad():
+            la, lb = (torch.log_softmax(m(x).logits[0], -1) for m in (ma, mb))
+        kl += F.kl_div(lb, la, log_target=True, reduction="sum").item()
+        differ += int((la.argmax(-1) != lb.argmax(-1)).sum())
+        positions += len(ids)
+    stored = {(m, t, step, task, metric): v for m, t, step, task, metric, v in sqlite3.connect(db).execute(
+        "SELECT model, tag, step, task, metric, value FROM scores")}
+    assert set(stored) == {("tiny-run", "pair", 300, "diversity:mail", m) for m in ("argmax_disagreement", "kl_nats")}
+    assert stored[("tiny-run", "pair", 300, "diversity:mail", "kl_nats")] == pytest.approx(kl / positions, rel=1e-5)
+    assert kl > 0 and differ > 0  # the two checkpoints do disagree
+    got = stored[("tiny-run", "pair", 300, "diversity:mail", "argmax_disagreement")]
+    assert abs(got - differ / positions) <= 1 / positions  # float32 against float64: a near tie at most
+    assert f"over {positions} positions" in r.output
+
+    # a checkpoint against itself; a second pair for the plot against step
+    r = cli("diversity", b, b, "--text", text, "--device", "cpu")
+    assert r.exit_code == 0 and "argmax disagreement 0.0000, mean KL(A || B) 0 nats" in r.output
+    r = cli("diversity", study["traj"] / "step100", study["traj"] / "step200", "--text", text, "--results", db,
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    png = tmp_path / "d.png"
+    r = cli("plot", db, "--task", "diversity:mail", "--metric", "kl_nats", "--out", png)
+    assert r.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG", r.output
+
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(b, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"hidden_act": "relu"}))
+    for args, message in (((a, other, "--text", text), "differ in config or tokenizer"),
+                          ((a, other, "--text", text, "--results", db), "no step in its name; give --step"),
+                          ((a, b, "--text", tmp_path / "none.txt"), "none.txt"),
+                          ((a, tmp_path, "--text", text), "not a model folder")):
+        r = cli("diversity", *args, "--device", "cpu")
+        assert r.exit_code == 2 and message in " ".join(r.output.split()), (args, r.output)
+
+
+def test_trajectory_measures_the_diversity_of_consecutive_window_members(study, tmp_path):
+    """`--diversity` stores each consecutive pair once (windows share members), with the numbers the
+    `diversity` command gives for the same two folders; `--force` measures them again."""
+    text = tmp_path / "mail.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS["Enron Emails"]))
+    common = ("--k", 2, "--nu", 100, "--interval", 100, "--eval", "pile-enron", "--pile", study["pile"],
+              "--device", "cpu", "--results", tmp_path / "a.sqlite", "--diversity", text, "--in-memory", "-q")
+    r = cli("trajectory", study["traj"], *common, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    query = "SELECT tag, step, metric, value, time FROM scores WHERE task='diversity:mail'"
+    stored = {(tag, step, metric): (value, t) for tag, step, metric, value, t in
+              sqlite3.connect(tmp_path / "a.sqlite").execute(query)}
+    assert set(stored) == {("nu100", s, m) for s in (200, 300) for m in ("argmax_disagreement", "kl_nats")}
+    for step in (200, 300):
+        r = cli("diversity", study["traj"] / f"step{step - 100}", study["traj"] / f"step{step}", "--text", text,
+                "--results", tmp_path / "b.sqlite", "--device", "cpu")
+        assert r.exit_code == 0, r.output
+    alone = {(step, metric): value for step, metric, value in sqlite3.connect(tmp_path / "b.sqlite").execute(
+        "SELECT step, metric, value FROM scores")}
+    assert {(s, m): v for (_, s, m), (v, _) in stored.items()} == alone
+    r = cli("trajectory", study["traj"], *common, "--out", tmp_path / "out", "--force")
+    assert r.exit_code == 0, r.output
+    again = {(tag, step, metric): (value, t) for tag, step, metric, value, t in
+             sqlite3.connect(tmp_path / "a.sqlite").execute(query)}
+    assert again.keys() == stored.keys() and all(again[k][1] > stored[k][1] for k in stored)  # --force redoes it
+    r = cli("trajectory", study["traj"], *common[:-4], "--diversity", text, "-q", "--out", tmp_path / "o2")
+    assert r.exit_code == 0, r.output  # written outputs: measured before each window is averaged
+
+
 def test_zero_shot_task_offline_without_its_dataset_says_what_to_download(study, tmp_path):
     r = cli("eval", study["run"], "--tasks", "sciq", "--steps", 300, "--no-originals", "--results",
             tmp_path / "r.sqlite", "--device", "cpu", "-q")

@@ -233,20 +233,26 @@ class Study:
                                    "checkpoint at each output step.", rich_help_panel=SCORING)
     in_memory: bool = typer.Option(False, "--in-memory", help="With --eval: average in memory and score, writing no "
                                    "model folders, only results.", rich_help_panel=SCORING)
+    diversity: Optional[Path] = typer.Option(None, "--diversity", help="With --eval: also store how much each two "
+                                             "consecutive window members disagree on this text (as `ckptavg "
+                                             "diversity`: task diversity:TEXT-NAME, series nuN).",
+                                             rich_help_panel=SCORING)
 
 
 def scoring(tasks: Optional[str], t: Tasks, *, originals: bool, in_memory: bool, register: bool, device: str = "auto",
-            dtype: str = "auto"):
+            dtype: str = "auto", diversity: Optional[Path] = None):
     """The checked scoring settings of a command (None when it scores nothing)."""
     from ..api import scoring as checked
 
     if in_memory and not tasks:
         raise fail("--in-memory needs --eval TASKS: without scoring there is nothing to keep")
+    if diversity is not None and not tasks:
+        raise fail("--diversity needs --eval TASKS")
     if tasks is None:
         return None
     return checked(tasks, t.results, pile=t.pile, ppl_task=t.ppl_task, include_path=t.include_path, limit=t.limit,
                    batch_size=t.batch_size, device=device, dtype=dtype, originals=originals, in_memory=in_memory,
-                   fresh_model=t.fresh_model, register=register)
+                   fresh_model=t.fresh_model, diversity=diversity, register=register)
 
 
 def show_version(value: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .. import options as opt
+from ..errors import OptionError
 from ..evaluation.harness import DEFAULT_TASKS
 from ..units import format_size
 from .common import Bars, Tasks, app, grouped, out, say, scoring, user_errors
@@ -59,3 +60,38 @@ def eval_(
         result = evaluate(run_dir, checked, steps=wanted, force=force, bars=bars, targets=targets,
                           on_task=bars.scoring(len(targets) * len(checked.tasks)))
     say(f"{result.scored} task score(s) written to {checked.results}, {result.failed} failed")
+
+
+@app.command("diversity")
+@user_errors
+def diversity(
+    a: Path = typer.Argument(..., help="The first checkpoint folder (A in KL(A || B))."),
+    b: Path = typer.Argument(..., help="The second checkpoint folder, with the same config and tokenizer."),
+    text: Path = typer.Option(..., "--text", help="The text to predict: a .jsonl file of {\"text\": ...} records, or "
+                              "any other file as one text."),
+    results: Optional[Path] = typer.Option(None, help="Also store the two numbers in this results store, as task "
+                                           "diversity:TEXT-NAME (then `ckptavg plot STORE --task diversity:...`)."),
+    model: Optional[str] = typer.Option(None, help="With --results: the trajectory to store it under (default: B's, "
+                                        "from its manifest, else B's parent folder name)."),
+    step: Optional[int] = typer.Option(None, help="With --results: the step to store it at (default: B's, from "
+                                       "its folder name stepN)."),
+    tag: str = typer.Option("pair", help="With --results: the series name, e.g. nu1000 for checkpoints 1000 steps "
+                            "apart."),
+    context: Optional[int] = typer.Option(None, help="Tokens per model input (default: the model's context)."),
+    device: str = typer.Option("auto", help="Where to run the models: auto (cuda if available), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="Model dtype: auto (float32 on CPU, as stored on a GPU), float16, "
+                              "bfloat16 or float32."),
+) -> None:
+    """How much two checkpoints disagree on a text: the fraction of positions whose most likely next
+    tokens differ, and the mean KL(A || B) of their next-token distributions (nats). Averaging helps
+    where checkpoints disagree (the paper's Sec. 2)."""
+    from ..api import diversity as measure
+
+    if context is not None and context < 1:
+        raise OptionError(f"--context must be at least 1, got {context}")
+    found = measure(a, b, text, device=device, dtype=dtype, results=results, model=model, step=step, tag=tag,
+                    context=context)
+    out.print(f"argmax disagreement {found.argmax_disagreement:.4f}, mean KL(A || B) {found.kl_nats:.4g} nats "
+              f"over {found.positions:,} positions", highlight=False)
+    if results is not None:
+        say(f"stored in {results}")

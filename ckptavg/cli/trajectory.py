@@ -143,7 +143,7 @@ def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks:
     averaging = Averaging(arith.device, arith.dtype, disk_budget, tuple(arith.copy), downloads.keep_downloads,
                           force).checked(dry_run)
     return averaging, scoring(study.study_tasks, tasks, originals=study.originals, in_memory=study.in_memory,
-                              register=not dry_run, device=averaging.device)
+                              diversity=study.diversity, register=not dry_run, device=averaging.device)
 
 
 def _run(source, spec, out_dir: Path, averaging, checked_scoring, *, dry_run: bool, quiet: bool, bars: Bars) -> None:

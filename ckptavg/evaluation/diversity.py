@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..report.store import Row
 
 TASK_PREFIX = "diversity:"  # the store's task name: diversity:TEXT-NAME
 METRICS = ("argmax_disagreement", "kl_nats")
@@ -75,3 +76,14 @@ def measure(model_a, model_b, tokenizer, texts: Sequence[str], context: int | No
         kl += (a.exp() * (a - b)).sum(-1).double().sum().cpu()
         positions += len(ids)
     return Diversity(differ / positions, float(kl) / positions, positions)
+
+
+def rows(found: Diversity, model: str, tag: str, step: int, task: str, where: str, dtype: str,
+         device: str) -> list[Row]:
+    """The store's rows of one measurement (method "diversity"; batch size 1: one text window at a time)."""
+    import time
+
+    from .. import __version__
+
+    return [Row(model, tag, "diversity", None, None, step, task, metric, getattr(found, metric), None, None, 0, "ok",
+                "", f"ckptavg {__version__}", where, time.time(), "1", dtype, device) for metric in METRICS]

@@ -9,7 +9,7 @@ stays O(largest tensor) however large the model.
 
 Stored names are mapped to parameters by transformers' own renaming rules (Pythia's `embed_out`
 is `lm_head` in transformers 5), and the mapping is checked once against the model transformers
-loaded: every parameter covered, every value equal. Where transformers does more than rename on
+loaded: every parameter covered, shapes and values equal. Where transformers does more than rename on
 loading (fusing or splitting tensors), `ResidentUnsupported` says so and the caller builds a fresh
 model per checkpoint, as before. lm-eval's response cache is never used (it does not key on the
 weights: lm-eval #2715, #4063); that a resident model scores exactly as fresh ones is tested.
@@ -160,18 +160,25 @@ class ResidentModel:
         self.builds += 1
 
 
+CHECKED_ELEMENTS = 65536  # per tensor: enough to tell any two tensors of random-looking weights apart
+
+
 def _check_mapping(loaded: _Loaded, checkpoint: Checkpoint) -> None:
-    """Once per model: the names map to parameters holding exactly what transformers loaded from them
-    (a second read of one checkpoint, a tensor at a time)."""
+    """Once per model: each name maps to a parameter of its shape that holds what transformers loaded
+    from it. The leading elements of each tensor are compared, which tells a wrong name, a transposed
+    or fused tensor from the right one; a full second read of a 12B checkpoint would add nothing."""
     try:
         destinations = loaded.destinations(checkpoint.tensors)
     except InputError as e:
         raise ResidentUnsupported(f"{checkpoint.shown}: {e} after renaming as transformers does") from None
+    buffer = torch.empty(CHECKED_ELEMENTS * 8, dtype=torch.uint8)
     with TensorReader() as reader:
         for name, dest in destinations.items():
             ref = checkpoint.tensors[name]
-            stored = reader.read(ref, 0, ref.numel, torch.empty(ref.nbytes, dtype=torch.uint8))
-            if dest.numel() != ref.numel or not torch.equal(dest.detach().reshape(-1).cpu(), stored.to(dest.dtype)):
+            n = min(ref.numel, CHECKED_ELEMENTS)
+            stored = reader.read(ref, 0, n, buffer)
+            if (tuple(dest.shape) != ref.shape
+                    or not torch.equal(dest.detach().reshape(-1)[:n].cpu(), stored.to(dest.dtype))):
                 raise ResidentUnsupported(f"{checkpoint.shown}: {name!r} is not loaded as stored")
 
 

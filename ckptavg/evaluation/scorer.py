@@ -106,8 +106,40 @@ def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
             scorer.score(target, target.folder)
 
 
+class PairScorer:
+    """The diversity of consecutive window members (`diversity.py`), each pair stored once though
+    sliding windows share members: series `nuN` (N the steps between them) at the later step. One
+    model of its own and the scorer's resident model hold the pair: two models, never three."""
+
+    def __init__(self, text: Path, scorer: Scorer, model: str) -> None:
+        from .diversity import TASK_PREFIX, read_texts
+        from .resident import ResidentModel
+
+        self.texts, self.task, self.model, self.scorer = read_texts(text), TASK_PREFIX + text.stem, model, scorer
+        self.first = ResidentModel(scorer.device, scorer.dtype, "1")
+        self.second = scorer.resident or ResidentModel(scorer.device, scorer.dtype, "1")
+
+    def window(self, job, folders: list[Path]) -> None:
+        from .diversity import measure, rows
+
+        members = job.window.members
+        for i in range(len(members) - 1):
+            (s0, a), (s1, b) = (members[i], folders[i]), (members[i + 1], folders[i + 1])
+            tag = f"nu{s1 - s0}"
+            if not self.scorer.force and self.scorer.store.done(self.model, tag, s1, self.task, 0):
+                continue
+            try:
+                lm_a, lm_b = self.first.lm(a), self.second.lm(b)
+                found = measure(lm_a.model, lm_b.model, lm_b.tokenizer, self.texts)
+                self.scorer.store.put(rows(found, self.model, tag, s1, self.task, f"{a} vs {b}",
+                                           self.scorer.settings["dtype"], self.scorer.device))
+            except Exception as e:  # like a failed task: recorded, retried next time, the study goes on
+                self.scorer.store.put([failed_row(self.model, tag, "diversity", None, None, s1, self.task, 0,
+                                                  f"{type(e).__name__}: {e}", self.scorer.version, f"{a} vs {b}")])
+
+
 def study_hooks(model: str, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
-                out_dtype, copy: Sequence[str] = ()) -> dict:
+                out_dtype, copy: Sequence[str] = (), diversity: Path | None = None) -> dict:
     """`execute_run` hooks for a study that scores as it goes: each original is scored while it is
     on disk for averaging (no second download), and with `in_memory` each average is made in
     memory and scored instead of written."""
@@ -129,4 +161,6 @@ def study_hooks(model: str, outputs: set[int], scorer: Scorer, *, originals: boo
             scorer.score(target, folders[-1], average=plan)
 
         hooks["in_memory"] = average_and_score
+    if diversity is not None:
+        hooks["on_window_inputs"] = PairScorer(diversity, scorer, model).window
     return hooks

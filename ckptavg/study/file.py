@@ -27,7 +27,8 @@
     [scoring]                          # optional: score originals and averages as the study goes
     tasks = ["pile-philpapers", "lambada_openai"]
     pile = "val.jsonl.zst"             # and ppl_task = ["NAME=FILE"], include_path, limit, batch_size,
-    originals = true                   # in_memory = false, fresh_model = false
+    originals = true                   # in_memory = false, fresh_model = false,
+                                       # diversity = "text.jsonl" (consecutive window members)
 
 Relative paths are relative to the study's root: the folder given with `--root`, by default the
 current directory. Unknown keys are errors, so that a typo never silently changes a study.
@@ -57,7 +58,7 @@ SOURCE_KINDS = ("pythia", "hub", "local")
 SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", *STEP_KEYS}
 RUN_KEYS = {"method", "k", "nu", "ema_alpha", "swa_start", "decay_shape", "skip_incomplete"}
 SCORING_KEYS = {"tasks", "pile", "ppl_task", "include_path", "limit", "batch_size", "originals", "in_memory",
-                "fresh_model"}
+                "fresh_model", "diversity"}
 PYTHIA_STEPS = {"start": 21000, "end": 141000, "interval": 3000}  # the paper's
 
 
@@ -181,8 +182,9 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
         raise OptionError(f"{where}: no [[runs]]")
     scoring = dict(raw.get("scoring", {}))
     _unknown(scoring, SCORING_KEYS, f"{where} [scoring]")
-    if "pile" in scoring:
-        scoring["pile"] = resolve(scoring["pile"])
+    for key in ("pile", "diversity"):
+        if key in scoring:
+            scoring[key] = resolve(scoring[key])
     scoring["include_path"] = [resolve(p) for p in scoring.get("include_path", [])]
     scoring["ppl_task"] = [f"{n}={resolve(f)}" if f else t
                            for t, (n, _, f) in ((t, t.partition("=")) for t in scoring.get("ppl_task", []))]

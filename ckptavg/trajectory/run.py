@@ -138,19 +138,18 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
                 on_window: Callable[[Job, Path], None] | None = None,
                 on_fetch: Callable[[int, Path], None] | None = None,
                 in_memory: Callable[[Job, list[Path]], None] | None = None,
+                on_window_inputs: Callable[[Job, list[Path]], None] | None = None,
                 bars: Callable[[str, int], Callable[[int], None]] | None = None, **average_kwargs) -> list[Path]:
     """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype...).
 
     `on_fetch(step, folder)` runs while a revision is on disk (to score an original without a
-    second download); `in_memory(job, folders)` replaces writing the window's output.
+    second download); `on_window_inputs(job, folders)` runs before each window is averaged, with
+    all its inputs on disk; `in_memory(job, folders)` replaces writing the window's output.
 
     `bars(description, total_bytes)` makes a progress callback, for averaging (and the source's
     downloads). Every action is appended to RUN_LOG, with the bytes the source holds on disk
     after it: the record of a long run, and of its disk budget.
     """
-    from ..engine.average import average_checkpoints
-    from ..engine.tensors import open_checkpoint
-
     on_disk: dict[int, Path] = {}
     written = []
     log = _RunLog(plan.log_dir if in_memory is None else None, source)
@@ -166,25 +165,35 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
         elif action.kind == "evict":
             source.evict(action.step)
             on_disk.pop(action.step, None)
-        elif in_memory is not None:
-            in_memory(job, [on_disk[s] for s in job.window.members])
         else:
-            w = job.window
-            progress = (lambda p, s=w.step: bars(f"average step{s}", p.output_bytes)) if bars else None
-            try:
-                inputs = [open_checkpoint(on_disk[s], label=source.label(s)) for s in w.members]
-                written_to = average_checkpoints(inputs, job.out_dir, weights=w.weights, normalize=False, force=force,
-                                                 method=job.spec.record(w), progress=progress,
-                                                 provenance=[source.describe(s) for s in w.members], run=job.run,
-                                                 **average_kwargs)
-            except MismatchError as e:
-                raise MismatchError(f"window at step {w.step}: {e}") from None
-            written.append(written_to)
-            if on_window is not None:
-                on_window(job, written_to)
+            folders = [on_disk[s] for s in job.window.members]
+            if on_window_inputs is not None:
+                on_window_inputs(job, folders)
+            if in_memory is not None:
+                in_memory(job, folders)
+            else:
+                written_to = _average(source, job, folders, force, bars, average_kwargs)
+                written.append(written_to)
+                if on_window is not None:
+                    on_window(job, written_to)
         extra = {"run": job.run.tag} if job is not None and len(plan.roots) > 1 else {}
         log.write(action.kind, action.step, planned_disk=action.disk_after, **extra)
     return written
+
+
+def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, average_kwargs: dict) -> Path:
+    from ..engine.average import average_checkpoints
+    from ..engine.tensors import open_checkpoint
+
+    w = job.window
+    progress = (lambda p: bars(f"average step{w.step}", p.output_bytes)) if bars else None
+    try:
+        inputs = [open_checkpoint(f, label=source.label(s)) for s, f in zip(w.members, folders, strict=True)]
+        return average_checkpoints(inputs, job.out_dir, weights=w.weights, normalize=False, force=force,
+                                   method=job.spec.record(w), progress=progress,
+                                   provenance=[source.describe(s) for s in w.members], run=job.run, **average_kwargs)
+    except MismatchError as e:
+        raise MismatchError(f"window at step {w.step}: {e}") from None
 
 
 class _RunLog:
