@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 DEMO := out/demo
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench bench-eval clean
 
 # torch is pinned first: on a CPU machine it resolves to a local CPU build, where an unpinned
 # `torch` (pulled in by transformers) would download several GB of CUDA wheels.
@@ -33,6 +33,9 @@ demo: install
 
 bench: install
 	$(PYTHON) bench/average.py
+
+bench-eval: install
+	$(PYTHON) bench/eval.py
 
 clean:
 	rm -rf out $(STAMP)
