@@ -217,8 +217,9 @@ class Tasks:
                                         "from full scores).", rich_help_panel=SCORING)
     batch_size: str = typer.Option("auto", help="lm-eval batch size: auto (8 on CPU) or N.", rich_help_panel=SCORING)
     fresh_model: bool = typer.Option(False, "--fresh-model", help="Build a new model for every checkpoint instead "
-                                     "of loading each one's weights into one resident model (slower; the scores "
-                                     "are the same).", rich_help_panel=SCORING)
+                                     "of loading each one's weights into one resident model (the scores are the "
+                                     "same; the resident model saves a build per checkpoint, which counts for large "
+                                     "models on a GPU).", rich_help_panel=SCORING)
 
 
 @dataclass

@@ -21,7 +21,7 @@ class Scorer:
     and reports each (checkpoint, task) pair to `on_task` as "skipped", "done" or "failed: why".
 
     One resident model scores every checkpoint (`resident.py`); `resident=False` builds a fresh model
-    for each, which is slower and scores the same."""
+    for each, as ckptavg did before (the scores are the same)."""
 
     def __init__(self, tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str, batch_size: str,
                  limit: int | None, force: bool, on_task: Callable[[Target, str, str], None] | None = None,
