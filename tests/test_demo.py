@@ -45,7 +45,7 @@ def test_demo_pipeline(tmp_path):
         data = (out / "figures" / png).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000
     text = " ".join(proc.stdout.split())
-    assert "GPU hours saved by lawa-k2-nu10 on stdlib-heldout" in text
+    assert "GPU hours of lawa-k2-nu10 on stdlib-heldout" in text and "steps ahead" in text
     assert "held-out bits_per_byte, lawa-k2-nu10 vs original" in text
     assert 0 < json.loads((out / "demo.json").read_text())["seconds"] <= elapsed  # the run's own time, recorded
     # built once: a second run trains nothing and scores nothing again

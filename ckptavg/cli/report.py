@@ -141,17 +141,18 @@ def savings(
                                   tolerances=opt.floats(tolerance, "--tolerance"), total_steps=total_steps,
                                   gpu_hours=gpu_hours, usd_per_gpu_hour=usd_per_gpu_hour)
     runs = ", ".join(dict.fromkeys(r["tag"] for r in table))
-    print_records(table, fmt, f"GPU hours saved by {runs} on {task} ({chosen})")
+    print_records(table, fmt, f"GPU hours of {runs} on {task} ({chosen}): ahead of the original, and saved "
+                              f"as the paper counts")
     if plot_file:
         from ..report.plots import plot_savings
 
         say(f"wrote {plot_savings(table, plot_file)}")
 
 
-HEADERS = {"tolerance_pct": "tolerance", "step_reached": "averaged reaches it at",
-           "original_reached": "original reaches it at", "steps_ahead": "steps ahead",
-           "gpu_hours_ahead": "GPU hours ahead", "steps_saved": "steps saved (paper)", "pct_of_training": "% of run",
-           "gpu_hours_saved": "GPU hours saved (paper)", "usd_saved": "USD saved (paper)"}
+HEADERS = {"tolerance_pct": "tol.", "step_reached": "averaged at", "original_reached": "original at",
+           "steps_ahead": "steps ahead", "gpu_hours_ahead": "GPU h ahead", "steps_saved": "steps saved (paper)",
+           "gpu_hours_saved": "GPU h saved (paper)", "usd_saved": "USD saved (paper)"}
+HIDDEN = ("task", "metric", "tag", "pct_of_training")  # in the title, or in csv and json only
 
 
 def print_records(records: list[dict], fmt: str, title: str) -> None:
@@ -170,7 +171,7 @@ def print_records(records: list[dict], fmt: str, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    cols = [c for c in records[0] if c not in ("task", "metric", "tag")]  # those are in the title
+    cols = [c for c in records[0] if c not in HIDDEN]
     for c in cols:
         t.add_column(HEADERS.get(c, c.replace("_", " ")), justify="left" if c == "model" else "right",
                      no_wrap=c == "model")
