@@ -320,36 +320,31 @@ def diversity(a: str | Path, b: str | Path, text: str | Path, *, device: str = "
             raise OptionError(f"{folder}: not a model folder (no config.json)")
     texts = read_texts(Path(text))
     dtype = opt.choice(dtype, opt.EVAL_DTYPES, "--dtype")
-    model, step = _identity(b, model, step) if results is not None else (model or "", step or 0)
+    model, step = _trajectory_step(b, model, step) if results is not None else (model or "", step or 0)
     if identity(a) != identity(b):
         raise OptionError(f"{a} and {b} differ in config or tokenizer: their predictions are not comparable")
+    from .evaluation.harness import effective_settings, load_model
+
     dev = resolve_device(device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .evaluation.harness import effective_settings
-
-    _, dtype = effective_settings(dev, dtype, "auto")
-    load = dict(dtype=dtype if dtype == "auto" else torch_dtype(dtype))
-    model_a = AutoModelForCausalLM.from_pretrained(a, **load).to(dev).eval()
-    model_b = AutoModelForCausalLM.from_pretrained(b, **load).to(dev).eval()
-    found = measure(model_a, model_b, AutoTokenizer.from_pretrained(b), texts, context)
+    lm_a, lm_b = (load_model(folder, dev, dtype, "1") for folder in (a, b))  # as a fresh model is loaded to score
+    found = measure(lm_a.model, lm_b.model, lm_b.tokenizer, texts, context)
     if results is not None:
         _store_diversity(results, model, tag, step, f"{TASK_PREFIX}{Path(text).stem}", found,
-                         f"{a} vs {b}", dtype, dev)
+                         f"{a} vs {b}", effective_settings(dev, dtype, "1")[1], dev)
     return found
 
 
-def _identity(folder: Path, model: str | None, step: int | None) -> tuple[str, int]:
+def _trajectory_step(folder: Path, model: str | None, step: int | None) -> tuple[str, int]:
     """(trajectory, step) of a checkpoint: given, or from its manifest's run, or its folder's names."""
-    import re
+    from .trajectory.sources import step_branches
 
     manifest = read_manifest(folder) if is_finished(folder) else None
     model = model or (manifest.run.model if manifest and manifest.run else folder.parent.name)
     if step is None:
-        found = re.fullmatch(DEFAULT_STEP_PATTERN, folder.name)
-        if found is None:
+        found = step_branches([folder.name], DEFAULT_STEP_PATTERN, str(folder))
+        if not found:
             raise OptionError(f"{folder}: no step in its name; give --step")
-        step = int(found.group(1))
+        step = next(iter(found))
     return model, step
 
 

@@ -87,7 +87,7 @@ def _renamer(model) -> Callable[[str], str]:
     return rename
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Loaded:
     key: str
     model: object
@@ -140,22 +140,14 @@ class ResidentModel:
         return self.loaded.lm
 
     def _build(self, folder: Path, key: str) -> None:
-        from lm_eval.models.huggingface import HFLM
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .harness import effective_settings
+        """The first checkpoint is loaded exactly as a fresh model is (`harness.load_model`)."""
+        from .harness import load_model
 
         self.loaded = None
         gc.collect()  # the previous model's memory goes back before the next one is allocated
-        batch_size, dtype = effective_settings(self.device, self.dtype, self.batch_size)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                                     trust_remote_code=self.trust_remote_code)
-        model = model.to(self.device).eval()
-        loaded = _Loaded(key, model, None, _renamer(model))
-        checkpoint = open_checkpoint(folder)
-        _check_mapping(loaded, checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
-        loaded.lm = HFLM(pretrained=model, tokenizer=tokenizer, device=self.device, batch_size=batch_size)
+        lm = load_model(folder, self.device, self.dtype, self.batch_size, trust_remote_code=self.trust_remote_code)
+        loaded = _Loaded(key, lm.model, lm, _renamer(lm.model))
+        _check_mapping(loaded, open_checkpoint(folder))
         self.loaded = loaded
         self.builds += 1
 
