@@ -1,7 +1,7 @@
-"""ckptavg against the I/O floor and a naive load-everything average, on Pythia-1B-shaped inputs.
+"""ckptavg against the I/O floor, mergekit and a naive load-everything average, on Pythia-shaped inputs.
 
-Builds k=5 synthetic float16 checkpoints shaped like EleutherAI/pythia-1b (about 2 GB each) once
-under bench/data/, then, in one run and for each repetition, measures:
+Builds synthetic float16 checkpoints once under bench/data/, one folder per shape, then, in one run and
+for each case and repetition, measures:
 
   floor     reading every input once (sequential 16 MB readinto) + writing one output of the
             same size and fsyncing it, the way ckptavg flushes its own
@@ -11,11 +11,14 @@ under bench/data/, then, in one run and for each repetition, measures:
   naive     load every file fully (safetensors.torch.load_file), sum in float32, save_file
   mergekit  with --mergekit PATH: `mergekit-yaml` linear merge of the same inputs (float16 output)
 
-Warm runs read from the page cache; cold runs drop it first (root only). Speeds are reported
-as ratios to the floor taken in the same repetition; min and median over repetitions.
+Cases (--cases): `1b` (k=5 Pythia-1B-shaped checkpoints, 2.09 GB each), `1b-k10` (k=10 of them) and
+`12b` (k=5 checkpoints with Pythia-12B's embeddings, 50688 x 5120, and two of its 36 layers: 2.30 GB
+each). Warm runs read from the page cache, so they are skipped where the inputs do not fit in half
+the machine's memory; cold runs drop it first (root only). Speeds are reported as ratios to the floor
+taken in the same repetition; min and median over repetitions.
 Timings are noisy on shared machines: never put them in a test.
 
-    python bench/average.py [--reps 3] [--cold/--no-cold] [--naive-reps 1] [--data bench/data]
+    python bench/average.py [--reps 3] [--cases 1b,12b,1b-k10] [--cold/--no-cold] [--naive-reps 1]
 """
 
 from __future__ import annotations
@@ -29,25 +32,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-K = 5
-# pythia-1b: 16 layers, d=2048, d_ff=8192, vocab 50304, untied embeddings, 2048 context
-LAYERS, D, FF, VOCAB, CTX = 16, 2048, 8192, 50304, 2048
 BLOCK = 16 * 1024 * 1024
 
 
-def pythia_1b_shapes() -> dict[str, tuple[tuple[int, ...], str]]:
-    s: dict[str, tuple[tuple[int, ...], str]] = {"gpt_neox.embed_in.weight": ((VOCAB, D), "f16")}
-    for i in range(LAYERS):
+@dataclass(frozen=True)
+class Shape:
+    """A GPT-NeoX (Pythia) architecture, or the first `layers` layers of one."""
+
+    name: str
+    layers: int
+    d: int
+    ff: int
+    vocab: int
+    heads: int
+    ctx: int = 2048
+
+
+PYTHIA_1B = Shape("pythia-1b", layers=16, d=2048, ff=8192, vocab=50304, heads=8)
+PYTHIA_12B_2_LAYERS = Shape("pythia-12b-2-layers", layers=2, d=5120, ff=20480, vocab=50688, heads=40)
+CASES = {"1b": (PYTHIA_1B, 5), "12b": (PYTHIA_12B_2_LAYERS, 5), "1b-k10": (PYTHIA_1B, 10)}
+
+
+def pythia_shapes(shape: Shape) -> dict[str, tuple[tuple[int, ...], str]]:
+    D, FF, ctx = shape.d, shape.ff, shape.ctx
+    rot = D // shape.heads // 8  # rotary_pct 0.25 of the head size, inv_freq holds half of that
+    s: dict[str, tuple[tuple[int, ...], str]] = {"gpt_neox.embed_in.weight": ((shape.vocab, D), "f16")}
+    for i in range(shape.layers):
         p = f"gpt_neox.layers.{i}."
         for n in ("input_layernorm", "post_attention_layernorm"):
             s[p + n + ".weight"] = ((D,), "f16")
             s[p + n + ".bias"] = ((D,), "f16")
-        s[p + "attention.bias"] = ((1, 1, CTX, CTX), "bool")
+        s[p + "attention.bias"] = ((1, 1, ctx, ctx), "bool")
         s[p + "attention.masked_bias"] = ((), "f16")
-        s[p + "attention.rotary_emb.inv_freq"] = ((64,), "f32")
+        s[p + "attention.rotary_emb.inv_freq"] = ((rot,), "f32")
         s[p + "attention.query_key_value.weight"] = ((3 * D, D), "f16")
         s[p + "attention.query_key_value.bias"] = ((3 * D,), "f16")
         s[p + "attention.dense.weight"] = ((D, D), "f16")
@@ -58,44 +79,45 @@ def pythia_1b_shapes() -> dict[str, tuple[tuple[int, ...], str]]:
         s[p + "mlp.dense_4h_to_h.bias"] = ((D,), "f16")
     s["gpt_neox.final_layer_norm.weight"] = ((D,), "f16")
     s["gpt_neox.final_layer_norm.bias"] = ((D,), "f16")
-    s["embed_out.weight"] = ((VOCAB, D), "f16")
+    s["embed_out.weight"] = ((shape.vocab, D), "f16")
     return s
 
 
-def build_inputs(data: Path) -> list[Path]:
+def build_inputs(data: Path, shape: Shape, k: int) -> list[Path]:
+    """k checkpoints of `shape` under data/<shape name>/stepN, built once (a k=10 case reuses k=5's)."""
     import torch
     from safetensors.torch import save_file
 
-    folders = [data / f"step{1000 * (i + 1)}" for i in range(K)]
+    folders = [data / shape.name / f"step{1000 * (i + 1)}" for i in range(k)]
     for i, folder in enumerate(folders):
-        if (folder / "model.safetensors").is_file():
-            continue
-        print(f"building {folder} ...", flush=True)
-        g = torch.Generator().manual_seed(i)
-        sd = {}
-        for name, (shape, kind) in pythia_1b_shapes().items():
-            if kind == "bool":
-                sd[name] = torch.ones(shape, dtype=torch.bool).tril()
-            elif kind == "f32":
-                sd[name] = torch.rand(shape, generator=g)
-            else:
-                sd[name] = (torch.randn(shape, generator=g) * 0.02).half()
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "model.safetensors.tmp"
-        save_file(sd, tmp, metadata={"format": "pt"})
-        os.replace(tmp, folder / "model.safetensors")
-        del sd
-    for folder in folders:  # a full config, so that tools that need the architecture (mergekit) can run
-        (folder / "config.json").write_text(json.dumps(pythia_1b_config()))
+        if not (folder / "model.safetensors").is_file():
+            print(f"building {folder} ...", flush=True)
+            g = torch.Generator().manual_seed(i)
+            sd = {}
+            for name, (dims, kind) in pythia_shapes(shape).items():
+                if kind == "bool":
+                    sd[name] = torch.ones(dims, dtype=torch.bool).tril()
+                elif kind == "f32":
+                    sd[name] = torch.rand(dims, generator=g)
+                else:
+                    sd[name] = (torch.randn(dims, generator=g) * 0.02).half()
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / "model.safetensors.tmp"
+            save_file(sd, tmp, metadata={"format": "pt"})
+            os.replace(tmp, folder / "model.safetensors")
+            del sd
+        # a full config, so that tools that need the architecture (mergekit) can run
+        (folder / "config.json").write_text(json.dumps(pythia_config(shape)))
     return folders
 
 
-def pythia_1b_config() -> dict:
-    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": D,
-            "intermediate_size": FF, "num_hidden_layers": LAYERS, "num_attention_heads": 8, "vocab_size": VOCAB,
-            "max_position_embeddings": CTX, "rotary_pct": 0.25, "rotary_emb_base": 10000,
-            "use_parallel_residual": True, "tie_word_embeddings": False, "layer_norm_eps": 1e-5,
-            "hidden_act": "gelu", "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float16"}
+def pythia_config(shape: Shape) -> dict:
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": shape.d,
+            "intermediate_size": shape.ff, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+            "vocab_size": shape.vocab, "max_position_embeddings": shape.ctx, "rotary_pct": 0.25,
+            "rotary_emb_base": 10000, "use_parallel_residual": True, "tie_word_embeddings": False,
+            "layer_norm_eps": 1e-5, "hidden_act": "gelu", "bos_token_id": 0, "eos_token_id": 0,
+            "torch_dtype": "float16"}
 
 
 def mergekit_config(folders: list[Path], path: Path) -> Path:
@@ -175,17 +197,16 @@ save_file(avg, out, metadata={"format": "pt"})
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--naive-reps", type=int, default=1)
-    ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--mergekit", help="path of a `mergekit-yaml` executable: also time mergekit's linear merge "
-                    "of the same inputs (pip install mergekit, ideally in its own venv)")
-    args = ap.parse_args()
+def mem_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
-    folders = build_inputs(args.data)
+
+def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]) -> None:
+    shape, k = CASES[case]
+    folders = build_inputs(args.data, shape, k)
     files = [f / "model.safetensors" for f in folders]
     in_bytes = sum(f.stat().st_size for f in files)
     out_bytes = files[-1].stat().st_size
@@ -193,14 +214,15 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ckptavg = [sys.executable, "-m", "ckptavg", "average", *map(str, folders), "--out", str(work / "avg"),
                "--force", "-q", "--device", "cpu"]
-    modes = ["warm"] + (["cold"] if args.cold and os.geteuid() == 0 else [])
-    rows: dict[str, list[float]] = {}
+    warm = in_bytes < mem_total() // 2
+    modes = (["warm"] if warm else []) + (["cold"] if args.cold and os.geteuid() == 0 else [])
 
     def record(key: str, value: float) -> None:
-        rows.setdefault(key, []).append(value)
+        rows.setdefault(f"{case} {key}", []).append(value)
 
-    print(f"inputs: {K} x {out_bytes / 1e9:.2f} GB float16 (Pythia-1B shapes), {in_bytes / 1e9:.1f} GB in all; "
-          f"{os.cpu_count()} cores", flush=True)
+    print(f"\n{case}: {k} x {out_bytes / 1e9:.2f} GB float16 ({shape.name} shapes), {in_bytes / 1e9:.1f} GB in all; "
+          f"{os.cpu_count()} cores" + ("" if warm else "; no warm runs: the inputs do not fit in half the memory"),
+          flush=True)
     try:
         for rep in range(args.reps):
             for mode in modes:
@@ -211,17 +233,17 @@ def main() -> None:
                 prep()
                 t, peak = run_measured(ckptavg + ["--no-hash"], env)
                 manifest = json.loads((work / "avg" / "ckptavg.json").read_text())
-                record(f"{mode} ckptavg s", t)
                 record(f"{mode} ckptavg/floor", t / floor)
-                record(f"{mode} ckptavg engine s", manifest["seconds"])
                 record(f"{mode} ckptavg engine/floor", manifest["seconds"] / floor)
                 record(f"{mode} ckptavg peak RssAnon MB", peak / 1e6)
+                plain = t
                 prep()
                 henv = dict(env, CKPTAVG_CACHE=str(work / f"hash-cache-{rep}-{mode}"))
                 t, peak = run_measured(ckptavg, henv)
-                record(f"{mode} ckptavg+hash s", t)
                 record(f"{mode} ckptavg+hash/floor", t / floor)
-                print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, ckptavg {rows[f'{mode} ckptavg s'][-1]:.2f} s "
+                record(f"{mode} ckptavg+hash/ckptavg", t / plain)
+                record(f"{mode} ckptavg+hash peak RssAnon MB", peak / 1e6)
+                print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, ckptavg {plain:.2f} s "
                       f"(engine {manifest['seconds']:.2f} s), +hash {t:.2f} s", flush=True)
                 if args.mergekit:
                     prep()
@@ -229,24 +251,40 @@ def main() -> None:
                     t, peak = run_measured([args.mergekit, str(cfg), str(work / "mergekit-out"), "--quiet",
                                             "--no-copy-tokenizer", "--no-write-model-card", "--lazy-unpickle"], env)
                     shutil.rmtree(work / "mergekit-out", ignore_errors=True)
-                    record(f"{mode} mergekit s", t)
                     record(f"{mode} mergekit/floor", t / floor)
                     record(f"{mode} mergekit peak RssAnon MB", peak / 1e6)
-                    record(f"{mode} mergekit/ckptavg", t / rows[f"{mode} ckptavg s"][-1])
+                    record(f"{mode} mergekit/ckptavg", t / plain)
                     print(f"rep {rep + 1} {mode} mergekit: {t:.2f} s, peak RssAnon {peak / 1e9:.2f} GB", flush=True)
                 if rep < args.naive_reps and mode == "warm":
                     t, peak = run_measured([sys.executable, "-c", NAIVE, *map(str, files),
                                             str(work / "naive.safetensors")], env)
-                    record("warm naive s", t)
                     record("warm naive/floor", t / floor)
                     record("warm naive peak RssAnon MB", peak / 1e6)
                     print(f"rep {rep + 1} naive: {t:.2f} s, peak RssAnon {peak / 1e9:.2f} GB", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{'measure':34} {'min':>9} {'median':>9}  (n)")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--naive-reps", type=int, default=1)
+    ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--mergekit", help="path of a `mergekit-yaml` executable: also time mergekit's linear merge "
+                    "of the same inputs (pip install mergekit, ideally in its own venv)")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    rows: dict[str, list[float]] = {}
+    for case in cases:
+        bench_case(case, args, rows)
+    print(f"\n{'measure':40} {'min':>9} {'median':>9}  (n)")
     for key, values in rows.items():
-        print(f"{key:34} {min(values):9.2f} {statistics.median(values):9.2f}  ({len(values)})")
+        print(f"{key:40} {min(values):9.2f} {statistics.median(values):9.2f}  ({len(values)})")
 
 
 if __name__ == "__main__":
