@@ -83,42 +83,89 @@ def sample_fingerprint(path: str | os.PathLike) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
-def _compute(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def verify_blob(path: str | os.PathLike, expected: str) -> str:
     """The sha256 of a downloaded file, hashed once and remembered: huggingface_hub names a blob by
     the hash the server announced, not by the bytes that arrived, so only this proves them right.
     Returns the actual digest; a caller compares it with `expected` (the Hub's LFS listing)."""
-    key = _key(Path(path))
-    cached = _load().get(key)
+    cached = _load().get(_key(Path(path)))
     if cached:
         return cached
-    digest = _compute(Path(path))
-    if digest == expected:
-        _store(key, digest)  # a wrong one is deleted by the caller, never remembered
-    return digest
+    hasher = FileHasher(path)
+    if hasher.hexdigest() == expected:
+        hasher.remember()  # a wrong one is deleted by the caller, never remembered
+    return hasher.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> tuple[str, str]:
-    """(hex digest, where it came from), for the manifest. Sources: "computed" (hashed now), "cache"
-    (hashed before), "verified" (a Hub cache blob whose bytes ckptavg hashed when it fetched them),
-    "hub-blob" (a Hub cache blob's name, taken on trust: ckptavg did not download or check it)."""
+def known_sha256(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(hex digest, where it came from) when it is known without reading the file, else None. Sources:
+    "cache" (hashed before), "verified" (a Hub cache blob whose bytes ckptavg hashed when it fetched
+    them), "hub-blob" (a Hub cache blob's name, taken on trust: ckptavg did not download or check it)."""
     path = Path(path)
-    key = _key(path)
-    cached = _load().get(key)
+    cached = _load().get(_key(path))
     blob = hub_blob_sha256(path)
     if blob is not None:
         return (blob, "verified") if cached == blob else (blob, "hub-blob")
-    if cached:
-        return cached, "cache"
-    digest = _compute(path)
-    _store(key, digest)
-    return digest, "computed"
+    return (cached, "cache") if cached else None
+
+
+def file_sha256(path: str | os.PathLike) -> tuple[str, str]:
+    """(hex digest, where it came from), for the manifest: `known_sha256`'s, else "computed" (hashed
+    now, in a pass of its own, and remembered)."""
+    known = known_sha256(path)
+    if known is not None:
+        return known
+    hasher = FileHasher(path)
+    hasher.remember()
+    return hasher.hexdigest(), "computed"
+
+
+class FileHasher:
+    """The sha256 of one file, computed from the byte ranges a reader reads anyway, in any order.
+
+    Averaging reads every input once; hashing it in a pass of its own would read it twice. Ranges
+    that start at the running position are hashed from the reader's buffer; a range that starts
+    further on makes the hasher read the gap itself (a header, a tensor the reader skipped); one
+    that starts before it was hashed already; `hexdigest` reads whatever is left. So the digest is
+    the file's whatever the order of reads, and a file read front to back is read once. `remember`
+    caches the digest under the file's (path, size, mtime, inode) as they were when hashing began.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._key = _key(self.path)
+        self._sha = hashlib.sha256()
+        self._pos = 0
+        self._digest: str | None = None
+
+    def _read_to(self, end: int | None) -> None:
+        """Hash the file's own bytes from the running position up to `end` (None: to the end)."""
+        view = memoryview(bytearray(BLOCK if end is None else max(1, min(BLOCK, end - self._pos))))
+        with open(self.path, "rb", buffering=0) as f:
+            while end is None or self._pos < end:
+                want = len(view) if end is None else min(len(view), end - self._pos)
+                n = os.preadv(f.fileno(), [view[:want]], self._pos)
+                if n <= 0:
+                    if end is None:
+                        return
+                    raise OSError(f"{self.path}: file shrank while being hashed")
+                self._sha.update(view[:n])
+                self._pos += n
+
+    def update(self, offset: int, data: memoryview) -> None:
+        """The bytes at `offset` in the file, as just read from it."""
+        end = offset + len(data)
+        if end <= self._pos:
+            return
+        if offset > self._pos:
+            self._read_to(offset)
+        self._sha.update(data[self._pos - offset :])
+        self._pos = end
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._read_to(None)
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+    def remember(self) -> None:
+        _store(self._key, self.hexdigest())

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..hashing import file_sha256
+from ..hashing import file_sha256, known_sha256
 from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
@@ -122,18 +122,26 @@ def average_checkpoints(
     check_free_space(output.final.parent, plan.output_bytes)
     started = time.time()
     with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
-        files = sorted({f for c in checkpoints for f in c.files})
-        pending = {f: pool.submit(file_sha256, f) for f in files} if hash_inputs else {}
-        execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
-                     progress=progress(plan) if progress else None)
+        files = sorted({f for c in checkpoints for f in c.files}) if hash_inputs else []
+        hashes = {f: known for f in files if (known := known_sha256(f)) is not None}
+        # safetensors files are hashed from the bytes the engine reads; `.bin` files, which it reads
+        # through a memory map, in a pass of their own alongside it
+        streamed = {f for c in checkpoints if c.format == "safetensors" for f in c.files}
+        in_pass = [f for f in files if f not in hashes and f in streamed]
+        apart = {f: pool.submit(file_sha256, f) for f in files if f not in hashes and f not in in_pass}
+        hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
+                               progress=progress(plan) if progress else None, hash_files=in_pass)
         side = copy_side_files(checkpoints[-1].folder, output.path)
-        hashes = {f: fut.result() for f, fut in pending.items()} if hash_inputs else None
+        for f, hasher in hashers.items():
+            hasher.remember()
+            hashes[f] = (hasher.hexdigest(), "computed")
+        hashes.update((f, fut.result()) for f, fut in apart.items())
         manifest = Manifest(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             method=method or Method("weighted_average"),
             weights=plan.weights,
             normalized=normalize,
-            inputs=_describe_inputs(checkpoints, hashes, provenance, plan),
+            inputs=_describe_inputs(checkpoints, hashes if hash_inputs else None, provenance, plan),
             dtype_policy=DtypePolicy(
                 output=_dtype_name(out_dtype), accumulate=_dtype_name(accumulate),
                 not_averaged="copied from the newest input: non-float tensors and non-trained buffers; "

@@ -1,12 +1,14 @@
 """Execute an `AveragePlan`: read, accumulate and write, overlapped, in bounded memory.
 
-Three stages run at once, handing fixed-size pieces to each other through bounded queues:
-a reader thread copies each input's piece of a tensor into a pooled buffer (large
-sequential `pread`s), the calling thread accumulates the pieces in float32/float64 in
-cache-sized chunks and casts once to the output dtype, and a writer thread appends the
-result to the current output shard (or, for scoring without writing, to tensors in memory).
-File I/O and torch kernels release the GIL, so wall time tends to the slowest stage rather
-than the sum, and memory is the buffer pools: O(piece size x inputs), independent of model size.
+Stages run at once, handing fixed-size pieces to each other through bounded queues: a
+reader thread copies each input's piece of a tensor into a pooled buffer (large sequential
+`pread`s), the calling thread accumulates the pieces in float32/float64 in cache-sized chunks
+and casts once to the output dtype, a writer thread appends the result to the current output
+shard (or, for scoring without writing, to tensors in memory), and, when input files are to be
+hashed, a hashing thread feeds the same input buffers to their files' sha256 before they go back
+to the pool, so that no file is read twice. File I/O, torch kernels and hashlib release the GIL,
+so wall time tends to the slowest stage rather than the sum, and memory is the buffer pools:
+O(piece size x inputs), independent of model size.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CkptavgError
+from ..hashing import FileHasher
 from .plan import AveragePlan, TensorJob
 from .tensors import TensorReader
 from .writer import ShardFile, write_index
@@ -138,9 +141,10 @@ Sink = _FileSink | _MemorySink | _IntoSink
 
 class _Pipeline:
     def __init__(self, plan: AveragePlan, sink: Sink, device: torch.device,
-                 piece_elements: int, progress: Progress | None) -> None:
+                 piece_elements: int, progress: Progress | None, hash_files: Collection[Path] = ()) -> None:
         self.plan, self.sink, self.device = plan, sink, device
         self.progress = progress
+        self.hashers = {f: FileHasher(f) for f in hash_files}
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         wanted = getattr(sink, "wanted", None)
@@ -156,13 +160,15 @@ class _Pipeline:
         out_device = device if isinstance(sink, _IntoSink) else torch.device("cpu")
         self.in_pool: queue.Queue[torch.Tensor] = queue.Queue()
         self.out_pool: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(PIPELINE_DEPTH * n_in):
+        # hashing keeps input buffers a stage longer
+        for _ in range((PIPELINE_DEPTH + (2 if self.hashers else 0)) * n_in):
             self.in_pool.put(torch.empty(in_bytes, dtype=torch.uint8, pin_memory=pin))
         for _ in range(PIPELINE_DEPTH):
             self.out_pool.put(torch.empty(out_bytes, dtype=torch.uint8, device=out_device,
                                           pin_memory=pin and out_device.type == "cpu"))
         self.read_q: queue.Queue = queue.Queue(PIPELINE_DEPTH)
         self.write_q: queue.Queue = queue.Queue(PIPELINE_DEPTH)
+        self.hash_q: queue.Queue = queue.Queue(PIPELINE_DEPTH)
         chunk = piece_elements if device.type == "cuda" else min(CHUNK_ELEMENTS, piece_elements)
         self.acc = torch.empty(chunk, dtype=plan.accumulate, device=device)
         self.tmp = torch.empty(chunk, dtype=plan.accumulate, device=device)
@@ -222,6 +228,20 @@ class _Pipeline:
             if not done:
                 self.sink.abort()
 
+    def _hash(self) -> None:
+        """Feed each input buffer to its file's hasher, then give it back to the pool. Files read
+        through a memory map (`.bin`) are not fed: their hashers read them whole at the end."""
+        while (item := self._get(self.hash_q)) is not None:
+            p, bufs = item
+            for ref, buf in zip(p.job.sources, bufs, strict=True):
+                hasher = self.hashers.get(ref.file)
+                if hasher is not None and ref.offset is not None:
+                    size = ref.dtype.itemsize
+                    hasher.update(ref.offset + p.start * size, memoryview(buf.numpy())[: p.count * size])
+                self.in_pool.put(buf)
+        for hasher in self.hashers.values():
+            hasher.hexdigest()
+
     def _accumulate(self, views: Sequence[torch.Tensor], out: torch.Tensor) -> None:
         w, k = self.plan.weights, self.plan.mean_of
         n, step = out.numel(), self.acc.numel()
@@ -242,8 +262,9 @@ class _Pipeline:
             out[s:e].copy_(acc)  # the one cast to the output dtype (a synchronising copy on CUDA)
 
     def run(self) -> None:
+        stages = (self._read, self._write) + ((self._hash,) if self.hashers else ())
         threads = [threading.Thread(target=self._guard(f), daemon=True, name=f"ckptavg-{f.__name__}")
-                   for f in (self._read, self._write)]
+                   for f in stages]
         for t in threads:
             t.start()
         try:
@@ -255,11 +276,17 @@ class _Pipeline:
                     out.copy_(views[0])
                 else:
                     self._accumulate(views, out)
-                for b in bufs:
-                    self.in_pool.put(b)
+                if self.hashers:
+                    self._put(self.hash_q, (p, bufs))
+                else:
+                    for b in bufs:
+                        self.in_pool.put(b)
                 self._put(self.write_q, (p, out_buf))
             self._put(self.write_q, None)
-            threads[1].join()
+            if self.hashers:
+                self._put(self.hash_q, None)
+            for t in threads[1:]:
+                t.join()
         except _Stopped:
             pass
         except BaseException:
@@ -275,10 +302,15 @@ class _Pipeline:
 
 
 def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | torch.device = "cpu",
-                 piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None) -> None:
-    """Write the plan's shards (and index) into an existing folder."""
-    _Pipeline(plan, _FileSink(plan, Path(folder)), resolve_device(device), piece_elements, progress).run()
+                 piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None,
+                 hash_files: Collection[Path] = ()) -> dict[Path, FileHasher]:
+    """Write the plan's shards (and index) into an existing folder. Returns a finished hasher of each of
+    `hash_files` (input files), fed the bytes the reader read: each file is read once."""
+    pipeline = _Pipeline(plan, _FileSink(plan, Path(folder)), resolve_device(device), piece_elements, progress,
+                         hash_files)
+    pipeline.run()
     write_index(Path(folder), plan.shards)
+    return pipeline.hashers
 
 
 def execute_in_memory(plan: AveragePlan, device: torch.device, piece_elements: int = PIECE_ELEMENTS
