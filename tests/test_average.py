@@ -195,3 +195,19 @@ def test_in_memory_average_equals_the_written_one(ckpts, tmp_path):
     assert in_memory.keys() == written.keys()
     for name, t in written.items():
         assert in_memory[name].dtype == t.dtype and torch.equal(in_memory[name], t), name
+
+
+@pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2]])
+def test_arithmetic_threads_change_no_bit(ckpts, tmp_path, monkeypatch, weights):
+    """Slices of a piece averaged on several threads (as on a many-core machine, here forced with tiny
+    chunks) give exactly the single-threaded output, and the reference's."""
+    from ckptavg.engine import pipeline
+
+    inputs = ckpts("float16", "safetensors")
+    one = average_checkpoints(inputs, tmp_path / "one", weights=weights, device="cpu")
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 8)
+    many = average_checkpoints(inputs, tmp_path / "many", weights=weights, device="cpu")
+    got, ref = load_reference(many), load_reference(one)
+    assert all(torch.equal(got[name], t) for name, t in ref.items())
+    assert_matches(many, reference_average(inputs, weights), max_ulp=0 if weights is None else 1)
