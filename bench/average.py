@@ -240,6 +240,7 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                 prep()
                 henv = dict(env, CKPTAVG_CACHE=str(work / f"hash-cache-{rep}-{mode}"))
                 t, peak = run_measured(ckptavg, henv)
+                hashed = t
                 record(f"{mode} ckptavg+hash/floor", t / floor)
                 record(f"{mode} ckptavg+hash/ckptavg", t / plain)
                 record(f"{mode} ckptavg+hash peak RssAnon MB", peak / 1e6)
@@ -254,6 +255,7 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                     record(f"{mode} mergekit/floor", t / floor)
                     record(f"{mode} mergekit peak RssAnon MB", peak / 1e6)
                     record(f"{mode} mergekit/ckptavg", t / plain)
+                    record(f"{mode} mergekit/ckptavg+hash", t / hashed)
                     print(f"rep {rep + 1} {mode} mergekit: {t:.2f} s, peak RssAnon {peak / 1e9:.2f} GB", flush=True)
                 if rep < args.naive_reps and mode == "warm":
                     t, peak = run_measured([sys.executable, "-c", NAIVE, *map(str, files),

@@ -1,9 +1,10 @@
-"""Input sha256 computed from the bytes the averaging engine reads: right whatever the order of reads,
-and without reading the inputs a second time."""
+"""How the engine reads its inputs (mapped from the page cache, or read when they come from disk), and
+their sha256 computed from those same bytes: right whatever the order of reads, with no second read."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import struct
@@ -30,7 +31,7 @@ def test_file_hasher_is_right_whatever_ranges_it_is_fed(tmp_path, seed):
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(rng.randrange(0, 40)))})
-    ranges = list(zip(cuts, cuts[1:]))
+    ranges = list(itertools.pairwise(cuts))
     if seed % 2:
         rng.shuffle(ranges)
     ranges += [(a, min(len(data), a + rng.randrange(1, 5000))) for a, _ in rng.sample(ranges, len(ranges) // 3)]
@@ -103,3 +104,30 @@ def test_hashing_reads_no_input_twice(tmp_path, monkeypatch):
     assert read[True] - read[False] < 0.02 * in_bytes, read
     files = [r["files"][0] for r in json.loads((out / MANIFEST).read_text())["inputs"]]
     assert [f["sha256"] for f in files] == [sha256(f / "model.safetensors") for f in inputs]
+
+
+def test_reader_maps_cached_ranges_and_reads_ranges_that_come_from_disk(tmp_path, monkeypatch):
+    """A range that arrived at page-cache speed is mapped next time; one that did not is read into the
+    caller's buffer. Both give the file's bytes."""
+    from ckptavg.engine import tensors
+
+    t = torch.arange(1 << 20, dtype=torch.float32)
+    folder = write_checkpoint(tmp_path / "c", {"w": t}, "safetensors")
+    ref = tensors.open_checkpoint(folder).tensors["w"]
+    n = 1 << 19  # 2 MiB of float32: long enough to be timed
+    out = torch.empty(n * 4, dtype=torch.uint8)
+
+    def inside_out(x):
+        return out.data_ptr() <= x.data_ptr() < out.data_ptr() + out.numel()
+
+    with tensors.TensorReader(map_files=True) as reader:
+        monkeypatch.setattr(tensors, "PAGE_CACHE_SPEED", float("inf"))  # nothing counts as cached
+        first = reader.read(ref, 0, n, out)
+        assert not inside_out(first) and torch.equal(first, t[:n])  # mapped: no file was slow yet
+        second = reader.read(ref, n, n, out)
+        assert inside_out(second) and torch.equal(second, t[n:])  # the first came "from disk": read
+        monkeypatch.setattr(tensors, "PAGE_CACHE_SPEED", 0.0)  # everything counts as cached
+        reader.read(ref, 0, n, out)
+        assert not inside_out(reader.read(ref, n, n, out))  # mapped again
+    with tensors.TensorReader() as reader:
+        assert inside_out(reader.read(ref, 0, n, out))  # without map_files: always read

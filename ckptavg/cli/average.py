@@ -30,7 +30,8 @@ def average(
                                    "larger outputs are split, with a model.safetensors.index.json."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     hash_inputs: bool = typer.Option(True, "--hash/--no-hash", help="Record each input file's sha256 in "
-                                     "the manifest (cached per file; free for Hugging Face cache files)."),
+                                     "the manifest: computed from the bytes the average reads anyway, "
+                                     "cached per file, free for Hugging Face cache files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     arith: Arithmetic = None,
 ) -> None:
