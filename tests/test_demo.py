@@ -47,7 +47,8 @@ def test_demo_pipeline(tmp_path):
     text = " ".join(proc.stdout.split())
     assert "GPU hours of lawa-k2-nu10 on stdlib-heldout" in text and "steps ahead" in text
     assert "held-out bits_per_byte, lawa-k2-nu10 vs original" in text
-    assert 0 < json.loads((out / "demo.json").read_text())["seconds"] <= elapsed  # the run's own time, recorded
+    # the run's own time, recorded (rounded to 0.1 s, so up to 0.05 s above the true time)
+    assert 0 < json.loads((out / "demo.json").read_text())["seconds"] <= elapsed + 0.05
     # built once: a second run trains nothing and scores nothing again
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("trajectory present, reused") == 2
