@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from .atomic import write_text
+from .errors import CorruptCheckpointError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _lock = threading.Lock()
@@ -148,7 +149,7 @@ class FileHasher:
                 if n <= 0:
                     if end is None:
                         return
-                    raise OSError(f"{self.path}: file shrank while being hashed")
+                    raise CorruptCheckpointError(f"{self.path}: file shrank while being hashed")
                 self._sha.update(view[:n])
                 self._pos += n
 

@@ -127,8 +127,9 @@ def average_checkpoints(
         # safetensors files are hashed from the bytes the engine reads; `.bin` files, which it reads
         # through a memory map, in a pass of their own alongside it
         streamed = {f for c in checkpoints if c.format == "safetensors" for f in c.files}
-        in_pass = [f for f in files if f not in hashes and f in streamed]
-        apart = {f: pool.submit(file_sha256, f) for f in files if f not in hashes and f not in in_pass}
+        unknown = [f for f in files if f not in hashes]
+        in_pass = [f for f in unknown if f in streamed]
+        apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
         hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
                                progress=progress(plan) if progress else None, hash_files=in_pass)
         side = copy_side_files(checkpoints[-1].folder, output.path)

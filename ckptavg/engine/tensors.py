@@ -247,6 +247,10 @@ PAGE_CACHE_SPEED = 2e9
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
+def _shrank(ref: TensorRef) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{ref.file}: file shrank while reading {ref.name!r}")
+
+
 class TensorReader:
     """Fetches byte ranges of tensors, into caller-owned buffers or as views of the file.
 
@@ -293,7 +297,7 @@ class TensorReader:
                 while done < nbytes:
                     got = os.preadv(fd, [view[done:]], pos + done)
                     if got <= 0:
-                        raise CorruptCheckpointError(f"{ref.file}: file shrank while reading {ref.name!r}")
+                        raise _shrank(ref)
                     done += got
                 data = dst
             if self.map_files and nbytes >= MEASURED_BYTES:
@@ -310,15 +314,14 @@ class TensorReader:
     @staticmethod
     def _map(fd: int, pos: int, nbytes: int, ref: TensorRef) -> torch.Tensor:
         base = pos - pos % mmap.ALLOCATIONGRANULARITY
-        shrank = CorruptCheckpointError(f"{ref.file}: file shrank while reading {ref.name!r}")
         if os.fstat(fd).st_size < pos + nbytes:
-            raise shrank
+            raise _shrank(ref)
         mapping = mmap.mmap(fd, pos + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
         try:
             mapping.madvise(MADV_POPULATE_READ, 0, len(mapping))
         except OSError as e:
             if e.errno != errno.EINVAL:  # EFAULT: the file shrank since the check above
-                raise shrank from None
+                raise _shrank(ref) from None
             # a kernel before 5.14: the arithmetic takes the page faults instead
             mapping.madvise(mmap.MADV_WILLNEED, 0, len(mapping))
         return torch.frombuffer(mapping, dtype=torch.uint8, offset=pos - base, count=nbytes)
