@@ -10,13 +10,18 @@ is always complete.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import mmap
 import os
 import shutil
 import struct
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ..atomic import write_text
 from ..errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
@@ -27,6 +32,9 @@ from .plan import Shard, TensorJob
 from .tensors import DTYPE_NAMES
 
 SPACE_MARGIN = 64 * 1024 * 1024
+# Direct I/O moves whole blocks from aligned memory: 4096 covers 512-byte and 4K-sector devices.
+DIRECT_ALIGN = 4096
+STAGE_BYTES = 16 * 1024 * 1024  # per output file being written
 
 
 def safetensors_header(jobs: Sequence[TensorJob], metadata: dict[str, str] | None = None) -> bytes:
@@ -54,37 +62,97 @@ def fsync_dir(path: Path) -> None:
 
 
 class ShardFile:
-    """One output safetensors file, written front to back exactly once."""
+    """One output safetensors file, written front to back exactly once.
 
-    def __init__(self, path: Path, shard: Shard) -> None:
+    Written with direct I/O (O_DIRECT) where the filesystem takes it: writing 2 GB through the page
+    cache cost 2-6 s of kernel CPU here (copying into the cache, then dirty-page throttling), and the
+    fsync after it 1-2 s more; direct writes cost next to no CPU and leave fsync nothing to do. Direct
+    I/O wants aligned memory, offsets and lengths, so bytes are gathered in a page-aligned staging
+    buffer and go out in whole blocks; the last block is padded and the file then cut to its length.
+    Where O_DIRECT is refused (tmpfs, some network filesystems), the same writes go through the page
+    cache.
+    """
+
+    def __init__(self, path: Path, shard: Shard, *, direct: bool = True, stage_bytes: int = STAGE_BYTES) -> None:
         header = safetensors_header(shard.jobs)
         self.path = path
         self.expected = len(header) + shard.nbytes
-        self._f = open(path, "wb", buffering=0)
-        self.written = 0
+        self.written = 0  # bytes taken, staged or on disk
+        self._stage = mmap.mmap(-1, -(-stage_bytes // DIRECT_ALIGN) * DIRECT_ALIGN)  # page-aligned
+        self._staged = np.frombuffer(self._stage, dtype=np.uint8)
+        self._fill = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        try:
+            try:
+                self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+            except OSError as e:
+                if not self.direct or e.errno != errno.EINVAL:
+                    raise
+                self.direct = False  # the filesystem does not do direct I/O
+                self._fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            self._stage.close()
+            raise with_path(e, path) from None
         self.write(header)
 
-    def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
+    def write(self, data: memoryview | bytes | np.ndarray) -> None:
+        src = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        while src.size:
+            n = min(src.size, self._staged.size - self._fill)
+            np.copyto(self._staged[self._fill : self._fill + n], src[:n])  # releases the GIL, unlike a memoryview copy
+            self._fill += n
+            self.written += n
+            src = src[n:]
+            if self._fill == self._staged.size:
+                self._flush(self._fill)
+
+    def _flush(self, nbytes: int) -> None:
+        """Write the first `nbytes` of the staging buffer (a whole number of blocks when direct)."""
+        view = memoryview(self._stage)[:nbytes]
         try:
             while view:
-                n = self._f.write(view)
-                self.written += n
+                try:
+                    n = os.write(self._fd, view)
+                except OSError as e:
+                    if not self.direct or e.errno != errno.EINVAL:
+                        raise
+                    # a filesystem that opened with O_DIRECT but wants another alignment: go through the cache
+                    fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    self.direct = False
+                    continue
                 view = view[n:]
         except OSError as e:  # a write on a descriptor names no file: say which
             raise with_path(e, self.path) from None
+        finally:
+            view.release()
+        self._fill = 0
 
     def finish(self) -> None:
         if self.written != self.expected:
             raise RuntimeError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
         try:
-            os.fsync(self._f.fileno())
+            if self._fill:
+                tail = self._fill
+                if self.direct:  # whole blocks only: pad with zeros, then cut the file back to its length
+                    padded = -(-tail // DIRECT_ALIGN) * DIRECT_ALIGN
+                    self._staged[tail:padded] = 0
+                    self._flush(padded)
+                    os.ftruncate(self._fd, self.expected)
+                else:
+                    self._flush(tail)
+            os.fsync(self._fd)
         except OSError as e:
             raise with_path(e, self.path) from None
-        self._f.close()
+        self.abort()
 
     def abort(self) -> None:
-        self._f.close()
+        """Close the file (a finished one, or one an error left behind: its folder is deleted)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._staged = None  # the staging buffer's last view, before it can be unmapped
+        self._stage.close()
 
 
 def write_json(path: Path, obj: object) -> None:
