@@ -10,6 +10,9 @@ for each case and repetition, measures:
   +hash     the same with input sha256 computed (fresh hash cache): the manifest's default
   naive     load every file fully (safetensors.torch.load_file), sum in float32, save_file
   mergekit  with --mergekit PATH: `mergekit-yaml` linear merge of the same inputs (float16 output)
+  baseline  with --baseline DIR: the same two commands from another ckptavg checkout (an earlier commit:
+            `git worktree add /tmp/base HEAD~1`), so that a change is measured before and after in
+            the same repetitions
 
 Cases (--cases): `1b` (k=5 Pythia-1B-shaped checkpoints, 2.09 GB each), `1b-k10` (k=10 of them) and
 `12b` (k=5 checkpoints with Pythia-12B's embeddings, 50688 x 5120, and two of its 36 layers: 2.30 GB
@@ -19,6 +22,7 @@ taken in the same repetition; min and median over repetitions.
 Timings are noisy on shared machines: never put them in a test.
 
     python bench/average.py [--reps 3] [--cases 1b,12b,1b-k10] [--cold/--no-cold] [--naive-reps 1]
+                            [--mergekit PATH] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -160,9 +164,10 @@ def floor_write(path: Path, nbytes: int) -> float:
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Wall time and peak RssAnon (sampled every 5 ms from /proc) of a command."""
+    """Wall time and peak RssAnon (sampled every 5 ms from /proc) of a command. It runs in another folder:
+    the working folder comes first on the import path, and would shadow PYTHONPATH's ckptavg."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
     peak = 0
     status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
@@ -246,6 +251,19 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                 record(f"{mode} ckptavg+hash peak RssAnon MB", peak / 1e6)
                 print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, ckptavg {plain:.2f} s "
                       f"(engine {manifest['seconds']:.2f} s), +hash {t:.2f} s", flush=True)
+                if args.baseline:
+                    benv = dict(env, PYTHONPATH=str(args.baseline.resolve()))
+                    prep()
+                    t, peak = run_measured(ckptavg + ["--no-hash"], benv)
+                    record(f"{mode} baseline/floor", t / floor)
+                    record(f"{mode} ckptavg/baseline", plain / t)
+                    record(f"{mode} baseline peak RssAnon MB", peak / 1e6)
+                    base_plain = t
+                    prep()
+                    t, peak = run_measured(ckptavg, dict(benv, CKPTAVG_CACHE=str(work / f"hash-cache-b{rep}-{mode}")))
+                    record(f"{mode} baseline+hash/floor", t / floor)
+                    record(f"{mode} ckptavg+hash/baseline+hash", hashed / t)
+                    print(f"rep {rep + 1} {mode} baseline: {base_plain:.2f} s, +hash {t:.2f} s", flush=True)
                 if args.mergekit:
                     prep()
                     cfg = mergekit_config(folders, work / "mergekit.yml")
@@ -274,9 +292,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--naive-reps", type=int, default=1)
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--baseline", type=Path, help="another ckptavg checkout (its root folder) to time beside "
+                    "this one in every repetition: ratios of this one's time to its")
     ap.add_argument("--mergekit", help="path of a `mergekit-yaml` executable: also time mergekit's linear merge "
                     "of the same inputs (pip install mergekit, ideally in its own venv)")
     args = ap.parse_args()
+    args.data = args.data.resolve()
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
