@@ -218,7 +218,7 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
     work = Path(tempfile.mkdtemp(prefix="ckptavg-bench-", dir=args.data))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ckptavg = [sys.executable, "-m", "ckptavg", "average", *map(str, folders), "--out", str(work / "avg"),
-               "--force", "-q", "--device", "cpu"]
+               "--force", "-q", "--device", args.device]
     warm = in_bytes < mem_total() // 2
     modes = (["warm"] if warm else []) + (["cold"] if args.cold and os.geteuid() == 0 else [])
 
@@ -226,7 +226,8 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
         rows.setdefault(f"{case} {key}", []).append(value)
 
     print(f"\n{case}: {k} x {out_bytes / 1e9:.2f} GB float16 ({shape.name} shapes), {in_bytes / 1e9:.1f} GB in all; "
-          f"{os.cpu_count()} cores" + ("" if warm else "; no warm runs: the inputs do not fit in half the memory"),
+          f"{os.cpu_count()} cores, arithmetic on {args.device}"
+          + ("" if warm else "; no warm runs: the inputs do not fit in half the memory"),
           flush=True)
     try:
         for rep in range(args.reps):
@@ -292,6 +293,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--naive-reps", type=int, default=1)
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--device", default="cpu", help="ckptavg's --device (cuda: arithmetic on the GPU)")
     ap.add_argument("--baseline", type=Path, help="another ckptavg checkout (its root folder) to time beside "
                     "this one in every repetition: ratios of this one's time to its")
     ap.add_argument("--mergekit", help="path of a `mergekit-yaml` executable: also time mergekit's linear merge "

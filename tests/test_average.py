@@ -150,6 +150,26 @@ def test_cuda_matches_reference(ckpts, tmp_path):
     assert_matches(out16, reference_average(inputs16), max_ulp=1)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2]])
+def test_cuda_in_memory_and_into_device_tensors_equal_the_cpu_output(ckpts, tmp_path, weights):
+    """The scoring paths on a GPU (an in-memory average, and one streamed into tensors on the device, as a
+    resident model's parameters are) hold exactly the bytes the CPU writes: each add, multiply, divide
+    and cast is correctly rounded on both, and the engine never fuses them."""
+    from ckptavg.engine.average import average_in_memory, average_into, plan_in_memory
+
+    folders = ckpts("float16", "safetensors")
+    cpu = load_reference(average_checkpoints(folders, tmp_path / "cpu", weights=weights, device="cpu"))
+    in_memory = average_in_memory(folders, weights=weights, device="cuda", piece_elements=100)
+    destinations = {name: torch.empty(t.shape, dtype=t.dtype, device="cuda") for name, t in cpu.items()}
+    average_into(plan_in_memory(folders, weights=weights), destinations, device="cuda", piece_elements=100)
+    assert in_memory.keys() == cpu.keys() == destinations.keys()
+    for name, t in cpu.items():
+        assert torch.equal(in_memory[name], t), name
+        assert destinations[name].is_cuda and torch.equal(destinations[name].cpu(), t), name
+
 def test_hub_cache_files_take_their_sha256_from_the_blob_name(ckpts, tmp_path, monkeypatch):
     """In the Hugging Face cache a snapshot file links to blobs/<sha256>: no need to hash it again."""
     import hashlib
