@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
 import struct
 
@@ -107,28 +108,37 @@ def test_hashing_reads_no_input_twice(tmp_path, monkeypatch):
     assert [f["sha256"] for f in files] == [sha256(f / "model.safetensors") for f in inputs]
 
 
-def test_reader_maps_cached_ranges_and_reads_ranges_that_come_from_disk(tmp_path, monkeypatch):
-    """A range that arrived at page-cache speed is mapped next time; one that did not is read into the
-    caller's buffer. Both give the file's bytes."""
+def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
+    """A file in the page cache is mapped; from its first range that is not, a file is read into the
+    caller's buffer to the end, even where read-ahead has cached what follows. Both give its bytes."""
     from ckptavg.engine import tensors
 
     t = torch.arange(1 << 20, dtype=torch.float32)
     folder = write_checkpoint(tmp_path / "c", {"w": t}, "safetensors")
+    path = folder / "model.safetensors"
     ref = tensors.open_checkpoint(folder).tensors["w"]
-    n = 1 << 19  # 2 MiB of float32: long enough to be timed
+    n = 1 << 19
     out = torch.empty(n * 4, dtype=torch.uint8)
 
     def inside_out(x):
         return out.data_ptr() <= x.data_ptr() < out.data_ptr() + out.numel()
 
+    def evict():  # out of the page cache, as after a reboot (pages still mapped stay)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+    path.read_bytes()
     with tensors.TensorReader(map_files=True) as reader:
-        monkeypatch.setattr(tensors, "PAGE_CACHE_SPEED", float("inf"))  # nothing counts as cached
         first = reader.read(ref, 0, n, out)
-        assert not inside_out(first) and torch.equal(first, t[:n])  # mapped: no file was slow yet
+        assert not inside_out(first) and torch.equal(first, t[:n])  # cached: mapped
+        evict()
         second = reader.read(ref, n, n, out)
-        assert inside_out(second) and torch.equal(second, t[n:])  # the first came "from disk": read
-        monkeypatch.setattr(tensors, "PAGE_CACHE_SPEED", 0.0)  # everything counts as cached
-        reader.read(ref, 0, n, out)
-        assert not inside_out(reader.read(ref, n, n, out))  # mapped again
+        assert inside_out(second) and torch.equal(second, t[n:])  # from disk: read
+        path.read_bytes()
+        assert inside_out(reader.read(ref, 0, n, out))  # cached again, but this file is read to the end
+    with tensors.TensorReader(map_files=True) as reader:
+        assert not inside_out(reader.read(ref, n, n, out))  # the next average maps it again
     with tensors.TensorReader() as reader:
         assert inside_out(reader.read(ref, 0, n, out))  # without map_files: always read

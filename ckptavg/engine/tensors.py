@@ -15,7 +15,6 @@ import mmap
 import os
 import pickle
 import struct
-import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -239,12 +238,19 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
     return Checkpoint(path, fmt, tuple(files), tensors, label)
 
 
-# A range of at least MEASURED_BYTES that arrives faster than PAGE_CACHE_SPEED (bytes/s) came from the
-# page cache: disks here give under 1 GB/s, the page cache 3-8 GB/s read and 50+ GB/s mapped.
-MEASURED_BYTES = 1 << 20
-PAGE_CACHE_SPEED = 2e9
 # madvise(MADV_POPULATE_READ): Linux 5.14+, not named by Python's mmap module before 3.13
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def _cached(fd: int, pos: int, nbytes: int) -> bool:
+    """Whether the first and last bytes of a range are in the page cache (a read that may not wait for
+    the disk gets them). Any refusal (EAGAIN, a filesystem without RWF_NOWAIT, an error the real read
+    will report) counts as not cached: the range is then read, which is always right."""
+    probe = bytearray(1)
+    try:
+        return all(os.preadv(fd, [probe], at, os.RWF_NOWAIT) == 1 for at in (pos, pos + nbytes - 1))
+    except (OSError, AttributeError):  # AttributeError: no RWF_NOWAIT on this platform
+        return False
 
 
 def _shrank(ref: TensorRef) -> CorruptCheckpointError:
@@ -254,21 +260,24 @@ def _shrank(ref: TensorRef) -> CorruptCheckpointError:
 class TensorReader:
     """Fetches byte ranges of tensors, into caller-owned buffers or as views of the file.
 
-    With `map_files`, a safetensors range in the page cache is mapped (private, so torch may
+    With `map_files`, a safetensors file that is in the page cache is mapped (private, so torch may
     treat it as writable; it is never written, so no page is copied) and faulted in at once with
     MADV_POPULATE_READ, in the reader's thread: no copy out of the page cache, which measured 6-8x
-    less CPU than `pread`. But faulting pages in from disk is slower than one large read (k=10
-    cold inputs: 29-35 s mapped against 21-22 s read, same run), so each file is read the way its
-    last large range came fastest: mapped while it arrives at page-cache speed, read with
-    `os.preadv` into the caller's buffer while it comes from disk, and mapped again once a read
-    shows it cached. Without `map_files` (pinned buffers bound for a GPU) every range is read.
-    Either way one call per piece, sequential within each file. `.bin` storages are memory-mapped
-    by `torch.load`, so those are copied from the mapping.
+    less CPU than `pread`. A file that is not is read with `os.preadv` into the caller's buffer, from
+    its first range that had to wait for the disk to the end: mapping what the kernel's read-ahead
+    has just brought in cost the arithmetic twice the CPU of reading it (cold 1B-shaped k=5 inputs:
+    8-13 against 4.2-4.5 s, and 5-10% more wall time, same runs), and faulting pages in from disk is
+    slower than large reads. Whether a range is cached is asked of the kernel (a one-byte read of its
+    first and last bytes that may not wait, RWF_NOWAIT), not guessed from timings, so a reader thread
+    that lost its core for a moment never mistakes the page cache for a disk. Without `map_files`
+    (pinned buffers bound for a GPU) every range is read. Either way one call per piece, sequential
+    within each file. `.bin` storages are memory-mapped by `torch.load`, so those are copied from the
+    mapping.
     """
 
     def __init__(self, map_files: bool = False) -> None:
         self.map_files = map_files
-        self._from_disk: set[Path] = set()  # files whose last large range came at disk speed
+        self._from_disk: set[Path] = set()  # files with a range that was not in the page cache
         self._fds: dict[Path, int] = {}
         self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}
 
@@ -289,7 +298,9 @@ class TensorReader:
                 fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY)
             pos, done = ref.offset + start * ref.dtype.itemsize, 0
             mapped = self.map_files and nbytes and ref.file not in self._from_disk
-            began = time.perf_counter()
+            if mapped and not _cached(fd, pos, nbytes):
+                self._from_disk.add(ref.file)
+                mapped = False
             if mapped:
                 data = self._map(fd, pos, nbytes, ref)
             else:
@@ -300,9 +311,6 @@ class TensorReader:
                         raise _shrank(ref)
                     done += got
                 data = dst
-            if self.map_files and nbytes >= MEASURED_BYTES:
-                cached = nbytes / max(time.perf_counter() - began, 1e-9) >= PAGE_CACHE_SPEED
-                (self._from_disk.discard if cached else self._from_disk.add)(ref.file)
             return data.view(ref.dtype)
         sd = self._state_dicts.get(ref.file)
         if sd is None:
