@@ -70,8 +70,9 @@ class ShardFile:
     8.8-9.0 s (same runs, 2 cores); direct writes leave fsync next to nothing to do. Direct
     I/O wants aligned memory, offsets and lengths, so bytes are gathered in a page-aligned staging
     buffer and go out in whole blocks; the last block is padded and the file then cut to its length.
-    Where O_DIRECT is refused (tmpfs, some network filesystems), the same writes go through the page
-    cache.
+    Where O_DIRECT is refused (tmpfs before Linux 6.6, some network filesystems), the same writes go
+    through the page cache. A direct write leaves nothing in the page cache, so the inputs the next
+    window shares stay there, and whatever loads the output next (a scorer) reads it from disk.
     """
 
     def __init__(self, path: Path, shard: Shard, *, direct: bool = True, stage_bytes: int = STAGE_BYTES) -> None:
