@@ -265,11 +265,12 @@ class TensorReader:
     MADV_POPULATE_READ, in the reader's thread: no copy out of the page cache, which measured 6-8x
     less CPU than `pread`. A file that is not is read with `os.preadv` into the caller's buffer, from
     its first range that had to wait for the disk to the end: mapping what the kernel's read-ahead
-    has just brought in cost the arithmetic twice the CPU of reading it (cold 1B-shaped k=5 inputs:
-    8-13 against 4.2-4.5 s, and 5-10% more wall time, same runs), and faulting pages in from disk is
-    slower than large reads. Whether a range is cached is asked of the kernel (a one-byte read of its
-    first and last bytes that may not wait, RWF_NOWAIT), not guessed from timings, so a reader thread
-    that lost its core for a moment never mistakes the page cache for a disk. Without `map_files`
+    has just brought in cost the arithmetic up to three times the CPU of reading it (cold 1B-shaped
+    k=5 inputs: 8.8-21.7 against 5.4-6.8 s, and 1.05-2.06x the wall time, `bench/stages.py`), and
+    faulting pages in from disk is slower than large reads. Whether a range is cached is asked of the
+    kernel (a one-byte read of its first and last bytes that may not wait, RWF_NOWAIT), not guessed
+    from timings, so a reader thread that lost its core for a moment never mistakes the page cache
+    for a disk. Without `map_files`
     (pinned buffers bound for a GPU) every range is read. Either way one call per piece, sequential
     within each file. `.bin` storages are memory-mapped by `torch.load`, so those are copied from the
     mapping.
