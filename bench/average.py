@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,23 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
     def record(key: str, value: float) -> None:
         rows.setdefault(f"{case} {key}", []).append(value)
 
+    def commands(label: str, cmd_env: dict, mode: str, rep: int, floor: float,
+                 prep: Callable[[], object]) -> tuple[float, float, float]:
+        """One checkout's command without and with hashing: their wall times and the engine's seconds."""
+        prep()
+        plain, peak = run_measured(ckptavg + ["--no-hash"], cmd_env)
+        engine = json.loads((work / "avg" / "ckptavg.json").read_text())["seconds"]
+        record(f"{mode} {label}/floor", plain / floor)
+        record(f"{mode} {label} engine/floor", engine / floor)
+        record(f"{mode} {label} peak RssAnon MB", peak / 1e6)
+        prep()
+        cache = str(work / f"hash-cache-{label}-{rep}-{mode}")
+        hashed, peak = run_measured(ckptavg, dict(cmd_env, CKPTAVG_CACHE=cache))
+        record(f"{mode} {label}+hash/floor", hashed / floor)
+        record(f"{mode} {label}+hash/{label}", hashed / plain)
+        record(f"{mode} {label}+hash peak RssAnon MB", peak / 1e6)
+        return plain, hashed, engine
+
     print(f"\n{case}: {k} x {out_bytes / 1e9:.2f} GB float16 ({shape.name} shapes), {in_bytes / 1e9:.1f} GB in all; "
           f"{os.cpu_count()} cores, arithmetic on {args.device}"
           + ("" if warm else "; no warm runs: the inputs do not fit in half the memory"),
@@ -236,35 +254,15 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                 prep()
                 floor = floor_read(files) + floor_write(work / "floor.bin", out_bytes)
                 record(f"{mode} floor s", floor)
-                prep()
-                t, peak = run_measured(ckptavg + ["--no-hash"], env)
-                manifest = json.loads((work / "avg" / "ckptavg.json").read_text())
-                record(f"{mode} ckptavg/floor", t / floor)
-                record(f"{mode} ckptavg engine/floor", manifest["seconds"] / floor)
-                record(f"{mode} ckptavg peak RssAnon MB", peak / 1e6)
-                plain = t
-                prep()
-                henv = dict(env, CKPTAVG_CACHE=str(work / f"hash-cache-{rep}-{mode}"))
-                t, peak = run_measured(ckptavg, henv)
-                hashed = t
-                record(f"{mode} ckptavg+hash/floor", t / floor)
-                record(f"{mode} ckptavg+hash/ckptavg", t / plain)
-                record(f"{mode} ckptavg+hash peak RssAnon MB", peak / 1e6)
+                plain, hashed, engine = commands("ckptavg", env, mode, rep, floor, prep)
                 print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, ckptavg {plain:.2f} s "
-                      f"(engine {manifest['seconds']:.2f} s), +hash {t:.2f} s", flush=True)
+                      f"(engine {engine:.2f} s), +hash {hashed:.2f} s", flush=True)
                 if args.baseline:
                     benv = dict(env, PYTHONPATH=str(args.baseline.resolve()))
-                    prep()
-                    t, peak = run_measured(ckptavg + ["--no-hash"], benv)
-                    record(f"{mode} baseline/floor", t / floor)
-                    record(f"{mode} ckptavg/baseline", plain / t)
-                    record(f"{mode} baseline peak RssAnon MB", peak / 1e6)
-                    base_plain = t
-                    prep()
-                    t, peak = run_measured(ckptavg, dict(benv, CKPTAVG_CACHE=str(work / f"hash-cache-b{rep}-{mode}")))
-                    record(f"{mode} baseline+hash/floor", t / floor)
-                    record(f"{mode} ckptavg+hash/baseline+hash", hashed / t)
-                    print(f"rep {rep + 1} {mode} baseline: {base_plain:.2f} s, +hash {t:.2f} s", flush=True)
+                    base_plain, base_hashed, _ = commands("baseline", benv, mode, rep, floor, prep)
+                    record(f"{mode} ckptavg/baseline", plain / base_plain)
+                    record(f"{mode} ckptavg+hash/baseline+hash", hashed / base_hashed)
+                    print(f"rep {rep + 1} {mode} baseline: {base_plain:.2f} s, +hash {base_hashed:.2f} s", flush=True)
                 if args.mergekit:
                     prep()
                     cfg = mergekit_config(folders, work / "mergekit.yml")

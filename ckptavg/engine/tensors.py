@@ -240,16 +240,20 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
 
 # madvise(MADV_POPULATE_READ): Linux 5.14+, not named by Python's mmap module before 3.13
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+# preadv(..., RWF_NOWAIT): Linux 4.14+; without it no range counts as cached, and every range is read
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
 def _cached(fd: int, pos: int, nbytes: int) -> bool:
     """Whether the first and last bytes of a range are in the page cache (a read that may not wait for
     the disk gets them). Any refusal (EAGAIN, a filesystem without RWF_NOWAIT, an error the real read
     will report) counts as not cached: the range is then read, which is always right."""
+    if RWF_NOWAIT is None:
+        return False
     probe = bytearray(1)
     try:
-        return all(os.preadv(fd, [probe], at, os.RWF_NOWAIT) == 1 for at in (pos, pos + nbytes - 1))
-    except (OSError, AttributeError):  # AttributeError: no RWF_NOWAIT on this platform
+        return all(os.preadv(fd, [probe], at, RWF_NOWAIT) == 1 for at in (pos, pos + nbytes - 1))
+    except OSError:
         return False
 
 
@@ -270,10 +274,9 @@ class TensorReader:
     faulting pages in from disk is slower than large reads. Whether a range is cached is asked of the
     kernel (a one-byte read of its first and last bytes that may not wait, RWF_NOWAIT), not guessed
     from timings, so a reader thread that lost its core for a moment never mistakes the page cache
-    for a disk. Without `map_files`
-    (pinned buffers bound for a GPU) every range is read. Either way one call per piece, sequential
-    within each file. `.bin` storages are memory-mapped by `torch.load`, so those are copied from the
-    mapping.
+    for a disk. Without `map_files` (pinned buffers bound for a GPU) every range is read. Either way
+    one call per piece, sequential within each file. `.bin` storages are memory-mapped by
+    `torch.load`, so those are copied from the mapping.
     """
 
     def __init__(self, map_files: bool = False) -> None:

@@ -37,6 +37,11 @@ DIRECT_ALIGN = 4096
 STAGE_BYTES = 16 * 1024 * 1024  # per output file being written
 
 
+def _whole_blocks(nbytes: int) -> int:
+    """`nbytes` rounded up to whole direct-I/O blocks."""
+    return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
 def safetensors_header(jobs: Sequence[TensorJob], metadata: dict[str, str] | None = None) -> bytes:
     """The 8-byte length plus JSON header of a file holding `jobs` back to back, in order."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -80,7 +85,7 @@ class ShardFile:
         self.path = path
         self.expected = len(header) + shard.nbytes
         self.written = 0  # bytes taken, staged or on disk
-        self._stage = mmap.mmap(-1, -(-stage_bytes // DIRECT_ALIGN) * DIRECT_ALIGN)  # page-aligned
+        self._stage = mmap.mmap(-1, _whole_blocks(stage_bytes))  # page-aligned
         self._staged = np.frombuffer(self._stage, dtype=np.uint8)
         self._fill = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -137,7 +142,7 @@ class ShardFile:
             if self._fill:
                 tail = self._fill
                 if self.direct:  # whole blocks only: pad with zeros, then cut the file back to its length
-                    padded = -(-tail // DIRECT_ALIGN) * DIRECT_ALIGN
+                    padded = _whole_blocks(tail)
                     self._staged[tail:padded] = 0
                     self._flush(padded)
                     os.ftruncate(self._fd, self.expected)
