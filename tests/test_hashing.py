@@ -3,6 +3,8 @@ their sha256 computed from those same bytes: right whatever the order of reads, 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
@@ -14,8 +16,10 @@ import pytest
 import torch
 from conftest import assert_matches, pythia_state_dict, reference_average, write_checkpoint
 
+from ckptavg.engine import tensors
 from ckptavg.engine.average import average_checkpoints
 from ckptavg.engine.tensors import DTYPE_NAMES
+from ckptavg.errors import CorruptCheckpointError
 from ckptavg.hashing import FileHasher
 from ckptavg.manifest import MANIFEST
 
@@ -108,11 +112,25 @@ def test_hashing_reads_no_input_twice(tmp_path, monkeypatch):
     assert [f["sha256"] for f in files] == [sha256(f / "model.safetensors") for f in inputs]
 
 
+def evict(path) -> None:
+    """Out of the page cache, as after a reboot (pages still mapped stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def cached(path, pos: int, nbytes: int) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return tensors._cached(fd, pos, nbytes)
+    finally:
+        os.close(fd)
+
+
 def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
     """A file in the page cache is mapped; from its first range that is not, a file is read into the
     caller's buffer to the end, even where read-ahead has cached what follows. Both give its bytes."""
-    from ckptavg.engine import tensors
-
     t = torch.arange(1 << 20, dtype=torch.float32)
     folder = write_checkpoint(tmp_path / "c", {"w": t}, "safetensors")
     path = folder / "model.safetensors"
@@ -123,17 +141,11 @@ def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
     def inside_out(x):
         return out.data_ptr() <= x.data_ptr() < out.data_ptr() + out.numel()
 
-    def evict():  # out of the page cache, as after a reboot (pages still mapped stay)
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
     path.read_bytes()
     with tensors.TensorReader(map_files=True) as reader:
         first = reader.read(ref, 0, n, out)
         assert not inside_out(first) and torch.equal(first, t[:n])  # cached: mapped
-        evict()
+        evict(path)
         second = reader.read(ref, n, n, out)
         assert inside_out(second) and torch.equal(second, t[n:])  # from disk: read
         path.read_bytes()
@@ -142,3 +154,95 @@ def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
         assert not inside_out(reader.read(ref, n, n, out))  # the next average maps it again
     with tensors.TensorReader() as reader:
         assert inside_out(reader.read(ref, 0, n, out))  # without map_files: always read
+
+
+def _odd_file(tmp_path):
+    """A tensor whose data starts and ends off block boundaries (the file's length is no whole number of
+    4 KiB blocks), evicted from the page cache."""
+    t = torch.randn(1_000_003, generator=torch.Generator().manual_seed(3)).half()
+    folder = write_checkpoint(tmp_path / "c", {"w": t}, "safetensors")
+    path = folder / "model.safetensors"
+    ref = tensors.open_checkpoint(folder).tensors["w"]
+    assert ref.offset % tensors.DIRECT_ALIGN and path.stat().st_size % tensors.DIRECT_ALIGN
+    evict(path)
+    return t, path, ref
+
+
+@pytest.mark.parametrize("shift", [0, 1, 4095])
+def test_files_from_disk_are_read_direct_and_stay_out_of_the_page_cache(tmp_path, shift):
+    """Ranges at any offset, the last one ending inside the file's last block, into buffers at any
+    address: the bytes are the file's, and reading them left them out of the page cache (read-ahead
+    through the cache would have cached the ranges that follow)."""
+    t, path, ref = _odd_file(tmp_path)
+    n = 333_331
+    size = n * 2 + tensors.DIRECT_SLACK
+    out = torch.empty(size + shift, dtype=torch.uint8)[shift:]
+    with tensors.TensorReader(map_files=True) as reader:
+        for start in range(0, t.numel(), n):
+            got = reader.read(ref, start, min(n, t.numel() - start), out)
+            assert out.data_ptr() <= got.data_ptr() < out.data_ptr() + size
+            assert torch.equal(got, t[start : start + n])
+            later = ref.offset + (start + n) * 2
+            if later + 8192 < path.stat().st_size:
+                assert not cached(path, later, 8192)
+
+
+def test_direct_reads_refused_by_the_filesystem_go_through_the_page_cache(tmp_path, monkeypatch):
+    """Refused at open (EINVAL: tmpfs before Linux 6.6, some network filesystems) or at the first read (a
+    device that wants another alignment): the same bytes, read through the cache."""
+    t, path, ref = _odd_file(tmp_path)
+    out = torch.empty(t.numel() * 2 + tensors.DIRECT_SLACK, dtype=torch.uint8)
+    real_open, real_preadv = os.open, os.preadv
+
+    def refusing_open(file, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(file, flags, *a)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with tensors.TensorReader(map_files=True) as reader:
+        assert torch.equal(reader.read(ref, 0, t.numel(), out), t)
+    assert cached(path, ref.offset, ref.nbytes)
+    monkeypatch.setattr(os, "open", real_open)
+
+    evict(path)
+    refused = []
+
+    def refusing_preadv(fd, buffers, offset, *flags):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    with tensors.TensorReader(map_files=True) as reader:
+        assert torch.equal(reader.read(ref, 0, 1000, out), t[:1000])
+        assert torch.equal(reader.read(ref, 1000, t.numel() - 1000, out), t[1000:])
+    assert len(refused) == 1
+
+
+def test_a_file_that_shrinks_while_read_from_disk_is_named(tmp_path):
+    t, path, ref = _odd_file(tmp_path)
+    out = torch.empty(t.numel() * 2 + tensors.DIRECT_SLACK, dtype=torch.uint8)
+    os.truncate(path, path.stat().st_size - 5000)
+    with tensors.TensorReader(map_files=True) as reader, pytest.raises(CorruptCheckpointError, match="shrank"):
+        reader.read(ref, 0, t.numel(), out)
+
+
+def test_averages_of_inputs_from_disk_are_the_reference(tmp_path, monkeypatch):
+    """Every input out of the page cache, pieces that cut tensors off block boundaries, hashed: the
+    average and every recorded sha256 are right, and the inputs were read past the page cache."""
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(5)
+    inputs = [write_checkpoint(tmp_path / f"step{i}", {"a": torch.randn(1_000_003, generator=g).half(),
+                                                       "b": torch.randn(777, generator=g).half(),
+                                                       "c": torch.randn(1_500_001, generator=g).half()},
+                               "safetensors" if i % 2 else "safetensors-sharded") for i in range(3)]
+    files = [f for folder in inputs for f in sorted(folder.glob("*.safetensors"))]
+    for f in files:
+        evict(f)
+    out = average_checkpoints(inputs, tmp_path / "avg", device="cpu", piece_elements=99_999)
+    assert not cached(files[-1], files[-1].stat().st_size // 2, 8192)
+    assert_matches(out, reference_average(inputs), max_ulp=1)
+    recorded = [f["sha256"] for r in json.loads((out / MANIFEST).read_text())["inputs"] for f in r["files"]]
+    assert sorted(recorded) == sorted(sha256(f) for f in files)

@@ -2,9 +2,9 @@
 
 Stages run at once, handing fixed-size pieces to each other through bounded queues: a reader
 thread fetches each input's piece of a tensor (on a CPU mapped straight from the page cache, or
-read with one large `pread` into a pooled buffer: see `TensorReader`), arithmetic threads (half the
-cores) accumulate each piece's slices in float32/float64 in L2-sized chunks and cast once to the
-output dtype, a writer thread appends the result to the current output shard (or, for scoring
+read from disk with one large direct `pread` into a pooled buffer: see `TensorReader`), arithmetic
+threads (half the cores) accumulate each piece's slices in float32/float64 in L2-sized chunks and
+cast once to the output dtype, a writer thread appends the result to the current output shard (or, for scoring
 without writing, to tensors in memory), and, when input files are to be hashed, hashing threads
 (one per core at most, each owning some of the files) feed the same input bytes to their files'
 sha256 before the buffers go back to the pool, so that no file is read twice. File I/O, torch
@@ -27,7 +27,7 @@ import torch
 from ..errors import CkptavgError
 from ..hashing import FileHasher
 from .plan import AveragePlan, TensorJob
-from .tensors import TensorReader
+from .tensors import DIRECT_SLACK, TensorReader
 from .writer import ShardFile, write_index
 
 PIECE_ELEMENTS = 4 * 1024 * 1024  # per input per hand-off: 8 MB of fp16
@@ -166,7 +166,8 @@ class _Pipeline:
         piece_elements = max(1, min(piece_elements, max((j.numel for j in jobs), default=1)))
         self.pieces = [p for p in _pieces(plan, piece_elements) if wanted is None or p.job.name in wanted]
         n_in = max((len(j.sources) for j in jobs), default=1)
-        in_bytes = piece_elements * max((r.dtype.itemsize for j in jobs for r in j.sources), default=1)
+        # room for the reader to read from disk straight into the buffer (whole aligned blocks)
+        in_bytes = piece_elements * max((r.dtype.itemsize for j in jobs for r in j.sources), default=1) + DIRECT_SLACK
         out_bytes = piece_elements * max((j.out_dtype.itemsize for j in jobs), default=1)
         pin = device.type == "cuda"
         # results bound for tensors on the device stay there: no round trip through host memory

@@ -242,6 +242,11 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 # preadv(..., RWF_NOWAIT): Linux 4.14+; without it no range counts as cached, and every range is read
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+# Direct I/O moves whole blocks from aligned memory: 4096 covers 512-byte and 4K-sector devices.
+DIRECT_ALIGN = 4096
+# Spare bytes a buffer needs beyond a range's own for `TensorReader` to read it direct: the distance to
+# the buffer's first aligned byte, and the range's first and last blocks read whole.
+DIRECT_SLACK = 3 * DIRECT_ALIGN
 
 
 def _cached(fd: int, pos: int, nbytes: int) -> bool:
@@ -267,15 +272,21 @@ class TensorReader:
     With `map_files`, a safetensors file that is in the page cache is mapped (private, so torch may
     treat it as writable; it is never written, so no page is copied) and faulted in at once with
     MADV_POPULATE_READ, in the reader's thread: no copy out of the page cache, which measured 6-8x
-    less CPU than `pread`. A file that is not is read with `os.preadv` into the caller's buffer, from
-    its first range that had to wait for the disk to the end: mapping what the kernel's read-ahead
-    has just brought in cost the arithmetic up to three times the CPU of reading it (cold 1B-shaped
-    k=5 inputs: 8.8-21.7 against 5.4-6.8 s, and 1.05-2.06x the wall time, `bench/stages.py`), and
-    faulting pages in from disk is slower than large reads. Whether a range is cached is asked of the
-    kernel (a one-byte read of its first and last bytes that may not wait, RWF_NOWAIT), not guessed
-    from timings, so a reader thread that lost its core for a moment never mistakes the page cache
-    for a disk. Without `map_files` (pinned buffers bound for a GPU) every range is read. Either way
-    one call per piece, sequential within each file. `.bin` storages are memory-mapped by
+    less CPU than `pread`. Without it (pinned buffers bound for a GPU) a cached range is copied out of
+    the cache with `preadv`. Whether a range is cached is asked of the kernel (a one-byte read of its
+    first and last bytes that may not wait, RWF_NOWAIT), not guessed from timings, so a reader thread
+    that lost its core for a moment never mistakes the page cache for a disk.
+
+    A file with a range that was not cached is read from there to its end straight from the disk
+    into the caller's buffer (O_DIRECT, whole aligned blocks; `DIRECT_SLACK` spare bytes in the buffer
+    make room for the alignment), even where read-ahead has cached what follows. Mapping pages that
+    read-ahead had just brought in cost the arithmetic up to three times the CPU of reading them
+    (cold 1B-shaped k=5 inputs: 8.8-21.7 against 5.4-6.8 s, `bench/stages.py`), and reading through
+    the page cache at all cost the reader thread 25-27 s of CPU for those 10.5 GB against 0.8-1.0 s
+    direct, and the average 27-28 s of wall time against 9.7-10.7 s (hashed or not, same runs). It
+    also leaves a 12B model's 24 GB per checkpoint out of a cache they would only churn. A
+    filesystem that refuses direct I/O, or a buffer without the spare bytes, gets plain `preadv`.
+    Either way one call per piece, sequential within each file. `.bin` storages are memory-mapped by
     `torch.load`, so those are copied from the mapping.
     """
 
@@ -283,6 +294,7 @@ class TensorReader:
         self.map_files = map_files
         self._from_disk: set[Path] = set()  # files with a range that was not in the page cache
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int | None] = {}  # None: the filesystem refuses direct I/O
         self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}
 
     def read(self, ref: TensorRef, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
@@ -295,33 +307,73 @@ class TensorReader:
 
     def _read(self, ref: TensorRef, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
         nbytes = count * ref.dtype.itemsize
-        dst = out[:nbytes]
-        if ref.offset is not None:
-            fd = self._fds.get(ref.file)
-            if fd is None:
-                fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY)
-            pos, done = ref.offset + start * ref.dtype.itemsize, 0
-            mapped = self.map_files and nbytes and ref.file not in self._from_disk
-            if mapped and not _cached(fd, pos, nbytes):
-                self._from_disk.add(ref.file)
-                mapped = False
-            if mapped:
-                data = self._map(fd, pos, nbytes, ref)
-            else:
-                view = memoryview(dst.numpy())
-                while done < nbytes:
-                    got = os.preadv(fd, [view[done:]], pos + done)
-                    if got <= 0:
-                        raise _shrank(ref)
-                    done += got
-                data = dst
-            return data.view(ref.dtype)
-        sd = self._state_dicts.get(ref.file)
-        if sd is None:
-            sd = self._state_dicts[ref.file] = load_torch_bin(ref.file)
-        typed = dst.view(ref.dtype)
-        typed.copy_(sd[ref.name].reshape(-1)[start : start + count])
-        return typed
+        if ref.offset is None:
+            sd = self._state_dicts.get(ref.file)
+            if sd is None:
+                sd = self._state_dicts[ref.file] = load_torch_bin(ref.file)
+            typed = out[:nbytes].view(ref.dtype)
+            typed.copy_(sd[ref.name].reshape(-1)[start : start + count])
+            return typed
+        fd = self._fds.get(ref.file)
+        if fd is None:
+            fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY)
+        pos = ref.offset + start * ref.dtype.itemsize
+        if nbytes and ref.file not in self._from_disk and not _cached(fd, pos, nbytes):
+            self._from_disk.add(ref.file)
+        if ref.file in self._from_disk:
+            data = self._read_direct(ref, pos, nbytes, out)
+        elif self.map_files and nbytes:
+            data = self._map(fd, pos, nbytes, ref)
+        else:
+            data = self._pread(fd, pos, out[:nbytes], ref)
+        return data.view(ref.dtype)
+
+    @staticmethod
+    def _pread(fd: int, pos: int, dst: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+        """`dst` filled with the file's bytes from `pos`, through the page cache."""
+        view, done = memoryview(dst.numpy()), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise _shrank(ref)
+            done += got
+        return dst
+
+    def _direct_fd(self, file: Path) -> int | None:
+        if file not in self._direct_fds:
+            try:
+                self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+            except (OSError, AttributeError) as e:  # EINVAL: tmpfs before Linux 6.6, some network filesystems
+                if isinstance(e, OSError) and e.errno != errno.EINVAL:
+                    raise
+                self._direct_fds[file] = None
+        return self._direct_fds[file]
+
+    def _read_direct(self, ref: TensorRef, pos: int, nbytes: int, out: torch.Tensor) -> torch.Tensor:
+        """The range read from disk, not through the page cache: the whole blocks that hold it, into
+        the first aligned byte of `out`; the returned view starts where the range does."""
+        begin, end = pos - pos % DIRECT_ALIGN, pos + nbytes
+        shift = -out.data_ptr() % DIRECT_ALIGN
+        span = -(-end // DIRECT_ALIGN) * DIRECT_ALIGN - begin
+        fd = self._direct_fd(ref.file)
+        if fd is None or shift + span > out.numel():
+            return self._pread(self._fds[ref.file], pos, out[:nbytes], ref)
+        view, done = memoryview(out.numpy())[shift : shift + span], 0
+        while done < end - begin:  # the last block may end past the end of the file: a short read
+            try:
+                got = os.preadv(fd, [view[done:]], begin + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL or done:
+                    raise
+                # opened with O_DIRECT but wanting another alignment: through the page cache from now on
+                os.close(fd)
+                self._direct_fds[ref.file] = None
+                return self._pread(self._fds[ref.file], pos, out[:nbytes], ref)
+            if got <= 0 or (got % DIRECT_ALIGN and done + got < end - begin):
+                raise _shrank(ref)
+            done += got
+        first = shift + pos - begin
+        return out[first : first + nbytes]
 
     @staticmethod
     def _map(fd: int, pos: int, nbytes: int, ref: TensorRef) -> torch.Tensor:
@@ -339,9 +391,11 @@ class TensorReader:
         return torch.frombuffer(mapping, dtype=torch.uint8, offset=pos - base, count=nbytes)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
         self._state_dicts.clear()
 
     def __enter__(self) -> TensorReader:

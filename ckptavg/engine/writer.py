@@ -29,11 +29,9 @@ from ..formats import SAFETENSORS_INDEX, SIDE_FILES
 from ..layout import temporary_name, temporary_prefix
 from ..manifest import MANIFEST, Manifest, manifest_json
 from .plan import Shard, TensorJob
-from .tensors import DTYPE_NAMES
+from .tensors import DIRECT_ALIGN, DTYPE_NAMES
 
 SPACE_MARGIN = 64 * 1024 * 1024
-# Direct I/O moves whole blocks from aligned memory: 4096 covers 512-byte and 4K-sector devices.
-DIRECT_ALIGN = 4096
 STAGE_BYTES = 16 * 1024 * 1024  # per output file being written
 
 
