@@ -44,15 +44,12 @@ pipeline._Pipeline._guard, pipeline._Pipeline.run = timed_guard, timed_run
 if buffered:
     init = writer.ShardFile.__init__
     writer.ShardFile.__init__ = lambda self, path, shard, **kw: init(self, path, shard, **{**kw, "direct": False})
+sys.path.insert(0, sys.argv[5])  # this bench folder, whatever checkout PYTHONPATH names
+from average import drop_caches, floor_read
 if mode == "cold":
-    os.sync(); Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    drop_caches()
 else:
-    for f in folders:
-        for w in f.glob("*.safetensors"):
-            with open(w, "rb", buffering=0) as fh:
-                buf = bytearray(16 << 20)
-                while fh.readinto(buf):
-                    pass
+    floor_read([w for f in folders for w in f.glob("*.safetensors")])
 work = Path(tempfile.mkdtemp(dir=folders[0].parent.parent))
 os.environ["CKPTAVG_CACHE"] = str(work / "hash-cache")
 r0, t0, p0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time()
@@ -90,7 +87,7 @@ def main() -> None:
                 for root in roots:
                     # run outside any checkout: the working folder would shadow PYTHONPATH's ckptavg
                     r = subprocess.run([sys.executable, "-c", CHILD, ",".join(map(str, folders)), mode,
-                                        str(int(hashed)), str(int(args.buffered_writes))],
+                                        str(int(hashed)), str(int(args.buffered_writes)), str(ROOT / "bench")],
                                        env=dict(os.environ, PYTHONPATH=str(root)), cwd="/",
                                        capture_output=True, text=True)
                     line = r.stdout.strip().splitlines()[-1] if r.returncode == 0 else f"failed: {r.stderr[-500:]}"

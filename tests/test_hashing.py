@@ -14,7 +14,7 @@ import struct
 
 import pytest
 import torch
-from conftest import assert_matches, pythia_state_dict, reference_average, write_checkpoint
+from conftest import assert_matches, cli, pythia_state_dict, reference_average, write_checkpoint
 
 from ckptavg.engine import tensors
 from ckptavg.engine.average import average_checkpoints
@@ -126,6 +126,24 @@ def cached(path, pos: int, nbytes: int) -> bool:
         return tensors._cached(fd, pos, nbytes)
     finally:
         os.close(fd)
+
+
+def test_asking_whether_a_range_is_cached_reads_none_of_it(tmp_path):
+    """Every page must be cached for a range to count as cached, and asking brings none in: the ranges
+    of a file that the next average of a sliding window reads are not taken for cached because this one
+    asked about them."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(8 << 20))
+    evict(path)
+    for pos, n in [(0, 1), (5000, 1 << 20), ((8 << 20) - 10, 10)]:
+        assert not cached(path, pos, n) and not cached(path, pos, n)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: exactly these two MiB come in
+    os.pread(fd, 1 << 20, 1 << 20)
+    os.pread(fd, 1 << 20, 6 << 20)
+    os.close(fd)
+    assert cached(path, (1 << 20) + 100, 1000) and cached(path, 6 << 20, 1 << 20)
+    assert not cached(path, (2 << 20) - 100, (4 << 20) + 200)  # its first and last pages are, not all between
 
 
 def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
@@ -246,3 +264,24 @@ def test_averages_of_inputs_from_disk_are_the_reference(tmp_path, monkeypatch):
     assert_matches(out, reference_average(inputs), max_ulp=1)
     recorded = [f["sha256"] for r in json.loads((out / MANIFEST).read_text())["inputs"] for f in r["files"]]
     assert sorted(recorded) == sorted(sha256(f) for f in files)
+
+
+def test_a_sliding_window_reads_the_checkpoints_it_shares_through_the_page_cache(tmp_path):
+    """Windows {1, 2}, {2, 3}, {3, 4} over a cold trajectory: a checkpoint that a later window reads too
+    is read through the page cache, for that window to find it there; one that no later window reads is
+    read past it. The averages are the reference's either way."""
+    g = torch.Generator().manual_seed(11)
+    root = tmp_path / "run"
+    for step in (1, 2, 3, 4):
+        write_checkpoint(root / f"step{step}", {"w": torch.randn(8_000_003, generator=g).half()}, "safetensors")
+    files = {step: root / f"step{step}" / "model.safetensors" for step in (1, 2, 3, 4)}
+    for f in files.values():
+        evict(f)
+    r = cli("trajectory", root, "--k", 2, "--nu", 1, "--interval", 1, "--out", tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    # between the blocks the duplicate check samples (at eighths of each file)
+    assert {s: cached(f, f.stat().st_size * 5 // 16, 8192) for s, f in files.items()} == {
+        1: False, 2: True, 3: True, 4: False}
+    for step in (2, 3, 4):
+        out = tmp_path / "out" / "run" / "lawa-k2-nu1" / f"step{step}"
+        assert_matches(out, reference_average([root / f"step{step - 1}", root / f"step{step}"]), max_ulp=1)

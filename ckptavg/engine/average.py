@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,6 +63,17 @@ def average_into(plan: AveragePlan, destinations: dict[str, torch.Tensor], *, de
     execute_into(plan, destinations, resolve_device(device), piece_elements)
 
 
+def _worth_caching(files: Sequence[Path]) -> Sequence[Path]:
+    """`files` if they would still be in the page cache when read again (they fit in half the memory
+    the kernel calls available), else none: reading through a cache that evicts them only costs CPU."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split()
+        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+    except (OSError, ValueError):  # not Linux: no direct reads either (see TensorReader)
+        return files
+    return files if sum(f.stat().st_size for f in files) <= available // 2 else ()
+
+
 def _dtype_name(dtype: torch.dtype | None) -> str:
     return "auto (as stored in the newest input)" if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -103,6 +114,7 @@ def average_checkpoints(
     run: RunId | None = None,
     piece_elements: int = PIECE_ELEMENTS,
     progress: Callable[[AveragePlan], Progress | None] | None = None,
+    reread: Collection[int] = (),
 ) -> Path:
     """Average checkpoints (oldest first, newest last) into the Hugging Face model folder `out`.
 
@@ -110,8 +122,10 @@ def average_checkpoints(
     input. Tensors that are never averaged (non-float tensors, Pythia's non-trained buffers and
     names matching a `copy` pattern) may be absent from some inputs; the manifest says which.
     `method`, `provenance` (per input: where it came from, `InputRecord`'s trajectory fields)
-    and `run` (the trajectory run the output belongs to) go into the manifest. Returns the
-    output folder.
+    and `run` (the trajectory run the output belongs to) go into the manifest. `reread` (positions in
+    `inputs`) names the checkpoints that a later average will read again: where they fit in half the
+    memory available they are read through the page cache, for that average to find them there, while
+    the others are read past it. Returns the output folder.
     """
     output = OutputDir(out, force=force)
     output.check()
@@ -131,7 +145,8 @@ def average_checkpoints(
         in_pass = [f for f in unknown if f in streamed]
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
         hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
-                               progress=progress(plan) if progress else None, hash_files=in_pass)
+                               progress=progress(plan) if progress else None, hash_files=in_pass,
+                               keep_cached=_worth_caching([f for i in reread for f in checkpoints[i].files]))
         side = copy_side_files(checkpoints[-1].folder, output.path)
         for f, hasher in hashers.items():
             hasher.remember()

@@ -150,8 +150,10 @@ Sink = _FileSink | _MemorySink | _IntoSink
 
 class _Pipeline:
     def __init__(self, plan: AveragePlan, sink: Sink, device: torch.device,
-                 piece_elements: int, progress: Progress | None, hash_files: Collection[Path] = ()) -> None:
+                 piece_elements: int, progress: Progress | None, hash_files: Collection[Path] = (),
+                 keep_cached: Collection[Path] = ()) -> None:
         self.plan, self.sink, self.device = plan, sink, device
+        self.keep_cached = keep_cached
         self.progress = progress
         self.hashers = {f: FileHasher(f) for f in hash_files}
         # each file's bytes go to one thread, in order; files are dealt out to threads in turn
@@ -225,7 +227,7 @@ class _Pipeline:
     # -- stages -----------------------------------------------------------------------------
     def _read(self) -> None:
         # on a CPU the arithmetic reads the page cache in place; pinned buffers bound for a GPU are filled
-        with TensorReader(map_files=self.device.type == "cpu") as reader:
+        with TensorReader(map_files=self.device.type == "cpu", keep_cached=self.keep_cached) as reader:
             for p in self.pieces:
                 bufs = [self._get(self.in_pool) for _ in p.job.sources]
                 views = [reader.read(r, p.start, p.count, b) for r, b in zip(p.job.sources, bufs, strict=True)]
@@ -352,11 +354,12 @@ class _Pipeline:
 
 def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | torch.device = "cpu",
                  piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None,
-                 hash_files: Collection[Path] = ()) -> dict[Path, FileHasher]:
+                 hash_files: Collection[Path] = (), keep_cached: Collection[Path] = ()) -> dict[Path, FileHasher]:
     """Write the plan's shards (and index) into an existing folder. Returns a finished hasher of each of
-    `hash_files` (input files), fed the bytes the reader read: each file is read once."""
+    `hash_files` (input files), fed the bytes the reader read: each file is read once. `keep_cached`
+    input files are read through the page cache even from disk (see `TensorReader`)."""
     pipeline = _Pipeline(plan, _FileSink(plan, Path(folder)), resolve_device(device), piece_elements, progress,
-                         hash_files)
+                         hash_files, keep_cached)
     pipeline.run()
     write_index(Path(folder), plan.shards)
     return pipeline.hashers

@@ -152,6 +152,9 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     """
     on_disk: dict[int, Path] = {}
     written = []
+    # the steps each window shares with a later one: read through the page cache for it to find them
+    averages = [plan.todo[a.window].window.members for a in plan.fetch.actions if a.kind == "average"]
+    shared = [set(members) & {s for later in averages[i + 1 :] for s in later} for i, members in enumerate(averages)]
     log = _RunLog(plan.log_dir if in_memory is None else None, source)
     if not keep_downloads:
         for commit in source.evict_leftovers(set(steps_of([j.window for j in plan.todo]))):
@@ -172,7 +175,7 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
             if in_memory is not None:
                 in_memory(job, folders)
             else:
-                written_to = _average(source, job, folders, force, bars, average_kwargs)
+                written_to = _average(source, job, folders, force, bars, shared.pop(0), average_kwargs)
                 written.append(written_to)
                 if on_window is not None:
                     on_window(job, written_to)
@@ -181,7 +184,8 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     return written
 
 
-def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, average_kwargs: dict) -> Path:
+def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, shared: set[int],
+             average_kwargs: dict) -> Path:
     from ..engine.average import average_checkpoints
     from ..engine.tensors import open_checkpoint
 
@@ -191,7 +195,8 @@ def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, a
         inputs = [open_checkpoint(f, label=source.label(s)) for s, f in zip(w.members, folders, strict=True)]
         return average_checkpoints(inputs, job.out_dir, weights=w.weights, normalize=False, force=force,
                                    method=job.spec.record(w), progress=progress,
-                                   provenance=[source.describe(s) for s in w.members], run=job.run, **average_kwargs)
+                                   provenance=[source.describe(s) for s in w.members], run=job.run,
+                                   reread=[i for i, s in enumerate(w.members) if s in shared], **average_kwargs)
     except MismatchError as e:
         raise MismatchError(f"window at step {w.step}: {e}") from None
 
