@@ -205,6 +205,19 @@ def test_files_from_disk_are_read_direct_and_stay_out_of_the_page_cache(tmp_path
                 assert not cached(path, later, 8192)
 
 
+def test_files_kept_for_a_later_average_are_read_through_the_page_cache(tmp_path):
+    """Read into the buffer (not mapped, which would fault the file in from disk page by page), and
+    left in the page cache for the average that reads them next."""
+    t, path, ref = _odd_file(tmp_path)
+    out = torch.empty(t.numel() * 2 + tensors.DIRECT_SLACK, dtype=torch.uint8)
+    with tensors.TensorReader(map_files=True, keep_cached=[path]) as reader:
+        for start in range(0, t.numel(), 300_000):
+            got = reader.read(ref, start, min(300_000, t.numel() - start), out)
+            assert out.data_ptr() <= got.data_ptr() < out.data_ptr() + out.numel()
+            assert torch.equal(got, t[start : start + 300_000])
+    assert cached(path, ref.offset, ref.nbytes)
+
+
 def test_direct_reads_refused_by_the_filesystem_go_through_the_page_cache(tmp_path, monkeypatch):
     """Refused at open (EINVAL: tmpfs before Linux 6.6, some network filesystems) or at the first read (a
     device that wants another alignment): the same bytes, read through the cache."""

@@ -342,11 +342,12 @@ class TensorReader:
         pos = ref.offset + start * ref.dtype.itemsize
         if nbytes and ref.file not in self._from_disk and not _cached(fd, pos, nbytes):
             self._from_disk.add(ref.file)
-        if ref.file in self._from_disk and ref.file not in self.keep_cached:
+        from_disk = ref.file in self._from_disk
+        if from_disk and ref.file not in self.keep_cached:
             data = self._read_direct(ref, pos, nbytes, out)
-        elif self.map_files and nbytes:
+        elif self.map_files and nbytes and not from_disk:
             data = self._map(fd, pos, nbytes, ref)
-        else:
+        else:  # cached, bound for a GPU; or from disk and kept in the cache for a later average
             data = self._pread(fd, pos, out[:nbytes], ref)
         return data.view(ref.dtype)
 
