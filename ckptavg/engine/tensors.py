@@ -301,12 +301,13 @@ class TensorReader:
     read-ahead had just brought in cost the arithmetic up to three times the CPU of reading them
     (cold 1B-shaped k=5 inputs: 8.8-21.7 against 5.4-6.8 s, `bench/stages.py`), and reading through
     the page cache at all cost the reader thread 25-27 s of CPU for those 10.5 GB against 0.8-1.0 s
-    direct, and the average 27-28 s of wall time against 9.7-10.7 s (hashed or not, same runs). It
-    also leaves a 12B model's 24 GB per checkpoint out of a cache they would only churn. A
-    filesystem that refuses direct I/O, or a buffer without the spare bytes, gets plain `preadv`, and
-    so do `keep_cached` files: a later average reads them again (a sliding window's shared
-    checkpoints), and finding them in the page cache beats reading them twice from disk (six k=5
-    windows 1000 steps apart, `bench/window.sh`: 119 s direct against 59 s through the cache).
+    direct, and the average 27-29 s of wall time against 9.7-10.7 s in three runs of four (20.8 s in
+    the first; hashed or not, alternated). It also leaves a 12B model's 24 GB per checkpoint out of a
+    cache they would only churn. A filesystem that refuses direct I/O, or a buffer without the spare
+    bytes, gets plain `preadv`, and so do `keep_cached` files: a later average reads them again (a
+    sliding window's shared checkpoints), and finding them in the page cache beats reading them again
+    from disk (six k=5 windows 1000 steps apart, `bench/window.sh`: 51-53 s against 67-69 s with
+    every file direct).
     Either way one call per piece, sequential within each file. `.bin` storages are memory-mapped by
     `torch.load`, so those are copied from the mapping.
     """

@@ -152,14 +152,18 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     """
     on_disk: dict[int, Path] = {}
     written = []
-    # the steps each window shares with a later one: read through the page cache for it to find them
-    averages = [plan.todo[a.window].window.members for a in plan.fetch.actions if a.kind == "average"]
-    shared = [set(members) & {s for later in averages[i + 1 :] for s in later} for i, members in enumerate(averages)]
+    # by action: the steps its window shares with a later window, read through the page cache for that one
+    shared: dict[int, set[int]] = {}
+    later: set[int] = set()
+    for i in reversed(range(len(plan.fetch.actions))):
+        if plan.fetch.actions[i].kind == "average":
+            members = set(plan.todo[plan.fetch.actions[i].window].window.members)
+            shared[i], later = members & later, later | members
     log = _RunLog(plan.log_dir if in_memory is None else None, source)
     if not keep_downloads:
         for commit in source.evict_leftovers(set(steps_of([j.window for j in plan.todo]))):
             log.write("evict-leftover", None, revision=commit)
-    for action in plan.fetch.actions:
+    for i, action in enumerate(plan.fetch.actions):
         job = plan.todo[action.window] if action.kind == "average" else None
         if action.kind == "fetch":
             on_disk[action.step] = source.fetch(action.step)
@@ -175,7 +179,7 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
             if in_memory is not None:
                 in_memory(job, folders)
             else:
-                written_to = _average(source, job, folders, force, bars, shared.pop(0), average_kwargs)
+                written_to = _average(source, job, folders, force, bars, shared[i], average_kwargs)
                 written.append(written_to)
                 if on_window is not None:
                     on_window(job, written_to)
