@@ -298,3 +298,15 @@ def test_a_sliding_window_reads_the_checkpoints_it_shares_through_the_page_cache
     for step in (2, 3, 4):
         out = tmp_path / "out" / "run" / "lawa-k2-nu1" / f"step{step}"
         assert_matches(out, reference_average([root / f"step{step - 1}", root / f"step{step}"]), max_ulp=1)
+
+
+def test_shared_checkpoints_are_kept_in_the_cache_only_where_they_fit(tmp_path):
+    """In half the memory available (default: the kernel's MemAvailable); else they are read past it."""
+    from ckptavg.engine.average import _worth_caching
+
+    files = [tmp_path / "a", tmp_path / "b"]
+    for f, n in zip(files, (3000, 1000), strict=True):
+        f.write_bytes(b"x" * n)
+    assert list(_worth_caching(files, available=8000)) == files
+    assert list(_worth_caching(files, available=7999)) == []
+    assert list(_worth_caching(files)) == files  # 4 kB fit in any machine's memory

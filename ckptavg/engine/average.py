@@ -63,14 +63,16 @@ def average_into(plan: AveragePlan, destinations: dict[str, torch.Tensor], *, de
     execute_into(plan, destinations, resolve_device(device), piece_elements)
 
 
-def _worth_caching(files: Sequence[Path]) -> Sequence[Path]:
-    """`files` if they would still be in the page cache when read again (they fit in half the memory
-    the kernel calls available), else none: reading through a cache that evicts them only costs CPU."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text().split()
-        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
-    except (OSError, ValueError):  # not Linux: no direct reads either (see TensorReader)
-        return files
+def _worth_caching(files: Sequence[Path], available: int | None = None) -> Sequence[Path]:
+    """`files` if they would still be in the page cache when read again (they fit in half of
+    `available`, by default the memory the kernel calls available), else none: reading through a
+    cache that evicts them before they are read again only costs CPU."""
+    if available is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text().split()
+            available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+        except (OSError, ValueError):  # not Linux: no direct reads either (see TensorReader)
+            return files
     return files if sum(f.stat().st_size for f in files) <= available // 2 else ()
 
 
