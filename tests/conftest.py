@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -236,3 +237,25 @@ def char_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    unk_token="<unk>")
+
+
+def o_direct_set(fd: int) -> bool:
+    """Whether a file descriptor is open for direct I/O, as the kernel reports it."""
+    flags = next(line for line in open(f"/proc/self/fdinfo/{fd}") if line.startswith("flags:"))
+    return bool(int(flags.split()[1], 8) & os.O_DIRECT)
+
+
+def refuse_direct_io(monkeypatch, call: str) -> list[int]:
+    """Make `os.<call>` ("open", or a read or write call taking a file descriptor first) answer EINVAL where
+    it would open or use a file with O_DIRECT, as tmpfs before Linux 6.6, some network filesystems and
+    devices that want another alignment answer. Returns the descriptors refused (empty for "open")."""
+    real, refused = getattr(os, call), []
+
+    def refusing(*args, **kw):
+        if (args[1] & os.O_DIRECT) if call == "open" else o_direct_set(args[0]):
+            refused.append(args[0])
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(os, call, refusing)
+    return refused

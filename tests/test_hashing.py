@@ -3,8 +3,6 @@ their sha256 computed from those same bytes: right whatever the order of reads, 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import itertools
 import json
@@ -14,7 +12,14 @@ import struct
 
 import pytest
 import torch
-from conftest import assert_matches, cli, pythia_state_dict, reference_average, write_checkpoint
+from conftest import (
+    assert_matches,
+    cli,
+    pythia_state_dict,
+    reference_average,
+    refuse_direct_io,
+    write_checkpoint,
+)
 
 from ckptavg.engine import tensors
 from ckptavg.engine.average import average_checkpoints
@@ -223,29 +228,14 @@ def test_direct_reads_refused_by_the_filesystem_go_through_the_page_cache(tmp_pa
     device that wants another alignment): the same bytes, read through the cache."""
     t, path, ref = _odd_file(tmp_path)
     out = torch.empty(t.numel() * 2 + tensors.DIRECT_SLACK, dtype=torch.uint8)
-    real_open, real_preadv = os.open, os.preadv
-
-    def refusing_open(file, flags, *a):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(file, flags, *a)
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    refuse_direct_io(monkeypatch, "open")
     with tensors.TensorReader(map_files=True) as reader:
         assert torch.equal(reader.read(ref, 0, t.numel(), out), t)
     assert cached(path, ref.offset, ref.nbytes)
-    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.undo()
 
     evict(path)
-    refused = []
-
-    def refusing_preadv(fd, buffers, offset, *flags):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refused.append(fd)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_preadv(fd, buffers, offset, *flags)
-
-    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    refused = refuse_direct_io(monkeypatch, "preadv")
     with tensors.TensorReader(map_files=True) as reader:
         assert torch.equal(reader.read(ref, 0, 1000, out), t[:1000])
         assert torch.equal(reader.read(ref, 1000, t.numel() - 1000, out), t[1000:])

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import o_direct_set, refuse_direct_io
 from safetensors.torch import load_file
 
 from ckptavg.engine import writer
@@ -60,11 +61,6 @@ def _takes_o_direct(folder) -> bool:
         return False
 
 
-def _o_direct_set(fd: int) -> bool:
-    flags = next(line for line in open(f"/proc/self/fdinfo/{fd}") if line.startswith("flags:"))
-    return bool(int(flags.split()[1], 8) & os.O_DIRECT)
-
-
 @pytest.mark.parametrize("sizes", [(3, 5000, 1), (4096,), (1024, 1024, 1024, 1023), (70_001, 17), "aligned"])
 @pytest.mark.parametrize("direct", [True, False])
 def test_shard_bytes_are_the_header_and_the_tensors(tmp_path, sizes, direct):
@@ -86,7 +82,7 @@ def test_direct_io_is_really_used(tmp_path):
     sd = {"w": torch.arange(10_000, dtype=torch.float32)}
     f = writer.ShardFile(tmp_path / "x.safetensors", _shard(sd))
     try:
-        assert f.direct and _o_direct_set(f._fd)
+        assert f.direct and o_direct_set(f._fd)
     finally:
         f.abort()
 
@@ -95,27 +91,12 @@ def test_filesystems_that_refuse_direct_io_get_buffered_writes(tmp_path, monkeyp
     """Refused at open (EINVAL, as tmpfs before Linux 6.6 and some network filesystems answer) or at the
     first write (a device that wants another alignment): the same bytes go through the page cache."""
     sd = {"a": torch.randn(3000).half(), "b": torch.randn(777)}
-    real_open, real_write = os.open, os.write
-
-    def refusing_open(path, flags, *a):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    refuse_direct_io(monkeypatch, "open")
     f = _write(tmp_path / "open.safetensors", sd, pieces=512, stage_bytes=writer.DIRECT_ALIGN)
     assert not f.direct and (tmp_path / "open.safetensors").read_bytes() == _expected(sd)
-    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.undo()
 
-    refused = []
-
-    def refusing_write(fd, data):
-        if _o_direct_set(fd):
-            refused.append(fd)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", refusing_write)
+    refused = refuse_direct_io(monkeypatch, "write")
     f = _write(tmp_path / "write.safetensors", sd, pieces=512, stage_bytes=writer.DIRECT_ALIGN)
     assert refused and not f.direct and (tmp_path / "write.safetensors").read_bytes() == _expected(sd)
 
