@@ -157,11 +157,12 @@ def hub_cli(hub, home: Path, *args: str, offline: bool = False, endpoint: str | 
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def assert_matches(out_dir, reference, max_ulp: int, accumulate=torch.float32):
-    """Every float within `max_ulp` of the float64 reference; where inputs cancel to about zero,
-    within the accumulation dtype's rounding error of sum |w_i x_i| instead (0 slack for float64)."""
+def assert_matches(out, reference, max_ulp: int, accumulate=torch.float32):
+    """Every float of `out` (an output folder, or a state dict made in memory) within `max_ulp` of the
+    float64 reference; where inputs cancel to about zero, within the accumulation dtype's rounding
+    error of sum |w_i x_i| instead (0 slack for float64)."""
     ref, scale = reference
-    got = load_reference(out_dir)
+    got = out if isinstance(out, dict) else load_reference(out)
     assert set(got) == set(ref)
     slack = 0.0 if accumulate == torch.float64 else 4 * torch.finfo(accumulate).eps
     for name, r in ref.items():

@@ -22,11 +22,13 @@ from conftest import (
 )
 
 from ckptavg.engine import tensors
-from ckptavg.engine.average import average_checkpoints
+from ckptavg.engine.average import average_checkpoints, average_in_memory
 from ckptavg.engine.tensors import DTYPE_NAMES
 from ckptavg.errors import CorruptCheckpointError
 from ckptavg.hashing import FileHasher
 from ckptavg.manifest import MANIFEST
+from ckptavg.trajectory.run import RunSpec, execute_run, plan_run
+from ckptavg.trajectory.sources import LocalTrajectory
 
 
 def sha256(path) -> str:
@@ -269,10 +271,12 @@ def test_averages_of_inputs_from_disk_are_the_reference(tmp_path, monkeypatch):
     assert sorted(recorded) == sorted(sha256(f) for f in files)
 
 
-def test_a_sliding_window_reads_the_checkpoints_it_shares_through_the_page_cache(tmp_path):
+@pytest.mark.parametrize("in_memory", [False, True], ids=["written", "in-memory"])
+def test_a_sliding_window_reads_the_checkpoints_it_shares_through_the_page_cache(tmp_path, in_memory):
     """Windows {1, 2}, {2, 3}, {3, 4} over a cold trajectory: a checkpoint that a later window reads too
     is read through the page cache, for that window to find it there; one that no later window reads is
-    read past it. The averages are the reference's either way."""
+    read past it. The averages are the reference's either way, written or made in memory (as a study
+    that scores as it goes makes them)."""
     g = torch.Generator().manual_seed(11)
     root = tmp_path / "run"
     for step in (1, 2, 3, 4):
@@ -280,19 +284,29 @@ def test_a_sliding_window_reads_the_checkpoints_it_shares_through_the_page_cache
     files = {step: root / f"step{step}" / "model.safetensors" for step in (1, 2, 3, 4)}
     for f in files.values():
         evict(f)
-    r = cli("trajectory", root, "--k", 2, "--nu", 1, "--interval", 1, "--out", tmp_path / "out", "-q")
-    assert r.exit_code == 0, r.output
+    if in_memory:
+        source, made = LocalTrajectory(root), {}
+
+        def average(job, folders, reread):
+            made[job.window.step] = average_in_memory(folders, weights=job.window.weights, device="cpu",
+                                                      reread=reread)
+
+        execute_run(source, plan_run(source, RunSpec("lawa", 2, 1, 1, 2, 4), tmp_path / "out"), in_memory=average)
+    else:
+        r = cli("trajectory", root, "--k", 2, "--nu", 1, "--interval", 1, "--out", tmp_path / "out", "-q")
+        assert r.exit_code == 0, r.output
+        made = {step: tmp_path / "out" / "run" / "lawa-k2-nu1" / f"step{step}" for step in (2, 3, 4)}
     # between the blocks the duplicate check samples (at eighths of each file)
     assert {s: cached(f, f.stat().st_size * 5 // 16, 8192) for s, f in files.items()} == {
         1: False, 2: True, 3: True, 4: False}
-    for step in (2, 3, 4):
-        out = tmp_path / "out" / "run" / "lawa-k2-nu1" / f"step{step}"
+    assert sorted(made) == [2, 3, 4]
+    for step, out in made.items():
         assert_matches(out, reference_average([root / f"step{step - 1}", root / f"step{step}"]), max_ulp=1)
 
 
 def test_shared_checkpoints_are_kept_in_the_cache_only_where_they_fit(tmp_path):
     """In half the memory available (default: the kernel's MemAvailable); else they are read past it."""
-    from ckptavg.engine.average import _worth_caching
+    from ckptavg.engine.pipeline import _worth_caching
 
     files = [tmp_path / "a", tmp_path / "b"]
     for f, n in zip(files, (3000, 1000), strict=True):

@@ -39,21 +39,24 @@ def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: b
 def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
                       out_dtype: torch.dtype | None = None, accumulate: torch.dtype = torch.float32,
                       device: str | torch.device = "auto", copy: Sequence[str] = (),
-                      piece_elements: int = PIECE_ELEMENTS) -> dict[str, torch.Tensor]:
+                      piece_elements: int = PIECE_ELEMENTS, reread: Collection[int] = ()) -> dict[str, torch.Tensor]:
     """The same average as `average_checkpoints`, as a CPU state dict (names as stored), written nowhere.
 
     Holds the whole output in memory, which scoring the model needs anyway; the inputs are
-    still streamed."""
-    _, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate)
+    still streamed. `reread`: as for `average_checkpoints`."""
+    _, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate,
+                             reread=reread)
     return execute_in_memory(plan, resolve_device(device), piece_elements)
 
 
 def plan_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
                    out_dtype: torch.dtype | None = None, accumulate: torch.dtype = torch.float32,
-                   copy: Sequence[str] = ()) -> AveragePlan:
+                   copy: Sequence[str] = (), reread: Collection[int] = ()) -> AveragePlan:
     """The plan of the same average as `average_checkpoints`, for `average_into`: the caller learns the
-    output's tensor names (and can check them) before a byte of tensor data is read."""
-    return _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate)[1]
+    output's tensor names (and can check them) before a byte of tensor data is read. `reread`: as for
+    `average_checkpoints`."""
+    return _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype, accumulate=accumulate,
+                          reread=reread)[1]
 
 
 def average_into(plan: AveragePlan, destinations: dict[str, torch.Tensor], *, device: str | torch.device = "auto",
@@ -61,19 +64,6 @@ def average_into(plan: AveragePlan, destinations: dict[str, torch.Tensor], *, de
     """Execute `plan` into existing tensors (by stored name), each value rounded to the plan's output
     dtype first, so that they hold exactly what loading the written average would give them."""
     execute_into(plan, destinations, resolve_device(device), piece_elements)
-
-
-def _worth_caching(files: Sequence[Path], available: int | None = None) -> Sequence[Path]:
-    """`files` if they would still be in the page cache when read again (they fit in half of
-    `available`, by default the memory the kernel calls available), else none: reading through a
-    cache that evicts them before they are read again only costs CPU."""
-    if available is None:
-        try:
-            meminfo = Path("/proc/meminfo").read_text().split()
-            available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
-        except (OSError, ValueError):  # not Linux: no direct reads either (see TensorReader)
-            return files
-    return files if sum(f.stat().st_size for f in files) <= available // 2 else ()
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
@@ -133,7 +123,7 @@ def average_checkpoints(
     output.check()
     dev = resolve_device(device)
     checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
-                                       accumulate=accumulate, shard_bytes=shard_bytes)
+                                       accumulate=accumulate, shard_bytes=shard_bytes, reread=reread)
     output.final.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(output.final.parent, plan.output_bytes)
     started = time.time()
@@ -147,8 +137,7 @@ def average_checkpoints(
         in_pass = [f for f in unknown if f in streamed]
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
         hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
-                               progress=progress(plan) if progress else None, hash_files=in_pass,
-                               keep_cached=_worth_caching([f for i in reread for f in checkpoints[i].files]))
+                               progress=progress(plan) if progress else None, hash_files=in_pass)
         side = copy_side_files(checkpoints[-1].folder, output.path)
         for f, hasher in hashers.items():
             hasher.remember()

@@ -66,6 +66,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def _worth_caching(files: Sequence[Path], available: int | None = None) -> Sequence[Path]:
+    """`files` (the plan's `reread`) if they would still be in the page cache when read again (they fit
+    in half of `available`, by default the memory the kernel calls available), else none: reading
+    through a cache that evicts them before they are read again only costs CPU. The reader reads the
+    files it returns through the page cache even from disk (see `TensorReader`)."""
+    if available is None:
+        try:
+            meminfo = Path("/proc/meminfo").read_text().split()
+            available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+        except (OSError, ValueError):  # not Linux: no direct reads either (see TensorReader)
+            return files
+    return files if sum(f.stat().st_size for f in files) <= available // 2 else ()
+
+
 def _pieces(plan: AveragePlan, piece_elements: int) -> list[_Piece]:
     out = []
     for s, shard in enumerate(plan.shards):
@@ -150,10 +164,9 @@ Sink = _FileSink | _MemorySink | _IntoSink
 
 class _Pipeline:
     def __init__(self, plan: AveragePlan, sink: Sink, device: torch.device,
-                 piece_elements: int, progress: Progress | None, hash_files: Collection[Path] = (),
-                 keep_cached: Collection[Path] = ()) -> None:
+                 piece_elements: int, progress: Progress | None, hash_files: Collection[Path] = ()) -> None:
         self.plan, self.sink, self.device = plan, sink, device
-        self.keep_cached = keep_cached
+        self.keep_cached = _worth_caching(sorted(plan.reread))
         self.progress = progress
         self.hashers = {f: FileHasher(f) for f in hash_files}
         # each file's bytes go to one thread, in order; files are dealt out to threads in turn
@@ -354,12 +367,11 @@ class _Pipeline:
 
 def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | torch.device = "cpu",
                  piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None,
-                 hash_files: Collection[Path] = (), keep_cached: Collection[Path] = ()) -> dict[Path, FileHasher]:
+                 hash_files: Collection[Path] = ()) -> dict[Path, FileHasher]:
     """Write the plan's shards (and index) into an existing folder. Returns a finished hasher of each of
-    `hash_files` (input files), fed the bytes the reader read: each file is read once. `keep_cached`
-    input files are read through the page cache even from disk (see `TensorReader`)."""
+    `hash_files` (input files), fed the bytes the reader read: each file is read once."""
     pipeline = _Pipeline(plan, _FileSink(plan, Path(folder)), resolve_device(device), piece_elements, progress,
-                         hash_files, keep_cached)
+                         hash_files)
     pipeline.run()
     write_index(Path(folder), plan.shards)
     return pipeline.hashers

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -65,6 +66,8 @@ class AveragePlan:
     copied: dict[str, str] = field(default_factory=dict)  # name -> reason
     absent: tuple[tuple[str, ...], ...] = ()  # per input: the buffers it lacks (never averaged ones only)
     copy_patterns: tuple[str, ...] = ()
+    # input files that a later average reads again: the engine keeps them in the page cache if they fit
+    reread: frozenset[Path] = frozenset()
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -115,8 +118,10 @@ def plan_average(
     accumulate: torch.dtype = torch.float32,
     shard_bytes: int = 5 * 10**9,
     copy_patterns: Sequence[str] = DEFAULT_COPY_PATTERNS,
+    reread: Collection[int] = (),
 ) -> AveragePlan:
-    """Plan `sum_i weights[i] * checkpoints[i]`; the last checkpoint is the newest.
+    """Plan `sum_i weights[i] * checkpoints[i]`; the last checkpoint is the newest. `reread` (positions)
+    names the checkpoints a later average will read again (a sliding window's shared members).
 
     `out_dtype=None` keeps each tensor's dtype as stored in the newest checkpoint. Tensors
     that are not floating point, or that match `copy_patterns`, are copied from the newest
@@ -159,7 +164,8 @@ def plan_average(
     # also after a dtype change.
     jobs.sort(key=lambda j: -j.out_dtype.itemsize)
     return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), accumulate,
-                       assign_shards(jobs, shard_bytes), copied, absent, tuple(copy_patterns))
+                       assign_shards(jobs, shard_bytes), copied, absent, tuple(copy_patterns),
+                       frozenset(f for i in reread for f in checkpoints[i].files))
 
 
 def copy_reason(name: str, refs: Sequence[TensorRef], copy_patterns: Sequence[str]) -> str:

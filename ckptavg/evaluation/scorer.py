@@ -153,9 +153,10 @@ def study_hooks(model: str, outputs: set[int], scorer: Scorer, *, originals: boo
     if in_memory:
         from ..engine.average import plan_in_memory
 
-        def average_and_score(job, folders: list[Path]) -> None:
+        def average_and_score(job, folders: list[Path], reread: list[int]) -> None:
             # planned here, so that inputs that do not match end the run as they would when writing
-            plan = plan_in_memory(folders, weights=job.window.weights, normalize=False, out_dtype=out_dtype, copy=copy)
+            plan = plan_in_memory(folders, weights=job.window.weights, normalize=False, out_dtype=out_dtype, copy=copy,
+                                  reread=reread)
             target = Target(job.run.model, job.run.tag, job.spec.method, job.spec.k, job.spec.nu, job.window.step,
                             folders[-1])
             scorer.score(target, folders[-1], average=plan)

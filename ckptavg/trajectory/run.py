@@ -137,14 +137,16 @@ def plan_run(source: Source, spec: RunSpec, out: Path, **options) -> RunPlan:
 def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
                 on_window: Callable[[Job, Path], None] | None = None,
                 on_fetch: Callable[[int, Path], None] | None = None,
-                in_memory: Callable[[Job, list[Path]], None] | None = None,
+                in_memory: Callable[[Job, list[Path], list[int]], None] | None = None,
                 on_window_inputs: Callable[[Job, list[Path]], None] | None = None,
                 bars: Callable[[str, int], Callable[[int], None]] | None = None, **average_kwargs) -> list[Path]:
     """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype...).
 
     `on_fetch(step, folder)` runs while a revision is on disk (to score an original without a
     second download); `on_window_inputs(job, folders)` runs before each window is averaged, with
-    all its inputs on disk; `in_memory(job, folders)` replaces writing the window's output.
+    all its inputs on disk; `in_memory(job, folders, reread)` replaces writing the window's output.
+    `reread`, the positions of the window's members that a later window reads too, is what
+    `average_checkpoints` is given for the average it makes: those inputs are kept in the page cache.
 
     `bars(description, total_bytes)` makes a progress callback, for averaging (and the source's
     downloads). Every action is appended to RUN_LOG, with the bytes the source holds on disk
@@ -174,12 +176,13 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
             on_disk.pop(action.step, None)
         else:
             folders = [on_disk[s] for s in job.window.members]
+            reread = [p for p, s in enumerate(job.window.members) if s in shared[i]]
             if on_window_inputs is not None:
                 on_window_inputs(job, folders)
             if in_memory is not None:
-                in_memory(job, folders)
+                in_memory(job, folders, reread)
             else:
-                written_to = _average(source, job, folders, force, bars, shared[i], average_kwargs)
+                written_to = _average(source, job, folders, force, bars, reread, average_kwargs)
                 written.append(written_to)
                 if on_window is not None:
                     on_window(job, written_to)
@@ -188,7 +191,7 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     return written
 
 
-def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, shared: set[int],
+def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, reread: list[int],
              average_kwargs: dict) -> Path:
     from ..engine.average import average_checkpoints
     from ..engine.tensors import open_checkpoint
@@ -200,7 +203,7 @@ def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, s
         return average_checkpoints(inputs, job.out_dir, weights=w.weights, normalize=False, force=force,
                                    method=job.spec.record(w), progress=progress,
                                    provenance=[source.describe(s) for s in w.members], run=job.run,
-                                   reread=[i for i, s in enumerate(w.members) if s in shared], **average_kwargs)
+                                   reread=reread, **average_kwargs)
     except MismatchError as e:
         raise MismatchError(f"window at step {w.step}: {e}") from None
 
