@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD DISABLE_SAFETENSORS_CONVERSION=1 HF_HU
     df -h "$(dirname "$data")"
 } 2>&1 | tee "$out/machine.txt"
 
-python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_average.py 2>&1 | tee "$out/gpu-tests.txt"
+python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_average.py tests/test_hashing.py 2>&1 | tee "$out/gpu-tests.txt"
 
 python3 bench/average.py --data "$data" --cases 12b --reps 3 --naive-reps 0 --device cuda 2>&1 \
     | tee "$out/bench-cuda.txt"

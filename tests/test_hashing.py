@@ -252,9 +252,12 @@ def test_a_file_that_shrinks_while_read_from_disk_is_named(tmp_path):
         reader.read(ref, 0, t.numel(), out)
 
 
-def test_averages_of_inputs_from_disk_are_the_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_averages_of_inputs_from_disk_are_the_reference(tmp_path, monkeypatch, device):
     """Every input out of the page cache, pieces that cut tensors off block boundaries, hashed: the
-    average and every recorded sha256 are right, and the inputs were read past the page cache."""
+    average and every recorded sha256 are right, and the inputs were read past the page cache (on a
+    GPU, into the pinned buffers bound for it)."""
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
     g = torch.Generator().manual_seed(5)
     inputs = [write_checkpoint(tmp_path / f"step{i}", {"a": torch.randn(1_000_003, generator=g).half(),
@@ -264,7 +267,7 @@ def test_averages_of_inputs_from_disk_are_the_reference(tmp_path, monkeypatch):
     files = [f for folder in inputs for f in sorted(folder.glob("*.safetensors"))]
     for f in files:
         evict(f)
-    out = average_checkpoints(inputs, tmp_path / "avg", device="cpu", piece_elements=99_999)
+    out = average_checkpoints(inputs, tmp_path / "avg", device=device, piece_elements=99_999)
     assert not cached(files[-1], files[-1].stat().st_size // 2, 8192)
     assert_matches(out, reference_average(inputs), max_ulp=1)
     recorded = [f["sha256"] for r in json.loads((out / MANIFEST).read_text())["inputs"] for f in r["files"]]
