@@ -170,6 +170,25 @@ def test_cuda_in_memory_and_into_device_tensors_equal_the_cpu_output(ckpts, tmp_
         assert torch.equal(in_memory[name], t), name
         assert destinations[name].is_cuda and torch.equal(destinations[name].cpu(), t), name
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_into_device_tensors_waits_for_its_input_copies(ckpts, tmp_path):
+    """Averaged into tensors on the device, the result never comes back to the host, so nothing waits for
+    the queued copies out of the input buffers: with the GPU busy (a queue of matrix products ahead of
+    them) a reader that refilled those buffers at once would have them copy the next piece's bytes."""
+    from ckptavg.engine.average import average_into, plan_in_memory
+
+    folders = ckpts("float16", "safetensors")
+    cpu = load_reference(average_checkpoints(folders, tmp_path / "cpu", device="cpu"))
+    destinations = {name: torch.empty(t.shape, dtype=t.dtype, device="cuda") for name, t in cpu.items()}
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(200):  # work queued on the device ahead of the average
+        busy = busy @ busy / 4096
+    average_into(plan_in_memory(folders), destinations, device="cuda", piece_elements=1000)
+    for name, t in cpu.items():
+        assert torch.equal(destinations[name].cpu(), t), name
+
+
 def test_hub_cache_files_take_their_sha256_from_the_blob_name(ckpts, tmp_path, monkeypatch):
     """In the Hugging Face cache a snapshot file links to blobs/<sha256>: no need to hash it again."""
     import hashlib

@@ -320,7 +320,7 @@ class _Pipeline:
                 for v, wi in zip(views[1:], w[1:], strict=True):
                     tmp.copy_(v[s:e], non_blocking=on_gpu).mul_(wi)
                     acc.add_(tmp)
-            out[s:e].copy_(acc)  # the one cast to the output dtype (a synchronising copy on CUDA)
+            out[s:e].copy_(acc)  # the one cast to the output dtype (on CUDA, waits when `out` is on the host)
 
     def run(self) -> None:
         stages = (self._read, self._write, *(self._hash(q) for q in self.hash_qs))
@@ -340,6 +340,11 @@ class _Pipeline:
                     out.copy_(views[0])
                 else:
                     self._accumulate(views, out, pool)
+                if out.is_cuda:
+                    # the copies from the input buffers to the device are queued, maybe not yet done (a
+                    # result bound for host memory waits for them; one that stays on the device does
+                    # not): the reader must not refill those buffers before they are
+                    torch.cuda.current_stream(out.device).synchronize()
                 self._release(p, bufs, views)
                 del views  # (mapped ranges: see _hash)
                 self._put(self.write_q, (p, out_buf))
