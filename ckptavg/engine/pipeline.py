@@ -206,6 +206,11 @@ class _Pipeline:
         chunk = piece_elements if on_gpu else min(CHUNK_BYTES // plan.accumulate.itemsize, piece_elements)
         self.scratch = [(torch.empty(chunk, dtype=plan.accumulate, device=device),
                          torch.empty(chunk, dtype=plan.accumulate, device=device)) for _ in range(self.workers)]
+        # On a GPU, inputs cross to the device and results back in their stored dtypes, and are converted
+        # there: torch converts a host tensor on the host before copying it (one thread, twice the bytes).
+        self.to_device = torch.empty(in_bytes - DIRECT_SLACK, dtype=torch.uint8, device=device) if on_gpu else None
+        self.from_device = (torch.empty(out_bytes, dtype=torch.uint8, device=device)
+                            if on_gpu and out_device.type == "cpu" else None)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _get(self, q: queue.Queue):
@@ -306,21 +311,35 @@ class _Pipeline:
                           acc_buf: torch.Tensor, tmp_buf: torch.Tensor) -> None:
         w, k = self.plan.weights, self.plan.mean_of
         step = acc_buf.numel()
-        on_gpu = self.device.type == "cuda"
         for s in range(start, end, step):
             e = min(end, s + step)
             acc, tmp = acc_buf[: e - s], tmp_buf[: e - s]
             if k:  # a plain mean: sum, then one division
-                acc.copy_(views[0][s:e], non_blocking=on_gpu)
+                acc.copy_(self._load(views[0][s:e]))
                 for v in views[1:]:
-                    acc.add_(tmp.copy_(v[s:e], non_blocking=on_gpu))
+                    acc.add_(tmp.copy_(self._load(v[s:e])))
                 acc.div_(k)
             else:  # mul then add, never fused: the same rounding as the plain reference sum
-                acc.copy_(views[0][s:e], non_blocking=on_gpu).mul_(w[0])
+                acc.copy_(self._load(views[0][s:e])).mul_(w[0])
                 for v, wi in zip(views[1:], w[1:], strict=True):
-                    tmp.copy_(v[s:e], non_blocking=on_gpu).mul_(wi)
+                    tmp.copy_(self._load(v[s:e])).mul_(wi)
                     acc.add_(tmp)
-            out[s:e].copy_(acc)  # the one cast to the output dtype (on CUDA, waits when `out` is on the host)
+            self._store(out[s:e], acc)  # the one cast to the output dtype
+
+    def _load(self, v: torch.Tensor) -> torch.Tensor:
+        """`v` where the arithmetic runs, as stored: on a GPU, a copy queued from its pinned buffer (one
+        staging buffer serves every input, in stream order)."""
+        if self.to_device is None:
+            return v
+        return self.to_device[: v.numel() * v.element_size()].view(v.dtype).copy_(v, non_blocking=True)
+
+    def _store(self, out: torch.Tensor, acc: torch.Tensor) -> None:
+        """`acc` cast to `out`'s dtype on the device that holds it, then copied (a result bound for host
+        memory is cast on the GPU and copied back, which waits for the work queued before it)."""
+        if self.from_device is None:
+            out.copy_(acc)
+        else:
+            out.copy_(self.from_device[: out.numel() * out.element_size()].view(out.dtype).copy_(acc))
 
     def run(self) -> None:
         stages = (self._read, self._write, *(self._hash(q) for q in self.hash_qs))
