@@ -170,6 +170,7 @@ def test_cuda_in_memory_and_into_device_tensors_equal_the_cpu_output(ckpts, tmp_
         assert torch.equal(in_memory[name], t), name
         assert destinations[name].is_cuda and torch.equal(destinations[name].cpu(), t), name
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_into_device_tensors_waits_for_its_input_copies(ckpts, tmp_path):
