@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from ckptavg.engine import writer
 from ckptavg.engine.plan import Shard, TensorJob
+from ckptavg.engine.tensors import DIRECT_ALIGN
 
 
 def _shard(sd: dict[str, torch.Tensor]) -> Shard:
@@ -48,7 +49,7 @@ def _block_aligned() -> dict[str, torch.Tensor]:
     """Tensors whose file (header included) is a whole number of direct-I/O blocks: no tail to pad."""
     for n in range(4096, 8192):
         sd = {"a": torch.arange(1000, dtype=torch.float16), "b": torch.zeros(n, dtype=torch.uint8)}
-        if len(_expected(sd)) % writer.DIRECT_ALIGN == 0:
+        if len(_expected(sd)) % DIRECT_ALIGN == 0:
             return sd
     raise AssertionError("no block-aligned size found")
 
@@ -70,7 +71,7 @@ def test_shard_bytes_are_the_header_and_the_tensors(tmp_path, sizes, direct):
     sd = _block_aligned() if sizes == "aligned" else {
         f"t{i}": torch.randn(n, generator=g).half() for i, n in enumerate(sizes)}
     out = tmp_path / "out.safetensors"
-    f = _write(out, sd, pieces=1000, direct=direct, stage_bytes=2 * writer.DIRECT_ALIGN)
+    f = _write(out, sd, pieces=1000, direct=direct, stage_bytes=2 * DIRECT_ALIGN)
     assert f.direct == (direct and _takes_o_direct(tmp_path))
     assert out.read_bytes() == _expected(sd)
     assert all(torch.equal(v, sd[k]) for k, v in load_file(out).items())
@@ -92,12 +93,12 @@ def test_filesystems_that_refuse_direct_io_get_buffered_writes(tmp_path, monkeyp
     first write (a device that wants another alignment): the same bytes go through the page cache."""
     sd = {"a": torch.randn(3000).half(), "b": torch.randn(777)}
     refuse_direct_io(monkeypatch, "open")
-    f = _write(tmp_path / "open.safetensors", sd, pieces=512, stage_bytes=writer.DIRECT_ALIGN)
+    f = _write(tmp_path / "open.safetensors", sd, pieces=512, stage_bytes=DIRECT_ALIGN)
     assert not f.direct and (tmp_path / "open.safetensors").read_bytes() == _expected(sd)
     monkeypatch.undo()
 
     refused = refuse_direct_io(monkeypatch, "write")
-    f = _write(tmp_path / "write.safetensors", sd, pieces=512, stage_bytes=writer.DIRECT_ALIGN)
+    f = _write(tmp_path / "write.safetensors", sd, pieces=512, stage_bytes=DIRECT_ALIGN)
     assert refused and not f.direct and (tmp_path / "write.safetensors").read_bytes() == _expected(sd)
 
 

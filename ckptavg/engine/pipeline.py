@@ -181,8 +181,9 @@ class _Pipeline:
         piece_elements = max(1, min(piece_elements, max((j.numel for j in jobs), default=1)))
         self.pieces = [p for p in _pieces(plan, piece_elements) if wanted is None or p.job.name in wanted]
         n_in = max((len(j.sources) for j in jobs), default=1)
+        piece_bytes = piece_elements * max((r.dtype.itemsize for j in jobs for r in j.sources), default=1)
         # room for the reader to read from disk straight into the buffer (whole aligned blocks)
-        in_bytes = piece_elements * max((r.dtype.itemsize for j in jobs for r in j.sources), default=1) + DIRECT_SLACK
+        in_bytes = piece_bytes + DIRECT_SLACK
         out_bytes = piece_elements * max((j.out_dtype.itemsize for j in jobs), default=1)
         pin = device.type == "cuda"
         # results bound for tensors on the device stay there: no round trip through host memory
@@ -208,7 +209,7 @@ class _Pipeline:
                          torch.empty(chunk, dtype=plan.accumulate, device=device)) for _ in range(self.workers)]
         # On a GPU, inputs cross to the device and results back in their stored dtypes, and are converted
         # there: torch converts a host tensor on the host before copying it (one thread, twice the bytes).
-        self.to_device = torch.empty(in_bytes - DIRECT_SLACK, dtype=torch.uint8, device=device) if on_gpu else None
+        self.to_device = torch.empty(piece_bytes, dtype=torch.uint8, device=device) if on_gpu else None
         self.from_device = (torch.empty(out_bytes, dtype=torch.uint8, device=device)
                             if on_gpu and out_device.type == "cpu" else None)
 

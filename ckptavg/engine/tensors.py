@@ -254,6 +254,11 @@ DIRECT_ALIGN = 4096
 DIRECT_SLACK = 3 * DIRECT_ALIGN
 
 
+def whole_blocks(nbytes: int) -> int:
+    """`nbytes` rounded up to whole direct-I/O blocks."""
+    return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
 def _cached(fd: int, pos: int, nbytes: int) -> bool:
     """Whether every page of a range is in the page cache, as mincore(2) reports for a mapping of it,
     which reads nothing. (A one-byte read that may not wait, RWF_NOWAIT, tried before, starts
@@ -378,7 +383,7 @@ class TensorReader:
         the first aligned byte of `out`; the returned view starts where the range does."""
         begin, end = pos - pos % DIRECT_ALIGN, pos + nbytes
         shift = -out.data_ptr() % DIRECT_ALIGN
-        span = -(-end // DIRECT_ALIGN) * DIRECT_ALIGN - begin
+        span = whole_blocks(end) - begin
         fd = self._direct_fd(ref.file)
         if fd is None or shift + span > out.numel():
             return self._pread(self._fds[ref.file], pos, out[:nbytes], ref)

@@ -29,15 +29,10 @@ from ..formats import SAFETENSORS_INDEX, SIDE_FILES
 from ..layout import temporary_name, temporary_prefix
 from ..manifest import MANIFEST, Manifest, manifest_json
 from .plan import Shard, TensorJob
-from .tensors import DIRECT_ALIGN, DTYPE_NAMES
+from .tensors import DTYPE_NAMES, whole_blocks
 
 SPACE_MARGIN = 64 * 1024 * 1024
 STAGE_BYTES = 16 * 1024 * 1024  # per output file being written
-
-
-def _whole_blocks(nbytes: int) -> int:
-    """`nbytes` rounded up to whole direct-I/O blocks."""
-    return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
 def safetensors_header(jobs: Sequence[TensorJob], metadata: dict[str, str] | None = None) -> bytes:
@@ -83,7 +78,7 @@ class ShardFile:
         self.path = path
         self.expected = len(header) + shard.nbytes
         self.written = 0  # bytes taken, staged or on disk
-        self._stage = mmap.mmap(-1, _whole_blocks(stage_bytes))  # page-aligned
+        self._stage = mmap.mmap(-1, whole_blocks(stage_bytes))  # page-aligned
         self._staged = np.frombuffer(self._stage, dtype=np.uint8)
         self._fill = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -140,7 +135,7 @@ class ShardFile:
             if self._fill:
                 tail = self._fill
                 if self.direct:  # whole blocks only: pad with zeros, then cut the file back to its length
-                    padded = _whole_blocks(tail)
+                    padded = whole_blocks(tail)
                     self._staged[tail:padded] = 0
                     self._flush(padded)
                     os.ftruncate(self._fd, self.expected)
