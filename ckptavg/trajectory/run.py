@@ -154,13 +154,14 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     """
     on_disk: dict[int, Path] = {}
     written = []
-    # by action: the steps its window shares with a later window, read through the page cache for that one
-    shared: dict[int, set[int]] = {}
+    # by action: the positions of its window's members that a later window reads too (one backward pass)
+    reread: dict[int, list[int]] = {}
     later: set[int] = set()
     for i in reversed(range(len(plan.fetch.actions))):
         if plan.fetch.actions[i].kind == "average":
-            members = set(plan.todo[plan.fetch.actions[i].window].window.members)
-            shared[i], later = members & later, later | members
+            members = plan.todo[plan.fetch.actions[i].window].window.members
+            reread[i] = [p for p, s in enumerate(members) if s in later]
+            later.update(members)
     log = _RunLog(plan.log_dir if in_memory is None else None, source)
     if not keep_downloads:
         for commit in source.evict_leftovers(set(steps_of([j.window for j in plan.todo]))):
@@ -176,13 +177,12 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
             on_disk.pop(action.step, None)
         else:
             folders = [on_disk[s] for s in job.window.members]
-            reread = [p for p, s in enumerate(job.window.members) if s in shared[i]]
             if on_window_inputs is not None:
                 on_window_inputs(job, folders)
             if in_memory is not None:
-                in_memory(job, folders, reread)
+                in_memory(job, folders, reread[i])
             else:
-                written_to = _average(source, job, folders, force, bars, reread, average_kwargs)
+                written_to = _average(source, job, folders, force, bars, reread[i], average_kwargs)
                 written.append(written_to)
                 if on_window is not None:
                     on_window(job, written_to)
