@@ -167,13 +167,109 @@ def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(store), str(me)], env=env, stderr=subprocess.PIPE,
                               text=True) for me in range(4)]
     for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read()
+        _, err = p.communicate(timeout=120)  # (wait() then read() could block on a full pipe)
+        assert p.returncode == 0, err
     rows = sqlite3.connect(store).execute("SELECT step, metric, value, checkpoint FROM scores").fetchall()
     assert len(rows) == 80 and len({(s, m) for s, m, _, _ in rows}) == 80  # no step x metric twice
     by_step: dict[int, set] = {}
     for step, _, value, checkpoint in rows:
         by_step.setdefault(step, set()).add((value, checkpoint))
     assert all(len(v) == 1 for v in by_step.values())  # a group is one writer's, never a mix of two
+
+
+OLD_SCHEMA = ('CREATE TABLE scores (model, tag, method, k, nu, step, task, metric, value, stderr, higher_is_better, '
+              '"limit", status, error, lm_eval_version, checkpoint, time, '
+              'PRIMARY KEY (model, tag, step, task, metric, "limit"))')
+
+
+def test_opening_a_store_waits_for_another_connections_write_lock(tmp_path):
+    """Switching a fresh file to WAL needs its write lock, which SQLite refuses at once (no busy handler)
+    while another connection holds it: Store() must wait for it, not call the file a wrong one."""
+    import threading
+
+    path = tmp_path / "fresh.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute(OLD_SCHEMA)  # a store from before the settings columns, mid-creation
+    released = threading.Event()
+
+    def release() -> None:
+        released.set()
+        other.execute("COMMIT")
+
+    timer = threading.Timer(0.5, release)
+    timer.start()
+    try:
+        with Store(path) as store:
+            assert released.is_set()  # it got in only after the other let go
+            store.put([row(ORIGINAL, 1000, 10.0)])
+            assert [r.value for r in store.rows()] == [10.0]
+    finally:
+        timer.join()
+        other.close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_store_still_locked_at_its_deadline_says_so(tmp_path):
+    from ckptavg.errors import IOFailure
+
+    path = tmp_path / "held.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(IOFailure, match="locked by another process"):
+        Store(path, timeout=0.2)
+    other.execute("ROLLBACK")
+    other.close()
+
+
+OPENER = """
+import sys
+from ckptavg.report.store import Row, Store
+barrier_dir, rounds, me = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import multiprocessing.connection as mc
+conn = mc.Client(barrier_dir)
+for r in range(rounds):
+    conn.recv()  # released with the others
+    with Store(f"{barrier_dir}.{r}.sqlite") as store:
+        store.put([Row("m", "lawa", "lawa", 5, 1000, me, "t", "acc", float(me), None, True, 0, "ok", "", "0.4",
+                       f"/opener{me}", 1.0)])
+    conn.send(r)
+"""
+
+
+def test_many_processes_released_at_once_open_fresh_and_old_stores(tmp_path):
+    """Eight processes open one store at the same instant, 24 times over: fresh files, and old stores that
+    every opener migrates at once (each column must be added once). Every opener stores its row."""
+    from multiprocessing.connection import Listener
+
+    n, rounds = 8, 24
+    address = str(tmp_path / "barrier")
+    for r in range(1, rounds, 2):
+        con = sqlite3.connect(f"{address}.{r}.sqlite")
+        con.execute(OLD_SCHEMA)
+        con.commit()
+        con.close()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    with Listener(address) as listener:
+        procs = [subprocess.Popen([sys.executable, "-c", OPENER, address, str(rounds), str(me)], env=env,
+                                  stderr=subprocess.PIPE, text=True) for me in range(n)]
+        conns = [listener.accept() for _ in range(n)]
+        try:
+            for r in range(rounds):
+                for c in conns:
+                    c.send(r)
+                for c in conns:
+                    assert c.recv() == r
+        except EOFError:  # an opener died: its error is on its stderr, below
+            pass
+        for c in conns:
+            c.close()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    for r in range(rounds):
+        with Store(f"{address}.{r}.sqlite") as store:
+            assert sorted(x.step for x in store.rows()) == list(range(n)), r
 
 
 def test_merge_takes_the_newer_score_of_each_group(tmp_path):

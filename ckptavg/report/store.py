@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, IOFailure
 
 ORIGINAL = "original"
 
@@ -64,23 +64,80 @@ _SCHEMA = (f"CREATE TABLE IF NOT EXISTS scores ({_quoted(_COLUMNS)}, "
 
 
 BUSY_TIMEOUT_S = 600  # a writer waits this long for another's transaction (a score takes far less to store)
+_RETRY_S = 0.01  # first pause between tries of the switch to WAL, doubled up to 0.5 s
+
+
+def _code(e: sqlite3.Error) -> int | None:
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+; an extended code, whose low byte is the primary
+    return None if code is None else code & 0xFF
+
+
+def _is_busy(e: sqlite3.Error) -> bool:
+    code = _code(e)
+    if code is not None:
+        return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(e)
+
+
+def _not_a_database(e: sqlite3.Error) -> bool:
+    code = _code(e)
+    if code is not None:
+        return code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
+    return "not a database" in str(e) or "malformed" in str(e)
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # autocommit: every write below opens its own IMMEDIATE transaction, so a writer takes the lock
+        # before it reads what it will replace (a deferred one could deadlock with another writer)
+        self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         try:
-            # autocommit: every write below opens its own IMMEDIATE transaction, so a writer takes the lock
-            # before it reads what it will replace (a deferred one could deadlock with another writer)
-            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(_SCHEMA)
-            have = {r[1] for r in self.db.execute("PRAGMA table_info(scores)")}
-            for column in (c for c in _COLUMNS if c not in have):  # a store from before a column existed
-                self.db.execute(f'ALTER TABLE scores ADD COLUMN "{column}" DEFAULT \'\'')
-        except sqlite3.DatabaseError as e:
-            raise InputError(f"{self.path}: not a ckptavg results database ({e})") from None
+            self._open(time.monotonic() + timeout)
+        except sqlite3.Error as e:
+            self.db.close()
+            if _not_a_database(e):
+                raise InputError(f"{self.path}: not a ckptavg results database ({e})") from None
+            if _is_busy(e):
+                raise IOFailure(f"{self.path}: the results database stayed locked by another process for "
+                                f"{timeout:g} s ({e})") from None
+            raise InputError(f"{self.path}: cannot open the results database ({e})") from None
+
+    def _open(self, deadline: float) -> None:
+        """Switch to WAL and create or migrate the schema, safe against other processes doing the same.
+
+        Switching a file to WAL needs its write lock, and SQLite answers SQLITE_BUSY at once, without
+        its busy handler, when another connection holds it (waiting there could deadlock), so the switch
+        is tried again until the deadline. The schema is created and migrated inside one IMMEDIATE
+        transaction, where the busy timeout does apply, and the columns are read under that lock: two
+        processes migrating one old store add each column once."""
+        pause = _RETRY_S
+        while self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(0.5, pause * 2)
+        if self._missing_columns() != []:  # asked without a lock first: a current store opens read-only
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                missing = self._missing_columns()
+                if missing is None:
+                    self.db.execute(_SCHEMA)
+                for column in missing or ():  # a store from before a column existed
+                    self.db.execute(f'ALTER TABLE scores ADD COLUMN "{column}" DEFAULT \'\'')
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _missing_columns(self) -> list[str] | None:
+        """The columns this version writes that the table lacks; None when there is no table yet."""
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(scores)")}
+        return [c for c in _COLUMNS if c not in have] if have else None
 
     def close(self) -> None:
         self.db.close()
