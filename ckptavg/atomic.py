@@ -1,12 +1,15 @@
 """Replace a file's contents all at once: write a temporary file beside it, then rename.
 
-Readers see the old contents or the new, never half of either; two processes writing the same
-file never share a temporary name; a failed write leaves no temporary file behind.
+Readers see the old contents or the new, never half of either; two writers of the same file (threads,
+processes, or hosts sharing a filesystem) never share a temporary name; a failed write leaves no
+temporary file behind.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +20,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yields the temporary path to write; renames it over `path` if the block succeeds. The suffix
     is kept, for writers that choose a format by it (matplotlib)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

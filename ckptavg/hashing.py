@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from .atomic import write_text
 from .errors import CorruptCheckpointError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_lock = threading.Lock()
 STAGE = 256 * 1024  # fits a core's L2 cache
 
 
@@ -33,32 +31,48 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptavg"))
 
 
-def cache_file() -> Path:
-    return cache_root() / "sha256.json"
-
-
 def _key(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
-def _load() -> dict[str, str]:
+def _entry(key: str) -> Path:
+    """One small file per hashed file, named by its key: processes on any number of hosts add entries
+    without a lock (each is written whole under a temporary name, then renamed), never lose another's,
+    and a lookup reads one file, whatever the cache's size."""
+    name = hashlib.sha256(key.encode()).hexdigest()
+    return cache_root() / "sha256" / name[:2] / name[2:]
+
+
+def _lookup(key: str) -> str | None:
     try:
-        return json.loads(cache_file().read_text())
+        entry = json.loads(_entry(key).read_text())
     except (OSError, ValueError):
-        return {}
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != key or not _HEX64.fullmatch(str(entry.get("sha256"))):
+        return None
+    return entry["sha256"]
 
 
 def _store(key: str, digest: str) -> None:
-    path = cache_file()
-    with _lock:
-        cached = _load()
-        cached[key] = digest
+    path = _entry(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"key": key, "sha256": digest}))
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+
+
+def cached_hashes() -> dict[str, str]:
+    """Every entry of the hash cache: "path|size|mtime_ns|inode" -> sha256."""
+    found = {}
+    for entry in (cache_root() / "sha256").glob("*/*"):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(path, json.dumps(cached))
-        except OSError:
-            pass  # a read-only cache only costs a re-hash next time
+            record = json.loads(entry.read_text())
+            found[record["key"]] = record["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
 
 
 def hub_blob_sha256(path: str | os.PathLike) -> str | None:
@@ -91,7 +105,7 @@ def verify_blob(path: str | os.PathLike, expected: str) -> str:
     """The sha256 of a downloaded file, hashed once and remembered: huggingface_hub names a blob by
     the hash the server announced, not by the bytes that arrived, so only this proves them right.
     Returns the actual digest; a caller compares it with `expected` (the Hub's LFS listing)."""
-    cached = _load().get(_key(Path(path)))
+    cached = _lookup(_key(Path(path)))
     if cached:
         return cached
     hasher = FileHasher(path)
@@ -105,7 +119,7 @@ def known_sha256(path: str | os.PathLike) -> tuple[str, str] | None:
     "cache" (hashed before), "verified" (a Hub cache blob whose bytes ckptavg hashed when it fetched
     them), "hub-blob" (a Hub cache blob's name, taken on trust: ckptavg did not download or check it)."""
     path = Path(path)
-    cached = _load().get(_key(path))
+    cached = _lookup(_key(path))
     blob = hub_blob_sha256(path)
     if blob is not None:
         return (blob, "verified") if cached == blob else (blob, "hub-blob")

@@ -104,7 +104,7 @@ def test_replacing_shows_the_old_or_the_new_file_never_a_part(tmp_path):
 
 
 def test_hash_cache_is_keyed_by_the_file_and_forgets_a_changed_one(tmp_path, monkeypatch):
-    from ckptavg.hashing import cache_file, file_sha256, verify_blob
+    from ckptavg.hashing import cached_hashes, file_sha256, verify_blob
 
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "w.safetensors"
@@ -117,7 +117,39 @@ def test_hash_cache_is_keyed_by_the_file_and_forgets_a_changed_one(tmp_path, mon
     # a download whose bytes do not match the announced hash is not remembered as checked
     wrong = verify_blob(f, "0" * 64)
     assert wrong == hashlib.sha256(b"b" * 1000).hexdigest()
-    assert all(v != "0" * 64 for v in json.loads(cache_file().read_text()).values())
+    assert cached_hashes() and all(v != "0" * 64 for v in cached_hashes().values())
+
+
+HASHER = """
+import sys, time
+from pathlib import Path
+from ckptavg.hashing import file_sha256
+folder, me = Path(sys.argv[1]), sys.argv[2]
+while not (folder / "go").exists():
+    time.sleep(0.001)
+for f in sorted(folder.glob(f"w{me}-*")):
+    assert file_sha256(f)[1] == "computed"
+"""
+
+
+def test_two_processes_filling_the_hash_cache_lose_none_of_each_others_entries(tmp_path, monkeypatch):
+    from ckptavg.hashing import cached_hashes
+
+    cache = tmp_path / "cache"
+    for me in (0, 1):
+        for i in range(60):
+            (tmp_path / f"w{me}-{i:02d}").write_bytes(f"{me}/{i}".encode() * 100)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), CKPTAVG_CACHE=str(cache))
+    procs = [subprocess.Popen([sys.executable, "-c", HASHER, str(tmp_path), me], env=env, stderr=subprocess.PIPE,
+                              text=True) for me in "01"]
+    (tmp_path / "go").touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    monkeypatch.setenv("CKPTAVG_CACHE", str(cache))
+    got = {k.split("|")[0]: v for k, v in cached_hashes().items()}
+    want = {str(f.resolve()): hashlib.sha256(f.read_bytes()).hexdigest() for f in tmp_path.glob("w*-*")}
+    assert got == want
 
 
 # -- planning without torch -------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_local_dry_run_reads_no_tensor_data(tmp_path):
 def test_local_duplicate_check_hashes_only_candidates(traj, tmp_path, monkeypatch):
     import shutil
 
-    from ckptavg.hashing import cache_file
+    from ckptavg.hashing import cached_hashes
     from ckptavg.trajectory.sources import LocalTrajectory
 
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
@@ -173,6 +173,6 @@ def test_local_duplicate_check_hashes_only_candidates(traj, tmp_path, monkeypatc
     assert len(sizes) == 1
     found = LocalTrajectory(root).duplicates([1000, 2000, 3000, 4000, 5000])
     assert [d.revisions for d in found] == [("step2000", "step4000")]
-    hashed = json.loads(cache_file().read_text())
+    hashed = cached_hashes()
     assert sorted(k.split("|")[0].rsplit("/", 2)[-2] for k in hashed) == ["step2000", "step4000"]
     assert LocalTrajectory(root).duplicates([1000, 3000, 4000], read_data=False) == []
