@@ -306,3 +306,34 @@ def test_a_hub_dry_run_lists_but_downloads_and_writes_nothing(hub, tmp_path):
     assert "step5000, step6000 share weights byte for byte" in " ".join(r.stderr.split())  # from the listings
     assert not [q for q in hub.requests if "/resolve/" in q]
     assert not (tmp_path / "out").exists() and not (tmp_path / "ckptavg-cache").exists()
+
+
+def test_two_runs_sharing_one_cache_never_delete_what_the_other_holds(hub, tmp_path):
+    """A k=3 run holds steps 1000 and 2000 and waits on step3000's download while a k=2 run over steps 1000
+    and 2000 starts, averages and finishes in the same cache: the k=2 run must delete neither (nor the
+    k=3 run's half-downloaded step3000 as a leftover); the k=3 run then finishes exact and, last to let go,
+    deletes everything it and the other downloaded."""
+    hub.stall, hub.release = ("step3000", "pytorch_model-00001-of-00002.bin"), type(hub.release)()
+    hub.stalled.clear()
+    k3 = ("--k", "3", "--nu", "1000", "--interval", "1000", "--start", "3000", "--end", "3000")
+    k2 = ("--k", "2", "--nu", "1000", "--interval", "1000", "--start", "2000", "--end", "2000")
+    waiting = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *k3, "--out", str(tmp_path / "k3"),
+                      "--device", "cpu", wait=False)
+    try:
+        assert hub.stalled.wait(60), "the k=3 run never reached step3000"
+        hub.stall = None
+        before = set(cached_files(tmp_path))
+        snapshots = {p.parent.name for p in before if p.parent.parent.name == "snapshots"}
+        assert {hub.commit(REPO, "step1000"), hub.commit(REPO, "step2000")} <= snapshots
+        r = ckptavg(hub, tmp_path, "pythia", "--model", "70m", *k2, "--out", str(tmp_path / "k2"), "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        assert before <= set(cached_files(tmp_path))  # every file the k=3 run had is still there
+    finally:
+        hub.release.set()
+        out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    assert_matches(tmp_path / "k2" / "pythia-70m-deduped" / "lawa-k2-nu1000" / "step2000",
+                   reference_average([hub.folders[s] for s in (1000, 2000)]), max_ulp=1)
+    assert_matches(tmp_path / "k3" / "pythia-70m-deduped" / "lawa-k3-nu1000" / "step3000",
+                   reference_average([hub.folders[s] for s in (1000, 2000, 3000)]), max_ulp=1)
+    assert cached_files(tmp_path) == []

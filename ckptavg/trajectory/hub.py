@@ -2,8 +2,8 @@
 
 Every revision is downloaded by its commit id into the standard Hub cache (content-addressed:
 a file shared by two branches is stored once), so a killed run's finished downloads are found
-again without a request. Only revisions this tool downloaded are ever deleted from the cache;
-a ledger in ckptavg's own cache folder remembers which ones those are.
+again without a request. Only revisions this tool downloaded are ever deleted from the cache, and
+none that another live run holds (`holds.RevisionLedger`, kept in the cache itself).
 
 huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported, so it is imported
 here lazily, after the command line has been parsed.
@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..formats import pick_files
 from ..hashing import cache_root, hub_blob_sha256, verify_blob
+from .holds import RevisionLedger
 from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, step_branches
 
 LIST_WORKERS = 8
@@ -112,6 +113,8 @@ class HubTrajectory:
         self.bars = bars
         self._api = HfApi()
         self._trees: dict[str, list[RemoteFile]] = {}
+        self._ledger = RevisionLedger(self.cache_dir / ".locks" / "ckptavg" / self._repo_cache.name)
+        self._adopt_old_ledger()
         commits = self._cached_refs() if self.offline else self._remote_refs()
         self.commits = commits  # branch -> commit id
         self.branches = step_branches(commits, pattern, repo_id)  # step -> branch
@@ -231,6 +234,7 @@ class HubTrajectory:
 
         branch, files = self.branches[step], self.files(step)
         commit = self.commits[branch]
+        self._ledger.hold(commit)  # before looking: another run may be deleting it
         missing = [f for f in files if not isinstance(
             try_to_load_from_cache(self.repo_id, f.path, cache_dir=self.cache_dir, revision=commit), str)]
         if missing and self.offline:
@@ -238,14 +242,20 @@ class HubTrajectory:
                              f"(missing {', '.join(f.path for f in missing)}): download it first "
                              f"(`hf download {self.repo_id} --revision {branch}`)")
         if missing:
-            self._ledger_update(add=commit)
+            self._ledger.mark_downloaded(commit)
         advance = self.bars(f"download {branch}", sum(f.size for f in missing)) if self.bars and missing else None
         tqdm_class = _tqdm_forwarding(advance) if advance else None
 
         def download(f: RemoteFile) -> Path:
-            with hub_errors(self.repo_id):
-                return Path(hf_hub_download(self.repo_id, f.path, revision=commit, cache_dir=self.cache_dir,
-                                            tqdm_class=tqdm_class))
+            for _ in range(2):
+                with hub_errors(self.repo_id):
+                    path = Path(hf_hub_download(self.repo_id, f.path, revision=commit, cache_dir=self.cache_dir,
+                                                tqdm_class=tqdm_class))
+                if path.exists():
+                    break
+                # linked to a blob that another run deleted with a revision it shared, between
+                # huggingface_hub's look and its link: downloaded once more (the link is now ours)
+            return path
 
         # each weight file is hashed while the next one downloads, from the page cache it was just written to
         with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-verify") as hasher:
@@ -278,15 +288,19 @@ class HubTrajectory:
             write_text(ref, commit)
 
     def evict(self, step: int) -> None:
-        self._evict_commit(self.commits[self.branches[step]])
+        """Let go of a revision, deleting it if ckptavg downloaded it and no other run holds it."""
+        commit = self.commits[self.branches[step]]
+        self._ledger.let_go(commit, lambda: self._delete(commit))
 
     def evict_leftovers(self, keep: set[int]) -> list[str]:
-        """Delete revisions a killed run downloaded that no remaining window needs."""
-        keep_commits = {self.commits[self.branches[s]] for s in keep}
-        gone = [c for c in self._ledger() if c not in keep_commits]
-        for commit in gone:
-            self._evict_commit(commit)
-        return gone
+        """Delete revisions a killed run downloaded that no remaining window needs and no live run holds."""
+        keep_commits = {self.commits[self.branches[s]] for s in keep} | self._ledger.held()
+        return [c for c in sorted(self._ledger.downloaded() - keep_commits)
+                if self._ledger.let_go(c, lambda c=c: self._delete(c))]
+
+    def release(self) -> None:
+        """Let go of every revision this run holds, deleting none (the run keeps its downloads, or ended)."""
+        self._ledger.release()
 
     def disk_usage(self) -> int:
         """Bytes of this repo's blobs. Asked after every action of a run, so it lists one folder rather than
@@ -294,33 +308,25 @@ class HubTrajectory:
         blobs = self._repo_cache / "blobs"
         return sum(e.stat().st_size for e in os.scandir(blobs) if e.is_file()) if blobs.is_dir() else 0
 
-    def _evict_commit(self, commit: str) -> None:
-        """Only revisions this tool downloaded; blobs other snapshots still use are kept by huggingface_hub."""
+    def _delete(self, commit: str) -> None:
+        """Blobs other snapshots still use are kept by huggingface_hub."""
         from huggingface_hub import scan_cache_dir
 
-        if commit not in self._ledger():
-            return
         scan_cache_dir(self.cache_dir).delete_revisions(commit).execute()
-        self._ledger_update(remove=commit)
 
-    # -- the ledger of downloads made by ckptavg ---------------------------------------------------
-    @property
-    def _ledger_path(self) -> Path:
+    def _adopt_old_ledger(self) -> None:
+        """Downloads recorded by an earlier ckptavg (one JSON list per cache and repo in ckptavg's own
+        cache folder), moved into the ledger, so that they are still deleted after their last window."""
         where = hashlib.sha1(str(self.cache_dir.resolve()).encode()).hexdigest()[:12]
-        return cache_root() / "downloads" / f"{where}-{self._repo_cache.name}.json"
-
-    def _ledger(self) -> set[str]:
-        """Commits of this repo that ckptavg downloaded into this cache folder and has not deleted yet."""
+        old = cache_root() / "downloads" / f"{where}-{self._repo_cache.name}.json"
         try:
-            return set(json.loads(self._ledger_path.read_text()))
+            commits = json.loads(old.read_text())
         except (OSError, ValueError):
-            return set()
-
-    def _ledger_update(self, add: str | None = None, remove: str | None = None) -> None:
-        ledger = (self._ledger() | {add}) - {remove, None}
-        path = self._ledger_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(sorted(ledger)))
+            return
+        for commit in commits if isinstance(commits, list) else ():
+            if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit):
+                self._ledger.mark_downloaded(commit)
+        old.unlink(missing_ok=True)
 
 
 def _discard(snapshot_file: Path) -> None:

@@ -34,6 +34,7 @@ class Source(Protocol):
     def fetch(self, step: int) -> Path: ...
     def evict(self, step: int) -> None: ...
     def evict_leftovers(self, keep: set[int]) -> list[str]: ...
+    def release(self) -> None: ...  # let go of what it fetched, deleting nothing (other runs may delete it)
     def disk_usage(self) -> int: ...
 
 
@@ -166,28 +167,31 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     if not keep_downloads:
         for commit in source.evict_leftovers(set(steps_of([j.window for j in plan.todo]))):
             log.write("evict-leftover", None, revision=commit)
-    for i, action in enumerate(plan.fetch.actions):
-        job = plan.todo[action.window] if action.kind == "average" else None
-        if action.kind == "fetch":
-            on_disk[action.step] = source.fetch(action.step)
-            if on_fetch is not None:
-                on_fetch(action.step, on_disk[action.step])
-        elif action.kind == "evict":
-            source.evict(action.step)
-            on_disk.pop(action.step, None)
-        else:
-            folders = [on_disk[s] for s in job.window.members]
-            if on_window_inputs is not None:
-                on_window_inputs(job, folders)
-            if in_memory is not None:
-                in_memory(job, folders, reread[i])
+    try:
+        for i, action in enumerate(plan.fetch.actions):
+            job = plan.todo[action.window] if action.kind == "average" else None
+            if action.kind == "fetch":
+                on_disk[action.step] = source.fetch(action.step)
+                if on_fetch is not None:
+                    on_fetch(action.step, on_disk[action.step])
+            elif action.kind == "evict":
+                source.evict(action.step)
+                on_disk.pop(action.step, None)
             else:
-                written_to = _average(source, job, folders, force, bars, reread[i], average_kwargs)
-                written.append(written_to)
-                if on_window is not None:
-                    on_window(job, written_to)
-        extra = {"run": job.run.tag} if job is not None and len(plan.roots) > 1 else {}
-        log.write(action.kind, action.step, planned_disk=action.disk_after, **extra)
+                folders = [on_disk[s] for s in job.window.members]
+                if on_window_inputs is not None:
+                    on_window_inputs(job, folders)
+                if in_memory is not None:
+                    in_memory(job, folders, reread[i])
+                else:
+                    written_to = _average(source, job, folders, force, bars, reread[i], average_kwargs)
+                    written.append(written_to)
+                    if on_window is not None:
+                        on_window(job, written_to)
+            extra = {"run": job.run.tag} if job is not None and len(plan.roots) > 1 else {}
+            log.write(action.kind, action.step, planned_disk=action.disk_after, **extra)
+    finally:
+        source.release()
     return written
 
 

@@ -148,6 +148,9 @@ class LocalTrajectory:
     def evict_leftovers(self, keep: set[int]) -> list[str]:
         return []
 
+    def release(self) -> None:
+        pass
+
     def disk_usage(self) -> int:
         return 0
 
