@@ -3,7 +3,7 @@
     OUT/NAME/TAG/stepN/        one trajectory output (a model folder with ckptavg.json)
     OUT/NAME/TAG/ckptavg-run.jsonl   the run log of that run
     OUT/alphaA/                one interpolation
-    .NAME.ckptavg-tmp-PID-...  an output being built (hidden, beside its final place)
+    .NAME.ckptavg-tmp-PID@HOST@...  an output being built (hidden, beside its final place)
 
 Identity (which trajectory, which run) is read from each output's manifest, not from these
 names, so a tree can be moved or renamed; `position_identity` reads old outputs whose manifests
@@ -13,6 +13,8 @@ predate that record.
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,13 +36,27 @@ def interpolation_folder(out: str | Path, alpha: float) -> Path:
     return Path(out) / f"alpha{alpha:g}"
 
 
-def temporary_name(final: Path, suffix: str) -> Path:
-    """The hidden sibling an output is built in before it is renamed into place."""
-    return final.parent / f".{final.name}{TMP_MARK}{suffix}"
+def temporary_name(final: Path, kind: str = "") -> Path:
+    """The hidden sibling an output is built in before it is renamed into place. It names its owner by
+    process and host, so that a run reaping the temporaries of dead runs (`temporary_owner`) never takes
+    a live run on another host of a shared filesystem for a dead one."""
+    return final.parent / f".{final.name}{TMP_MARK}{os.getpid()}@{socket.gethostname()}@{kind}{uuid.uuid4().hex[:8]}"
 
 
 def temporary_prefix(final: Path) -> str:
     return f".{final.name}{TMP_MARK}"
+
+
+def temporary_owner(name: str, prefix: str) -> tuple[int, str | None] | None:
+    """(pid, host) of the run building the temporary `name` (host None for names from before hosts
+    were recorded), or None when `name` is no temporary of this kind."""
+    if not name.startswith(prefix):
+        return None
+    rest = name[len(prefix):]
+    pid, *host = rest.split("@") if "@" in rest else rest.split("-")[:1]
+    if not pid.isdigit():
+        return None
+    return int(pid), host[0] if host else None
 
 
 def position_identity(folder: Path) -> RunId:

@@ -127,3 +127,26 @@ def test_numpy_copy_does_not_alias_the_callers_buffer(tmp_path):
     np.copyto(buf, 0)
     f.finish()
     assert torch.equal(load_file(path)["w"], sd["w"])
+
+
+def test_only_this_hosts_dead_runs_temporaries_are_reaped(tmp_path):
+    """Beside an output: a dead run's temporary on this host goes; a live one's stays, and so does every
+    temporary named by another host (on a shared filesystem its pid means nothing here)."""
+    import socket
+
+    from ckptavg.layout import temporary_prefix
+
+    final = tmp_path / "step3000"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    prefix = temporary_prefix(final)
+    here, there = socket.gethostname(), "node-elsewhere-17"
+    names = {"dead here": f"{prefix}{dead.pid}@{here}@0a1b2c3d", "live here": f"{prefix}{os.getpid()}@{here}@0a1b2c3d",
+             "dead there": f"{prefix}{dead.pid}@{there}@0a1b2c3d", "live there": f"{prefix}1@{there}@old-0a1b2c3d",
+             "dead, before hosts": f"{prefix}{dead.pid}-0a1b2c3d"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    with writer.OutputDir(final) as out:
+        assert out.path.name.startswith(f"{prefix}{os.getpid()}@{here}@")
+    left = {what for what, name in names.items() if (tmp_path / name).exists()}
+    assert left == {"live here", "dead there", "live there"}

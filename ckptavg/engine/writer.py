@@ -16,8 +16,8 @@ import json
 import mmap
 import os
 import shutil
+import socket
 import struct
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import numpy as np
 from ..atomic import write_text
 from ..errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
 from ..formats import SAFETENSORS_INDEX, SIDE_FILES
-from ..layout import temporary_name, temporary_prefix
+from ..layout import temporary_name, temporary_owner, temporary_prefix
 from ..manifest import MANIFEST, Manifest, manifest_json
 from .plan import Shard, TensorJob
 from .tensors import DTYPE_NAMES, whole_blocks
@@ -196,15 +196,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(final: Path) -> None:
-    """Delete temporary folders that killed runs left beside `final`."""
+    """Delete temporary folders that killed runs on this host left beside `final`; another host's are
+    left alone (its processes cannot be asked after from here)."""
     prefix = temporary_prefix(final)
     if not final.parent.is_dir():
         return
+    here = socket.gethostname()
     for entry in final.parent.iterdir():
-        if entry.name.startswith(prefix):
-            pid = entry.name[len(prefix):].split("-")[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+        owner = temporary_owner(entry.name, prefix)
+        if entry.name.startswith(prefix) and owner is None:
+            shutil.rmtree(entry, ignore_errors=True)  # not one of ours: no run owns it
+        elif owner is not None and owner[1] in (here, None) and not _pid_alive(owner[0]):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class OutputDir:
@@ -216,7 +219,7 @@ class OutputDir:
     def __init__(self, final: str | os.PathLike, force: bool = False) -> None:
         self.final = Path(final).absolute()
         self.force = force
-        self.path = temporary_name(self.final, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.path = temporary_name(self.final)
         self._committed = False
 
     def check(self) -> None:
@@ -240,7 +243,7 @@ class OutputDir:
         if self.final.exists():
             if not self.force:
                 raise OutputExistsError(f"{self.final} appeared while writing (pass --force to replace it)")
-            old = temporary_name(self.final, f"{os.getpid()}-old-{uuid.uuid4().hex[:8]}")
+            old = temporary_name(self.final, "old-")
             os.rename(self.final, old)
         os.rename(self.path, self.final)
         fsync_dir(self.final.parent)
