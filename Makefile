@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 DEMO := out/demo
 
-.PHONY: install lint test test-fast demo bench bench-eval clean
+.PHONY: install slurm-packages lint test test-fast demo bench bench-eval clean
 
 # torch is pinned first: on a CPU machine it resolves to a local CPU build, where an unpinned
 # `torch` (pulled in by transformers) would download several GB of CUDA wheels.
@@ -14,12 +14,25 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# Slurm's daemons, for the tests that run a real single-node cluster (tests/slurmcluster.py): Debian's
+# packages, installed as root where apt-get is; elsewhere those tests are skipped, saying why.
+SLURM_PACKAGES := slurmctld slurmd munge slurmdbd mariadb-server
+slurm-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	   ! { command -v slurmctld && command -v slurmdbd && command -v mariadbd; } >/dev/null; then \
+	  echo "installing $(SLURM_PACKAGES) for the Slurm tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null 2>&1; } || \
+	  echo "could not install $(SLURM_PACKAGES): the Slurm tests will be skipped"; \
+	fi
+
 # Style and the layering (pyproject.toml's import-linter contracts); part of `make test`.
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
-test: lint
+test: lint slurm-packages
 	$(PYTHON) -m pytest -q
 
 # The inner loop: everything but the tests marked slow (about 30 s).

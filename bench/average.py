@@ -167,21 +167,23 @@ def floor_write(path: Path, nbytes: int) -> float:
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """Wall time and peak RssAnon (sampled every 5 ms from /proc) of a command. It runs in another folder:
     the working folder comes first on the import path, and would shadow PYTHONPATH's ckptavg."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
-    peak = 0
-    status = Path(f"/proc/{proc.pid}/status")
-    while proc.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except OSError:
-            pass
-        time.sleep(0.005)
-    dt = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr.read().decode()}")
+    with tempfile.TemporaryFile() as err:  # not a pipe: a child that fills one would wait on it forever
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=tempfile.gettempdir())
+        peak = 0
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+            except OSError:
+                pass
+            time.sleep(0.005)
+        dt = time.perf_counter() - t
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{cmd[:4]} failed:\n{err.read().decode()}")
     return dt, peak
 
 

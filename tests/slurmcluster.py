@@ -15,8 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-PACKAGES = ("slurmctld", "slurmd", "munge", "slurmdbd", "mariadb-server")
-PORTS = {"ctld": 6817, "slurmd": 6818, "dbd": 6819, "db": 3307}
+PORT_NAMES = ("ctld", "slurmd", "dbd", "db")
 
 
 class Unavailable(Exception):
@@ -36,9 +35,17 @@ def _wait(check, seconds: float, what: str) -> None:
     raise Unavailable(f"{what} did not come up in {seconds:.0f} s")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+def _free_ports(names) -> dict[str, int]:
+    """Ports the kernel hands out as free, all at once (so distinct), for the daemons to bind: fixed ones
+    collide with another cluster, or another test run, on the same machine."""
+    socks = [socket.socket() for _ in names]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, socks, strict=True)}
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Cluster:
@@ -47,20 +54,15 @@ class Cluster:
         self.conf = base / "etc" / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.mariadb: subprocess.Popen | None = None  # our child: waited for, so that it leaves no zombie
+        self.ports: dict[str, int] = {}
 
     def start(self) -> Cluster:
         if os.geteuid() != 0:
             raise Unavailable("starting Slurm's daemons needs root")
-        if not shutil.which("slurmctld") or not shutil.which("mariadbd"):
-            r = _run("apt-get", "install", "-y", "-qq", *PACKAGES, timeout=600)
-            if r.returncode:
-                _run("apt-get", "update", "-qq", timeout=600)
-                r = _run("apt-get", "install", "-y", "-qq", *PACKAGES, timeout=600)
-            if r.returncode:
-                raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr.strip()[-300:]}")
-        busy = [p for p in PORTS.values() if not _port_free(p)]
-        if busy:
-            raise Unavailable(f"port(s) {busy} already in use")
+        missing = [b for b in ("slurmctld", "slurmd", "munged", "slurmdbd", "mariadbd") if not shutil.which(b)]
+        if missing:  # installed by `make test` (Debian packages, as root), never from inside a test
+            raise Unavailable(f"{', '.join(missing)} not installed (`make slurm-packages` installs them)")
+        self.ports = _free_ports(PORT_NAMES)
         for sub in ("etc", "state", "spool", "run", "log", "munge", "mysql"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         self._munge()
@@ -87,7 +89,7 @@ class Cluster:
             raise Unavailable(f"mariadb-install-db: {r.stderr.strip()[-300:]}")
         self.mariadb = subprocess.Popen(
             ["mariadbd", "--no-defaults", "--user=root", f"--datadir={db}/data", f"--socket={sock}",
-             f"--port={PORTS['db']}", "--bind-address=127.0.0.1", f"--pid-file={db}/mysqld.pid",
+             f"--port={self.ports['db']}", "--bind-address=127.0.0.1", f"--pid-file={db}/mysqld.pid",
              f"--log-error={db}/error.log", "--skip-log-bin", "--innodb-buffer-pool-size=64M"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         _wait(lambda: _run("mariadb", "--no-defaults", "-S", str(sock), "-e", "select 1").returncode == 0, 30,
@@ -97,9 +99,9 @@ class Cluster:
              "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
         munge = self.base / "munge" / "munge.socket"
         dbd = self.base / "etc" / "slurmdbd.conf"
-        dbd.write_text(f"AuthType=auth/munge\nAuthInfo=socket={munge}\nDbdHost=localhost\nDbdPort={PORTS['dbd']}\n"
+        dbd.write_text(f"AuthType=auth/munge\nAuthInfo=socket={munge}\nDbdHost=localhost\nDbdPort={self.ports['dbd']}\n"
                        f"SlurmUser=root\nLogFile={self.base}/log/slurmdbd.log\nPidFile={self.base}/run/slurmdbd.pid\n"
-                       f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={PORTS['db']}\n"
+                       f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={self.ports['db']}\n"
                        "StorageUser=slurm\nStoragePass=slurm\nStorageLoc=slurm_acct_db\n")
         dbd.chmod(0o600)
         self._write_conf()
@@ -117,13 +119,13 @@ class Cluster:
         b = self.base
         self.conf.write_text("\n".join([
             "ClusterName=local", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={PORTS['ctld']}", f"SlurmdPort={PORTS['slurmd']}", "AuthType=auth/munge",
+            f"SlurmctldPort={self.ports['ctld']}", f"SlurmdPort={self.ports['slurmd']}", "AuthType=auth/munge",
             "CredType=cred/munge", f"AuthInfo=socket={b}/munge/munge.socket", f"StateSaveLocation={b}/state",
             f"SlurmdSpoolDir={b}/spool", f"SlurmctldPidFile={b}/run/slurmctld.pid", f"SlurmdPidFile={b}/run/slurmd.pid",
             f"SlurmctldLogFile={b}/log/slurmctld.log", f"SlurmdLogFile={b}/log/slurmd.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=localhost",
-            f"AccountingStoragePort={PORTS['dbd']}", f"AccountingStoragePass={b}/munge/munge.socket",
+            f"AccountingStoragePort={self.ports['dbd']}", f"AccountingStoragePass={b}/munge/munge.socket",
             "JobCompType=jobcomp/none", "MpiDefault=none",
             "SwitchType=switch/none", "MailProg=/bin/true", "SchedulerType=sched/backfill",
             "SchedulerParameters=batch_sched_delay=0", "SelectType=select/cons_tres",
