@@ -4,8 +4,9 @@ Runs `average_checkpoints` in a fresh process per measurement, on bench/average.
 (build them with `python bench/average.py --cases CASE --reps 0`), warm or cold (the page cache dropped
 first: root only), with or without input hashing, and alternates between ckptavg checkouts (--roots) so
 that two versions are compared in the same runs. A stage's CPU is its threads' user + system time:
-`_read` (the reader), `_write`, `_hash` (all hashing threads together) and the arithmetic (the main
-thread; on more than 3 cores its helper threads are not counted). Page faults are the process's.
+`_read` (the reader), `_write`, `_hash` (all hashing threads together) and the arithmetic (its
+coordinating thread, and in checkouts before the engine ran every stage in its own thread, the caller's;
+on more than 3 cores its helper threads are not counted). Page faults are the process's.
 
     python bench/stages.py [--case 1b] [--modes warm,cold] [--hash both] [--reps 2] [--roots .,/tmp/base]
                            [--buffered-writes]

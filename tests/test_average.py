@@ -251,3 +251,28 @@ def test_arithmetic_threads_change_no_bit(ckpts, tmp_path, monkeypatch, weights)
     got, ref = load_reference(many), load_reference(one)
     assert all(torch.equal(got[name], t) for name, t in ref.items())
     assert_matches(many, reference_average(inputs, weights), max_ulp=0 if weights is None else 1)
+
+
+def test_an_average_leaves_the_callers_and_new_threads_torch_thread_count_alone(ckpts, tmp_path):
+    """The engine runs torch on one thread per stage thread, but a library caller (a resident model
+    scoring in another thread) keeps its own thread count: during the average, a thread that starts
+    gets the process's count, and the caller's is the same before and after."""
+    import threading
+
+    inputs = ckpts("float16", "safetensors")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)  # not 1 whatever the machine, so that a count forced to 1 shows
+    seen: list[int] = []
+
+    def progress(n: int) -> None:  # called mid-average, from the engine's writer thread
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+
+    try:
+        out = average_checkpoints(inputs, tmp_path / "avg", device="cpu", piece_elements=1024,
+                                  progress=lambda plan: progress)
+        assert seen and set(seen) == {3} and torch.get_num_threads() == 3
+        assert_matches(out, reference_average(inputs), max_ulp=1)
+    finally:
+        torch.set_num_threads(previous)
