@@ -10,16 +10,20 @@ cache or downloaded and kept until the run lets it go; deleting takes the lock e
 so a revision another run holds is left to that run, which deletes it when it lets go in turn. The kernel
 drops a killed run's locks, so no run ever has to guess whether another is alive. Everything lives in the
 cache itself (`.locks/ckptavg/`, beside huggingface_hub's own locks, which its cache scan skips), so every
-host and user that shares the cache sees the same holds.
+host and user that shares the cache sees the same holds. A cache where these files cannot be written (a
+read-only, pre-filled one) is read without holds: ckptavg downloads nothing into it, so deletes nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class RevisionLedger:
@@ -39,24 +43,36 @@ class RevisionLedger:
             return set()
 
     def mark_downloaded(self, commit: str) -> None:
-        self._markers.mkdir(parents=True, exist_ok=True)
-        (self._markers / commit).touch()
+        try:
+            self._markers.mkdir(parents=True, exist_ok=True)
+            (self._markers / commit).touch()
+        except OSError as e:
+            if e.errno not in _READ_ONLY:
+                raise  # (unmarked, a download is only never deleted)
 
     def held(self) -> set[str]:
         return set(self._held)
 
-    def _open(self, name: str) -> int:
+    def _open(self, name: str) -> int | None:
+        """The lock file `name`, open; None where the cache cannot take one (read-only)."""
         path = self.folder / "held" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # (an exclusive flock on NFS needs a file open for writing)
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:  # another user's lock file in a shared cache
-            return os.open(path, os.O_RDONLY)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # (an exclusive flock on NFS needs a file open for writing)
+                return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's lock file in a shared cache
+                return os.open(path, os.O_RDONLY)
+        except OSError as e:
+            if e.errno in _READ_ONLY:
+                return None
+            raise
 
     def hold(self, commit: str) -> None:
         """Keep every other run from deleting `commit` until `let_go`; waits while one is deleting it."""
         if commit not in self._held:
             fd = self._open(f"{commit}.lock")
+            if fd is None:
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
             except BaseException:
@@ -70,6 +86,8 @@ class RevisionLedger:
         fd = self._held.pop(commit, None)
         if fd is None:
             fd = self._open(f"{commit}.lock")
+        if fd is None:
+            return False  # a cache that takes no lock takes no deletion either
         try:
             if commit not in self.downloaded():
                 return False
@@ -91,6 +109,8 @@ class RevisionLedger:
         """One deletion at a time per repo: two at once could each see a blob the revisions share as
         still used by the other, and leave it behind."""
         fd = self._open("delete.lock")
+        if fd is None:  # (the revision's own lock was taken, so this one can be)
+            raise OSError(errno.EACCES, "cannot open the deletion lock", str(self.folder / "held" / "delete.lock"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
