@@ -251,6 +251,11 @@ def test_a_store_still_locked_at_its_deadline_says_so(tmp_path):
     with pytest.raises(IOFailure, match="locked by another process"):
         Store(path, timeout=0.2)
     other.execute("ROLLBACK")
+    with Store(path, timeout=0.2) as store:  # a write waits no longer than the deadline either
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(IOFailure, match="locked by another process for 0.2 s"):
+            store.put([row(ORIGINAL, 1000, 10.0)])
+        other.execute("ROLLBACK")
     other.close()
 
 
@@ -356,3 +361,20 @@ def test_study_file_resolves_its_diversity_text_against_the_root(tmp_path):
     loaded = load_study(file, root=tmp_path / "root")
     assert loaded.scoring["diversity"] == tmp_path / "root" / "texts" / "mail.jsonl"
     assert loaded.scoring["fresh_model"] is True
+
+
+def test_a_store_on_a_read_only_filesystem_says_so(tmp_path):
+    from ckptavg.errors import IOFailure
+
+    folder = tmp_path / "share"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "none", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a filesystem here (needs root)")
+    try:
+        with Store(folder / "r.sqlite") as store:
+            store.put([row(ORIGINAL, 1000, 10.0)])
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        with pytest.raises(IOFailure, match="read-only"):
+            Store(folder / "r.sqlite")
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -13,6 +13,7 @@ savings work on a machine without torch or lm-eval.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -86,6 +87,14 @@ def _not_a_database(e: sqlite3.Error) -> bool:
     return "not a database" in str(e) or "malformed" in str(e)
 
 
+def _read_only_folder(folder: Path) -> bool:
+    """A WAL store needs its folder writable (for its -wal and -shm files), even to be read."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY) or not os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
 class Store:
     def __init__(self, path: Path, *, timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
@@ -93,16 +102,23 @@ class Store:
         # autocommit: every write below opens its own IMMEDIATE transaction, so a writer takes the lock
         # before it reads what it will replace (a deferred one could deadlock with another writer)
         self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        self.timeout = timeout
         try:
             self._open(time.monotonic() + timeout)
         except sqlite3.Error as e:
             self.db.close()
             if _not_a_database(e):
                 raise InputError(f"{self.path}: not a ckptavg results database ({e})") from None
-            if _is_busy(e):
-                raise IOFailure(f"{self.path}: the results database stayed locked by another process for "
-                                f"{timeout:g} s ({e})") from None
-            raise InputError(f"{self.path}: cannot open the results database ({e})") from None
+            raise self._failure(e) from None
+
+    def _failure(self, e: sqlite3.Error) -> IOFailure:
+        """What SQLite said, as one line that says what happened."""
+        if _is_busy(e):
+            return IOFailure(f"{self.path}: the results database stayed locked by another process for "
+                             f"{self.timeout:g} s ({e})")
+        if _code(e) == sqlite3.SQLITE_READONLY or "readonly" in str(e) or _read_only_folder(self.path.parent):
+            return IOFailure(f"{self.path}: the results database is read-only here ({e}): give a writable --results")
+        return IOFailure(f"{self.path}: the results database failed ({e})")
 
     def _open(self, deadline: float) -> None:
         """Switch to WAL and create or migrate the schema, safe against other processes doing the same.
@@ -156,16 +172,21 @@ class Store:
 
     def put(self, rows: Sequence[Row]) -> None:
         """Replace every row of the (model, tag, step, task, limit) groups in `rows` at once."""
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            for key in {(r.model, r.tag, r.step, r.task, r.limit) for r in rows}:
-                self.db.execute('DELETE FROM scores WHERE model=? AND tag=? AND step=? AND task=? AND "limit"=?', key)
-            self.db.executemany(f"INSERT INTO scores ({_quoted(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                                [tuple(asdict(r).values()) for r in rows])
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for key in {(r.model, r.tag, r.step, r.task, r.limit) for r in rows}:
+                    self.db.execute('DELETE FROM scores WHERE model=? AND tag=? AND step=? AND task=? AND "limit"=?',
+                                    key)
+                self.db.executemany(f"INSERT INTO scores ({_quoted(_COLUMNS)}) "
+                                    f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                                    [tuple(asdict(r).values()) for r in rows])
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            raise self._failure(e) from None
 
     def merge(self, other: Path) -> int:
         """Fold another store (a job's own) into this one, group by group as `put` does: the newer of two
