@@ -23,10 +23,29 @@ def test_each_input_format_matches_reference(ckpts, tmp_path, fmt):
     assert (out / "config.json").is_file()
 
 
-def test_float32_float64_accumulation_is_bit_identical(ckpts, tmp_path):
+@pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5]])
+def test_float32_inputs_are_summed_in_float64_by_default_and_match_bit_for_bit(ckpts, tmp_path, weights):
+    """Trainers save float32: by default their average is the float64 mean (or weighted sum) cast once."""
     inputs = ckpts("float32", "safetensors")
-    out = average_checkpoints(inputs, tmp_path / "avg", accumulate=torch.float64, device="cpu")
+    for name, asked in (("default", None), ("asked", torch.float64)):
+        out = average_checkpoints(inputs, tmp_path / name, weights=weights, accumulate=asked, device="cpu")
+        assert_matches(out, reference_average(inputs, weights), max_ulp=0, accumulate=torch.float64)
+        assert json.loads((out / MANIFEST).read_text())["dtype_policy"]["accumulate"] == "float64"
+
+
+def test_each_tensor_is_summed_in_the_dtype_its_inputs_need(tmp_path):
+    """A model with float32 norms beside float16 weights: the norms in float64, the rest in float32, each
+    the float64 mean cast once; the manifest says which dtype took which inputs."""
+    inputs = []
+    for i in range(3):
+        sd = pythia_state_dict(i, torch.float16)
+        sd = {k: v.float() if "layernorm" in k else v for k, v in sd.items()}
+        inputs.append(write_checkpoint(tmp_path / f"step{i}", sd, "safetensors"))
+    assert {v.dtype for v in load_reference(inputs[0]).values()} >= {torch.float16, torch.float32}
+    out = average_checkpoints(inputs, tmp_path / "avg", device="cpu")
     assert_matches(out, reference_average(inputs), max_ulp=0, accumulate=torch.float64)
+    assert json.loads((out / MANIFEST).read_text())["dtype_policy"]["accumulate"] == \
+        "float32 for float16 inputs, float64 for float32 inputs"
 
 
 def test_bfloat16_within_one_ulp(ckpts, tmp_path):

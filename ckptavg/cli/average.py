@@ -24,8 +24,9 @@ def average(
                                           "order (default: uniform 1/n)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize",
                                    help="Require the weights to sum to 1; --no-normalize uses them as given."),
-    accumulate: str = typer.Option("float32", help="Accumulation precision: float32, or float64 for "
-                                   "bit-exact sums of float32 inputs."),
+    accumulate: str = typer.Option("auto", help="Accumulation precision: auto (float32 for 16-bit inputs, "
+                                   "float64 for float32 ones: the float64 mean cast once either way), "
+                                   "float32 (faster on float32 inputs, not exact), or float64."),
     shard_size: str = typer.Option("5GB", help="Largest output shard (e.g. 5GB, 500MiB); "
                                    "larger outputs are split, with a model.safetensors.index.json."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
@@ -38,9 +39,10 @@ def average(
     """Average local checkpoints tensor by tensor into a new model folder.
 
     Inputs may be model.safetensors, sharded safetensors with an index, pytorch_model.bin, or
-    sharded .bin with an index, in any mix. Floats are accumulated in float32 (or float64) and
-    cast once; integer and boolean buffers are copied from the newest input. The output is
-    written under a temporary name and appears only when complete, with ckptavg.json last.
+    sharded .bin with an index, in any mix. Floats are accumulated in a dtype in which the sum is
+    exact (float32 for 16-bit inputs, float64 for float32 ones) and cast once; integer and boolean
+    buffers are copied from the newest input. The output is written under a temporary name and
+    appears only when complete, with ckptavg.json last.
     """
     from ..api import output_summary, resolve_device, torch_dtype
     from ..engine.average import average_checkpoints

@@ -37,7 +37,7 @@ def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: b
 
 
 def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
-                      out_dtype: torch.dtype | None = None, accumulate: torch.dtype = torch.float32,
+                      out_dtype: torch.dtype | None = None, accumulate: torch.dtype | None = None,
                       device: str | torch.device = "auto", copy: Sequence[str] = (),
                       piece_elements: int = PIECE_ELEMENTS, reread: Collection[int] = ()) -> dict[str, torch.Tensor]:
     """The same average as `average_checkpoints`, as a CPU state dict (names as stored), written nowhere.
@@ -50,7 +50,7 @@ def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None,
 
 
 def plan_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
-                   out_dtype: torch.dtype | None = None, accumulate: torch.dtype = torch.float32,
+                   out_dtype: torch.dtype | None = None, accumulate: torch.dtype | None = None,
                    copy: Sequence[str] = (), reread: Collection[int] = ()) -> AveragePlan:
     """The plan of the same average as `average_checkpoints`, for `average_into`: the caller learns the
     output's tensor names (and can check them) before a byte of tensor data is read. `reread`: as for
@@ -68,6 +68,18 @@ def average_into(plan: AveragePlan, destinations: dict[str, torch.Tensor], *, de
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
     return "auto (as stored in the newest input)" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _accumulation_name(plan: AveragePlan) -> str:
+    """The dtype the averaged tensors were summed in ("float32", "float64"), or each one's, by input dtype."""
+    used: dict[str, set[str]] = {}
+    for job in plan.jobs:
+        if job.action == "average":
+            used.setdefault(str(job.accumulate).removeprefix("torch."), set()).update(
+                str(r.dtype).removeprefix("torch.") for r in job.sources)
+    if len(used) <= 1:
+        return next(iter(used), "float32")
+    return ", ".join(f"{acc} for {'/'.join(sorted(ins))} inputs" for acc, ins in sorted(used.items()))
 
 
 def _versions() -> dict[str, str]:
@@ -95,7 +107,7 @@ def average_checkpoints(
     weights: Sequence[float] | None = None,
     normalize: bool = True,
     out_dtype: torch.dtype | None = None,
-    accumulate: torch.dtype = torch.float32,
+    accumulate: torch.dtype | None = None,
     device: str | torch.device = "auto",
     shard_bytes: int = 5 * 10**9,
     force: bool = False,
@@ -150,7 +162,7 @@ def average_checkpoints(
             normalized=normalize,
             inputs=_describe_inputs(checkpoints, hashes if hash_inputs else None, provenance, plan),
             dtype_policy=DtypePolicy(
-                output=_dtype_name(out_dtype), accumulate=_dtype_name(accumulate),
+                output=_dtype_name(out_dtype), accumulate=_accumulation_name(plan),
                 not_averaged="copied from the newest input: non-float tensors and non-trained buffers; "
                              "the output holds one exactly when the newest input does",
                 copy_patterns=plan.copy_patterns),

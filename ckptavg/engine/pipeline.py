@@ -3,8 +3,9 @@
 Stages run at once, handing fixed-size pieces to each other through bounded queues: a reader
 thread fetches each input's piece of a tensor (on a CPU mapped straight from the page cache, or
 read from disk with one large direct `pread` into a pooled buffer: see `TensorReader`), arithmetic
-threads (half the cores) accumulate each piece's slices in float32/float64 in L2-sized chunks and
-cast once to the output dtype, a writer thread appends the result to the current output shard (or,
+threads (half the cores) accumulate each piece's slices in L2-sized chunks (in float32 for 16-bit
+inputs, float64 for float32 ones: `plan.accumulation_dtype`) and cast once to the output dtype, a
+writer thread appends the result to the current output shard (or,
 for scoring without writing, to tensors in memory), and, when input files are to be hashed, hashing
 threads (one per core at most, each owning some of the files) feed the same input bytes to their
 files' sha256 before the buffers go back to the pool, so that no file is read twice. File I/O, torch
@@ -225,9 +226,11 @@ class _Pipeline:
         # a core the reader, writer or hashers hold, which measured 20-35% slower on 2 cores.
         on_gpu = device.type == "cuda"
         self.workers = 1 if on_gpu else max(1, available_cores() // 2)
-        chunk = piece_elements if on_gpu else min(CHUNK_BYTES // plan.accumulate.itemsize, piece_elements)
-        self.scratch = [(torch.empty(chunk, dtype=plan.accumulate, device=device),
-                         torch.empty(chunk, dtype=plan.accumulate, device=device)) for _ in range(self.workers)]
+        # an accumulator and a temporary per thread, raw bytes viewed as each tensor's accumulation dtype
+        widest = max((j.accumulate.itemsize for j in jobs if j.action == "average"), default=4)
+        scratch = piece_elements * widest if on_gpu else min(CHUNK_BYTES, piece_elements * widest)
+        self.scratch = [(torch.empty(scratch, dtype=torch.uint8, device=device),
+                         torch.empty(scratch, dtype=torch.uint8, device=device)) for _ in range(self.workers)]
         # On a GPU, inputs cross to the device and results back in their stored dtypes, and are converted
         # there: torch converts a host tensor on the host before copying it (one thread, twice the bytes).
         self.to_device = torch.empty(piece_bytes, dtype=torch.uint8, device=device) if on_gpu else None
@@ -313,20 +316,24 @@ class _Pipeline:
                     self.hashers[f].hexdigest()
         return _hash
 
-    def _accumulate(self, views: Sequence[torch.Tensor], out: torch.Tensor, pool: ThreadPoolExecutor | None) -> None:
-        """`out` = the weighted sum of `views`, slice by slice in parallel (the slices are whole chunks,
-        so the chunking, and with it every rounding, is the same however many threads there are)."""
-        n, step = out.numel(), self.scratch[0][0].numel()
+    def _accumulate(self, views: Sequence[torch.Tensor], out: torch.Tensor, dtype: torch.dtype,
+                    pool: ThreadPoolExecutor | None) -> None:
+        """`out` = the weighted sum of `views`, summed in `dtype`, slice by slice in parallel (the slices
+        are whole chunks, so the chunking, and with it every rounding, is the same however many threads
+        there are)."""
+        scratch = [(a[: a.numel() // dtype.itemsize * dtype.itemsize].view(dtype),
+                    t[: t.numel() // dtype.itemsize * dtype.itemsize].view(dtype)) for a, t in self.scratch]
+        n, step = out.numel(), scratch[0][0].numel()
         chunks = -(-n // step)
         per = -(-chunks // min(self.workers, chunks)) * step
         slices = [(a, min(n, a + per)) for a in range(0, n, per)]
         if pool is None or len(slices) == 1:
             for i, (a, b) in enumerate(slices):
-                self._accumulate_slice(views, out, a, b, *self.scratch[i])
+                self._accumulate_slice(views, out, a, b, *scratch[i])
             return
-        done = [pool.submit(self._accumulate_slice, views, out, a, b, *self.scratch[i])
+        done = [pool.submit(self._accumulate_slice, views, out, a, b, *scratch[i])
                 for i, (a, b) in enumerate(slices[1:], 1)]
-        self._accumulate_slice(views, out, *slices[0], *self.scratch[0])
+        self._accumulate_slice(views, out, *slices[0], *scratch[0])
         for d in done:
             d.result()
 
@@ -375,7 +382,7 @@ class _Pipeline:
                 if p.job.action == "copy":
                     out.copy_(views[0])
                 else:
-                    self._accumulate(views, out, pool)
+                    self._accumulate(views, out, p.job.accumulate, pool)
                 if out.is_cuda:
                     # the copies from the input buffers to the device are queued, maybe not yet done (a
                     # result bound for host memory waits for them; one that stays on the device does
