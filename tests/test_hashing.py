@@ -100,16 +100,19 @@ def _read_bytes() -> int:
     raise AssertionError("no rchar in /proc/self/io")
 
 
-def test_hashing_reads_no_input_twice(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_hashing_reads_no_input_twice(tmp_path, monkeypatch, fmt):
     """Hashing adds no reads of its own (headers and a few small reads aside): it hashes what the engine
-    reads, whether through `read` calls or, as on a CPU, a mapping of the page cache."""
+    reads, whether through `read` calls or, as on a CPU, a mapping of the page cache; `.bin` files too,
+    whose tensors are found at their byte offsets in the zip."""
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
     g = torch.Generator().manual_seed(0)
     inputs = []
     for i in range(3):
         sd = {f"layer{j}.weight": torch.randn(512, 1024, generator=g).half() for j in range(4)}
-        inputs.append(write_checkpoint(tmp_path / f"step{i}", sd, "safetensors"))
-    in_bytes = sum((f / "model.safetensors").stat().st_size for f in inputs)
+        inputs.append(write_checkpoint(tmp_path / f"step{i}", sd, fmt))
+    weights = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+    in_bytes = sum((f / weights).stat().st_size for f in inputs)
     read = {}
     for hashed in (False, True):
         before = _read_bytes()
@@ -118,7 +121,7 @@ def test_hashing_reads_no_input_twice(tmp_path, monkeypatch):
         read[hashed] = _read_bytes() - before
     assert read[True] - read[False] < 0.02 * in_bytes, read
     files = [r["files"][0] for r in json.loads((out / MANIFEST).read_text())["inputs"]]
-    assert [f["sha256"] for f in files] == [sha256(f / "model.safetensors") for f in inputs]
+    assert [f["sha256"] for f in files] == [sha256(f / weights) for f in inputs]
 
 
 _EVICTS: dict[int, bool] = {}  # by filesystem (st_dev)
@@ -213,6 +216,28 @@ def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
         assert inside_out(reader.read(ref, 0, n, out))  # without map_files: always read
 
 
+def test_bin_tensors_are_indexed_at_their_byte_offsets(tmp_path):
+    """A zip `.bin` tensor's bytes lie at its reference's offset, as torch.load gives them; a strided view
+    (no bytes of its own in order) has none and is still read right."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 32, generator=g)
+    sd = {"w": torch.randn(1000, generator=g).half(), "b": torch.randn(7, generator=g), "base": base,
+          "row": base[5], "t": torch.randn(16, 8, generator=g).t(), "steps": torch.arange(5)}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    ckpt = tensors.open_checkpoint(tmp_path)
+    raw = (tmp_path / "pytorch_model.bin").read_bytes()
+    for name, ref in ckpt.tensors.items():
+        if name == "t":
+            assert ref.offset is None
+            continue
+        want = sd[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        assert raw[ref.offset : ref.offset + ref.nbytes] == want, name
+    out = torch.empty(4096, dtype=torch.uint8)
+    with tensors.TensorReader(map_files=True) as reader:
+        for name, ref in ckpt.tensors.items():
+            assert torch.equal(reader.read(ref, 0, ref.numel, out).clone(), sd[name].reshape(-1)), name
+
+
 def _odd_file(tmp_path):
     """A tensor whose data starts and ends off block boundaries (the file's length is no whole number of
     4 KiB blocks), evicted from the page cache."""
@@ -287,16 +312,17 @@ def test_a_file_that_shrinks_while_read_from_disk_is_named(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_averages_of_inputs_from_disk_are_the_reference(tmp_path, monkeypatch, device):
-    """Every input out of the page cache, pieces that cut tensors off block boundaries, hashed: the
-    average and every recorded sha256 are right, and the inputs were read past the page cache (on a
-    GPU, into the pinned buffers bound for it)."""
+    """Every input out of the page cache (safetensors and `.bin`, single and sharded), pieces that cut
+    tensors off block boundaries, hashed: the average and every recorded sha256 are right, and the
+    inputs were read past the page cache (on a GPU, into the pinned buffers bound for it)."""
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
     g = torch.Generator().manual_seed(5)
     inputs = [write_checkpoint(tmp_path / f"step{i}", {"a": torch.randn(1_000_003, generator=g).half(),
                                                        "b": torch.randn(777, generator=g).half(),
                                                        "c": torch.randn(1_500_001, generator=g).half()},
-                               "safetensors" if i % 2 else "safetensors-sharded") for i in range(3)]
-    files = [f for folder in inputs for f in sorted(folder.glob("*.safetensors"))]
+                               ("bin-sharded", "safetensors", "safetensors-sharded", "bin")[i])
+              for i in range(4)]
+    files = [f for folder in inputs for f in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])]
     for f in files:
         evict(f)
     out = average_checkpoints(inputs, tmp_path / "avg", device=device, piece_elements=99_999)

@@ -142,9 +142,10 @@ def average_checkpoints(
     with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
         files = sorted({f for c in checkpoints for f in c.files}) if hash_inputs else []
         hashes = {f: known for f in files if (known := known_sha256(f)) is not None}
-        # safetensors files are hashed from the bytes the engine reads; `.bin` files, which it reads
-        # through a memory map, in a pass of their own alongside it
-        streamed = {f for c in checkpoints if c.format == "safetensors" for f in c.files}
+        # files whose every tensor has a byte offset are hashed from the bytes the engine reads; the
+        # others (tensors copied out of torch's mapping of a `.bin`) in a pass of their own alongside it
+        mapped = {r.file for c in checkpoints for r in c.tensors.values() if r.offset is None}
+        streamed = {f for c in checkpoints for f in c.files if f not in mapped}
         unknown = [f for f in files if f not in hashes]
         in_pass = [f for f in unknown if f in streamed]
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}

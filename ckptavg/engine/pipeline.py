@@ -1,16 +1,16 @@
 """Execute an `AveragePlan`: read, accumulate and write, overlapped, in bounded memory.
 
-Stages run at once, handing fixed-size pieces to each other through bounded queues: a reader
-thread fetches each input's piece of a tensor (on a CPU mapped straight from the page cache, or
-read from disk with one large direct `pread` into a pooled buffer: see `TensorReader`), arithmetic
-threads (half the cores) accumulate each piece's slices in L2-sized chunks (in float32 for 16-bit
-inputs, float64 for float32 ones: `plan.accumulation_dtype`) and cast once to the output dtype, a
-writer thread appends the result to the current output shard (or,
-for scoring without writing, to tensors in memory), and, when input files are to be hashed, hashing
-threads (one per core at most, each owning some of the files) feed the same input bytes to their
-files' sha256 before the buffers go back to the pool, so that no file is read twice. File I/O, torch
-kernels and hashlib release the GIL, so wall time tends to the slowest stage rather than the sum,
-and memory is the buffer pools: O(piece size x inputs), independent of model size.
+Stages run at once, each in a thread of its own, handing fixed-size pieces to each other through
+bounded queues: a reader thread fetches each input's piece of a tensor (on a CPU mapped straight from
+the page cache, or read from disk with one large direct `pread` into a pooled buffer: see
+`TensorReader`), arithmetic threads (half the cores) accumulate each piece's slices in L2-sized chunks
+(in float32 for 16-bit inputs, float64 for float32 ones: `plan.accumulation_dtype`) and cast once to
+the output dtype, a writer thread appends the result to the current output shard (or, for scoring
+without writing, to tensors in memory), and, when input files are to be hashed, hashing threads (one
+per core at most, each owning some of the files) feed the same input bytes to their files' sha256
+before the buffers go back to the pool, so that no file is read twice. File I/O, torch kernels and
+hashlib release the GIL, so wall time tends to the slowest stage rather than the sum, and memory is
+the buffer pools: O(piece size x inputs), independent of model size.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def plan_average(
     newest = checkpoints[-1]
     absent = _check_names(checkpoints, copy_patterns)
     ordered = list(newest.tensors.values())
-    if newest.format == "safetensors":
+    if all(r.offset is not None for r in ordered):
         ordered.sort(key=lambda r: (newest.files.index(r.file), r.offset))
     jobs, copied = [], {}
     for ref in ordered:

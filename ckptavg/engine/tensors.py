@@ -52,7 +52,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one tensor lives. `offset` is the absolute byte offset for safetensors, None for `.bin`."""
+    """Where one tensor lives. `offset` is its absolute byte offset in `file`; None for a `.bin` tensor
+    without one (see `_bin_refs`), which is copied out of torch's mapping of the file."""
 
     name: str
     dtype: torch.dtype
@@ -176,9 +177,44 @@ def load_torch_bin(file: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _storage_offsets(file: Path) -> list[int]:
+    """Where each storage's bytes start in a zip `.bin`, sorted: torch.save writes every storage as a
+    member of its own, stored uncompressed (none where one is compressed: then no offsets at all)."""
+    found = []
+    with zipfile.ZipFile(file) as z, open(file, "rb") as f:
+        for info in z.infolist():
+            if info.filename.split("/", 1)[-1].startswith("data/"):
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return []
+                f.seek(info.header_offset)
+                local = f.read(30)  # the local header: its own name and extra lengths decide where data starts
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    return []
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                found.append(info.header_offset + 30 + name_len + extra_len)
+    return sorted(found)
+
+
 def _bin_refs(file: Path) -> dict[str, TensorRef]:
+    """Each tensor of a `.bin` with its byte offset in the file, where it has one: `torch.load` maps the
+    whole file once, so a storage's address less the mapping's start is where its member's bytes start,
+    and a contiguous tensor's bytes are its storage's from its storage offset. With offsets, `.bin`
+    files are read like safetensors (mapped, or direct from disk, and hashed from the same bytes);
+    a tensor without one (a legacy file, a strided view) is copied out of torch's mapping."""
     sd = load_torch_bin(file)
-    return {k: TensorRef(k, v.dtype, tuple(v.shape), file, None) for k, v in sd.items()}
+    offsets = _storage_offsets(file) if _is_zipfile(file) else []
+    ptrs = {id(v): v.untyped_storage().data_ptr() for v in sd.values()}
+    base = min(ptrs.values()) - offsets[0] if offsets and ptrs else None
+    known = set(offsets)
+    refs = {}
+    for k, v in sd.items():
+        at = None
+        start = ptrs[id(v)] - base if base is not None else None
+        if start in known and v.is_contiguous() and \
+                (v.storage_offset() + v.numel()) * v.element_size() <= v.untyped_storage().nbytes():
+            at = start + v.storage_offset() * v.element_size()
+        refs[k] = TensorRef(k, v.dtype, tuple(v.shape), file, at)
+    return refs
 
 
 def _read_index(index_file: Path) -> dict[str, str]:
@@ -313,8 +349,8 @@ class TensorReader:
     sliding window's shared checkpoints), and finding them in the page cache beats reading them again
     from disk (six k=5 windows 1000 steps apart, `bench/window.sh`: 51-53 s against 67-69 s with
     every file direct).
-    Either way one call per piece, sequential within each file. `.bin` storages are memory-mapped by
-    `torch.load`, so those are copied from the mapping.
+    Either way one call per piece, sequential within each file. `.bin` tensors with a byte offset are
+    read the same way; the others are copied out of `torch.load`'s mapping.
     """
 
     def __init__(self, map_files: bool = False, keep_cached: Collection[Path] = ()) -> None:
