@@ -27,6 +27,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
 from ..formats import WEIGHT_LAYOUTS
+from . import dcp
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -75,7 +76,7 @@ class Checkpoint:
     """A checkpoint folder (or single weight file) and its tensor index."""
 
     path: Path
-    format: str  # "safetensors" | "bin"
+    format: str  # "safetensors" | "bin" | "dcp"
     files: tuple[Path, ...]
     tensors: dict[str, TensorRef]
     label: str | None = None  # what errors call it (a trajectory's revision name); the path by default
@@ -228,7 +229,8 @@ def _read_index(index_file: Path) -> dict[str, str]:
 
 
 def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkpoint:
-    """Index a Hugging Face model folder (or one weight file) without reading tensor data.
+    """Index a Hugging Face model folder, a DCP folder (`dcp.py`) or one weight file without reading
+    tensor data.
     `label` names it in error messages (a revision rather than a cache path)."""
     path = Path(path)
     if not path.exists():
@@ -240,6 +242,10 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
             fmt, files, index = "bin", [path], None
         else:
             raise InputError(f"{path}: unknown checkpoint format (expected .safetensors or .bin)")
+    elif dcp.is_dcp(path):
+        files, found = dcp.index(path)
+        tensors = {k: TensorRef(k, dtype, shape, file, at) for k, (dtype, shape, file, at) in found.items()}
+        return Checkpoint(path, "dcp", tuple(files), tensors, label)
     else:
         for name, fmt in WEIGHT_LAYOUTS:  # noqa: B007  (the one found is used below)
             if (path / name).is_file():

@@ -1,0 +1,112 @@
+"""`torch.distributed.checkpoint` folders as inputs, written by DCP's own writer (`dcp.save`, which the
+trainers' checkpointers call), against the float64 mean of what DCP's own loader gives back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, load_reference
+
+from ckptavg.engine.average import average_checkpoints
+from ckptavg.errors import CorruptCheckpointError, InputError, UnsafeCheckpointError
+from ckptavg.manifest import MANIFEST
+
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def model_state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.blocks.0.attention.w_q.weight": torch.randn(48, 32, generator=g),
+            "model.blocks.0.norm.weight": torch.randn(32, generator=g),
+            "model.embeddings.weight": torch.randn(100, 32, generator=g).bfloat16(),
+            "model.steps_seen": torch.tensor(seed * 10)}
+
+
+def save(folder, seed: int):
+    """A trainer's save: the model, its optimizer's moments and non-tensor training state."""
+    sd = {k: v.clone() for k, v in model_state(seed).items()}
+    sd["optim.state.model.blocks.0.norm.weight.exp_avg"] = torch.randn(32)
+    sd["train_state"] = {"step": seed, "tokens": 1000 * seed}
+    dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
+    return folder
+
+
+def load_back(folder) -> dict:
+    """What DCP's own loader gives for the model tensors."""
+    sd = {k: torch.empty_like(v) for k, v in model_state(0).items()}
+    dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def trajectory(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dcp")
+    return [save(root / f"step{s}", s) for s in (1, 2, 3)]
+
+
+def test_dcp_checkpoints_average_to_the_float64_mean_of_what_dcp_loads(trajectory, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    out = average_checkpoints(trajectory, tmp_path / "avg", device="cpu")
+    got = load_reference(out)
+    loaded = [load_back(f) for f in trajectory]
+    assert set(got) == set(loaded[0])  # model tensors only: no optimizer moments, no training state
+    for name, newest in loaded[-1].items():
+        if newest.is_floating_point():
+            want = (sum(sd[name].double() for sd in loaded) / len(loaded)).to(newest.dtype)
+        else:
+            want = newest  # never averaged: copied from the newest
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert {i["format"] for i in manifest["inputs"]} == {"dcp"}
+    files = [(Path(r["path"]) / f["name"], f["sha256"]) for r in manifest["inputs"] for f in r["files"]]
+    assert files and all(hashlib.sha256(path.read_bytes()).hexdigest() == digest for path, digest in files)
+    assert set(manifest["copied_tensors"]) == {"model.steps_seen"}
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_a_metadata_pickle_asking_for_anything_else_is_refused_and_never_runs(trajectory, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(trajectory[0], hostile)
+    (hostile / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle posix.system"):
+        average_checkpoints([hostile, trajectory[1]], tmp_path / "avg", device="cpu")
+    r = cli("average", hostile, trajectory[1], "--out", tmp_path / "avg")
+    assert r.exit_code == 2 and "refusing to unpickle" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "avg").exists()
+
+
+def test_a_truncated_or_missing_distcp_file_is_named_before_anything_is_written(trajectory, tmp_path):
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(trajectory[0], cut)
+    (data,) = cut.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match="truncated|not a readable tensor"):
+        average_checkpoints([cut, trajectory[1]], tmp_path / "avg", device="cpu")
+    data.unlink()
+    with pytest.raises(CorruptCheckpointError, match="is missing"):
+        average_checkpoints([cut, trajectory[1]], tmp_path / "avg", device="cpu")
+    assert not (tmp_path / "avg").exists()
+
+
+def test_a_folder_without_model_tensors_is_an_input_error(tmp_path):
+    dcp.save({"optim.state.x.exp_avg": torch.randn(3), "train_state": {"step": 1}},
+             checkpoint_id=str(tmp_path / "optim-only"), no_dist=True)
+    with pytest.raises(InputError, match="without model tensors"):
+        average_checkpoints([tmp_path / "optim-only"] * 2, tmp_path / "avg", device="cpu")
