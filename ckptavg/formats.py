@@ -1,4 +1,5 @@
-"""What the files of a Hugging Face model folder are called: the one place that knows, without torch.
+"""What the files of a Hugging Face model folder (or a DCP folder) are called: the one place that knows,
+without torch.
 
 The engine reads and writes these files; trajectory sources decide from a branch's file list
 which files make a checkpoint, before anything is downloaded. Both ask here.
@@ -33,6 +34,10 @@ SIDE_FILES = (
 )
 _SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 _BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+DCP_METADATA = ".metadata"  # a torch.distributed.checkpoint folder: written last, it marks the save finished
+_DCP = re.compile(r"__\d+_\d+\.distcp")
+# trainers that save a DCP folder inside each step's folder: OLMo-core's stepN/model_and_optim/
+DCP_SUBFOLDERS = ("model_and_optim",)
 
 
 def weight_files(names: Iterable[str]) -> set[str]:
@@ -43,6 +48,8 @@ def weight_files(names: Iterable[str]) -> set[str]:
         weights = {n for n in names if pattern.fullmatch(n)}
         if weights:
             return weights
+    if DCP_METADATA in names:
+        return {n for n in names if _DCP.fullmatch(n)}
     return set()
 
 
@@ -53,5 +60,7 @@ def pick_files(names: Iterable[str]) -> set[str] | None:
     weights = weight_files(names)
     if not weights:
         return None
-    index = SAFETENSORS_INDEX if next(iter(weights)).endswith(".safetensors") else BIN_INDEX
+    first = next(iter(weights))
+    index = SAFETENSORS_INDEX if first.endswith(".safetensors") else DCP_METADATA if first.endswith(".distcp") \
+        else BIN_INDEX
     return weights | ({index} & names) | (set(SIDE_FILES) & names)

@@ -110,3 +110,32 @@ def test_a_folder_without_model_tensors_is_an_input_error(tmp_path):
              checkpoint_id=str(tmp_path / "optim-only"), no_dist=True)
     with pytest.raises(InputError, match="without model tensors"):
         average_checkpoints([tmp_path / "optim-only"] * 2, tmp_path / "avg", device="cpu")
+
+
+def test_a_trajectory_of_dcp_steps_in_olmo_core_s_layout_averages_its_windows(tmp_path):
+    """Steps saved as OLMo-core lays them out (stepN/model_and_optim/ holds the DCP folder; stepN-merged is
+    not a step): `ckptavg trajectory` finds them without flags, checks them for duplicates, and each
+    window is the float64 mean of what dcp.load gives."""
+    import shutil
+
+    run = tmp_path / "run"
+    for s in (1000, 2000, 3000):
+        save(run / f"step{s}" / "model_and_optim", s)
+    shutil.copytree(run / "step3000", run / "step3000-merged")
+    r = cli("trajectory", run, "--k", 2, "--nu", 1000, "--interval", 1000, "--start", 2000, "--out",
+            tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.stderr
+    outs = sorted((tmp_path / "out").rglob(MANIFEST))
+    assert [p.parent.name for p in outs] == ["step2000", "step3000"]
+    for manifest in outs:
+        t = int(manifest.parent.name.removeprefix("step"))
+        loaded = [load_back(run / f"step{s}" / "model_and_optim") for s in (t - 1000, t)]
+        got = load_reference(manifest.parent)
+        for name, newest in loaded[-1].items():
+            want = (sum(sd[name].double() for sd in loaded) / 2).to(newest.dtype) if newest.is_floating_point() \
+                else newest
+            assert torch.equal(got[name], want), (t, name)
+    shutil.copytree(run / "step3000", run / "step4000")  # a step saved twice, byte for byte
+    r = cli("trajectory", run, "--k", 2, "--nu", 1000, "--interval", 1000, "--start", 4000, "--out",
+            tmp_path / "out", "-q")
+    assert "step3000, step4000 share weights byte for byte" in " ".join(r.stderr.split())

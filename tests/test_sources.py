@@ -17,6 +17,9 @@ def test_pick_files_prefers_safetensors_and_keeps_side_files():
                "pytorch_model-00002-of-00003.bin", "pytorch_model-00003-of-00003.bin", "training_args.bin"]
     assert pick_files(sharded) == set(sharded) - {"training_args.bin"}
     assert pick_files(["config.json", "README.md"]) is None
+    dcp = [".metadata", "__0_0.distcp", "__0_1.distcp", "config.json", "train/rank0.pt"]
+    assert pick_files(dcp) == {".metadata", "__0_0.distcp", "__0_1.distcp", "config.json"}
+    assert pick_files(["__0_0.distcp"]) is None  # no .metadata: a save still being written
 
 
 def test_step_branches():

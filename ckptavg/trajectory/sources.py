@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..formats import weight_files
+from ..formats import DCP_METADATA, DCP_SUBFOLDERS, weight_files
 
 DEFAULT_STEP_PATTERN = r"step(\d+)"
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -100,6 +100,14 @@ def find_duplicates(blobs: Mapping[str, Mapping[str, str]], steps: Mapping[str, 
     return sorted(found, key=lambda d: order(d.revisions[0]))
 
 
+def _checkpoint_folder(step_folder: Path) -> Path:
+    """The folder that holds a step's weights: the step's own, or the DCP folder a trainer saves in it."""
+    for sub in DCP_SUBFOLDERS:
+        if not (step_folder / DCP_METADATA).is_file() and (step_folder / sub / DCP_METADATA).is_file():
+            return step_folder / sub
+    return step_folder
+
+
 @dataclass
 class LocalTrajectory:
     """`root/step1000/`, `root/step2000/`, ... (any names matching `pattern`, whose group 1 is the step)."""
@@ -107,13 +115,15 @@ class LocalTrajectory:
     root: Path
     pattern: str = DEFAULT_STEP_PATTERN
     _folders: dict[int, Path] = field(default_factory=dict, init=False, repr=False)
+    _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such trajectory folder")
         names = step_branches((e.name for e in self.root.iterdir() if e.is_dir()), self.pattern, str(self.root))
-        self._folders = {step: self.root / name for step, name in names.items()}
+        self._names = names  # step -> the step folder's name
+        self._folders = {step: _checkpoint_folder(self.root / name) for step, name in names.items()}
         if not self._folders:
             raise InputError(f"{self.root}: no checkpoint folders matching {self.pattern!r}")
 
@@ -172,5 +182,5 @@ class LocalTrajectory:
         for f, key in keys.items():
             if collisions[key] > 1:
                 keys[f] = file_sha256(f)[0]
-        blobs = {self._folders[s].name: {f.name: keys[f] for f in fs} for s, fs in files.items()}
-        return find_duplicates(blobs, {self._folders[s].name: s for s in steps}, blobs)
+        blobs = {self._names[s]: {f.name: keys[f] for f in fs} for s, fs in files.items()}
+        return find_duplicates(blobs, {self._names[s]: s for s in steps}, blobs)
