@@ -125,6 +125,20 @@ class _Slice(io.RawIOBase):
         return got
 
 
+def member_data_offset(f, member: zipfile.ZipInfo, base: int = 0) -> int | None:
+    """Where the bytes of an uncompressed zip member start in the open file `f`, for a zip that starts at
+    `base` (a `torch.save` archive: a `.bin`, or a DCP record): past its local header, whose own name and
+    extra lengths decide; None for a compressed member or a header that is not one."""
+    if member.compress_type != zipfile.ZIP_STORED:
+        return None
+    f.seek(base + member.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return base + member.header_offset + 30 + name_len + extra_len
+
+
 def _record_tensor(file: Path, offset: int, length: int, fqn: str) -> tuple[torch.dtype, tuple[int, ...], int]:
     """(dtype, shape, absolute byte offset) of the tensor saved in one record."""
     bad = CorruptCheckpointError(f"{file}: the record of {fqn!r} at byte {offset} is not a readable tensor")
@@ -140,14 +154,9 @@ def _record_tensor(file: Path, offset: int, length: int, fqn: str) -> tuple[torc
                 if not isinstance(rebuilt, _Rebuilt):
                     raise bad
                 member = names.get(f"data/{rebuilt.storage.key}")
-                if member is None or member.compress_type != zipfile.ZIP_STORED:
+                data = None if member is None else member_data_offset(f, member, offset)
+                if data is None:
                     raise bad
-                f.seek(offset + member.header_offset)
-                local = f.read(30)
-                if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                    raise bad
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                data = offset + member.header_offset + 30 + name_len + extra_len
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError):
         raise bad from None
     except OSError as e:

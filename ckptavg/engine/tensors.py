@@ -180,19 +180,15 @@ def load_torch_bin(file: Path) -> dict[str, torch.Tensor]:
 
 def _storage_offsets(file: Path) -> list[int]:
     """Where each storage's bytes start in a zip `.bin`, sorted: torch.save writes every storage as a
-    member of its own, stored uncompressed (none where one is compressed: then no offsets at all)."""
+    member of its own, stored uncompressed (none where one is not: then no offsets at all)."""
     found = []
     with zipfile.ZipFile(file) as z, open(file, "rb") as f:
         for info in z.infolist():
             if info.filename.split("/", 1)[-1].startswith("data/"):
-                if info.compress_type != zipfile.ZIP_STORED:
+                at = dcp.member_data_offset(f, info)
+                if at is None:
                     return []
-                f.seek(info.header_offset)
-                local = f.read(30)  # the local header: its own name and extra lengths decide where data starts
-                if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                    return []
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                found.append(info.header_offset + 30 + name_len + extra_len)
+                found.append(at)
     return sorted(found)
 
 
