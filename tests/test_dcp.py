@@ -1,5 +1,6 @@
 """`torch.distributed.checkpoint` folders as inputs, written by DCP's own writer (`dcp.save`, which the
-trainers' checkpointers call), against the float64 mean of what DCP's own loader gives back."""
+trainers' checkpointers call; sharded by three gloo ranks in `dcpsave.py`), against the float64 mean of
+what DCP's own loader gives back."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli, load_reference
+from dcpsave import SHARDED_ROWS, model_state
 
 from ckptavg.engine.average import average_checkpoints
 from ckptavg.errors import CorruptCheckpointError, InputError, UnsafeCheckpointError
@@ -18,14 +20,6 @@ from ckptavg.manifest import MANIFEST
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-def model_state(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"model.blocks.0.attention.w_q.weight": torch.randn(48, 32, generator=g),
-            "model.blocks.0.norm.weight": torch.randn(32, generator=g),
-            "model.embeddings.weight": torch.randn(100, 32, generator=g).bfloat16(),
-            "model.steps_seen": torch.tensor(seed * 10)}
 
 
 def save(folder, seed: int):
@@ -139,3 +133,39 @@ def test_a_trajectory_of_dcp_steps_in_olmo_core_s_layout_averages_its_windows(tm
     r = cli("trajectory", run, "--k", 2, "--nu", 1000, "--interval", 1000, "--start", 4000, "--out",
             tmp_path / "out", "-q")
     assert "step3000, step4000 share weights byte for byte" in " ".join(r.stderr.split())
+
+
+
+def test_a_row_sharded_save_from_three_ranks_averages_to_the_mean_of_what_dcp_loads(tmp_path, monkeypatch):
+    """Three gloo ranks save each weight as DTensor Shard(0) chunks (uneven: 47 rows over 3), as FSDP does:
+    the chunks are assembled straight into the average, which equals the float64 mean of dcp.load's."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    saver = Path(__file__).with_name("dcpsave.py")
+    r = subprocess.run([sys.executable, str(saver), str(tmp_path / "run"), "3", "1", "2", "3"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [tmp_path / "run" / f"step{s}" for s in (1, 2, 3)]
+    assert len(list(steps[0].glob("*.distcp"))) == 3
+    out = average_checkpoints(steps, tmp_path / "avg", device="cpu", piece_elements=100)
+    got = load_reference(out)
+    loaded = []
+    for step in steps:
+        sd = {k: torch.empty_like(v) for k, v in model_state(0, SHARDED_ROWS).items()}
+        dcp.load(sd, checkpoint_id=str(step), no_dist=True)
+        loaded.append(sd)
+    assert set(got) == set(loaded[0])
+    for name, newest in loaded[-1].items():
+        want = (sum(sd[name].double() for sd in loaded) / 3).to(newest.dtype) if newest.is_floating_point() \
+            else newest
+        assert torch.equal(got[name], want), name
+    manifest = json.loads((out / MANIFEST).read_text())
+    files = [(Path(i["path"]) / f["name"], f["sha256"]) for i in manifest["inputs"] for f in i["files"]]
+    assert len(files) == 9 and all(hashlib.sha256(p.read_bytes()).hexdigest() == d for p, d in files)
+
+    (steps[0] / "__2_0.distcp").unlink()  # one rank's file lost
+    with pytest.raises(CorruptCheckpointError, match="is missing"):
+        average_checkpoints(steps, tmp_path / "avg2", device="cpu")

@@ -39,8 +39,8 @@ def average(
     """Average local checkpoints tensor by tensor into a new model folder.
 
     Inputs may be model.safetensors, sharded safetensors with an index, pytorch_model.bin,
-    sharded .bin with an index, or a torch.distributed.checkpoint folder saved by one process
-    (model tensors only), in any mix. Floats are accumulated in a dtype in which the sum is
+    sharded .bin with an index, or a torch.distributed.checkpoint folder (whole or FSDP-sharded
+    tensors; model tensors only), in any mix. Floats are accumulated in a dtype in which the sum is
     exact (float32 for 16-bit inputs, float64 for float32 ones) and cast once; integer and boolean
     buffers are copied from the newest input. The output is written under a temporary name and
     appears only when complete, with ckptavg.json last.

@@ -10,9 +10,9 @@ Both pickles are input from elsewhere, so they are read by unpicklers that know 
 (torch's DCP metadata classes; tensor rebuilds and storage types) and refuse every other one
 (`UnsafeCheckpointError`, exit 2) before it is imported, let alone called.
 
-Read so far: checkpoints saved by one process (each tensor one chunk covering it), model tensors only
-(optimizer state, `train_state` and other entries are left out). Sharded saves (FSDP, TP: a tensor in
-several chunks) are refused with a message saying so.
+Read so far: whole tensors and row-sharded ones (FSDP's `Shard(0)`: each rank's chunk one range of the
+flattened tensor; the chunks must cover it exactly once), model tensors only (optimizer state,
+`train_state` and other entries are left out). Tensor-parallel column shards are refused, saying so.
 """
 
 from __future__ import annotations
@@ -186,37 +186,73 @@ def read_metadata(folder: Path):
     return metadata
 
 
-def index(folder: Path) -> tuple[list[Path], dict[str, tuple[torch.dtype, tuple[int, ...], Path, int]]]:
-    """The `.distcp` files holding model tensors, and per tensor name (as saved): dtype, shape, file and
-    byte offset. Every check happens here, before a byte of tensor data is read."""
+Piece = tuple[Path, int, int, int]  # file, byte offset, first element (of the flattened tensor), count
+
+
+def _flat_range(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
+                folder: Path) -> tuple[int, int]:
+    """(first element, count) of a chunk in the flattened tensor. A chunk is one range of it when it
+    spans every dimension after its first (FSDP's row shards); others (tensor-parallel column shards)
+    are refused for now."""
+    if len(offsets) != len(shape) or len(sizes) != len(shape) or \
+            any(o < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):
+        raise CorruptCheckpointError(f"{folder / METADATA}: a chunk of {fqn!r} lies outside its {list(shape)}")
+    if not shape:
+        return 0, 1
+    inner = math.prod(shape[1:])
+    if tuple(sizes[1:]) != tuple(shape[1:]) and math.prod(sizes):
+        raise InputError(f"{folder}: tensor {fqn!r} is sharded along a dimension other than its first (a "
+                         f"tensor-parallel save): ckptavg reads row-sharded (FSDP) and whole tensors so far")
+    return offsets[0] * inner, math.prod(sizes)
+
+
+def index(folder: Path) -> tuple[list[Path], dict[str, tuple[torch.dtype, tuple[int, ...], list[Piece]]]]:
+    """The `.distcp` files holding model tensors, and per tensor name (as saved): dtype, shape and the
+    pieces that hold it, in element order, each a byte range of a file. A sharded tensor's chunks must
+    cover it exactly once. Every check happens here, before a byte of tensor data is read."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = read_metadata(folder)
     storage = {(k.fqn, tuple(k.offset) if k.offset is not None else None): v
                for k, v in metadata.storage_data.items()}
-    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], Path, int]] = {}
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], list[Piece]]] = {}
     for fqn, entry in metadata.state_dict_metadata.items():
         if not isinstance(entry, TensorStorageMetadata) or fqn.startswith(NOT_MODEL):
             continue
         shape = tuple(entry.size)
-        if len(entry.chunks) != 1 or tuple(entry.chunks[0].sizes) != shape or any(entry.chunks[0].offsets):
-            raise InputError(f"{folder}: tensor {fqn!r} is saved in {len(entry.chunks)} chunks (a sharded save, "
-                             f"FSDP or tensor parallel): ckptavg reads DCP checkpoints saved whole, by one process, "
-                             f"so far")
-        info = storage.get((fqn, tuple(entry.chunks[0].offsets)))
-        if info is None:
-            raise CorruptCheckpointError(f"{folder / METADATA}: no storage recorded for tensor {fqn!r}")
-        if getattr(info, "transform_descriptors", None):
-            raise InputError(f"{folder}: tensor {fqn!r} is stored transformed ({info.transform_descriptors}): "
-                             f"not read by ckptavg")
-        file = folder / str(info.relative_path)
-        if not file.is_file():
-            raise CorruptCheckpointError(f"{folder}: {file.name} is missing (it holds tensor {fqn!r})")
-        dtype, size, at = _record_tensor(file, int(info.offset), int(info.length), fqn)
-        if dtype != entry.properties.dtype or size != shape:
-            raise CorruptCheckpointError(f"{file}: the record of {fqn!r} holds {dtype} {list(size)}, the metadata "
-                                         f"says {entry.properties.dtype} {list(shape)}")
-        tensors[fqn] = (dtype, shape, file, at)
+        pieces: list[Piece] = []
+        for chunk in entry.chunks:
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            first, count = _flat_range(fqn, shape, offsets, sizes, folder)
+            if not count and shape:
+                continue
+            info = storage.get((fqn, offsets))
+            if info is None:
+                raise CorruptCheckpointError(f"{folder / METADATA}: no storage recorded for a chunk of {fqn!r}")
+            if getattr(info, "transform_descriptors", None):
+                raise InputError(f"{folder}: tensor {fqn!r} is stored transformed ({info.transform_descriptors}): "
+                                 f"not read by ckptavg")
+            file = folder / str(info.relative_path)
+            if not file.is_file():
+                raise CorruptCheckpointError(f"{folder}: {file.name} is missing (it holds tensor {fqn!r})")
+            dtype, size, at = _record_tensor(file, int(info.offset), int(info.length), fqn)
+            if dtype != entry.properties.dtype or size != sizes:
+                raise CorruptCheckpointError(f"{file}: a record of {fqn!r} holds {dtype} {list(size)}, the "
+                                             f"metadata says {entry.properties.dtype} {list(sizes)}")
+            pieces.append((file, at, first, count))
+        pieces.sort(key=lambda piece: piece[2])
+        covered = 0
+        for _, _, first, count in pieces:
+            if first != covered:
+                what = "overlap" if first < covered else "leave a gap"
+                raise CorruptCheckpointError(f"{folder}: the chunks of tensor {fqn!r} {what} at element "
+                                             f"{min(first, covered)} (a save from another rank missing or "
+                                             f"not finished?)")
+            covered += count
+        if covered != math.prod(shape):
+            raise CorruptCheckpointError(f"{folder}: the chunks of tensor {fqn!r} cover {covered} of its "
+                                         f"{math.prod(shape)} elements")
+        tensors[fqn] = (entry.properties.dtype, shape, pieces)
     if not tensors:
         raise InputError(f"{folder}: a DCP checkpoint without model tensors")
-    return sorted({t[2] for t in tensors.values()}), tensors
+    return sorted({piece[0] for t in tensors.values() for piece in t[2]}), tensors

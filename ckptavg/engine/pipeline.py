@@ -16,6 +16,7 @@ the buffer pools: O(piece size x inputs), independent of model size.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import queue
 import threading
@@ -106,8 +107,13 @@ def _pieces(plan: AveragePlan, piece_elements: int) -> list[_Piece]:
     out = []
     for s, shard in enumerate(plan.shards):
         for job in shard.jobs:
-            starts = range(0, job.numel, piece_elements) if job.numel else [0]
-            out += [_Piece(s, job, a, min(piece_elements, job.numel - a)) for a in starts]
+            if not job.numel:
+                out.append(_Piece(s, job, 0, 0))
+                continue
+            # no piece crosses a boundary between the stored pieces of any input (a sharded save)
+            cuts = sorted({0, job.numel, *(b for r in job.sources for b in r.boundaries)})
+            for lo, hi in itertools.pairwise(cuts):
+                out += [_Piece(s, job, a, min(piece_elements, hi - a)) for a in range(lo, hi, piece_elements)]
     return out
 
 
@@ -274,7 +280,7 @@ class _Pipeline:
         with TensorReader(map_files=self.device.type == "cpu", keep_cached=self.keep_cached) as reader:
             for p in self.pieces:
                 bufs = [self._get(self.in_pool) for _ in p.job.sources]
-                views = [reader.read(r, p.start, p.count, b) for r, b in zip(p.job.sources, bufs, strict=True)]
+                views = [reader.read(*r.at(p.start), p.count, b) for r, b in zip(p.job.sources, bufs, strict=True)]
                 self._put(self.read_q, (p, bufs, views))
         self._put(self.read_q, None)
 
@@ -298,9 +304,10 @@ class _Pipeline:
         """Give a piece's input buffers back to the pool, through their file's hashing thread if it is
         hashed (the queues need no bound: the pool bounds what is in flight, mapped or not)."""
         for ref, buf, view in zip(p.job.sources, bufs, views, strict=True):
-            q = self.hash_owner.get(ref.file)
-            if q is not None and ref.offset is not None:
-                q.put((self.hashers[ref.file], ref.offset + p.start * ref.dtype.itemsize, view, buf))
+            piece, start = ref.at(p.start)
+            q = self.hash_owner.get(piece.file)
+            if q is not None and piece.offset is not None:
+                q.put((self.hashers[piece.file], piece.offset + start * piece.dtype.itemsize, view, buf))
             else:  # memory-mapped `.bin` storage: its hasher reads the file whole at the end
                 self.in_pool.put(buf)
 

@@ -8,6 +8,7 @@ instead of page faults), or the pickle of a zipfile `.bin` loaded with
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import json
@@ -52,6 +53,17 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
 
 
 @dataclass(frozen=True)
+class Extent:
+    """Elements [first, first + count) of a flattened tensor, stored in order at `offset` of `file`: one
+    rank's shard of a sharded save."""
+
+    file: Path
+    offset: int
+    first: int
+    count: int
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """Where one tensor lives. `offset` is its absolute byte offset in `file`; None for a `.bin` tensor
     without one (see `_bin_refs`), which is copied out of torch's mapping of the file."""
@@ -61,10 +73,26 @@ class TensorRef:
     shape: tuple[int, ...]
     file: Path
     offset: int | None
+    # a tensor stored in several pieces (a sharded save), in element order, covering it exactly once;
+    # empty: all of it at `offset` of `file`
+    extents: tuple[Extent, ...] = ()
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """The elements where one stored piece ends and the next begins: no read crosses one."""
+        return tuple(e.first for e in self.extents[1:])
+
+    def at(self, start: int) -> tuple[TensorRef, int]:
+        """The piece that holds element `start`, as a tensor of its own, and `start` within it: what the
+        reader and the hashers are given, so that they know nothing of sharding."""
+        if not self.extents:
+            return self, start
+        e = self.extents[bisect.bisect_right([x.first for x in self.extents], start) - 1]
+        return TensorRef(self.name, self.dtype, (e.count,), e.file, e.offset), start - e.first
 
     @property
     def nbytes(self) -> int:
@@ -240,7 +268,11 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
             raise InputError(f"{path}: unknown checkpoint format (expected .safetensors or .bin)")
     elif dcp.is_dcp(path):
         files, found = dcp.index(path)
-        tensors = {k: TensorRef(k, dtype, shape, file, at) for k, (dtype, shape, file, at) in found.items()}
+        tensors = {}
+        for k, (dtype, shape, pieces) in found.items():
+            extents = tuple(Extent(*piece) for piece in pieces) if len(pieces) > 1 else ()
+            file, at = pieces[0][:2] if pieces else (files[0], 0)  # (an empty tensor has no bytes to read)
+            tensors[k] = TensorRef(k, dtype, shape, file, at, extents)
         return Checkpoint(path, "dcp", tuple(files), tensors, label)
     else:
         for name, fmt in WEIGHT_LAYOUTS:  # noqa: B007  (the one found is used below)

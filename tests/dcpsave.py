@@ -1,0 +1,52 @@
+"""Checkpoints as DCP's own writer saves them for the tests: a tiny model's state, and a row-sharded
+save from several gloo ranks (DTensor `Shard(0)`, the layout FSDP saves), run as
+
+    python tests/dcpsave.py ROOT RANKS SEED [SEED ...]      # ROOT/stepSEED/ for each seed
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+
+
+def model_state(seed: int, rows: int = 48) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.blocks.0.attention.w_q.weight": torch.randn(rows, 32, generator=g),
+            "model.blocks.0.norm.weight": torch.randn(32, generator=g),
+            "model.embeddings.weight": torch.randn(100, 32, generator=g).bfloat16(),
+            "model.steps_seen": torch.tensor(seed * 10)}
+
+
+SHARDED_ROWS = 47  # uneven over 3 ranks
+
+
+def _worker(rank: int, world: int, port: int, root: str, seeds: list[int]) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    for seed in seeds:
+        sd = {k: distribute_tensor(v, mesh, [Shard(0)]) if v.dim() else v
+              for k, v in model_state(seed, SHARDED_ROWS).items()}
+        sd["optim.state.model.blocks.0.norm.weight.exp_avg"] = distribute_tensor(torch.randn(32), mesh, [Shard(0)])
+        dcp.save(sd, checkpoint_id=f"{root}/step{seed}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = int(sys.argv[2])
+    mp.spawn(_worker, args=(ranks, port, sys.argv[1], [int(a) for a in sys.argv[3:]]), nprocs=ranks)
