@@ -221,7 +221,8 @@ def test_bin_tensors_are_indexed_at_their_byte_offsets(tmp_path):
     (no bytes of its own in order) has none and is still read right."""
     g = torch.Generator().manual_seed(1)
     base = torch.randn(64, 32, generator=g)
-    sd = {"w": torch.randn(1000, generator=g).half(), "b": torch.randn(7, generator=g), "base": base,
+    sd = {"empty": torch.empty(0), "w": torch.randn(1000, generator=g).half(), "b": torch.randn(7, generator=g),
+          "base": base,
           "row": base[5], "t": torch.randn(16, 8, generator=g).t(), "steps": torch.arange(5)}
     torch.save(sd, tmp_path / "pytorch_model.bin")
     ckpt = tensors.open_checkpoint(tmp_path)

@@ -2,8 +2,9 @@
 
 Opening a checkpoint reads metadata only: safetensors headers (parsed here, because the
 averaging engine needs each tensor's byte offset to read it with large `pread` calls
-instead of page faults), or the pickle of a zipfile `.bin` loaded with
-`torch.load(mmap=True, weights_only=True)`, whose storages stay on disk until touched.
+instead of page faults), the pickle of a zipfile `.bin` loaded with
+`torch.load(mmap=True, weights_only=True)` (whose storages stay on disk, each tensor found at its
+byte offset in the zip), or a DCP folder's metadata (`dcp.py`).
 """
 
 from __future__ import annotations
@@ -229,8 +230,11 @@ def _bin_refs(file: Path) -> dict[str, TensorRef]:
     sd = load_torch_bin(file)
     offsets = _storage_offsets(file) if _is_zipfile(file) else []
     ptrs = {id(v): v.untyped_storage().data_ptr() for v in sd.values()}
-    base = min(ptrs.values()) - offsets[0] if offsets and ptrs else None
     known = set(offsets)
+    used = {ptrs[id(v)] for v in sd.values() if v.untyped_storage().nbytes()}  # (an empty one may sit anywhere)
+    # the mapping's start: the one that puts every storage at the start of a member
+    base = next((b for b in (min(used) - off for off in offsets) if all(p - b in known for p in used)), None) \
+        if used and offsets else None
     refs = {}
     for k, v in sd.items():
         at = None
