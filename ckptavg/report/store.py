@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -138,17 +139,24 @@ class Store:
                 time.sleep(pause)
                 pause = min(0.5, pause * 2)
         if self._missing_columns() != []:  # asked without a lock first: a current store opens read-only
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 missing = self._missing_columns()
                 if missing is None:
                     self.db.execute(_SCHEMA)
                 for column in missing or ():  # a store from before a column existed
                     self.db.execute(f'ALTER TABLE scores ADD COLUMN "{column}" DEFAULT \'\'')
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One IMMEDIATE transaction: the write lock is taken before anything is read (the busy timeout
+        applies), and a failure rolls everything back."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def _missing_columns(self) -> list[str] | None:
         """The columns this version writes that the table lacks; None when there is no table yet."""
@@ -173,18 +181,13 @@ class Store:
     def put(self, rows: Sequence[Row]) -> None:
         """Replace every row of the (model, tag, step, task, limit) groups in `rows` at once."""
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 for key in {(r.model, r.tag, r.step, r.task, r.limit) for r in rows}:
                     self.db.execute('DELETE FROM scores WHERE model=? AND tag=? AND step=? AND task=? AND "limit"=?',
                                     key)
                 self.db.executemany(f"INSERT INTO scores ({_quoted(_COLUMNS)}) "
                                     f"VALUES ({', '.join('?' * len(_COLUMNS))})",
                                     [tuple(asdict(r).values()) for r in rows])
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
         except sqlite3.OperationalError as e:
             raise self._failure(e) from None
 
