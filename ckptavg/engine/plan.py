@@ -62,7 +62,6 @@ class Shard:
 @dataclass(frozen=True)
 class AveragePlan:
     weights: tuple[float, ...]
-    accumulate: torch.dtype | None  # as asked for; None: each tensor's own (`accumulation_dtype`)
     shards: tuple[Shard, ...]
     copied: dict[str, str] = field(default_factory=dict)  # name -> reason
     absent: tuple[tuple[str, ...], ...] = ()  # per input: the buffers it lacks (never averaged ones only)
@@ -175,8 +174,8 @@ def plan_average(
     # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
     # also after a dtype change.
     jobs.sort(key=lambda j: -j.out_dtype.itemsize)
-    return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), accumulate,
-                       assign_shards(jobs, shard_bytes), copied, absent, tuple(copy_patterns),
+    return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), assign_shards(jobs, shard_bytes),
+                       copied, absent, tuple(copy_patterns),
                        frozenset(f for i in reread for f in checkpoints[i].files))
 
 
