@@ -203,10 +203,10 @@ def remove_stale_temporaries(final: Path) -> None:
         return
     here = socket.gethostname()
     for entry in final.parent.iterdir():
-        owner = temporary_owner(entry.name, prefix)
-        if entry.name.startswith(prefix) and owner is None:
-            shutil.rmtree(entry, ignore_errors=True)  # not one of ours: no run owns it
-        elif owner is not None and owner[1] in (here, None) and not _pid_alive(owner[0]):
+        if not entry.name.startswith(prefix):
+            continue
+        owner = temporary_owner(entry.name, prefix)  # None: a name no run of ours made, so no run owns it
+        if owner is None or owner[1] in (here, None) and not _pid_alive(owner[0]):
             shutil.rmtree(entry, ignore_errors=True)
 
 
