@@ -31,11 +31,25 @@ def save(folder, seed: int):
     return folder
 
 
-def load_back(folder) -> dict:
+def load_back(folder, rows: int = 48) -> dict:
     """What DCP's own loader gives for the model tensors."""
-    sd = {k: torch.empty_like(v) for k, v in model_state(0).items()}
+    sd = {k: torch.empty_like(v) for k, v in model_state(0, rows).items()}
     dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
     return sd
+
+
+def assert_is_the_mean_of_what_dcp_loads(out, folders, rows: int = 48) -> None:
+    """The output holds the model tensors only (no optimizer moments, no training state), each the float64
+    mean of what dcp.load gives cast once, and non-float ones copied from the newest."""
+    got = load_reference(out)
+    loaded = [load_back(f, rows) for f in folders]
+    assert set(got) == set(loaded[0])
+    for name, newest in loaded[-1].items():
+        if newest.is_floating_point():
+            want = (sum(sd[name].double() for sd in loaded) / len(loaded)).to(newest.dtype)
+        else:
+            want = newest  # never averaged: copied from the newest
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), (out, name)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +61,7 @@ def trajectory(tmp_path_factory):
 def test_dcp_checkpoints_average_to_the_float64_mean_of_what_dcp_loads(trajectory, tmp_path, monkeypatch):
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
     out = average_checkpoints(trajectory, tmp_path / "avg", device="cpu")
-    got = load_reference(out)
-    loaded = [load_back(f) for f in trajectory]
-    assert set(got) == set(loaded[0])  # model tensors only: no optimizer moments, no training state
-    for name, newest in loaded[-1].items():
-        if newest.is_floating_point():
-            want = (sum(sd[name].double() for sd in loaded) / len(loaded)).to(newest.dtype)
-        else:
-            want = newest  # never averaged: copied from the newest
-        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    assert_is_the_mean_of_what_dcp_loads(out, trajectory)
     manifest = json.loads((out / MANIFEST).read_text())
     assert {i["format"] for i in manifest["inputs"]} == {"dcp"}
     files = [(Path(r["path"]) / f["name"], f["sha256"]) for r in manifest["inputs"] for f in r["files"]]
@@ -123,12 +129,8 @@ def test_a_trajectory_of_dcp_steps_in_olmo_core_s_layout_averages_its_windows(tm
     assert [p.parent.name for p in outs] == ["step2000", "step3000"]
     for manifest in outs:
         t = int(manifest.parent.name.removeprefix("step"))
-        loaded = [load_back(run / f"step{s}" / "model_and_optim") for s in (t - 1000, t)]
-        got = load_reference(manifest.parent)
-        for name, newest in loaded[-1].items():
-            want = (sum(sd[name].double() for sd in loaded) / 2).to(newest.dtype) if newest.is_floating_point() \
-                else newest
-            assert torch.equal(got[name], want), (t, name)
+        assert_is_the_mean_of_what_dcp_loads(manifest.parent, [run / f"step{s}" / "model_and_optim"
+                                                               for s in (t - 1000, t)])
     shutil.copytree(run / "step3000", run / "step4000")  # a step saved twice, byte for byte
     r = cli("trajectory", run, "--k", 2, "--nu", 1000, "--interval", 1000, "--start", 4000, "--out",
             tmp_path / "out", "-q")
@@ -151,17 +153,7 @@ def test_a_row_sharded_save_from_three_ranks_averages_to_the_mean_of_what_dcp_lo
     steps = [tmp_path / "run" / f"step{s}" for s in (1, 2, 3)]
     assert len(list(steps[0].glob("*.distcp"))) == 3
     out = average_checkpoints(steps, tmp_path / "avg", device="cpu", piece_elements=100)
-    got = load_reference(out)
-    loaded = []
-    for step in steps:
-        sd = {k: torch.empty_like(v) for k, v in model_state(0, SHARDED_ROWS).items()}
-        dcp.load(sd, checkpoint_id=str(step), no_dist=True)
-        loaded.append(sd)
-    assert set(got) == set(loaded[0])
-    for name, newest in loaded[-1].items():
-        want = (sum(sd[name].double() for sd in loaded) / 3).to(newest.dtype) if newest.is_floating_point() \
-            else newest
-        assert torch.equal(got[name], want), name
+    assert_is_the_mean_of_what_dcp_loads(out, steps, SHARDED_ROWS)
     manifest = json.loads((out / MANIFEST).read_text())
     files = [(Path(i["path"]) / f["name"], f["sha256"]) for i in manifest["inputs"] for f in i["files"]]
     assert len(files) == 9 and all(hashlib.sha256(p.read_bytes()).hexdigest() == d for p, d in files)
