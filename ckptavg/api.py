@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import options as opt
+from .checkpoints.layouts import DEFAULT_STEP_PATTERN
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
 from .trajectory.methods import check_parameters
 from .trajectory.run import Job, RunPlan, RunSpec, execute_run, plan_runs
 from .trajectory.schedule import steps_of
-from .trajectory.sources import DEFAULT_STEP_PATTERN, Duplicate
+from .trajectory.sources import Duplicate
 
 ByteBar = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance(n)
 OnTask = Callable[[object, str, str], None]  # (target, task, "skipped" | "done" | "failed: why")
@@ -127,16 +128,17 @@ class Averaging:
                        copy=opt.copy_patterns(self.copy))
 
 
-def open_trajectory(source: str | Path, pattern: str = DEFAULT_STEP_PATTERN, *, cache_dir: Path | None = None,
+def open_trajectory(source: str | Path, pattern: str | None = None, *, cache_dir: Path | None = None,
                     bars: ByteBar | None = None):
-    """A local folder of step folders, or a Hub repo (ORG/NAME) whose branches are steps."""
+    """A local run folder (its steps named by `pattern`, or as its trainer names them), or a Hub repo
+    (ORG/NAME) whose branches are steps (`pattern`, by default step(\\d+))."""
     from .trajectory.hub import HubTrajectory, looks_like_repo_id
     from .trajectory.sources import LocalTrajectory
 
     if Path(source).is_dir():
         return LocalTrajectory(Path(source), pattern)
     if looks_like_repo_id(str(source)) and not Path(source).exists():
-        return HubTrajectory(str(source), pattern, cache_dir=cache_dir, bars=bars)
+        return HubTrajectory(str(source), pattern or DEFAULT_STEP_PATTERN, cache_dir=cache_dir, bars=bars)
     raise OptionError(f"{source}: neither a local trajectory folder nor a Hub repo id (ORG/NAME)")
 
 

@@ -23,9 +23,10 @@ from conftest import (
     write_checkpoint,
 )
 
+from ckptavg.checkpoints.index import DTYPE_NAMES
+from ckptavg.checkpoints.open import open_checkpoint
 from ckptavg.engine import tensors
 from ckptavg.engine.average import average_checkpoints, average_in_memory
-from ckptavg.engine.tensors import DTYPE_NAMES
 from ckptavg.errors import CorruptCheckpointError
 from ckptavg.hashing import FileHasher
 from ckptavg.manifest import MANIFEST
@@ -194,7 +195,7 @@ def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
     t = torch.arange(1 << 20, dtype=torch.float32)
     folder = write_checkpoint(tmp_path / "c", {"w": t}, "safetensors")
     path = folder / "model.safetensors"
-    ref = tensors.open_checkpoint(folder).tensors["w"]
+    ref = open_checkpoint(folder).tensors["w"]
     n = 1 << 19
     out = torch.empty(n * 4, dtype=torch.uint8)
 
@@ -225,7 +226,7 @@ def test_bin_tensors_are_indexed_at_their_byte_offsets(tmp_path):
           "base": base,
           "row": base[5], "t": torch.randn(16, 8, generator=g).t(), "steps": torch.arange(5)}
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    ckpt = tensors.open_checkpoint(tmp_path)
+    ckpt = open_checkpoint(tmp_path)
     raw = (tmp_path / "pytorch_model.bin").read_bytes()
     for name, ref in ckpt.tensors.items():
         if name == "t":
@@ -245,7 +246,7 @@ def _odd_file(tmp_path):
     t = torch.randn(1_000_003, generator=torch.Generator().manual_seed(3)).half()
     folder = write_checkpoint(tmp_path / "c", {"w": t}, "safetensors")
     path = folder / "model.safetensors"
-    ref = tensors.open_checkpoint(folder).tensors["w"]
+    ref = open_checkpoint(folder).tensors["w"]
     assert ref.offset % tensors.DIRECT_ALIGN and path.stat().st_size % tensors.DIRECT_ALIGN
     evict(path)
     return t, path, ref

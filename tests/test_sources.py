@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ckptavg.checkpoints.names import pick_files
 from ckptavg.errors import InputError
-from ckptavg.formats import pick_files
 from ckptavg.trajectory.sources import find_duplicates, step_branches
 
 

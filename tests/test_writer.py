@@ -13,6 +13,7 @@ import torch
 from conftest import o_direct_set, refuse_direct_io
 from safetensors.torch import load_file
 
+from ckptavg.checkpoints.outputs import safetensors_header
 from ckptavg.engine import writer
 from ckptavg.engine.plan import Shard, TensorJob
 from ckptavg.engine.tensors import DIRECT_ALIGN
@@ -21,11 +22,12 @@ from ckptavg.engine.tensors import DIRECT_ALIGN
 def _shard(sd: dict[str, torch.Tensor]) -> Shard:
     jobs = tuple(TensorJob(name=name, shape=tuple(t.shape), out_dtype=t.dtype, action="copy", sources=())
                  for name, t in sd.items())
-    return Shard(filename="model.safetensors", jobs=jobs)
+    header = safetensors_header([(j.name, j.out_dtype, j.shape) for j in jobs])
+    return Shard("model.safetensors", jobs, (header, *(b"" for _ in jobs)))
 
 
 def _expected(sd: dict[str, torch.Tensor]) -> bytes:
-    return writer.safetensors_header(_shard(sd).jobs) + b"".join(
+    return safetensors_header([(k, t.dtype, tuple(t.shape)) for k, t in sd.items()]) + b"".join(
         t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in sd.values())
 
 

@@ -31,11 +31,14 @@ DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, pea
 @user_errors
 @grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study)
 def trajectory(
-    source: str = typer.Argument(..., help="A local folder of checkpoint folders named by step (step1000/, "
-                                 "step2000/, ...), or a Hub model repo id whose branches are steps."),
-    steps_from: str = typer.Option(r"step(\d+)", "--steps-from-branches", "--steps-from",
-                                   help="Regular expression matching a branch or folder name in full; "
-                                   "group 1 is its step."),
+    source: str = typer.Argument(..., help="A local run folder of checkpoints named by step, as a trainer "
+                                 "saves them (step1000/, OLMo-core's stepN/model_and_optim/, torchtitan's step-N/, "
+                                 "checkpoint-N/, Lightning's epoch=E-step=N.ckpt, iter_NNNNNNN/, global_stepN/), "
+                                 "or a Hub model repo id whose branches are steps."),
+    steps_from: Optional[str] = typer.Option(None, "--steps-from-branches", "--steps-from",
+                                             help="Regular expression matching a branch or folder name in full; "
+                                             r"group 1 is its step (default: step(\d+) on the Hub; a local "
+                                             "run's trainer layout, recognised from its names)."),
     start: Optional[int] = typer.Option(None, help="First output step (default: the first step with a full window)."),
     end: Optional[int] = typer.Option(None, help="Last output step (default: the last step of the trajectory)."),
     skip_incomplete: bool = typer.Option(False, help="Skip windows whose checkpoints are not all present instead "

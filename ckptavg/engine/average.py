@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..checkpoints.index import Checkpoint
+from ..checkpoints.open import open_checkpoint
 from ..hashing import file_sha256, known_sha256
 from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
-from .tensors import Checkpoint, open_checkpoint
 from .writer import OutputDir, check_free_space, copy_side_files
 
 Inputs = Sequence[str | os.PathLike | Checkpoint]

@@ -31,7 +31,7 @@ from ..errors import CkptavgError
 from ..hashing import FileHasher
 from .plan import AveragePlan, TensorJob
 from .tensors import DIRECT_SLACK, TensorReader
-from .writer import ShardFile, write_index
+from .writer import ShardFile, write_extra_files
 
 PIECE_ELEMENTS = 4 * 1024 * 1024  # per input per hand-off: 8 MB of fp16
 # Arithmetic granularity: an accumulator and a temporary of this size stay in a core's L2 cache over
@@ -122,7 +122,7 @@ class _Stopped(Exception):
 
 
 class _FileSink:
-    """Streams finished pieces into the plan's safetensors shards, one shard file at a time."""
+    """Streams finished pieces into the plan's output files, one file at a time."""
 
     def __init__(self, plan: AveragePlan, folder: Path) -> None:
         self.plan, self.folder = plan, folder
@@ -428,12 +428,13 @@ class _Pipeline:
 def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | torch.device = "cpu",
                  piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None,
                  hash_files: Collection[Path] = ()) -> dict[Path, FileHasher]:
-    """Write the plan's shards (and index) into an existing folder. Returns a finished hasher of each of
-    `hash_files` (input files), fed the bytes the reader read: each file is read once."""
+    """Write the plan's output files (and its index or metadata) into an existing folder. Returns a
+    finished hasher of each of `hash_files` (input files), fed the bytes the reader read: each file is
+    read once."""
     pipeline = _Pipeline(plan, _FileSink(plan, Path(folder)), resolve_device(device), piece_elements, progress,
                          hash_files)
     pipeline.run()
-    write_index(Path(folder), plan.shards)
+    write_extra_files(Path(folder), plan.extra_files)
     return pipeline.hashers
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import outputs
+from ..checkpoints.index import Checkpoint, TensorRef
 from ..errors import MismatchError, WeightsError
-from .tensors import Checkpoint, TensorRef
 
 # Buffers that ride along in real Pythia checkpoints but are not trained weights: averaging
 # them is meaningless at best (a causal mask) and lossy at worst (masked_bias = -1e9).
@@ -51,12 +52,20 @@ class TensorJob:
 
 @dataclass(frozen=True)
 class Shard:
+    """One output file: `frames[0]`, the first job's bytes, `frames[1]`, ..., `frames[-1]`, where the
+    frames are what the output format puts around the tensors (`checkpoints/outputs.py`)."""
+
     filename: str
     jobs: tuple[TensorJob, ...]
+    frames: tuple[bytes, ...] = ()  # len(jobs) + 1; empty: none at all (the tensors back to back)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
 
     @property
     def nbytes(self) -> int:
-        return sum(j.nbytes for j in self.jobs)
+        return self.data_bytes + sum(len(f) for f in self.frames)
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class AveragePlan:
     copy_patterns: tuple[str, ...] = ()
     # input files that a later average reads again: the engine keeps them in the page cache if they fit
     reread: frozenset[Path] = frozenset()
+    format: str = "safetensors"  # the output's (`checkpoints.outputs.OUTPUT_FORMATS`)
+    extra_files: tuple[tuple[str, bytes], ...] = ()  # small files written whole: an index, DCP's .metadata
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -75,7 +86,7 @@ class AveragePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(s.nbytes for s in self.shards)
+        return sum(s.nbytes for s in self.shards) + sum(len(b) for _, b in self.extra_files)
 
     @property
     def mean_of(self) -> int | None:
@@ -129,6 +140,7 @@ def plan_average(
     shard_bytes: int = 5 * 10**9,
     copy_patterns: Sequence[str] = DEFAULT_COPY_PATTERNS,
     reread: Collection[int] = (),
+    output_format: str = "safetensors",
 ) -> AveragePlan:
     """Plan `sum_i weights[i] * checkpoints[i]`; the last checkpoint is the newest. `reread` (positions)
     names the checkpoints a later average will read again (a sliding window's shared members).
@@ -138,7 +150,7 @@ def plan_average(
     checkpoint, and may be absent from some inputs (see `_check_names`). Output tensors follow
     the newest checkpoint's on-disk order (grouped by item size, so every tensor stays aligned),
     which keeps all reads sequential when the inputs share a layout, as consecutive checkpoints
-    of one run do.
+    of one run do. `output_format` is one of `OUTPUT_FORMATS` ("dcp": one file, whatever `shard_bytes`).
     """
     if not checkpoints:
         raise MismatchError("no checkpoints to average")
@@ -174,9 +186,26 @@ def plan_average(
     # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
     # also after a dtype change.
     jobs.sort(key=lambda j: -j.out_dtype.itemsize)
-    return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), assign_shards(jobs, shard_bytes),
-                       copied, absent, tuple(copy_patterns),
-                       frozenset(f for i in reread for f in checkpoints[i].files))
+    shards, extra = lay_out(jobs, shard_bytes, output_format)
+    return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), shards, copied, absent,
+                       tuple(copy_patterns), frozenset(f for i in reread for f in checkpoints[i].files),
+                       output_format, extra)
+
+
+def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str
+            ) -> tuple[tuple[Shard, ...], tuple[tuple[str, bytes], ...]]:
+    """The output files for `jobs` in `output_format`: their jobs in the order the format writes them,
+    the frames between, and the small files that describe them."""
+    if output_format == "dcp":
+        layout = outputs.dcp_layout([(j.name, j.out_dtype, j.shape) for j in jobs])
+    elif output_format == "safetensors":
+        groups = split_by_size(jobs, shard_bytes)
+        layout = outputs.safetensors_layout([[(j.name, j.out_dtype, j.shape) for j in g] for g in groups])
+    else:
+        raise ValueError(f"output format {output_format!r} is not one of {outputs.OUTPUT_FORMATS}")
+    by_name = {j.name: j for j in jobs}
+    shards = tuple(Shard(f.filename, tuple(by_name[n] for n in f.names), f.frames) for f in layout.files)
+    return shards, layout.extra
 
 
 def copy_reason(name: str, refs: Sequence[TensorRef], copy_patterns: Sequence[str]) -> str:
@@ -224,8 +253,8 @@ def _check_names(checkpoints: Sequence[Checkpoint], copy_patterns: Sequence[str]
     return tuple(tuple(sorted(a)) for a in absent)
 
 
-def assign_shards(jobs: Sequence[TensorJob], shard_bytes: int) -> tuple[Shard, ...]:
-    """Greedy, order-preserving split into shards of at most `shard_bytes` (a bigger tensor gets its own)."""
+def split_by_size(jobs: Sequence[TensorJob], shard_bytes: int) -> list[list[TensorJob]]:
+    """Greedy, order-preserving split into groups of at most `shard_bytes` (a bigger tensor gets its own)."""
     if shard_bytes <= 0:
         raise ValueError("shard size must be positive")
     groups: list[list[TensorJob]] = [[]]
@@ -236,7 +265,4 @@ def assign_shards(jobs: Sequence[TensorJob], shard_bytes: int) -> tuple[Shard, .
             size = 0
         groups[-1].append(job)
         size += job.nbytes
-    if len(groups) == 1:
-        return (Shard("model.safetensors", tuple(groups[0])),)
-    n = len(groups)
-    return tuple(Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups))
+    return groups

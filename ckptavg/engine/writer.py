@@ -1,8 +1,9 @@
-"""Streaming safetensors output and atomic output folders.
+"""Streaming output files and atomic output folders.
 
-A shard's header depends only on names, dtypes and shapes, all known from the plan, so
-it is written first and each tensor's bytes follow as soon as they are computed: the
-writer never holds more than the piece it is given. The whole output is built in a
+What a format puts around the tensors (a safetensors header, DCP's record framing) depends only on
+names, dtypes and shapes, all known from the plan (`Shard.frames`), so each frame is written as its
+place comes and each tensor's bytes follow as soon as they are computed: the writer never holds more
+than the piece it is given. The whole output is built in a
 hidden temporary folder beside the destination and renamed into place after every file
 is fsynced and the manifest, written last, is in: a folder named like the destination
 is always complete.
@@ -12,43 +13,25 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import mmap
 import os
 import shutil
 import socket
-import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import write_text
+from ..checkpoints.names import SIDE_FILES
 from ..errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
-from ..formats import SAFETENSORS_INDEX, SIDE_FILES
 from ..layout import temporary_name, temporary_owner, temporary_prefix
 from ..manifest import MANIFEST, Manifest, manifest_json
-from .plan import Shard, TensorJob
-from .tensors import DTYPE_NAMES, whole_blocks
+from .plan import Shard
+from .tensors import whole_blocks
 
 SPACE_MARGIN = 64 * 1024 * 1024
 STAGE_BYTES = 16 * 1024 * 1024  # per output file being written
-
-
-def safetensors_header(jobs: Sequence[TensorJob], metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length plus JSON header of a file holding `jobs` back to back, in order."""
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for job in jobs:
-        header[job.name] = {
-            "dtype": DTYPE_NAMES[job.out_dtype],
-            "shape": list(job.shape),
-            "data_offsets": [offset, offset + job.nbytes],
-        }
-        offset += job.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
 
 
 def fsync_dir(path: Path) -> None:
@@ -60,7 +43,8 @@ def fsync_dir(path: Path) -> None:
 
 
 class ShardFile:
-    """One output safetensors file, written front to back exactly once.
+    """One output file, written front to back exactly once: its frames, and between them the bytes of
+    its tensors, in order, given to `write` in pieces.
 
     Written with direct I/O (O_DIRECT) where the filesystem takes it: through the page cache, a hashed
     average of five 1B-shaped inputs (2.1 GB out) spent 5.4-7.5 s of system CPU against 0.8-1.5 s
@@ -74,10 +58,13 @@ class ShardFile:
     """
 
     def __init__(self, path: Path, shard: Shard, *, direct: bool = True, stage_bytes: int = STAGE_BYTES) -> None:
-        header = safetensors_header(shard.jobs)
         self.path = path
-        self.expected = len(header) + shard.nbytes
+        self.expected = shard.nbytes
         self.written = 0  # bytes taken, staged or on disk
+        # (frame, tensor bytes that follow it), in order; each frame goes out when the bytes before it are in
+        frames = shard.frames or (b"",) * (len(shard.jobs) + 1)
+        self._frames = list(zip(frames, [j.nbytes for j in shard.jobs] + [0], strict=True))
+        self._left = 0  # bytes of the current tensor still to come
         self._stage = mmap.mmap(-1, whole_blocks(stage_bytes))  # page-aligned
         self._staged = np.frombuffer(self._stage, dtype=np.uint8)
         self._fill = 0
@@ -94,10 +81,24 @@ class ShardFile:
         except OSError as e:
             self._stage.close()
             raise with_path(e, path) from None
-        self.write(header)
+        self._next_frames()
+
+    def _next_frames(self) -> None:
+        """Stage the frames due: every one whose tensor bytes before it are all in."""
+        while self._left == 0 and self._frames:
+            frame, self._left = self._frames.pop(0)
+            self._stage_bytes(np.frombuffer(frame, np.uint8))
 
     def write(self, data: memoryview | bytes | np.ndarray) -> None:
+        """The next bytes of the tensors (never more than the current tensor has left)."""
         src = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        if src.size > self._left:
+            raise RuntimeError(f"{self.path}: {src.size} bytes given where the tensor has {self._left} left")
+        self._left -= src.size
+        self._stage_bytes(src)
+        self._next_frames()
+
+    def _stage_bytes(self, src: np.ndarray) -> None:
         while src.size:
             n = min(src.size, self._staged.size - self._fill)
             np.copyto(self._staged[self._fill : self._fill + n], src[:n])  # releases the GIL, unlike a memoryview copy
@@ -155,17 +156,17 @@ class ShardFile:
         self._stage.close()
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON durably under a temporary name, then rename it into place."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", fsync=True)
-
-
-def write_index(folder: Path, shards: Sequence[Shard]) -> None:
-    if len(shards) < 2:
-        return
-    weight_map = {job.name: shard.filename for shard in shards for job in shard.jobs}
-    total = sum(s.nbytes for s in shards)
-    write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+def write_extra_files(folder: Path, files: Iterable[tuple[str, bytes]]) -> None:
+    """The plan's small files (an index, DCP's `.metadata`), each written whole and durably (into the
+    output's temporary folder, which appears only once everything in it is)."""
+    for name, data in files:
+        try:
+            with open(folder / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise with_path(e, folder / name) from None
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

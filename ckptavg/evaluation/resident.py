@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.index import Checkpoint
+from ..checkpoints.names import SIDE_FILES
+from ..checkpoints.open import open_checkpoint
 from ..engine.average import average_into
 from ..engine.plan import AveragePlan
-from ..engine.tensors import Checkpoint, TensorReader, open_checkpoint
+from ..engine.tensors import TensorReader
 from ..errors import InputError
-from ..formats import SIDE_FILES
 
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
 

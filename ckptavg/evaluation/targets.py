@@ -92,8 +92,8 @@ def fetch_bytes(targets: Sequence[Target]) -> int:
 def fetched(target: Target, sources: dict, bars) -> Iterator[Path]:
     """Put a Hub original on disk for scoring and take it away again. `sources` keeps one listed
     HubTrajectory per repo, so a study lists each repo's branches once, not once per original."""
+    from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
     from ..trajectory.hub import HubTrajectory
-    from ..trajectory.sources import DEFAULT_STEP_PATTERN
 
     key = (target.repo, target.pattern, target.cache_dir)
     if key not in sources:

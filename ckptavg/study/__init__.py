@@ -46,9 +46,10 @@ def _open(entry: SourceEntry, *, offline_catalogue: bool, bars: ByteBar | None =
         from ..trajectory.sources import LocalTrajectory
 
         return LocalTrajectory(Path(entry.name), entry.steps_from)
+    from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
     from ..trajectory.hub import HubTrajectory
 
-    return HubTrajectory(entry.name, entry.steps_from, cache_dir=entry.cache_dir, bars=bars)
+    return HubTrajectory(entry.name, entry.steps_from or DEFAULT_STEP_PATTERN, cache_dir=entry.cache_dir, bars=bars)
 
 
 def _averaging(s: StudyFile, force: bool = False) -> Averaging:

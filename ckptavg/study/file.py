@@ -68,7 +68,7 @@ class SourceEntry:
     name: str  # the Pythia size, the repo id or the folder
     steps: dict[str, int]  # start, end, interval (end may be absent for local and hub: the last step)
     deduped: bool = True
-    steps_from: str = r"step(\d+)"
+    steps_from: str | None = None  # the step pattern; None: step(\d+) on the Hub, the trainer's layout locally
     cache_dir: Path | None = None
     explicit_start: bool = False  # the file gives a start: every run starts there (an error if it cannot)
 
@@ -173,7 +173,7 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
         if "interval" not in merged:
             raise OptionError(f"{here}: no output interval (set [steps] interval, or interval here)")
         name = str(resolve(s[kind])) if kind == "local" else str(s[kind])
-        sources.append(SourceEntry(kind, name, merged, bool(s.get("deduped", True)), s.get("steps_from", r"step(\d+)"),
+        sources.append(SourceEntry(kind, name, merged, bool(s.get("deduped", True)), s.get("steps_from"),
                                    resolve(s.get("cache_dir")), explicit_start))
     if not sources:
         raise OptionError(f"{where}: no [[sources]]")

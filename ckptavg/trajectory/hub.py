@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text
+from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
+from ..checkpoints.names import pick_files
 from ..errors import (
     HubAuthError,
     HubError,
@@ -34,10 +36,9 @@ from ..errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
 )
-from ..formats import pick_files
 from ..hashing import cache_root, hub_blob_sha256, verify_blob
 from .holds import RevisionLedger
-from .sources import DEFAULT_STEP_PATTERN, Duplicate, find_duplicates, step_branches
+from .sources import Duplicate, find_duplicates, step_branches
 
 LIST_WORKERS = 8
 ByteBar = Callable[[str, int], Callable[[int], None]]

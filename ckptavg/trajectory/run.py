@@ -197,8 +197,8 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
 
 def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, reread: list[int],
              average_kwargs: dict) -> Path:
+    from ..checkpoints.open import open_checkpoint
     from ..engine.average import average_checkpoints
-    from ..engine.tensors import open_checkpoint
 
     w = job.window
     progress = (lambda p: bars(f"average step{w.step}", p.output_bytes)) if bars else None

@@ -4,21 +4,23 @@ A source lists its steps and their sizes without downloading, puts one step's ch
 disk (`fetch`), and frees it again (`evict`). A local trajectory is folders named by step;
 fetching and evicting it are no-ops. The Hub source lives in `hub.py`; the pure rules both
 share (step names, which revisions are suspiciously identical) live here, and which files make
-a checkpoint in `formats.py`.
+a checkpoint in `checkpoints/names.py`.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoints.layouts import STEP_PATTERNS, checkpoint_in, detect_pattern, unfinished
+from ..checkpoints.names import weight_files
 from ..errors import InputError
-from ..formats import DCP_METADATA, DCP_SUBFOLDERS, weight_files
 
-DEFAULT_STEP_PATTERN = r"step(\d+)"
+
 def compile_pattern(pattern: str) -> re.Pattern:
     try:
         regex = re.compile(pattern)
@@ -100,20 +102,14 @@ def find_duplicates(blobs: Mapping[str, Mapping[str, str]], steps: Mapping[str, 
     return sorted(found, key=lambda d: order(d.revisions[0]))
 
 
-def _checkpoint_folder(step_folder: Path) -> Path:
-    """The folder that holds a step's weights: the step's own, or the DCP folder a trainer saves in it."""
-    for sub in DCP_SUBFOLDERS:
-        if not (step_folder / DCP_METADATA).is_file() and (step_folder / sub / DCP_METADATA).is_file():
-            return step_folder / sub
-    return step_folder
-
-
 @dataclass
 class LocalTrajectory:
-    """`root/step1000/`, `root/step2000/`, ... (any names matching `pattern`, whose group 1 is the step)."""
+    """`root/step1000/`, `root/step2000/`, ... (any names matching `pattern`, whose group 1 is the step;
+    by default the pattern of the trainer layout the names show, `checkpoints/layouts.py`). A step is a
+    folder or a file (Lightning's `.ckpt`); one still being written is left out, with a warning."""
 
     root: Path
-    pattern: str = DEFAULT_STEP_PATTERN
+    pattern: str | None = None
     _folders: dict[int, Path] = field(default_factory=dict, init=False, repr=False)
     _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -121,11 +117,23 @@ class LocalTrajectory:
         self.root = Path(self.root)
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such trajectory folder")
-        names = step_branches((e.name for e in self.root.iterdir() if e.is_dir()), self.pattern, str(self.root))
-        self._names = names  # step -> the step folder's name
-        self._folders = {step: _checkpoint_folder(self.root / name) for step, name in names.items()}
+        entries = [e.name for e in self.root.iterdir()]
+        if self.pattern is None:
+            self.pattern = detect_pattern(entries)
+            if self.pattern is None:
+                known = ", ".join(p for _, p in STEP_PATTERNS)
+                raise InputError(f"{self.root}: no checkpoints named as a trainer names its steps ({known}); "
+                                 f"give the pattern of yours (--steps-from)")
+        names = step_branches(entries, self.pattern, str(self.root))
+        for step, name in list(names.items()):
+            why = unfinished(checkpoint_in(self.root / name))
+            if why:
+                warnings.warn(f"step {step} left out: {why}", stacklevel=2)
+                del names[step]
+        self._names = names  # step -> the step's entry in root
+        self._folders = {step: checkpoint_in(self.root / name) for step, name in names.items()}
         if not self._folders:
-            raise InputError(f"{self.root}: no checkpoint folders matching {self.pattern!r}")
+            raise InputError(f"{self.root}: no finished checkpoints matching {self.pattern!r}")
 
     local = True  # read in place: nothing to download, nothing to delete
 
@@ -138,6 +146,8 @@ class LocalTrajectory:
 
     def _weight_files(self, step: int) -> list[Path]:
         folder = self._folders[step]
+        if folder.is_file():
+            return [folder]
         return sorted(folder / n for n in weight_files(e.name for e in folder.iterdir() if e.is_file()))
 
     def size(self, step: int) -> int:

@@ -1,5 +1,5 @@
-"""What the files of a Hugging Face model folder (or a DCP folder) are called: the one place that knows,
-without torch.
+"""What the files of a checkpoint are called (a Hugging Face model folder, a DCP folder, a trainer's
+`torch.save` files): the one place that knows, without torch.
 
 The engine reads and writes these files; trajectory sources decide from a branch's file list
 which files make a checkpoint, before anything is downloaded. Both ask here.
@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEEPSPEED_MODEL = "mp_rank_00_model_states.pt"  # in DeepSpeed's global_stepN/ (ZeRO 0-2; one model-parallel rank)
+NANOGPT_CHECKPOINT = "ckpt.pt"  # nanoGPT's out_dir/ckpt.pt
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Looked for in a folder in this order: the first one present decides the checkpoint's format.
 WEIGHT_LAYOUTS = (
@@ -18,6 +20,8 @@ WEIGHT_LAYOUTS = (
     ("model.safetensors", "safetensors"),
     (BIN_INDEX, "bin"),
     ("pytorch_model.bin", "bin"),
+    (DEEPSPEED_MODEL, "bin"),
+    (NANOGPT_CHECKPOINT, "bin"),
 )
 # Non-weight files a model folder needs to be loaded and used; an output copies them from its newest input.
 SIDE_FILES = (
@@ -36,8 +40,10 @@ _SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 _BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 DCP_METADATA = ".metadata"  # a torch.distributed.checkpoint folder: written last, it marks the save finished
 _DCP = re.compile(r"__\d+_\d+\.distcp")
-# trainers that save a DCP folder inside each step's folder: OLMo-core's stepN/model_and_optim/
-DCP_SUBFOLDERS = ("model_and_optim",)
+# trainers that save a DCP folder inside each step's folder: OLMo-core's stepN/model_and_optim/, accelerate's
+# FSDP checkpoint-N/pytorch_model_fsdp_0/
+DCP_SUBFOLDERS = ("model_and_optim", "pytorch_model_fsdp_0")
+TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # a single weight file: torch.save's archives
 
 
 def weight_files(names: Iterable[str]) -> set[str]:
@@ -50,6 +56,9 @@ def weight_files(names: Iterable[str]) -> set[str]:
             return weights
     if DCP_METADATA in names:
         return {n for n in names if _DCP.fullmatch(n)}
+    for name in (DEEPSPEED_MODEL, NANOGPT_CHECKPOINT):
+        if name in names:
+            return {name}
     return set()
 
 

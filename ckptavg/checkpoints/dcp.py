@@ -1,0 +1,174 @@
+"""`torch.distributed.checkpoint` (DCP) folders, indexed without loading them: which bytes hold each tensor.
+
+A DCP folder is a `.metadata` pickle (each entry's global size, dtype and chunks, and where each chunk's
+record lies: a byte range of a `__R_K.distcp` file) and the `.distcp` files. Each record is one
+`torch.save` archive, a zip whose tensor storage is an uncompressed member, so a chunk's bytes are a
+plain byte range of the `.distcp` file: found from the record's zip directory and its small `data.pkl`,
+never by loading the record, and then read, hashed and cached like a safetensors tensor's.
+
+Both pickles are input from elsewhere, so they are read by unpicklers that know a fixed list of classes
+(torch's DCP metadata classes; tensor rebuilds and storage types) and refuse every other one
+(`UnsafeCheckpointError`, exit 2) before it is imported, let alone called.
+
+Read so far: whole tensors and row-sharded ones (FSDP's `Shard(0)`: each rank's chunk one range of the
+flattened tensor; the chunks must cover it exactly once), model tensors only (optimizer state,
+`train_state` and other entries are left out). Tensor-parallel column shards are refused, saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError
+from . import torchsave
+from .index import Extent, TensorRef
+
+METADATA = ".metadata"
+# entries that are training state, not model weights, by the prefixes the trainers give them
+NOT_MODEL = ("optim.", "optimizer.", "optim_", "optimizer_", "train_state.", "lr_scheduler.", "dataloader.",
+             "scheduler.", "rng_state.", "trainer.")
+_DCP = "torch.distributed.checkpoint.metadata"
+_METADATA_CLASSES = {
+    (_DCP, name) for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                              "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    # megatron-core keeps its save plans in the metadata (`planner_data`): torch's planner dataclasses
+    ("torch.distributed.checkpoint.planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType",
+                                                                "TensorWriteData", "BytesIOWriteData")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("collections", "OrderedDict")}
+# classes that trainers pickle in place of torch's own, read as torch's (so no trainer need be installed):
+# OLMo-core's writer records its `_StorageInfo` (relative_path, offset, length), torch's less one field
+_STAND_INS = {("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"):
+              ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+def is_dcp(folder: Path) -> bool:
+    return (folder / METADATA).is_file()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        module, name = _STAND_INS.get((module, name), (module, name))
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(f"refusing to unpickle {module}.{name}: not one of DCP's metadata classes")
+
+
+def _record_tensor(f, file: Path, offset: int, length: int, fqn: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """(dtype, shape, absolute byte offset) of the tensor saved in one record of the open file `f`."""
+    where = f"{file}: the record of {fqn!r} at byte {offset}"
+    try:
+        archive = torchsave.read_archive(f, where, offset, length, strict=True)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{file}: cannot read the record of {fqn!r} ({e})") from None
+    t = archive.obj
+    if not isinstance(t, torchsave.Rebuilt):
+        raise CorruptCheckpointError(f"{where}: not a tensor")
+    at = archive.locate(t, where)
+    if at is None:
+        raise CorruptCheckpointError(f"{where}: not one plain byte range (strided or compressed)")
+    return t.storage.dtype, t.size, at
+
+
+def read_metadata(folder: Path):
+    """The folder's DCP `Metadata`, unpickled with the allow-list."""
+    path = folder / METADATA
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise CorruptCheckpointError(f"{path}: not a DCP metadata file ({type(e).__name__}: {e})") from None
+    if type(metadata).__name__ != "Metadata" or not hasattr(metadata, "state_dict_metadata"):
+        raise CorruptCheckpointError(f"{path}: not a DCP metadata file")
+    return metadata
+
+
+def _flat_range(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
+                folder: Path) -> tuple[int, int]:
+    """(first element, count) of a chunk in the flattened tensor. A chunk is one range of it when it
+    spans every dimension after its first (FSDP's row shards); others (tensor-parallel column shards)
+    are refused for now."""
+    if len(offsets) != len(shape) or len(sizes) != len(shape) or \
+            any(o < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):
+        raise CorruptCheckpointError(f"{folder / METADATA}: a chunk of {fqn!r} lies outside its {list(shape)}")
+    if not shape:
+        return 0, 1
+    inner = math.prod(shape[1:])
+    if tuple(sizes[1:]) != tuple(shape[1:]) and math.prod(sizes):
+        raise InputError(f"{folder}: tensor {fqn!r} is sharded along a dimension other than its first (a "
+                         f"tensor-parallel save): ckptavg reads row-sharded (FSDP) and whole tensors so far")
+    return offsets[0] * inner, math.prod(sizes)
+
+
+def index(folder: Path) -> dict[str, TensorRef]:
+    """Each model tensor (named as saved) with the extents that hold it, in element order, each a byte
+    range of a `.distcp` file. A sharded tensor's chunks must cover it exactly once. Every check happens
+    here, before a byte of tensor data is read."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = read_metadata(folder)
+    storage = {(k.fqn, tuple(k.offset) if k.offset is not None else None): v
+               for k, v in metadata.storage_data.items()}
+    tensors: dict[str, TensorRef] = {}
+    with contextlib.ExitStack() as opened:
+        files: dict[Path, Any] = {}
+        for fqn, entry in metadata.state_dict_metadata.items():
+            if not isinstance(entry, TensorStorageMetadata) or fqn.startswith(NOT_MODEL):
+                continue
+            shape = tuple(entry.size)
+            pieces: list[Extent] = []
+            for chunk in entry.chunks:
+                offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+                first, count = _flat_range(fqn, shape, offsets, sizes, folder)
+                if not count and shape:
+                    continue
+                info = storage.get((fqn, offsets))
+                if info is None:
+                    raise CorruptCheckpointError(f"{folder / METADATA}: no storage recorded for a chunk of {fqn!r}")
+                if getattr(info, "transform_descriptors", None):
+                    raise InputError(f"{folder}: tensor {fqn!r} is stored transformed "
+                                     f"({info.transform_descriptors}): not read by ckptavg")
+                file = folder / str(info.relative_path)
+                if file not in files:
+                    if not file.is_file():
+                        raise CorruptCheckpointError(f"{folder}: {file.name} is missing (it holds tensor {fqn!r})")
+                    files[file] = opened.enter_context(open(file, "rb"))
+                dtype, size, at = _record_tensor(files[file], file, int(info.offset), int(info.length), fqn)
+                if dtype != entry.properties.dtype or size != sizes:
+                    raise CorruptCheckpointError(f"{file}: a record of {fqn!r} holds {dtype} {list(size)}, the "
+                                                 f"metadata says {entry.properties.dtype} {list(sizes)}")
+                pieces.append(Extent(file, at, first, count))
+            pieces.sort(key=lambda e: e.first)
+            _check_cover(folder, fqn, shape, pieces)
+            head = pieces[0] if pieces else Extent(folder / METADATA, 0, 0, 0)  # (an empty tensor reads no bytes)
+            tensors[fqn] = TensorRef(fqn, entry.properties.dtype, shape, head.file, head.offset,
+                                     tuple(pieces) if len(pieces) > 1 else ())
+    if not tensors:
+        raise InputError(f"{folder}: a DCP checkpoint without model tensors")
+    return tensors
+
+
+def _check_cover(folder: Path, fqn: str, shape: tuple[int, ...], pieces: list[Extent]) -> None:
+    covered = 0
+    for e in pieces:
+        if e.first != covered:
+            what = "overlap" if e.first < covered else "leave a gap"
+            raise CorruptCheckpointError(f"{folder}: the chunks of tensor {fqn!r} {what} at element "
+                                         f"{min(e.first, covered)} (a save from another rank missing or "
+                                         f"not finished?)")
+        covered += e.count
+    if covered != math.prod(shape):
+        raise CorruptCheckpointError(f"{folder}: the chunks of tensor {fqn!r} cover {covered} of its "
+                                     f"{math.prod(shape)} elements")

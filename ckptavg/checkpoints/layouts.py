@@ -1,0 +1,62 @@
+"""Where each trainer puts the steps of a run, so that a run's folder is read as its trainer saved it,
+without flags: which names in it are steps, and where in a step's entry the checkpoint is. Pure
+names and `stat` calls, no torch.
+
+    run/step0/ step2/model_and_optim/   OLMo-core (step0 is the initial weights; stepN-merged/ is its
+                                        own merge, not a step); Pythia-style and ckptavg's own outputs
+    checkpoint/step-2/                  torchtitan
+    checkpoint-2/                       transformers' Trainer (or its pytorch_model_fsdp_0/ DCP)
+    epoch=0-step=2.ckpt                 Lightning's ModelCheckpoint: a file, or (ModelParallel) a DCP folder
+    iter_0000002/                       Megatron
+    global_step2/                       DeepSpeed
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from .names import DCP_METADATA, DCP_SUBFOLDERS
+
+DEFAULT_STEP_PATTERN = r"step(\d+)"
+# (whose, a pattern whose group 1 is the step), tried on the names in a run's folder
+STEP_PATTERNS = (
+    ("OLMo-core or Pythia", DEFAULT_STEP_PATTERN),
+    ("torchtitan", r"step-(\d+)"),
+    ("transformers", r"checkpoint-(\d+)"),
+    ("Lightning", r"epoch=\d+-step=(\d+)\.ckpt"),
+    ("Megatron", r"iter_(\d+)"),
+    ("DeepSpeed", r"global_step(\d+)"),
+)
+
+
+def detect_pattern(names: Iterable[str]) -> str | None:
+    """The step pattern of the trainer whose names these are: the one that matches the most of them
+    (None: none matches)."""
+    names = list(names)
+    counts = [(sum(1 for n in names if re.fullmatch(p, n)), -i, p) for i, (_, p) in enumerate(STEP_PATTERNS)]
+    best = max(counts)
+    return best[2] if best[0] else None
+
+
+def checkpoint_in(entry: Path) -> Path:
+    """The checkpoint of one step's entry: the entry itself (a folder of weights, a DCP folder, a
+    `.ckpt` file), or the DCP folder a trainer saves inside it (OLMo-core, accelerate's FSDP)."""
+    if entry.is_dir() and not (entry / DCP_METADATA).is_file():
+        for sub in DCP_SUBFOLDERS:
+            if (entry / sub / DCP_METADATA).is_file():
+                return entry / sub
+    return entry
+
+
+def unfinished(checkpoint: Path) -> str | None:
+    """Why a step's checkpoint is still being written (or was never finished), from its names alone;
+    None when nothing says so. A DCP save writes its `.metadata` last."""
+    if not checkpoint.is_dir():
+        return None
+    folders = [checkpoint, *(checkpoint / sub for sub in DCP_SUBFOLDERS if (checkpoint / sub).is_dir())]
+    for folder in folders:
+        if any(folder.glob("*.distcp")) and not (folder / DCP_METADATA).is_file():
+            return f"{folder} has DCP data files but no {DCP_METADATA} (a save still being written?)"
+    return None

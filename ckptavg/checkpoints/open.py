@@ -1,0 +1,106 @@
+"""One checkpoint, whatever wrote it, indexed without reading tensor data: the one detector that names its
+format (how its bytes are encoded) and trainer (whose layout it is), and the typed index every format
+turns into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import CorruptCheckpointError, InputError
+from . import dcp, torchsave
+from .index import Checkpoint, TensorRef
+from .names import DEEPSPEED_MODEL, TORCH_SAVE_SUFFIXES, WEIGHT_LAYOUTS
+from .safetensors_header import read_safetensors_header
+
+
+def _dcp_trainer(folder: Path) -> str:
+    """Whose DCP folder this is, by the files each trainer saves beside (or around) it."""
+    try:
+        if json.loads((folder / "metadata.json").read_text()).get("sharded_backend") == "torch_dist":
+            return "megatron"
+    except (OSError, ValueError, AttributeError):
+        pass
+    if (folder / "meta.pt").is_file():
+        return "lightning"
+    return {"model_and_optim": "olmo-core", "pytorch_model_fsdp_0": "accelerate"}.get(folder.name, "dcp")
+
+
+def _folder_files(path: Path) -> tuple[str, str, list[Path], dict[str, str] | None]:
+    """(format, index file name, weight files, the index's weight map) of a model folder."""
+    for name, fmt in WEIGHT_LAYOUTS:  # noqa: B007  (the one found is used below)
+        if (path / name).is_file():
+            break
+    else:
+        if any(path.glob("zero_pp_rank_*_model_states.pt")):
+            raise InputError(f"{path}: a DeepSpeed ZeRO-3 checkpoint, whose weights are partitioned across its "
+                             f"ranks' files: consolidate it first with the zero_to_fp32.py script DeepSpeed "
+                             f"saved beside it")
+        wanted = ", ".join(n for n, _ in WEIGHT_LAYOUTS)
+        raise InputError(f"{path}: no weights found (looked for {wanted}, and a DCP .metadata)")
+    if name == DEEPSPEED_MODEL and any(path.glob("mp_rank_0[1-9]_model_states.pt")):
+        raise InputError(f"{path}: a DeepSpeed checkpoint of several model-parallel ranks: ckptavg reads one")
+    if not name.endswith(".index.json"):
+        return fmt, name, [path / name], None
+    try:
+        weight_map = json.loads((path / name).read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CorruptCheckpointError(f"{path / name}: not a valid weight index") from None
+    files = [path / s for s in sorted(set(weight_map.values()))]
+    for f in files:
+        if not f.is_file():
+            raise CorruptCheckpointError(f"{path / name}: names missing shard {f.name}")
+    return fmt, name, files, weight_map
+
+
+def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkpoint:
+    """Index a checkpoint without reading tensor data: a Hugging Face model folder (safetensors or `.bin`,
+    sharded or not), a DCP folder (OLMo-core, torchtitan, Megatron `torch_dist`, accelerate's FSDP,
+    Lightning's ModelParallel), a trainer's `torch.save` file (Lightning `.ckpt`, nanoGPT `ckpt.pt`,
+    DeepSpeed's `global_stepN/`), or one weight file. `label` names it in error messages (a revision
+    rather than a cache path)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir() and dcp.is_dcp(path):
+        tensors = dcp.index(path)
+        files = sorted({e.file for r in tensors.values() for e in r.extents or [r] if r.numel})
+        return Checkpoint(path, "dcp", tuple(files), tensors, label, _dcp_trainer(path))
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            fmt, files, weight_map = "safetensors", [path], None
+        elif path.suffix in TORCH_SAVE_SUFFIXES:
+            fmt, files, weight_map = "bin", [path], None
+        else:
+            raise InputError(f"{path}: unknown checkpoint format (expected .safetensors, "
+                             f"{', '.join(TORCH_SAVE_SUFFIXES)} or a folder)")
+    else:
+        fmt, _, files, weight_map = _folder_files(path)
+    tensors: dict[str, TensorRef] = {}
+    trainer = "transformers"
+    for f in files:
+        if fmt == "safetensors":
+            refs = read_safetensors_header(f)[0]
+        else:
+            trainer, refs = torchsave.index_file(f)
+        for key, ref in refs.items():
+            if weight_map is not None and weight_map.get(key) != f.name:
+                continue  # a shard may hold stray copies; the index decides
+            if key in tensors:
+                raise CorruptCheckpointError(f"{path}: tensor {key!r} appears in two files")
+            tensors[key] = ref
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CorruptCheckpointError(
+                f"{path}: index lists {len(missing)} tensor(s) its shards lack, e.g. {missing[0]!r}"
+            )
+    if not tensors:
+        raise InputError(f"{path}: checkpoint holds no tensors")
+    if trainer == "torch":
+        trainer = "transformers" if path.is_dir() else "torch"
+    return Checkpoint(path, fmt, tuple(files), tensors, label, trainer)

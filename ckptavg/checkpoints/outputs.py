@@ -1,0 +1,174 @@
+"""How an output checkpoint's files are laid out, in each format ckptavg writes, from names, dtypes and
+shapes alone: so that the engine streams every tensor's bytes straight into place, knowing no format.
+
+A file is written front to back as `frames[0]`, the first tensor's bytes, `frames[1]`, the second's, ...,
+`frames[-1]`: the bytes between the tensors depend only on the plan. Small files that describe the
+others (a safetensors index, DCP's `.metadata`) are given whole.
+
+- safetensors: a header, then the tensors back to back.
+- DCP: one `__0_0.distcp` of `torch.save` records, one per tensor (one chunk each, as a single-process
+  `dcp.save` would write them), and a `.metadata` that torch's own reader and the trainers' loaders
+  read. Each record is framed by `torch.save` itself, told to skip the tensor's bytes
+  (`torch.serialization.skip_data`, on a fake tensor that owns no memory), which leaves the space the
+  engine fills. As with `torch.serialization.set_crc32_options(False)`, the records carry no CRC-32 of
+  their data (torch's reader checks none), so no pass over the bytes is spent on one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .index import DTYPE_NAMES
+from .names import SAFETENSORS_INDEX
+
+DCP_FILE = "__0_0.distcp"
+OUTPUT_FORMATS = ("safetensors", "dcp")
+
+Spec = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor's name, dtype and shape
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    filename: str
+    names: tuple[str, ...]  # the tensors in the order their bytes are written
+    frames: tuple[bytes, ...]  # len(names) + 1: before the first tensor, between each two, after the last
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    format: str
+    files: tuple[OutputFile, ...]
+    extra: tuple[tuple[str, bytes], ...] = ()  # small files written whole, after the others
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(f) for o in self.files for f in o.frames) + sum(len(b) for _, b in self.extra)
+
+
+def _nbytes(spec: Spec) -> int:
+    n = spec[1].itemsize
+    for d in spec[2]:
+        n *= d
+    return n
+
+
+def safetensors_header(specs: Sequence[Spec], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header of a file holding `specs` back to back, in order."""
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for spec in specs:
+        header[spec[0]] = {"dtype": DTYPE_NAMES[spec[1]], "shape": list(spec[2]),
+                           "data_offsets": [offset, offset + _nbytes(spec)]}
+        offset += _nbytes(spec)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
+    return (len(raw)).to_bytes(8, "little") + raw
+
+
+def safetensors_layout(groups: Sequence[Sequence[Spec]]) -> OutputLayout:
+    """One file per group (`model.safetensors`, or `model-0000i-of-0000n.safetensors` and an index)."""
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    files = tuple(OutputFile(name, tuple(s[0] for s in g), (safetensors_header(g), *(b"" for _ in g)))
+                  for name, g in zip(names, groups, strict=True))
+    extra = ()
+    if n > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(s) for g in groups for s in g)},
+                 "weight_map": {s[0]: f.filename for f, g in zip(files, groups, strict=True) for s in g}}
+        extra = ((SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode()),)
+    return OutputLayout("safetensors", files, extra)
+
+
+class _Holes(io.RawIOBase):
+    """A file that keeps what is written to it and where, and holds nothing where it is seeked past:
+    `torch.save` with `skip_data` seeks past each storage's bytes."""
+
+    def __init__(self) -> None:
+        self.pos, self.size, self.writes = 0, 0, []
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        self.writes.append((self.pos, data))
+        self.pos += len(data)
+        self.size = max(self.size, self.pos)
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def split(self) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """The bytes written, as the runs between the ranges never written, and those ranges
+        ((offset, length), in order): len(ranges) + 1 runs (a later write over an earlier one wins)."""
+        holes, pos = [], 0
+        for at, data in sorted(self.writes, key=lambda w: w[0]):
+            if at > pos:
+                holes.append((pos, at - pos))
+            pos = max(pos, at + len(data))
+        bounds = [0, *(x for at, n in holes for x in (at, at + n)), self.size]
+        runs = [(bounds[i], bytearray(bounds[i + 1] - bounds[i])) for i in range(0, len(bounds), 2)]
+        for at, data in self.writes:
+            start, run = next(r for r in reversed(runs) if r[0] <= at)
+            run[at - start : at - start + len(data)] = data
+        return [bytes(run) for _, run in runs], holes
+
+
+def _saved_without_data(obj: object) -> _Holes:
+    """`obj` as `torch.save` writes it, with every storage's bytes left out."""
+    from torch.serialization import skip_data
+
+    f = _Holes()
+    with skip_data(materialize_fake_tensors=True):
+        torch.save(obj, f)
+    return f
+
+
+def _fake(spec: Spec) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(spec[2], dtype=spec[1])
+
+
+def dcp_layout(specs: Sequence[Spec]) -> OutputLayout:
+    """One `.distcp` file of a record per tensor, and the `.metadata` that says where each lies."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    frames, entries, storage, at = [b""], {}, {}, 0
+    for spec in specs:
+        saved = _saved_without_data(_fake(spec))
+        parts, holes = saved.split()
+        if [n for _, n in holes] != ([_nbytes(spec)] if _nbytes(spec) else []):
+            raise RuntimeError(f"torch.save left {holes} unwritten for {spec}: not a record ckptavg can frame")
+        frames[-1] += parts[0]
+        frames.extend(parts[1:] or [b""])  # (an empty tensor: its no bytes go after its record)
+        origin = torch.Size([0] * len(spec[2]))
+        entries[spec[0]] = TensorStorageMetadata(TensorProperties(dtype=spec[1]), torch.Size(spec[2]),
+                                                 [ChunkStorageMetadata(origin, torch.Size(spec[2]))])
+        storage[MetadataIndex(spec[0], origin)] = _StorageInfo(DCP_FILE, at, saved.size)
+        at += saved.size
+    metadata = pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage))
+    return OutputLayout("dcp", (OutputFile(DCP_FILE, tuple(s[0] for s in specs), tuple(frames)),),
+                        ((".metadata", metadata),))
