@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make-installed
 DEMO := out/demo
 
-.PHONY: install slurm-packages lint test test-fast demo bench bench-eval clean
+.PHONY: install slurm-packages lint test test-fast demo bench bench-eval fixtures clean
 
 # torch is pinned first: on a CPU machine it resolves to a local CPU build, where an unpinned
 # `torch` (pulled in by transformers) would download several GB of CUDA wheels.
@@ -43,6 +43,19 @@ test-fast: install
 # computes savings with the ckptavg CLI; the figures go to docs/, where the README shows them.
 demo: install
 	HF_DATASETS_OFFLINE=1 $(PYTHON) examples/tiny_pythia/demo.py --out $(DEMO) --figures docs
+
+# The trainer fixtures in tests/trainers/data/ (committed): tiny runs that OLMo-core, Lightning, transformers,
+# DeepSpeed, megatron-core and nanoGPT really wrote. Needs those trainers, which the tests do not: a
+# virtual environment that sees this one's torch (see tests/trainers/write.py), and a nanoGPT clone.
+TRAINERS_PYTHON ?= .trainers/bin/python
+NANOGPT ?=
+fixtures: install
+	@test -x $(TRAINERS_PYTHON) || { $(PYTHON) -m venv --system-site-packages .trainers && \
+	  echo "torch==2.13.0" > .trainers/constraints.txt && \
+	  .trainers/bin/pip install -q -c .trainers/constraints.txt ai2-olmo-core==3.0.0 pytorch-lightning==2.6.6 \
+	    megatron-core==0.16.1 && \
+	  .trainers/bin/pip install -q -c .trainers/constraints.txt --no-build-isolation deepspeed==0.19.8; }
+	$(TRAINERS_PYTHON) tests/trainers/write.py --out tests/trainers/data $(if $(NANOGPT),--nanogpt $(NANOGPT))
 
 bench: install
 	$(PYTHON) bench/average.py

@@ -120,12 +120,14 @@ class Averaging:
     copy: tuple[str, ...] = ()  # fnmatch patterns of tensors to copy from the newest input, never average
     keep_downloads: bool = False
     force: bool = False  # redo finished outputs
+    output_format: str = "auto"  # auto (the inputs' own: DCP for DCP inputs), safetensors or dcp
 
     def checked(self, dry_run: bool = False) -> Averaging:
         budget = opt.size(self.disk_budget, "--disk-budget") if isinstance(self.disk_budget, str) else self.disk_budget
         return replace(self, device=opt.device(self.device) if dry_run else resolve_device(self.device),
                        dtype=opt.choice(self.dtype, opt.AVERAGE_DTYPES, "--dtype"), disk_budget=budget,
-                       copy=opt.copy_patterns(self.copy))
+                       copy=opt.copy_patterns(self.copy),
+                       output_format=opt.choice(self.output_format, opt.OUTPUT_FORMATS, "--output-format"))
 
 
 def open_trajectory(source: str | Path, pattern: str | None = None, *, cache_dir: Path | None = None,
@@ -245,6 +247,7 @@ def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: S
                             copy=averaging.copy)
     written = execute_run(source, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
                           device=averaging.device, out_dtype=out_dtype, copy=averaging.copy, bars=bars,
+                          output_format=averaging.output_format,
                           on_window=on_window, **hooks)
     if scorer is not None and not scoring.in_memory:  # the averages, and originals not scored on the way
         from .evaluation.scorer import run_eval
@@ -361,7 +364,7 @@ def _store_diversity(results, model: str, tag: str, step: int, task: str, found,
 
 # -- interpolation ----------------------------------------------------------------------------------
 def interpolate(a: str | Path, b: str | Path, alphas: Sequence[float], out: str | Path, *, device: str = "auto",
-                dtype: str = "auto", copy: Sequence[str] = (), force: bool = False,
+                dtype: str = "auto", copy: Sequence[str] = (), force: bool = False, output_format: str = "auto",
                 progress: Callable[[float], Callable | None] | None = None) -> list[tuple[float, Path, bool]]:
     """alpha*A + (1-alpha)*B for each alpha into OUT/alphaA/; finished ones are skipped unless `force`.
     Returns (alpha, folder, written) per alpha. `progress(alpha)` gives `average_checkpoints`' hook."""
@@ -372,6 +375,7 @@ def interpolate(a: str | Path, b: str | Path, alphas: Sequence[float], out: str 
         raise OptionError("--alphas is empty")
     out_dtype = torch_dtype(opt.choice(dtype, opt.AVERAGE_DTYPES, "--dtype"))
     patterns, dev = opt.copy_patterns(copy), resolve_device(device)
+    output_format = opt.choice(output_format, opt.OUTPUT_FORMATS, "--output-format")
     done = []
     for alpha in alphas:
         target = interpolation_folder(out, alpha)
@@ -379,7 +383,8 @@ def interpolate(a: str | Path, b: str | Path, alphas: Sequence[float], out: str 
             done.append((alpha, target, False))
             continue
         average_checkpoints([a, b], target, weights=[alpha, 1 - alpha], normalize=False, force=force, device=dev,
-                            out_dtype=out_dtype, copy=patterns, progress=progress(alpha) if progress else None,
+                            out_dtype=out_dtype, copy=patterns, output_format=output_format,
+                            progress=progress(alpha) if progress else None,
                             method=Method("interpolate", params={"alpha": alpha, "a": str(a), "b": str(b)}))
         done.append((alpha, target, True))
     return done

@@ -50,7 +50,7 @@ class InputRecord:
     """One input checkpoint, oldest first; the trajectory fields say where it came from."""
 
     path: str
-    format: str  # safetensors | bin
+    format: str  # safetensors | bin (torch.save archives) | dcp
     files: tuple[FileRecord, ...]
     absent_buffers: tuple[str, ...] = ()  # never-averaged tensors other inputs hold and this one lacks
     source: str | None = None  # the trajectory: a local folder, or hf://ORG/NAME
@@ -60,6 +60,7 @@ class InputRecord:
     commit: str | None = None
     pattern: str | None = None
     cache_dir: str | None = None  # the Hugging Face cache it was downloaded into
+    trainer: str | None = None  # whose layout it is (`Checkpoint.trainer`): transformers, olmo-core, lightning...
 
     @classmethod
     def from_json(cls, d: dict) -> InputRecord:
@@ -123,6 +124,7 @@ class OutputRecord:
     files: tuple[ShardRecord, ...]
     tensor_bytes: int
     side_files_from_newest_input: tuple[str, ...] = ()
+    format: str = "safetensors"  # one of checkpoints.outputs.OUTPUT_FORMATS
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ class Manifest:
                     d["dtype_policy"].get("copy_patterns", ()))})),
                 copied_tensors=dict(d["copied_tensors"]),
                 output=OutputRecord(tuple(ShardRecord(**s) for s in out["files"]), out["tensor_bytes"],
-                                    tuple(out.get("side_files_from_newest_input", ()))),
+                                    tuple(out.get("side_files_from_newest_input", ())),
+                                    out.get("format", "safetensors")),
                 device=d["device"], seconds=d["seconds"], versions=dict(d["versions"]),
                 run=RunId(**d["run"]) if "run" in d else None, version=version)
         except (KeyError, TypeError, ValueError) as e:

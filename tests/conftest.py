@@ -80,8 +80,19 @@ def write_checkpoint(folder: Path, sd: dict[str, torch.Tensor], fmt: str) -> Pat
 
 
 def load_reference(folder: Path) -> dict[str, torch.Tensor]:
-    """Load every tensor of a checkpoint the plain way: the independent side of every comparison."""
+    """Load every tensor of a checkpoint the plain way: the independent side of every comparison. A DCP
+    folder is read whole by torch's own converter (`dcp_to_torch_save`)."""
     out: dict[str, torch.Tensor] = {}
+    if (folder / ".metadata").is_file():
+        import tempfile
+        import warnings
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp_to_torch_save(folder, Path(tmp) / "all.pt")
+            return torch.load(Path(tmp) / "all.pt", weights_only=True)
     for f in sorted(folder.iterdir()):
         if f.suffix == ".safetensors":
             out.update(load_file(f))

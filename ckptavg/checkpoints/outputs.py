@@ -29,6 +29,17 @@ from .names import SAFETENSORS_INDEX
 
 DCP_FILE = "__0_0.distcp"
 OUTPUT_FORMATS = ("safetensors", "dcp")
+AUTO = "auto"  # the inputs' own format where ckptavg writes it (DCP), else safetensors
+
+
+def resolve_format(asked: str, input_formats: Sequence[str]) -> str:
+    """The output format for inputs of `input_formats`: `asked`, or for "auto" the inputs' own where
+    ckptavg writes it (an average of DCP checkpoints is a DCP checkpoint), else safetensors."""
+    if asked == AUTO:
+        return "dcp" if input_formats and all(f == "dcp" for f in input_formats) else "safetensors"
+    if asked not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {asked!r} is not one of {(AUTO, *OUTPUT_FORMATS)}")
+    return asked
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor's name, dtype and shape
 

@@ -52,11 +52,13 @@ def average(
     acc = torch_dtype(opt.choice(accumulate, opt.ACCUMULATE_DTYPES, "--accumulate"))
     w = opt.floats(weights, "--weights") if weights else None
     shard_bytes, patterns = opt.size(shard_size, "--shard-size"), opt.copy_patterns(arith.copy)
+    output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
     device = resolve_device(arith.device)
     with Bars(quiet) as bars:
         result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
                                      accumulate=acc, device=device, shard_bytes=shard_bytes, force=force,
-                                     hash_inputs=hash_inputs, copy=patterns, progress=bars.for_plan("averaging"))
+                                     hash_inputs=hash_inputs, copy=patterns, output_format=output_format,
+                                     progress=bars.for_plan("averaging"))
     size, seconds = output_summary(result)
     say(f"wrote {result} ({format_size(size)}, {len(srcs)} inputs, {seconds:.1f} s)")
 
@@ -79,6 +81,7 @@ def interpolate(
 
     with Bars(quiet) as bars:
         done = run(a, b, opt.floats(alphas, "--alphas"), out_dir, device=arith.device, dtype=arith.dtype,
-                   copy=arith.copy, force=force, progress=lambda alpha: bars.for_plan(f"alpha {alpha:g}"))
+                   copy=arith.copy, force=force, output_format=arith.output_format,
+                   progress=lambda alpha: bars.for_plan(f"alpha {alpha:g}"))
     for _, folder, written in done:
         say(f"wrote {folder}" if written else f"skipped {folder} (finished)")

@@ -186,6 +186,10 @@ class Arithmetic:
                                     "from the newest input instead of averaging them (your architecture's "
                                     "non-trained buffers, e.g. '*.attn.masked_bias'); like Pythia's buffers, they "
                                     "may be absent from older inputs. Repeatable.")
+    output_format: str = typer.Option("auto", help="Output format: auto (the inputs' own: a DCP checkpoint for DCP "
+                                      "inputs, which torch.distributed.checkpoint and the trainers load; "
+                                      "safetensors for the rest), safetensors (a Hugging Face model folder) "
+                                      "or dcp.")
 
 
 @dataclass

@@ -144,7 +144,7 @@ def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks:
     check_parameters(schedule.method, schedule.k, schedule.nu, schedule.interval, schedule.ema_alpha,
                      schedule.decay_shape)
     averaging = Averaging(arith.device, arith.dtype, disk_budget, tuple(arith.copy), downloads.keep_downloads,
-                          force).checked(dry_run)
+                          force, arith.output_format).checked(dry_run)
     return averaging, scoring(study.study_tasks, tasks, originals=study.originals, in_memory=study.in_memory,
                               diversity=study.diversity, register=not dry_run, device=averaging.device)
 

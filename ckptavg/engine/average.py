@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from ..checkpoints.index import Checkpoint
 from ..checkpoints.open import open_checkpoint
+from ..checkpoints.outputs import AUTO, resolve_format
 from ..hashing import file_sha256, known_sha256
 from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
@@ -30,11 +31,13 @@ Inputs = Sequence[str | os.PathLike | Checkpoint]
 
 
 def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: bool, copy: Sequence[str],
-                   **plan_options) -> tuple[list[Checkpoint], AveragePlan]:
+                   output_format: str = "safetensors", **plan_options) -> tuple[list[Checkpoint], AveragePlan]:
     checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
     weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
     patterns = tuple(dict.fromkeys((*DEFAULT_COPY_PATTERNS, *copy)))
-    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, **plan_options)
+    output_format = resolve_format(output_format, [c.format for c in checkpoints])
+    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, output_format=output_format,
+                                     **plan_options)
 
 
 def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
@@ -97,7 +100,7 @@ def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple
         files = tuple(FileRecord(f.name, f.stat().st_size, *(hashes[f] if hashes is not None else (None, None)))
                       for f in c.files)
         inputs.append(InputRecord(str(c.path.absolute()), c.format, files, plan.absent[i] if plan.absent else (),
-                                  **(provenance[i] if provenance else {})))
+                                  **(provenance[i] if provenance else {}), trainer=c.trainer))
     return tuple(inputs)
 
 
@@ -111,6 +114,7 @@ def average_checkpoints(
     accumulate: torch.dtype | None = None,
     device: str | torch.device = "auto",
     shard_bytes: int = 5 * 10**9,
+    output_format: str = AUTO,
     force: bool = False,
     hash_inputs: bool = True,
     copy: Sequence[str] = (),
@@ -121,7 +125,10 @@ def average_checkpoints(
     progress: Callable[[AveragePlan], Progress | None] | None = None,
     reread: Collection[int] = (),
 ) -> Path:
-    """Average checkpoints (oldest first, newest last) into the Hugging Face model folder `out`.
+    """Average checkpoints (oldest first, newest last) into the folder `out`: a Hugging Face model folder
+    of safetensors, or (`output_format` "dcp", the default for DCP inputs) a DCP checkpoint of the model
+    tensors under the names they were saved with, which `torch.distributed.checkpoint.load` and the
+    trainers' loaders read.
 
     Config and tokenizer files, and every tensor that is not averaged, come from the newest
     input. Tensors that are never averaged (non-float tensors, Pythia's non-trained buffers and
@@ -136,7 +143,8 @@ def average_checkpoints(
     output.check()
     dev = resolve_device(device)
     checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
-                                       accumulate=accumulate, shard_bytes=shard_bytes, reread=reread)
+                                       accumulate=accumulate, shard_bytes=shard_bytes, reread=reread,
+                                       output_format=output_format)
     output.final.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(output.final.parent, plan.output_bytes)
     started = time.time()
@@ -170,7 +178,7 @@ def average_checkpoints(
                 copy_patterns=plan.copy_patterns),
             copied_tensors=plan.copied,
             output=OutputRecord(tuple(ShardRecord(s.filename, len(s.jobs), s.nbytes) for s in plan.shards),
-                                plan.output_bytes, tuple(side)),
+                                plan.output_bytes, tuple(side), plan.format),
             device=str(dev),
             seconds=round(time.time() - started, 3),
             versions=_versions(),

@@ -159,6 +159,7 @@ def plan_average(
     if out_dtype is not None and not _is_float(out_dtype):
         raise ValueError("out_dtype must be a floating point dtype")
     newest = checkpoints[-1]
+    _check_trainers(checkpoints)
     absent = _check_names(checkpoints, copy_patterns)
     ordered = list(newest.tensors.values())
     if all(r.offset is not None for r in ordered):
@@ -206,6 +207,16 @@ def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str
     by_name = {j.name: j for j in jobs}
     shards = tuple(Shard(f.filename, tuple(by_name[n] for n in f.names), f.frames) for f in layout.files)
     return shards, layout.extra
+
+
+def _check_trainers(checkpoints: Sequence[Checkpoint]) -> None:
+    """One average, one trainer's layout: names that happen to match across trainers mean nothing."""
+    plain = ("transformers", "torch")  # a state dict, in a model folder or a file of its own
+    for c in checkpoints:
+        if (c.trainer in plain) != (checkpoints[-1].trainer in plain) or \
+                c.trainer not in plain and c.trainer != checkpoints[-1].trainer:
+            raise MismatchError(f"{c.shown} was saved by {c.trainer} but {checkpoints[-1].shown} by "
+                                f"{checkpoints[-1].trainer}: one average takes one trainer's checkpoints")
 
 
 def copy_reason(name: str, refs: Sequence[TensorRef], copy_patterns: Sequence[str]) -> str:

@@ -53,7 +53,7 @@ def _open(entry: SourceEntry, *, offline_catalogue: bool, bars: ByteBar | None =
 
 
 def _averaging(s: StudyFile, force: bool = False) -> Averaging:
-    return Averaging(s.device, s.dtype, s.disk_budget, s.copy, s.keep_downloads, force)
+    return Averaging(s.device, s.dtype, s.disk_budget, s.copy, s.keep_downloads, force, s.output_format)
 
 
 def _scoring(s: StudyFile, register: bool):

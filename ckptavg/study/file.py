@@ -3,7 +3,8 @@
     out = "out"                        # outputs: OUT/NAME/TAG/stepN/
     results = "results.sqlite"         # scores (only with [scoring])
     disk_budget = "500GB"              # optional: refuse a plan whose peak disk use is larger
-    device = "auto"                    # optional, and dtype, copy = [...], keep_downloads = false
+    device = "auto"                    # optional, and dtype, copy = [...], keep_downloads = false,
+                                       # output_format = "auto"
 
     [steps]                            # output steps of every source (a source may override any of them)
     start = 21000
@@ -11,7 +12,8 @@
     interval = 3000
 
     [[sources]]                        # one of: pythia = "1b" (deduped = true), hub = "ORG/NAME",
-    pythia = "1b"                      # local = "runs/x"; hub and local take steps_from = 'step(\\d+)';
+    pythia = "1b"                      # local = "runs/x" (any trainer's run folder); hub and local take
+                                       # steps_from = 'step(\\d+)' (locally: the trainer's layout);
                                        # hub and pythia take cache_dir
     [[runs]]                           # a grid: every list is one axis; scalars are fixed
     method = "lawa"
@@ -51,8 +53,8 @@ from ..errors import CkptavgError, OptionError
 from ..trajectory.methods import METHODS, check_parameters
 from ..trajectory.run import RunSpec
 
-TOP_KEYS = {"out", "results", "disk_budget", "device", "dtype", "copy", "keep_downloads", "steps", "sources", "runs",
-            "scoring", "name"}
+TOP_KEYS = {"out", "results", "disk_budget", "device", "dtype", "copy", "keep_downloads", "output_format", "steps",
+            "sources", "runs", "scoring", "name"}
 STEP_KEYS = {"start", "end", "interval"}
 SOURCE_KINDS = ("pythia", "hub", "local")
 SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", *STEP_KEYS}
@@ -106,6 +108,7 @@ class StudyFile:
     copy: tuple[str, ...] = ()
     keep_downloads: bool = False
     scoring: dict[str, Any] = field(default_factory=dict)  # the [scoring] table, paths resolved
+    output_format: str = "auto"
 
 
 def _unknown(table: dict, allowed: set[str], where: str) -> None:
@@ -191,4 +194,5 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
     return StudyFile(path, base, tuple(sources), tuple(grid),
                      resolve(raw.get("out", "out")), resolve(raw.get("results", "results.sqlite")),
                      raw.get("disk_budget"), raw.get("device", "auto"), raw.get("dtype", "auto"),
-                     tuple(raw.get("copy", ())), bool(raw.get("keep_downloads", False)), scoring)
+                     tuple(raw.get("copy", ())), bool(raw.get("keep_downloads", False)), scoring,
+                     str(raw.get("output_format", "auto")))

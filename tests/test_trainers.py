@@ -1,0 +1,192 @@
+"""Runs that the real trainers saved (tests/trainers/data/, written by `make fixtures`): OLMo-core (1 process
+and 2-process FSDP), PyTorch Lightning, transformers' Trainer, DeepSpeed ZeRO-2, megatron-core `torch_dist`
+and nanoGPT's train.py. Each is found without flags, averaged, and compared tensor by tensor with the
+float64 mean, cast once, of what torch's own loaders give for each step (`dcp` for DCP folders,
+`torch.load(weights_only=True)` for `torch.save` files, safetensors for model folders); the trainers
+themselves are not needed, except by the tests that load an average back into one (skipped without it).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, load_reference
+from safetensors.torch import load_file
+
+from ckptavg.engine.average import average_checkpoints
+from ckptavg.errors import InputError, MismatchError
+from ckptavg.manifest import MANIFEST
+from ckptavg.trajectory.sources import LocalTrajectory
+
+DATA = Path(__file__).parent / "trainers" / "data"
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    steps: tuple[int, ...]  # what the run folder holds, found without flags
+    checkpoint: str  # a step's checkpoint, relative to the run folder
+    trainer: str  # as the manifest records it
+    output: str  # the output format by default
+    pattern: str | None = None  # the step pattern to give, for a trainer without a layout of its own
+
+
+RUNS = [
+    Run("olmo-core", (0, 2, 4, 6), "step{}/model_and_optim", "olmo-core", "dcp"),
+    Run("olmo-core-fsdp", (0, 2, 4, 6), "step{}/model_and_optim", "olmo-core", "dcp"),
+    Run("lightning", (2, 4, 6), "epoch=0-step={}.ckpt", "lightning", "safetensors"),
+    Run("hf-trainer", (2, 4, 6), "checkpoint-{}", "transformers", "safetensors"),
+    Run("deepspeed", (2, 4, 6), "global_step{}", "deepspeed", "safetensors"),
+    Run("megatron", (2, 4, 6), "iter_{:07d}", "megatron", "dcp"),
+    Run("nanogpt", (2, 4, 6), "iter{}/ckpt.pt", "nanogpt", "safetensors", r"iter(\d+)"),
+]
+
+
+class _TorchClasses(pickle.Unpickler):
+    """OLMo-core pickles its own copy of torch's `_StorageInfo`: read as torch's, for torch's reader."""
+
+    def find_class(self, module, name):
+        if module == "olmo_core.distributed.checkpoint.filesystem":
+            module = "torch.distributed.checkpoint.filesystem"
+        return super().find_class(module, name)
+
+
+def _dcp_model(folder: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a DCP folder as torch's reader loads it (optimizer state left out)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class Reader(FileSystemReader):
+        def read_metadata(self):
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                return _TorchClasses(f).load()
+
+    sd: dict = {}  # filled with everything saved, as torch's dcp_to_torch_save fills it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _load_state_dict(sd, storage_reader=Reader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    model = sd.get("model", sd)  # OLMo-core nests its model under "model"; Megatron saved nothing else
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            elif isinstance(v, torch.Tensor):
+                flat[prefix + k] = v
+    walk("model." if "model" in sd else "", model)
+    return flat
+
+
+def loaded(run: Run, step: int) -> dict[str, torch.Tensor]:
+    """What torch's own loaders give for the model tensors of one step."""
+    path = DATA / run.name / run.checkpoint.format(step)
+    if (path / ".metadata").is_file():
+        return _dcp_model(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    file = path / "mp_rank_00_model_states.pt" if path.is_dir() else path
+    saved = torch.load(file, weights_only=True, map_location="cpu")
+    model = {"lightning": "state_dict", "deepspeed": "module", "nanogpt": "model"}[run.trainer]
+    return {k.removeprefix("_orig_mod."): v for k, v in saved[model].items()}
+
+
+def assert_mean(got: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]) -> None:
+    assert set(got) == set(states[-1])
+    for name, newest in states[-1].items():
+        want = (sum(s[name].double() for s in states) / len(states)).to(newest.dtype) \
+            if newest.is_floating_point() else newest
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fixtures_present():
+    if not DATA.is_dir():
+        pytest.skip("tests/trainers/data is missing (make fixtures)")
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
+def test_each_trainer_s_run_is_found_without_flags_and_averages_to_the_float64_mean(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    source = LocalTrajectory(DATA / run.name, run.pattern)
+    assert source.steps() == list(run.steps)
+    members = list(run.steps[-3:])
+    out = average_checkpoints([source.fetch(s) for s in members], tmp_path / "avg", device="cpu")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["output"]["format"] == run.output
+    assert {i["trainer"] for i in manifest["inputs"]} == {run.trainer}
+    assert_mean(load_reference(out), [loaded(run, s) for s in members])
+
+
+@pytest.mark.parametrize("run", [RUNS[0], RUNS[2], RUNS[5]], ids=["olmo-core", "lightning", "megatron"])
+def test_ckptavg_trajectory_runs_on_a_trainer_s_folder_as_it_was_saved(run, tmp_path):
+    """`ckptavg trajectory RUN` with no layout flags: LAWA windows of the trainer's own steps."""
+    r = cli("trajectory", DATA / run.name, "--k", 2, "--nu", 2, "--interval", 2, "--start", run.steps[-2],
+            "--out", tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.stderr
+    outs = sorted((tmp_path / "out").rglob(MANIFEST), key=lambda p: int(p.parent.name.removeprefix("step")))
+    assert [int(p.parent.name.removeprefix("step")) for p in outs] == list(run.steps[-2:])
+    for manifest in outs:
+        step = int(manifest.parent.name.removeprefix("step"))
+        assert_mean(load_reference(manifest.parent), [loaded(run, s) for s in (step - 2, step)])
+
+
+def test_the_average_of_dcp_checkpoints_can_be_written_as_safetensors(tmp_path):
+    run = RUNS[1]
+    members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-2:]]
+    r = cli("average", *members, "--output-format", "safetensors", "--out", tmp_path / "avg")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "avg" / "model.safetensors").is_file()
+    assert_mean(load_reference(tmp_path / "avg"), [loaded(run, s) for s in run.steps[-2:]])
+
+
+def test_olmo_core_s_own_merge_and_an_unfinished_save_are_not_steps(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "olmo-core", run)
+    assert (run / "step6-merged").is_dir()
+    (run / "step4" / "model_and_optim" / ".metadata").unlink()  # as a save still being written looks
+    with pytest.warns(UserWarning, match="step 4 left out: .*no .metadata"):
+        source = LocalTrajectory(run)
+    assert source.steps() == [0, 2, 6]
+
+
+def test_checkpoints_of_different_trainers_are_not_averaged_together(tmp_path):
+    lightning = DATA / "lightning" / "epoch=0-step=2.ckpt"
+    deepspeed = DATA / "deepspeed" / "global_step2"
+    with pytest.raises(MismatchError, match="saved by lightning but .* by deepspeed"):
+        average_checkpoints([lightning, deepspeed], tmp_path / "avg", device="cpu")
+    r = cli("average", lightning, deepspeed, "--out", tmp_path / "avg")
+    assert r.exit_code == 2 and "one trainer's checkpoints" in r.stderr and not (tmp_path / "avg").exists()
+
+
+def test_a_deepspeed_zero3_save_is_refused_naming_its_consolidation_script(tmp_path):
+    step = tmp_path / "global_step2"
+    step.mkdir()
+    shutil.copy(DATA / "deepspeed" / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                step / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(InputError, match="ZeRO-3.*zero_to_fp32.py"):
+        average_checkpoints([step, step], tmp_path / "avg", device="cpu")
+
+
+def test_olmo_core_loads_the_dcp_average_into_its_model(tmp_path):
+    """OLMo-core's own loader takes the average (run where OLMo-core is installed)."""
+    pytest.importorskip("olmo_core")
+    from olmo_core.distributed.checkpoint import load_model_and_optim_state
+    from olmo_core.nn.transformer import TransformerConfig
+
+    run = RUNS[1]
+    members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-3:]]
+    out = average_checkpoints(members, tmp_path / "avg", device="cpu")
+    model = TransformerConfig.olmo2_1M(vocab_size=64, n_layers=2, hidden_size_multiple_of=16).build(
+        init_device="cpu")
+    load_model_and_optim_state(out, model)
+    assert_mean({f"model.{k}": v for k, v in model.state_dict().items()}, [loaded(run, s) for s in run.steps[-3:]])

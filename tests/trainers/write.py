@@ -1,0 +1,284 @@
+"""Writes the trainer fixtures in tests/trainers/data/: tiny trajectories that the real trainers saved, so
+that the tests read what OLMo-core, PyTorch Lightning, transformers, DeepSpeed, megatron-core and nanoGPT
+write, never look-alikes. Run by `make fixtures` in an environment with the trainers installed (torch held
+at the local build):
+
+    pip install -c constraints.txt ai2-olmo-core==3.0.0 pytorch-lightning==2.6.6 megatron-core==0.16.1
+    pip install -c constraints.txt --no-build-isolation deepspeed==0.19.8
+    python tests/trainers/write.py --out tests/trainers/data [--nanogpt PATH-TO-A-NANOGPT-CLONE] [NAME ...]
+
+Each model is a few thousand float32 parameters trained for a few steps on random tokens (2 cores, gloo):
+what matters is the layout each trainer gives its checkpoints, and that the steps differ. Distributed
+saves run their ranks with `torch.multiprocessing.spawn` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+VOCAB, SEQ = 64, 16
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1")
+
+
+def _spawn(fn, world: int, *args) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(world, _port(), *args), nprocs=world)
+
+
+def _tokens(n: int = 4096, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 2, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# --- OLMo-core: its Trainer, checkpointer and merge callbacks, 1 process and 2-process FSDP --------------------
+
+def _olmo_core(rank: int, world: int, port: int, out: str, fsdp: bool) -> None:
+    _dist_env(rank, world, port)
+    import numpy as np
+    from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
+    from olmo_core.distributed.parallel import DataParallelType
+    from olmo_core.nn.transformer import TransformerConfig
+    from olmo_core.optim import AdamWConfig
+    from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
+    from olmo_core.train.callbacks import CheckpointerCallback, ModelMergeCallback
+    from olmo_core.train.train_module import TransformerDataParallelConfig, TransformerTrainModuleConfig
+
+    prepare_training_environment(seed=0, backend="gloo")
+    work = Path(tempfile.gettempdir()) / f"olmo-core-{port}"
+    tokens = work / "tokens.npy"
+    if rank == 0:
+        work.mkdir(exist_ok=True)
+        _tokens().numpy().astype(np.uint16).tofile(tokens)
+    torch.distributed.barrier()
+    tokenizer = TokenizerConfig(vocab_size=VOCAB, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 2)
+    dataset = NumpyFSLDatasetConfig(paths=[str(tokens)], sequence_length=SEQ, tokenizer=tokenizer,
+                                    work_dir=str(work / "dataset")).build()
+    loader = NumpyDataLoaderConfig(global_batch_size=4 * SEQ, seed=0, num_workers=0).build(dataset)
+    model = TransformerConfig.olmo2_1M(vocab_size=VOCAB, n_layers=2, hidden_size_multiple_of=16).build(
+        init_device="cpu")
+    dp = TransformerDataParallelConfig(name=DataParallelType.fsdp) if fsdp else None
+    module = TransformerTrainModuleConfig(rank_microbatch_size=2 * SEQ // world * world, max_sequence_length=SEQ,
+                                          optim=AdamWConfig(lr=1e-2), dp_config=dp).build(
+        model, device=torch.device("cpu"))
+    callbacks = {"checkpointer": CheckpointerCallback(save_interval=2, ephemeral_save_interval=None)}
+    if not fsdp:  # its own in-memory mean of the last steps, saved as stepN-merged/: not a step to average
+        callbacks["merge"] = ModelMergeCallback(enabled=True, merge_step=6, merge_last_n_steps=2)
+    # (bookkeeping in the foreground: its background metric reduction hung a 2-rank run once here)
+    trainer = TrainerConfig(save_folder=out, max_duration=Duration.steps(6), metrics_collect_interval=1,
+                            async_bookkeeping=False,
+                            callbacks=callbacks).build(module, loader)
+    trainer.fit()
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def olmo_core(out: Path) -> None:
+    _spawn(_olmo_core, 1, str(out), False)
+
+
+def olmo_core_fsdp(out: Path) -> None:
+    _spawn(_olmo_core, 2, str(out), True)
+
+
+# --- PyTorch Lightning: ModelCheckpoint's `epoch=E-step=N.ckpt` files and `last.ckpt` ---------------------------
+
+def _tiny_lm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(VOCAB, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 48),
+                               torch.nn.GELU(), torch.nn.Linear(48, VOCAB))
+
+
+def _batches(n: int, batch: int = 4):
+    tokens = _tokens(n * batch * (SEQ + 1)).view(n * batch, SEQ + 1)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=batch)
+
+
+def lightning(out: Path) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _tiny_lm()
+            self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # an integer buffer: copied
+
+        def training_step(self, batch, _):
+            (tokens,) = batch
+            self.seen += tokens.numel()
+            logits = self.model(tokens[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    checkpoints = ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1, save_last=True)
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, callbacks=[checkpoints], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer.fit(LM(), _batches(6))
+
+
+# --- transformers' Trainer: `checkpoint-N/` with model.safetensors ------------------------------------------------
+
+def hf_trainer(out: Path) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=48,
+                                             max_position_embeddings=SEQ))
+    rows = _tokens(24 * SEQ).view(24, SEQ)
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = TrainingArguments(output_dir=str(out), max_steps=6, save_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], logging_strategy="no",
+                             save_only_model=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+
+
+# --- DeepSpeed: ZeRO-2 `global_stepN/` folders and `latest` -----------------------------------------------------
+
+def _deepspeed(rank: int, world: int, port: int, out: str) -> None:
+    _dist_env(rank, world, port)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    model = _tiny_lm()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    for step, (tokens,) in enumerate(_batches(6), start=1):
+        logits = engine(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        engine.backward(loss)
+        engine.step()
+        if step % 2 == 0:
+            engine.save_checkpoint(out)
+    for script in Path(out).glob("zero_to_*.py"):  # the consolidation scripts it copies in: its code, not data
+        script.unlink()
+
+
+def deepspeed(out: Path) -> None:
+    _spawn(_deepspeed, 1, str(out))
+
+
+# --- megatron-core: `torch_dist` saves (DCP + metadata.json + common.pt), layers stacked on dim 0 -------------------
+
+def _megatron(rank: int, world: int, port: int, out: str) -> None:
+    _dist_env(rank, world, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    parallel_state.initialize_model_parallel(1, 1)
+    # patches to run on a CPU: its attention puts scratch buffers on CUDA's device and forks CUDA's RNG,
+    # its writer synchronizes CUDA before it copies tensors out
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *_, **__: None
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().fork = lambda *_, **__: contextlib.nullcontext()
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                               use_cpu_initialization=True, pipeline_dtype=torch.float32)
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                     max_sequence_length=SEQ)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step, (tokens,) in enumerate(_batches(6), start=1):
+        positions = torch.arange(SEQ).expand(tokens.shape[0], SEQ)
+        causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+        losses = model(tokens[:, :-1], positions, causal, labels=tokens[:, 1:])
+        losses.float().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 2 == 0:
+            folder = Path(out) / f"iter_{step:07d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            dist_checkpointing.save({"model": model.sharded_state_dict()}, str(folder))  # as Megatron-LM saves
+    if rank == 0:
+        (Path(out) / "latest_checkpointed_iteration.txt").write_text("6")
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def megatron(out: Path) -> None:
+    _spawn(_megatron, 1, str(out))
+
+
+# --- nanoGPT: its own train.py, run from a clone; it overwrites out_dir/ckpt.pt, so each save is kept in iterN/ ----
+
+def nanogpt(out: Path, clone: Path | None) -> None:
+    if clone is None:
+        print("nanogpt: skipped (give --nanogpt PATH, a clone of github.com/karpathy/nanoGPT)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in ("train.py", "model.py", "configurator.py"):
+            shutil.copy(clone / name, work / name)
+        data = work / "data" / "tiny"
+        data.mkdir(parents=True)
+        for split in ("train", "val"):
+            _tokens(8192, seed=int(split == "val")).numpy().astype("uint16").tofile(data / f"{split}.bin")
+        (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": VOCAB}))  # else GPT-2's 50304 tokens
+        common = ["--dataset=tiny", "--device=cpu", "--dtype=float32", f"--block_size={SEQ}", "--batch_size=4",
+                  "--n_layer=2", "--n_head=2", "--n_embd=32", "--eval_interval=2", "--eval_iters=1",
+                  "--log_interval=100", "--always_save_checkpoint=True", "--out_dir=run", "--bias=False",
+                  "--learning_rate=1e-2", "--decay_lr=False", "--gradient_accumulation_steps=1",
+                  "--compile=True"]
+        for i, iters in enumerate((2, 4, 6)):
+            resume = ["--init_from=resume"] if i else []
+            subprocess.run([sys.executable, "train.py", *common, f"--max_iters={iters}", *resume], cwd=work,
+                           check=True, stdout=subprocess.DEVNULL)
+            (out / f"iter{iters}").mkdir(parents=True)
+            shutil.copy(work / "run" / "ckpt.pt", out / f"iter{iters}" / "ckpt.pt")
+
+
+WRITERS = {"olmo-core": olmo_core, "olmo-core-fsdp": olmo_core_fsdp, "lightning": lightning,
+           "hf-trainer": hf_trainer, "deepspeed": deepspeed, "megatron": megatron, "nanogpt": nanogpt}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
+    parser.add_argument("--nanogpt", type=Path, help="a clone of nanoGPT, whose train.py is run")
+    parser.add_argument("names", nargs="*", choices=[[], *WRITERS], help="the trainers to run (all by default)")
+    args = parser.parse_args()
+    for name in args.names or WRITERS:
+        target = args.out / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        print(f"{name}: writing {target}", flush=True)
+        if name == "nanogpt":
+            nanogpt(target, args.nanogpt)
+        else:
+            WRITERS[name](target.absolute())
+
+
+if __name__ == "__main__":
+    main()
