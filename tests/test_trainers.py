@@ -190,3 +190,13 @@ def test_olmo_core_loads_the_dcp_average_into_its_model(tmp_path):
         init_device="cpu")
     load_model_and_optim_state(out, model)
     assert_mean({f"model.{k}": v for k, v in model.state_dict().items()}, [loaded(run, s) for s in run.steps[-3:]])
+
+
+def test_eval_of_a_dcp_average_says_how_to_get_a_model_folder(tmp_path):
+    r = cli("trajectory", DATA / "olmo-core", "--k", 2, "--nu", 2, "--interval", 2, "--start", 6, "--out",
+            tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.stderr
+    r = cli("eval", tmp_path / "out", "--tasks", "lambada_openai", "--results", tmp_path / "r.sqlite")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "a checkpoint in olmo-core's layout, not a Hugging Face model folder" in " ".join(r.stderr.split())
+    assert "--output-format safetensors" in r.stderr and not (tmp_path / "r.sqlite").exists()

@@ -50,6 +50,8 @@ def find_targets(root: Path, steps: set[int] | None = None, originals: bool = Tr
             continue  # `ckptavg average` and `interpolate` outputs: no place on a trajectory
         if steps is not None and method.step not in steps:
             continue
+        _check_scorable(folder, manifest.output.format,
+                        manifest.newest.trainer if manifest.output.format == "dcp" else None)
         run = identity(folder, manifest)
         targets[(run.model, run.tag, method.step)] = Target(run.model, run.tag, method.name, method.k, method.nu,
                                                             method.step, folder)
@@ -64,8 +66,26 @@ def find_targets(root: Path, steps: set[int] | None = None, originals: bool = Tr
     return sorted(targets.values(), key=lambda t: (t.model, t.step, t.tag != ORIGINAL, t.tag))
 
 
+def _check_scorable(folder: Path, fmt: str, trainer: str | None = None, original: bool = False) -> None:
+    """lm-eval scores Hugging Face model folders: anything else is refused before anything is scored,
+    saying how to make one."""
+    if fmt in ("safetensors", "bin") and trainer in (None, "transformers"):
+        return
+    what = f"a checkpoint in {trainer}'s layout" if trainer and trainer != "dcp" else f"a {fmt} checkpoint"
+    how = " (OLMo-core converts its own with olmo_core.nn.hf.convert_checkpoint_to_hf)" if trainer == "olmo-core" \
+        else ""
+    if original:
+        raise InputError(f"{folder}: the original checkpoint is {what}, not a Hugging Face model folder, which is "
+                         f"what lm-eval scores: convert it with the trainer's own tools{how}, or pass "
+                         f"--no-originals")
+    raise InputError(f"{folder}: {what}, not a Hugging Face model folder, which is what lm-eval scores: average "
+                     f"with --output-format safetensors into a folder with the model's config.json, or convert it "
+                     f"with the trainer's own tools{how}")
+
+
 def _original(model: str, step: int, inputs: Sequence[InputRecord]) -> Target:
     newest = next((i for i in inputs if i.step == step), inputs[-1])
+    _check_scorable(Path(newest.path), newest.format, newest.trainer, original=True)
     folder = Path(newest.path)
     target = Target(model, ORIGINAL, ORIGINAL, None, None, step, folder)
     if newest.repo and not _complete(folder, newest):
