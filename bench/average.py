@@ -14,11 +14,13 @@ for each case and repetition, measures:
             `git worktree add /tmp/base HEAD~1`), so that a change is measured before and after in
             the same repetitions
 
-Cases (--cases): `1b` (k=5 Pythia-1B-shaped checkpoints, 2.09 GB each), `1b-k10` (k=10 of them) and
+Cases (--cases): `1b` (k=5 Pythia-1B-shaped checkpoints, 2.09 GB each), `1b-k10` (k=10 of them),
 `12b` (k=5 checkpoints with Pythia-12B's embeddings, 50688 x 5120, and two of its 36 layers: 2.30 GB
-each). Warm runs read from the page cache, so they are skipped where the inputs do not fit in half
-the machine's memory; cold runs drop it first (root only). Speeds are reported as ratios to the floor
-taken in the same repetition; min and median over repetitions.
+each) and `1b-dcp` (k=5 float32 DCP saves of Pythia-1B's trained tensors, each row-sharded by two gloo
+ranks as FSDP saves them, 4.05 GB each; model tensors only; the output is a DCP checkpoint). Warm runs
+read from the page cache, so they are skipped where the inputs do not fit in half the machine's memory;
+cold runs drop it first (root only). Speeds are reported as ratios to the floor taken in the same
+repetition; min and median over repetitions.
 Timings are noisy on shared machines: never put them in a test.
 
     python bench/average.py [--reps 3] [--cases 1b,12b,1b-k10] [--cold/--no-cold] [--naive-reps 1]
@@ -59,7 +61,8 @@ class Shape:
 
 PYTHIA_1B = Shape("pythia-1b", layers=16, d=2048, ff=8192, vocab=50304, heads=8)
 PYTHIA_12B_2_LAYERS = Shape("pythia-12b-2-layers", layers=2, d=5120, ff=20480, vocab=50688, heads=40)
-CASES = {"1b": (PYTHIA_1B, 5), "12b": (PYTHIA_12B_2_LAYERS, 5), "1b-k10": (PYTHIA_1B, 10)}
+CASES = {"1b": (PYTHIA_1B, 5), "12b": (PYTHIA_12B_2_LAYERS, 5), "1b-k10": (PYTHIA_1B, 10), "1b-dcp": (PYTHIA_1B, 5)}
+DCP_RANKS = 2
 
 
 def pythia_shapes(shape: Shape) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -113,6 +116,51 @@ def build_inputs(data: Path, shape: Shape, k: int) -> list[Path]:
             del sd
         # a full config, so that tools that need the architecture (mergekit) can run
         (folder / "config.json").write_text(json.dumps(pythia_config(shape)))
+    return folders
+
+
+def _dcp_rank(rank: int, world: int, port: int, data: str, shape: Shape, k: int) -> None:
+    """One rank of a row-sharded (FSDP-style, `Shard(0)`) float32 save of each step: its half of every
+    trained tensor, as DTensors, written by DCP's own writer."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    trained = {n: dims for n, (dims, kind) in pythia_shapes(shape).items() if kind == "f16" and dims}
+    for i in range(k):
+        folder = Path(data) / f"step{1000 * (i + 1)}"
+        if (folder / ".metadata").is_file():
+            continue
+        g = torch.Generator().manual_seed(1000 * i + rank)
+        sd = {}
+        for name, dims in trained.items():
+            local = torch.randn((dims[0] // world, *dims[1:]), generator=g) * 0.02
+            sd[name] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+        dcp.save(sd, checkpoint_id=str(folder))
+        del sd
+    dist.destroy_process_group()
+
+
+def build_dcp_inputs(data: Path, shape: Shape, k: int) -> list[Path]:
+    """k float32 DCP checkpoints of `shape`'s trained tensors, each saved row-sharded by DCP_RANKS gloo
+    ranks, under data/<shape name>-dcp/stepN (built once)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = data / f"{shape.name}-dcp"
+    folders = [root / f"step{1000 * (i + 1)}" for i in range(k)]
+    if not all((f / ".metadata").is_file() for f in folders):
+        print(f"building {root} ({DCP_RANKS} ranks) ...", flush=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_dcp_rank, args=(DCP_RANKS, port, str(root), shape, k), nprocs=DCP_RANKS)
     return folders
 
 
@@ -214,10 +262,14 @@ def mem_total() -> int:
 
 def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]) -> None:
     shape, k = CASES[case]
-    folders = build_inputs(args.data, shape, k)
-    files = [f / "model.safetensors" for f in folders]
+    if case.endswith("-dcp"):
+        folders = build_dcp_inputs(args.data, shape, k)
+        files = sorted(p for f in folders for p in f.glob("*.distcp"))
+    else:
+        folders = build_inputs(args.data, shape, k)
+        files = [f / "model.safetensors" for f in folders]
     in_bytes = sum(f.stat().st_size for f in files)
-    out_bytes = files[-1].stat().st_size
+    out_bytes = in_bytes // k
     work = Path(tempfile.mkdtemp(prefix="ckptavg-bench-", dir=args.data))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ckptavg = [sys.executable, "-m", "ckptavg", "average", *map(str, folders), "--out", str(work / "avg"),
@@ -245,7 +297,8 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
         record(f"{mode} {label}+hash peak RssAnon MB", peak / 1e6)
         return plain, hashed, engine
 
-    print(f"\n{case}: {k} x {out_bytes / 1e9:.2f} GB float16 ({shape.name} shapes), {in_bytes / 1e9:.1f} GB in all; "
+    kind = f"float32 DCP, {DCP_RANKS}-rank row-sharded" if case.endswith("-dcp") else "float16"
+    print(f"\n{case}: {k} x {out_bytes / 1e9:.2f} GB {kind} ({shape.name} shapes), {in_bytes / 1e9:.1f} GB in all; "
           f"{os.cpu_count()} cores, arithmetic on {args.device}"
           + ("" if warm else "; no warm runs: the inputs do not fit in half the memory"),
           flush=True)
@@ -265,7 +318,7 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                     record(f"{mode} ckptavg/baseline", plain / base_plain)
                     record(f"{mode} ckptavg+hash/baseline+hash", hashed / base_hashed)
                     print(f"rep {rep + 1} {mode} baseline: {base_plain:.2f} s, +hash {base_hashed:.2f} s", flush=True)
-                if args.mergekit:
+                if args.mergekit and not case.endswith("-dcp"):
                     prep()
                     cfg = mergekit_config(folders, work / "mergekit.yml")
                     t, peak = run_measured([args.mergekit, str(cfg), str(work / "mergekit-out"), "--quiet",
@@ -276,7 +329,7 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                     record(f"{mode} mergekit/ckptavg", t / plain)
                     record(f"{mode} mergekit/ckptavg+hash", t / hashed)
                     print(f"rep {rep + 1} {mode} mergekit: {t:.2f} s, peak RssAnon {peak / 1e9:.2f} GB", flush=True)
-                if rep < args.naive_reps and mode == "warm":
+                if rep < args.naive_reps and mode == "warm" and not case.endswith("-dcp"):
                     t, peak = run_measured([sys.executable, "-c", NAIVE, *map(str, files),
                                             str(work / "naive.safetensors")], env)
                     record("warm naive/floor", t / floor)

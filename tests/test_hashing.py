@@ -23,7 +23,7 @@ from conftest import (
     write_checkpoint,
 )
 
-from ckptavg.checkpoints.index import DTYPE_NAMES
+from ckptavg.checkpoints.index import DTYPE_NAMES, TensorRef
 from ckptavg.checkpoints.open import open_checkpoint
 from ckptavg.engine import tensors
 from ckptavg.engine.average import average_checkpoints, average_in_memory
@@ -269,6 +269,27 @@ def test_files_from_disk_are_read_direct_and_stay_out_of_the_page_cache(tmp_path
             later = ref.offset + (start + n) * 2
             if later + 8192 < path.stat().st_size:
                 assert not cached(path, later, 8192)
+
+
+@pytest.mark.parametrize("path_taken", ["mapped", "direct", "through the cache"])
+def test_a_range_at_any_byte_offset_is_read_as_its_elements(tmp_path, path_taken):
+    """A DCP record or a `.bin` member may put a float32 tensor at an odd byte offset of its file: each
+    read path gives its elements all the same (as a tensor on the bytes where they landed)."""
+    t = torch.randn(100_003, generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "odd.bin"
+    path.write_bytes(b"xyz" + t.numpy().tobytes() + b"tail")
+    ref = TensorRef("w", torch.float32, tuple(t.shape), path, 3)
+    out = torch.empty(t.numel() * 4 + tensors.DIRECT_SLACK, dtype=torch.uint8)
+    if path_taken == "direct":
+        evict(path)
+    else:
+        path.read_bytes()
+    keep = [path] if path_taken == "through the cache" else []
+    with tensors.TensorReader(map_files=True, keep_cached=keep) as reader:
+        for start in (0, 1, 50_000):
+            got = reader.read(ref, start, 7_001, out)
+            assert got.dtype == torch.float32 and torch.equal(got, t[start : start + 7_001])
+        assert reader.read(ref, 5, 0, out).numel() == 0
 
 
 def test_files_kept_for_a_later_average_are_read_through_the_page_cache(tmp_path):

@@ -42,12 +42,14 @@ class Run:
 RUNS = [
     Run("olmo-core", (0, 2, 4, 6), "step{}/model_and_optim", "olmo-core", "dcp"),
     Run("olmo-core-fsdp", (0, 2, 4, 6), "step{}/model_and_optim", "olmo-core", "dcp"),
-    Run("lightning", (2, 4, 6), "epoch=0-step={}.ckpt", "lightning", "safetensors"),
+    Run("lightning", (2, 4, 6), "epoch=0-step={}.ckpt", "lightning", "torch"),
     Run("hf-trainer", (2, 4, 6), "checkpoint-{}", "transformers", "safetensors"),
-    Run("deepspeed", (2, 4, 6), "global_step{}", "deepspeed", "safetensors"),
+    Run("deepspeed", (2, 4, 6), "global_step{}", "deepspeed", "torch"),
     Run("megatron", (2, 4, 6), "iter_{:07d}", "megatron", "dcp"),
-    Run("nanogpt", (2, 4, 6), "iter{}/ckpt.pt", "nanogpt", "safetensors", r"iter(\d+)"),
+    Run("nanogpt", (2, 4, 6), "iter{}/ckpt.pt", "nanogpt", "torch", r"iter(\d+)"),
 ]
+MODEL_ENTRY = {"lightning": "state_dict", "deepspeed": "module", "nanogpt": "model"}
+OUTPUT_FILE = {"lightning": "model.ckpt", "deepspeed": "mp_rank_00_model_states.pt", "nanogpt": "ckpt.pt"}
 
 
 class _TorchClasses(pickle.Unpickler):
@@ -96,8 +98,16 @@ def loaded(run: Run, step: int) -> dict[str, torch.Tensor]:
         return load_file(path / "model.safetensors")
     file = path / "mp_rank_00_model_states.pt" if path.is_dir() else path
     saved = torch.load(file, weights_only=True, map_location="cpu")
-    model = {"lightning": "state_dict", "deepspeed": "module", "nanogpt": "model"}[run.trainer]
-    return {k.removeprefix("_orig_mod."): v for k, v in saved[model].items()}
+    return {k.removeprefix("_orig_mod."): v for k, v in saved[MODEL_ENTRY[run.trainer]].items()}
+
+
+def written(out: Path, run: Run) -> dict[str, torch.Tensor]:
+    """The tensors of an average, read back the plain way: a trainer's own file by torch.load."""
+    if run.trainer not in OUTPUT_FILE or (out / "model.safetensors").is_file():
+        return load_reference(out)
+    saved = torch.load(out / OUTPUT_FILE[run.trainer], weights_only=True)
+    assert all(saved.get(k) is None for k in ("optimizer", "optimizer_states"))  # a model, not a run to resume
+    return saved[MODEL_ENTRY[run.trainer]]
 
 
 def assert_mean(got: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]]) -> None:
@@ -124,7 +134,7 @@ def test_each_trainer_s_run_is_found_without_flags_and_averages_to_the_float64_m
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["output"]["format"] == run.output
     assert {i["trainer"] for i in manifest["inputs"]} == {run.trainer}
-    assert_mean(load_reference(out), [loaded(run, s) for s in members])
+    assert_mean(written(out, run), [loaded(run, s) for s in members])
 
 
 @pytest.mark.parametrize("run", [RUNS[0], RUNS[2], RUNS[5]], ids=["olmo-core", "lightning", "megatron"])
@@ -137,7 +147,7 @@ def test_ckptavg_trajectory_runs_on_a_trainer_s_folder_as_it_was_saved(run, tmp_
     assert [int(p.parent.name.removeprefix("step")) for p in outs] == list(run.steps[-2:])
     for manifest in outs:
         step = int(manifest.parent.name.removeprefix("step"))
-        assert_mean(load_reference(manifest.parent), [loaded(run, s) for s in (step - 2, step)])
+        assert_mean(written(manifest.parent, run), [loaded(run, s) for s in (step - 2, step)])
 
 
 def test_the_average_of_dcp_checkpoints_can_be_written_as_safetensors(tmp_path):
@@ -200,3 +210,30 @@ def test_eval_of_a_dcp_average_says_how_to_get_a_model_folder(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr
     assert "a checkpoint in olmo-core's layout, not a Hugging Face model folder" in " ".join(r.stderr.split())
     assert "--output-format safetensors" in r.stderr and not (tmp_path / "r.sqlite").exists()
+
+
+def test_lightning_loads_the_ckpt_average_into_its_module(tmp_path):
+    """The average of Lightning checkpoints is a `.ckpt` that `load_from_checkpoint` takes (run where
+    Lightning is installed)."""
+    pytest.importorskip("pytorch_lightning")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "trainers"))
+    from write import lightning_module
+
+    run = RUNS[2]
+    members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps]
+    out = average_checkpoints(members, tmp_path / "avg", device="cpu")
+    module = lightning_module().load_from_checkpoint(out / "model.ckpt")
+    assert_mean(module.state_dict(), [loaded(run, s) for s in run.steps])
+
+
+def test_a_trainer_s_file_average_can_be_written_as_safetensors(tmp_path):
+    run = RUNS[6]
+    members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps]
+    out = average_checkpoints(members, tmp_path / "avg", device="cpu", output_format="safetensors")
+    assert (out / "model.safetensors").is_file()
+    assert_mean(load_reference(out), [loaded(run, s) for s in run.steps])
+    with pytest.raises(InputError, match="--output-format torch writes a trainer's own file"):
+        average_checkpoints([DATA / "hf-trainer" / "checkpoint-2"] * 2, tmp_path / "avg2", device="cpu",
+                            output_format="torch")

@@ -6,6 +6,11 @@ A file is written front to back as `frames[0]`, the first tensor's bytes, `frame
 others (a safetensors index, DCP's `.metadata`) are given whole.
 
 - safetensors: a header, then the tensors back to back.
+- torch (a trainer's own `torch.save` file: Lightning's `.ckpt`, nanoGPT's `ckpt.pt`, DeepSpeed's
+  `mp_rank_00_model_states.pt`): the newest input's saved object with its model entry holding the
+  average, and its other entries that hold tensors (optimizer state, a best score) left out, so
+  that the trainer's loader takes it as a model (`load_from_checkpoint`, nanoGPT's sample.py,
+  DeepSpeed's `load_module_only`), not as a run to resume. Framed like DCP's records.
 - DCP: one `__0_0.distcp` of `torch.save` records, one per tensor (one chunk each, as a single-process
   `dcp.save` would write them), and a `.metadata` that torch's own reader and the trainers' loaders
   read. Each record is framed by `torch.save` itself, told to skip the tensor's bytes
@@ -24,21 +29,30 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from .index import DTYPE_NAMES
-from .names import SAFETENSORS_INDEX
+from .names import DEEPSPEED_MODEL, NANOGPT_CHECKPOINT, SAFETENSORS_INDEX
 
 DCP_FILE = "__0_0.distcp"
-OUTPUT_FORMATS = ("safetensors", "dcp")
-AUTO = "auto"  # the inputs' own format where ckptavg writes it (DCP), else safetensors
+OUTPUT_FORMATS = ("safetensors", "dcp", "torch")
+AUTO = "auto"  # the inputs' own format where ckptavg writes it (DCP, a trainer's torch.save file), else safetensors
+# the file a trainer's torch.save output is called, by trainer
+TORCH_SAVE_FILES = {"lightning": "model.ckpt", "nanogpt": NANOGPT_CHECKPOINT, "deepspeed": DEEPSPEED_MODEL}
 
 
-def resolve_format(asked: str, input_formats: Sequence[str]) -> str:
-    """The output format for inputs of `input_formats`: `asked`, or for "auto" the inputs' own where
-    ckptavg writes it (an average of DCP checkpoints is a DCP checkpoint), else safetensors."""
+def resolve_format(asked: str, input_formats: Sequence[str], trainer: str) -> str:
+    """The output format for inputs of `input_formats` saved by `trainer`: `asked`, or for "auto" the
+    inputs' own where ckptavg writes it (an average of DCP checkpoints is a DCP checkpoint, of Lightning
+    checkpoints a `.ckpt`), else safetensors."""
     if asked == AUTO:
-        return "dcp" if input_formats and all(f == "dcp" for f in input_formats) else "safetensors"
+        if input_formats and all(f == "dcp" for f in input_formats):
+            return "dcp"
+        return "torch" if trainer in TORCH_SAVE_FILES else "safetensors"
     if asked not in OUTPUT_FORMATS:
         raise ValueError(f"output format {asked!r} is not one of {(AUTO, *OUTPUT_FORMATS)}")
+    if asked == "torch" and trainer not in TORCH_SAVE_FILES:
+        raise InputError(f"--output-format torch writes a trainer's own file ({', '.join(TORCH_SAVE_FILES)}); "
+                         f"these inputs were saved by {trainer}")
     return asked
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor's name, dtype and shape
@@ -123,6 +137,21 @@ class _Holes(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        """What was written where it was, zeros where nothing was (for zipfile to read the directory)."""
+        n = max(0, min(len(b), self.size - self.pos))
+        view = memoryview(b)
+        view[:n] = bytes(n)
+        for at, data in self.writes:
+            lo, hi = max(at, self.pos), min(at + len(data), self.pos + n)
+            if lo < hi:
+                view[lo - self.pos : hi - self.pos] = data[lo - at : hi - at]
+        self.pos += n
+        return n
+
     def split(self) -> tuple[list[bytes], list[tuple[int, int]]]:
         """The bytes written, as the runs between the ranges never written, and those ranges
         ((offset, length), in order): len(ranges) + 1 runs (a later write over an earlier one wins)."""
@@ -183,3 +212,41 @@ def dcp_layout(specs: Sequence[Spec]) -> OutputLayout:
     metadata = pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage))
     return OutputLayout("dcp", (OutputFile(DCP_FILE, tuple(s[0] for s in specs), tuple(frames)),),
                         ((".metadata", metadata),))
+
+
+def _holds_tensors(obj: object) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return any(_holds_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return any(_holds_tensors(v) for v in obj)
+    return False
+
+
+def torch_save_layout(saved: dict, model_key: str, specs: Sequence[Spec], filename: str) -> OutputLayout:
+    """`saved` (the newest input's object, as torch loads it) with `saved[model_key]` holding `specs`, its
+    other entries that hold tensors left out, as one `torch.save` file whose tensors' bytes are holes."""
+    from .torchsave import read_archive
+
+    obj = {k: v for k, v in saved.items() if k == model_key or not _holds_tensors(v)}
+    obj[model_key] = {s[0]: _fake(s) for s in specs}
+    file = _saved_without_data(obj)
+    file.seek(0)
+    archive = read_archive(file, filename)
+    parts, holes = file.split()
+    where = {at: i for i, (at, _) in enumerate(holes)}
+    order: list[str | None] = [None] * len(holes)
+    empty = []
+    for s in specs:
+        t = archive.obj[model_key][s[0]]
+        at = archive.locate(t, s[0])
+        if not _nbytes(s):
+            empty.append(s[0])
+        elif at not in where or holes[where[at]][1] != _nbytes(s) or order[where[at]] is not None:
+            raise RuntimeError(f"torch.save did not leave {s[0]!r} a range of its own: not a file ckptavg can frame")
+        else:
+            order[where[at]] = s[0]
+    if None in order:
+        raise RuntimeError("torch.save left a range unwritten that holds no tensor")
+    return OutputLayout("torch", (OutputFile(filename, (*order, *empty), (*parts, *(b"" for _ in empty))),))

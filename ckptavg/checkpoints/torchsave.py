@@ -317,3 +317,13 @@ def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """The model tensors of a file as torch loads them, named as `index_file` names them: for the tensors
     that have no byte range of their own."""
     return model_entries(load_whole(file), str(file))[1]
+
+
+def saved_object(file: Path, trainer: str) -> tuple[dict, str]:
+    """A trainer's saved object as torch loads it (`weights_only`, tensors mapped and never read) and the
+    key of its model entry: what an output in the trainer's own format is made from."""
+    key = next((k for name, k, _ in TRAINER_KEYS if name == trainer), None)
+    obj = load_whole(file)
+    if key is None or not isinstance(obj, dict) or not isinstance(obj.get(key), dict):
+        raise InputError(f"{file}: not a {trainer} checkpoint ckptavg can write again")
+    return obj, key

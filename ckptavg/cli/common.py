@@ -187,9 +187,10 @@ class Arithmetic:
                                     "non-trained buffers, e.g. '*.attn.masked_bias'); like Pythia's buffers, they "
                                     "may be absent from older inputs. Repeatable.")
     output_format: str = typer.Option("auto", help="Output format: auto (the inputs' own: a DCP checkpoint for DCP "
-                                      "inputs, which torch.distributed.checkpoint and the trainers load; "
-                                      "safetensors for the rest), safetensors (a Hugging Face model folder) "
-                                      "or dcp.")
+                                      "inputs, which torch.distributed.checkpoint and the trainers load; the "
+                                      "trainer's own file for Lightning .ckpt, nanoGPT ckpt.pt and DeepSpeed "
+                                      "inputs, optimizer state left out; safetensors for the rest), "
+                                      "safetensors (a Hugging Face model folder), dcp or torch.")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .. import __version__
 from ..checkpoints.index import Checkpoint
 from ..checkpoints.open import open_checkpoint
 from ..checkpoints.outputs import AUTO, resolve_format
+from ..checkpoints.torchsave import saved_object
 from ..hashing import file_sha256, known_sha256
 from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
@@ -35,9 +36,11 @@ def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: b
     checkpoints = [c if isinstance(c, Checkpoint) else open_checkpoint(c) for c in inputs]
     weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
     patterns = tuple(dict.fromkeys((*DEFAULT_COPY_PATTERNS, *copy)))
-    output_format = resolve_format(output_format, [c.format for c in checkpoints])
+    newest = checkpoints[-1]
+    output_format = resolve_format(output_format, [c.format for c in checkpoints], newest.trainer)
+    saved = saved_object(newest.files[0], newest.trainer) if output_format == "torch" else None
     return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, output_format=output_format,
-                                     **plan_options)
+                                     saved=saved, **plan_options)
 
 
 def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,

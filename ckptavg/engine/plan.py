@@ -60,12 +60,8 @@ class Shard:
     frames: tuple[bytes, ...] = ()  # len(jobs) + 1; empty: none at all (the tensors back to back)
 
     @property
-    def data_bytes(self) -> int:
-        return sum(j.nbytes for j in self.jobs)
-
-    @property
     def nbytes(self) -> int:
-        return self.data_bytes + sum(len(f) for f in self.frames)
+        return sum(j.nbytes for j in self.jobs) + sum(len(f) for f in self.frames)
 
 
 @dataclass(frozen=True)
@@ -141,6 +137,7 @@ def plan_average(
     copy_patterns: Sequence[str] = DEFAULT_COPY_PATTERNS,
     reread: Collection[int] = (),
     output_format: str = "safetensors",
+    saved: tuple[dict, str] | None = None,
 ) -> AveragePlan:
     """Plan `sum_i weights[i] * checkpoints[i]`; the last checkpoint is the newest. `reread` (positions)
     names the checkpoints a later average will read again (a sliding window's shared members).
@@ -150,7 +147,8 @@ def plan_average(
     checkpoint, and may be absent from some inputs (see `_check_names`). Output tensors follow
     the newest checkpoint's on-disk order (grouped by item size, so every tensor stays aligned),
     which keeps all reads sequential when the inputs share a layout, as consecutive checkpoints
-    of one run do. `output_format` is one of `OUTPUT_FORMATS` ("dcp": one file, whatever `shard_bytes`).
+    of one run do. `output_format` is one of `OUTPUT_FORMATS` ("dcp": one file, whatever `shard_bytes`;
+    "torch": the newest input's `saved` object and the key of its model entry, `torchsave.saved_object`).
     """
     if not checkpoints:
         raise MismatchError("no checkpoints to average")
@@ -187,18 +185,23 @@ def plan_average(
     # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
     # also after a dtype change.
     jobs.sort(key=lambda j: -j.out_dtype.itemsize)
-    shards, extra = lay_out(jobs, shard_bytes, output_format)
+    shards, extra = lay_out(jobs, shard_bytes, output_format, saved, newest.trainer)
     return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), shards, copied, absent,
                        tuple(copy_patterns), frozenset(f for i in reread for f in checkpoints[i].files),
                        output_format, extra)
 
 
-def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str
-            ) -> tuple[tuple[Shard, ...], tuple[tuple[str, bytes], ...]]:
+def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str, saved: tuple[dict, str] | None = None,
+            trainer: str = "transformers") -> tuple[tuple[Shard, ...], tuple[tuple[str, bytes], ...]]:
     """The output files for `jobs` in `output_format`: their jobs in the order the format writes them,
     the frames between, and the small files that describe them."""
+    specs = [(j.name, j.out_dtype, j.shape) for j in jobs]
     if output_format == "dcp":
-        layout = outputs.dcp_layout([(j.name, j.out_dtype, j.shape) for j in jobs])
+        layout = outputs.dcp_layout(specs)
+    elif output_format == "torch":
+        if saved is None:
+            raise ValueError("a torch.save output is made from the newest input's saved object")
+        layout = outputs.torch_save_layout(saved[0], saved[1], specs, outputs.TORCH_SAVE_FILES[trainer])
     elif output_format == "safetensors":
         groups = split_by_size(jobs, shard_bytes)
         layout = outputs.safetensors_layout([[(j.name, j.out_dtype, j.shape) for j in g] for g in groups])

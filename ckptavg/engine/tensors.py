@@ -63,6 +63,18 @@ def _cached(fd: int, pos: int, nbytes: int) -> bool:
         mapping.close()
 
 
+def _typed(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes as elements of `dtype`, where they lie. A range need not start at a multiple of the element
+    size (a DCP record, or a `.bin` member, sits anywhere in its file, and direct I/O puts the range's
+    block at an aligned address), which `Tensor.view` refuses; a tensor made on the same bytes is read
+    by torch's kernels (and copied to a GPU) all the same, where moving the bytes would cost a copy."""
+    if not data.numel():
+        return torch.empty(0, dtype=dtype)
+    if data.data_ptr() % dtype.itemsize == 0:
+        return data.view(dtype)
+    return torch.frombuffer(data.numpy(), dtype=dtype)
+
+
 def _shrank(ref: TensorRef) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{ref.file}: file shrank while reading {ref.name!r}")
 
@@ -133,7 +145,7 @@ class TensorReader:
             data = self._map(fd, pos, nbytes, ref)
         else:  # cached, bound for a GPU; or from disk and kept in the cache for a later average
             data = self._pread(fd, pos, out[:nbytes], ref)
-        return data.view(ref.dtype)
+        return _typed(data, ref.dtype)
 
     @staticmethod
     def _pread(fd: int, pos: int, dst: torch.Tensor, ref: TensorRef) -> torch.Tensor:

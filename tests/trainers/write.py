@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import pickle
 import shutil
@@ -116,9 +117,10 @@ def _batches(n: int, batch: int = 4):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=batch)
 
 
-def lightning(out: Path) -> None:
+@functools.cache
+def lightning_module() -> type:
+    """The LightningModule the fixture trains (and a test loads an average into)."""
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
     class LM(pl.LightningModule):
         def __init__(self) -> None:
@@ -135,10 +137,17 @@ def lightning(out: Path) -> None:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
+    return LM
+
+
+def lightning(out: Path) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
     checkpoints = ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1, save_last=True)
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, callbacks=[checkpoints], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
-    trainer.fit(LM(), _batches(6))
+    trainer.fit(lightning_module()(), _batches(6))
 
 
 # --- transformers' Trainer: `checkpoint-N/` with model.safetensors ------------------------------------------------
