@@ -2,6 +2,9 @@
 save from several gloo ranks (DTensor `Shard(0)`, the layout FSDP saves), run as
 
     python tests/dcpsave.py ROOT RANKS SEED [SEED ...]      # ROOT/stepSEED/ for each seed
+
+With DCPSAVE_NO_COLLECTIVES=1 the ranks save without collectives (`use_collectives=False`): one metadata
+file per rank (`__R.metadata`), no global `.metadata`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _worker(rank: int, world: int, port: int, root: str, seeds: list[int]) -> No
         sd = {k: distribute_tensor(v, mesh, [Shard(0)]) if v.dim() else v
               for k, v in model_state(seed, SHARDED_ROWS).items()}
         sd["optim.state.model.blocks.0.norm.weight.exp_avg"] = distribute_tensor(torch.randn(32), mesh, [Shard(0)])
-        dcp.save(sd, checkpoint_id=f"{root}/step{seed}")
+        dcp.save(sd, checkpoint_id=f"{root}/step{seed}", use_collectives=not os.environ.get("DCPSAVE_NO_COLLECTIVES"))
     dist.destroy_process_group()
 
 

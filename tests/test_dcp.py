@@ -161,3 +161,32 @@ def test_a_row_sharded_save_from_three_ranks_averages_to_the_mean_of_what_dcp_lo
     (steps[0] / "__2_0.distcp").unlink()  # one rank's file lost
     with pytest.raises(CorruptCheckpointError, match="is missing"):
         average_checkpoints(steps, tmp_path / "avg2", device="cpu")
+
+
+def test_a_save_without_collectives_has_its_ranks_metadata_merged_or_is_refused(tmp_path, monkeypatch):
+    """`use_collectives=False` leaves a `__R.metadata` per rank and no `.metadata` (dcp.load in one process
+    would fill rank 0's chunks only): merged, the average is the float64 mean of the saved tensors; with
+    a rank's metadata gone, it is refused."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    saver = Path(__file__).with_name("dcpsave.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), DCPSAVE_NO_COLLECTIVES="1")
+    r = subprocess.run([sys.executable, str(saver), str(tmp_path / "run"), "3", "1", "2"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [tmp_path / "run" / f"step{s}" for s in (1, 2)]
+    assert not (steps[0] / ".metadata").exists() and len(list(steps[0].glob("__*.metadata"))) == 3
+    out = average_checkpoints(steps, tmp_path / "avg", device="cpu")
+    got = load_reference(out)
+    saved = [model_state(s, SHARDED_ROWS) for s in (1, 2)]
+    assert set(got) == set(saved[0])
+    for name, newest in saved[-1].items():
+        want = (sum(sd[name].double() for sd in saved) / 2).to(newest.dtype) if newest.is_floating_point() else newest
+        assert torch.equal(got[name], want), name
+
+    (steps[0] / "__1.metadata").unlink()
+    with pytest.raises(CorruptCheckpointError, match="rank 1 left no __1.metadata"):
+        average_checkpoints(steps, tmp_path / "avg2", device="cpu")

@@ -28,6 +28,7 @@ import torch
 from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError
 from . import torchsave
 from .index import Extent, TensorRef
+from .names import dcp_metadata
 
 METADATA = ".metadata"
 # entries that are training state, not model weights, by the prefixes the trainers give them
@@ -51,7 +52,7 @@ _STAND_INS = {("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"):
 
 
 def is_dcp(folder: Path) -> bool:
-    return (folder / METADATA).is_file()
+    return bool(dcp_metadata(e.name for e in folder.iterdir()))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -81,8 +82,39 @@ def _record_tensor(f, file: Path, offset: int, length: int, fqn: str) -> tuple[t
 
 
 def read_metadata(folder: Path):
-    """The folder's DCP `Metadata`, unpickled with the allow-list."""
-    path = folder / METADATA
+    """The folder's DCP `Metadata`, unpickled with the allow-list: its `.metadata`, or, for a save made
+    without collectives, every rank's `__R.metadata` merged (ranks 0 to N-1, none missing)."""
+    names = dcp_metadata(e.name for e in folder.iterdir())
+    if names == [METADATA]:
+        return _read_one(folder / METADATA)
+    ranks = [int(n[2:-len(".metadata")]) for n in names]
+    if ranks != list(range(len(ranks))):
+        missing = min(set(range(max(ranks) + 1)) - set(ranks))
+        raise CorruptCheckpointError(f"{folder}: a save without a global .metadata, whose rank {missing} left no "
+                                     f"__{missing}.metadata (not finished, or lost)")
+    return _merged([_read_one(folder / n) for n in names])
+
+
+def _merged(parts: list):
+    """One `Metadata` of every rank's: each tensor's chunks from all of them (a replicated tensor's, which
+    every rank saves, once), and where each chunk's record lies."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    entries: dict = {}
+    storage: dict = {}
+    for part in parts:
+        for fqn, entry in part.state_dict_metadata.items():
+            if fqn not in entries:
+                entries[fqn] = entry
+            elif isinstance(entry, TensorStorageMetadata):
+                known = {tuple(c.offsets) for c in entries[fqn].chunks}
+                entries[fqn].chunks.extend(c for c in entry.chunks if tuple(c.offsets) not in known)
+        for key, info in part.storage_data.items():
+            storage.setdefault(key, info)
+    return Metadata(state_dict_metadata=entries, storage_data=storage)
+
+
+def _read_one(path: Path):
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()

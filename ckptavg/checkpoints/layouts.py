@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .names import DCP_METADATA, DCP_SUBFOLDERS
+from .names import DCP_SUBFOLDERS, dcp_metadata
 
 DEFAULT_STEP_PATTERN = r"step(\d+)"
 # (whose, a pattern whose group 1 is the step), tried on the names in a run's folder
@@ -43,9 +43,9 @@ def detect_pattern(names: Iterable[str]) -> str | None:
 def checkpoint_in(entry: Path) -> Path:
     """The checkpoint of one step's entry: the entry itself (a folder of weights, a DCP folder, a
     `.ckpt` file), or the DCP folder a trainer saves inside it (OLMo-core, accelerate's FSDP)."""
-    if entry.is_dir() and not (entry / DCP_METADATA).is_file():
+    if entry.is_dir() and not _has_metadata(entry):
         for sub in DCP_SUBFOLDERS:
-            if (entry / sub / DCP_METADATA).is_file():
+            if _has_metadata(entry / sub):
                 return entry / sub
     return entry
 
@@ -57,6 +57,10 @@ def unfinished(checkpoint: Path) -> str | None:
         return None
     folders = [checkpoint, *(checkpoint / sub for sub in DCP_SUBFOLDERS if (checkpoint / sub).is_dir())]
     for folder in folders:
-        if any(folder.glob("*.distcp")) and not (folder / DCP_METADATA).is_file():
-            return f"{folder} has DCP data files but no {DCP_METADATA} (a save still being written?)"
+        if any(folder.glob("*.distcp")) and not _has_metadata(folder):
+            return f"{folder} has DCP data files but no .metadata (a save still being written?)"
     return None
+
+
+def _has_metadata(folder: Path) -> bool:
+    return folder.is_dir() and bool(dcp_metadata(e.name for e in folder.iterdir()))

@@ -40,6 +40,16 @@ _SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 _BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 DCP_METADATA = ".metadata"  # a torch.distributed.checkpoint folder: written last, it marks the save finished
 _DCP = re.compile(r"__\d+_\d+\.distcp")
+# a save without collectives (`dcp.save(..., use_collectives=False)`) leaves one metadata file per rank instead
+DCP_RANK_METADATA = re.compile(r"__(\d+)\.metadata")
+
+
+def dcp_metadata(names: Iterable[str]) -> list[str]:
+    """The DCP metadata files among `names`: the global `.metadata`, else every rank's; [] for none."""
+    names = set(names)
+    if DCP_METADATA in names:
+        return [DCP_METADATA]
+    return sorted((n for n in names if DCP_RANK_METADATA.fullmatch(n)), key=lambda n: int(n[2:-9]))
 # trainers that save a DCP folder inside each step's folder: OLMo-core's stepN/model_and_optim/, accelerate's
 # FSDP checkpoint-N/pytorch_model_fsdp_0/
 DCP_SUBFOLDERS = ("model_and_optim", "pytorch_model_fsdp_0")
@@ -54,7 +64,7 @@ def weight_files(names: Iterable[str]) -> set[str]:
         weights = {n for n in names if pattern.fullmatch(n)}
         if weights:
             return weights
-    if DCP_METADATA in names:
+    if dcp_metadata(names):
         return {n for n in names if _DCP.fullmatch(n)}
     for name in (DEEPSPEED_MODEL, NANOGPT_CHECKPOINT):
         if name in names:
@@ -70,6 +80,6 @@ def pick_files(names: Iterable[str]) -> set[str] | None:
     if not weights:
         return None
     first = next(iter(weights))
-    index = SAFETENSORS_INDEX if first.endswith(".safetensors") else DCP_METADATA if first.endswith(".distcp") \
-        else BIN_INDEX
-    return weights | ({index} & names) | (set(SIDE_FILES) & names)
+    index = {SAFETENSORS_INDEX} if first.endswith(".safetensors") else set(dcp_metadata(names)) \
+        if first.endswith(".distcp") else {BIN_INDEX}
+    return weights | (index & names) | (set(SIDE_FILES) & names)
