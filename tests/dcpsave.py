@@ -4,7 +4,8 @@ save from several gloo ranks (DTensor `Shard(0)`, the layout FSDP saves), run as
     python tests/dcpsave.py ROOT RANKS SEED [SEED ...]      # ROOT/stepSEED/ for each seed
 
 With DCPSAVE_NO_COLLECTIVES=1 the ranks save without collectives (`use_collectives=False`): one metadata
-file per rank (`__R.metadata`), no global `.metadata`.
+file per rank (`__R.metadata`), no global `.metadata`. With DCPSAVE_COLUMNS=1 each tensor is sharded on its
+last dimension (tensor parallelism's column shards) instead of its first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def model_state(seed: int, rows: int = 48) -> dict[str, torch.Tensor]:
     return {"model.blocks.0.attention.w_q.weight": torch.randn(rows, 32, generator=g),
             "model.blocks.0.norm.weight": torch.randn(32, generator=g),
             "model.embeddings.weight": torch.randn(100, 32, generator=g).bfloat16(),
+            "model.blocks.0.mlp.w.weight": torch.randn(3, 5, 7, generator=g),
             "model.steps_seen": torch.tensor(seed * 10)}
 
 
@@ -38,7 +40,8 @@ def _worker(rank: int, world: int, port: int, root: str, seeds: list[int]) -> No
 
     mesh = init_device_mesh("cpu", (world,))
     for seed in seeds:
-        sd = {k: distribute_tensor(v, mesh, [Shard(0)]) if v.dim() else v
+        on = -1 if os.environ.get("DCPSAVE_COLUMNS") else 0
+        sd = {k: distribute_tensor(v, mesh, [Shard(v.dim() - 1 if on < 0 else 0)]) if v.dim() else v
               for k, v in model_state(seed, SHARDED_ROWS).items()}
         sd["optim.state.model.blocks.0.norm.weight.exp_avg"] = distribute_tensor(torch.randn(32), mesh, [Shard(0)])
         dcp.save(sd, checkpoint_id=f"{root}/step{seed}", use_collectives=not os.environ.get("DCPSAVE_NO_COLLECTIVES"))

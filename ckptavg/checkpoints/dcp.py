@@ -10,14 +10,16 @@ Both pickles are input from elsewhere, so they are read by unpicklers that know 
 (torch's DCP metadata classes; tensor rebuilds and storage types) and refuse every other one
 (`UnsafeCheckpointError`, exit 2) before it is imported, let alone called.
 
-Read so far: whole tensors and row-sharded ones (FSDP's `Shard(0)`: each rank's chunk one range of the
-flattened tensor; the chunks must cover it exactly once), model tensors only (optimizer state,
-`train_state` and other entries are left out). Tensor-parallel column shards are refused, saying so.
+Whole tensors and sharded ones are read: a row shard (FSDP's `Shard(0)`, megatron's per-layer chunks) is
+one range of the flattened tensor, a column shard (tensor parallelism's `Shard(1)`) one range per row;
+the chunks must cover each tensor exactly once. Model tensors only: optimizer state, `train_state` and
+other entries are left out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import pickle
 from pathlib import Path
@@ -127,21 +129,28 @@ def _read_one(path: Path):
     return metadata
 
 
-def _flat_range(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
-                folder: Path) -> tuple[int, int]:
-    """(first element, count) of a chunk in the flattened tensor. A chunk is one range of it when it
-    spans every dimension after its first (FSDP's row shards); others (tensor-parallel column shards)
-    are refused for now."""
+def _flat_runs(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
+               folder: Path) -> list[tuple[int, int]]:
+    """A chunk as the runs of the flattened tensor it holds, in the chunk's own (row-major) order:
+    (first element, count) each. A row shard (FSDP's, megatron's per-layer chunks) is one run; a column
+    shard (tensor parallelism) is one run per row of it."""
     if len(offsets) != len(shape) or len(sizes) != len(shape) or \
             any(o < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):
         raise CorruptCheckpointError(f"{folder / METADATA}: a chunk of {fqn!r} lies outside its {list(shape)}")
     if not shape:
-        return 0, 1
-    inner = math.prod(shape[1:])
-    if tuple(sizes[1:]) != tuple(shape[1:]) and math.prod(sizes):
-        raise InputError(f"{folder}: tensor {fqn!r} is sharded along a dimension other than its first (a "
-                         f"tensor-parallel save): ckptavg reads row-sharded (FSDP) and whole tensors so far")
-    return offsets[0] * inner, math.prod(sizes)
+        return [(0, 1)]
+    if not math.prod(sizes):
+        return []
+    # the run: the chunk's last dimensions that span the tensor's, and the one before them
+    k = len(shape) - 1
+    while k > 0 and sizes[k] == shape[k]:
+        k -= 1
+    stride = [math.prod(shape[j + 1:]) for j in range(len(shape))]
+    run = sizes[k] * stride[k]
+    runs = []
+    for outer in itertools.product(*(range(o, o + n) for o, n in zip(offsets[:k], sizes[:k], strict=True))):
+        runs.append((sum(i * st for i, st in zip(outer, stride, strict=False)) + offsets[k] * stride[k], run))
+    return runs
 
 
 def index(folder: Path) -> dict[str, TensorRef]:
@@ -163,8 +172,8 @@ def index(folder: Path) -> dict[str, TensorRef]:
             pieces: list[Extent] = []
             for chunk in entry.chunks:
                 offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-                first, count = _flat_range(fqn, shape, offsets, sizes, folder)
-                if not count and shape:
+                runs = _flat_runs(fqn, shape, offsets, sizes, folder)
+                if not runs:
                     continue
                 info = storage.get((fqn, offsets))
                 if info is None:
@@ -181,7 +190,10 @@ def index(folder: Path) -> dict[str, TensorRef]:
                 if dtype != entry.properties.dtype or size != sizes:
                     raise CorruptCheckpointError(f"{file}: a record of {fqn!r} holds {dtype} {list(size)}, the "
                                                  f"metadata says {entry.properties.dtype} {list(sizes)}")
-                pieces.append(Extent(file, at, first, count))
+                done = 0
+                for first, count in runs:
+                    pieces.append(Extent(file, at + done * dtype.itemsize, first, count))
+                    done += count
             pieces.sort(key=lambda e: e.first)
             _check_cover(folder, fqn, shape, pieces)
             head = pieces[0] if pieces else Extent(folder / METADATA, 0, 0, 0)  # (an empty tensor reads no bytes)
