@@ -102,7 +102,11 @@ def loaded(run: Run, step: int) -> dict[str, torch.Tensor]:
 
 
 def written(out: Path, run: Run) -> dict[str, torch.Tensor]:
-    """The tensors of an average, read back the plain way: a trainer's own file by torch.load."""
+    """The tensors of an average, read back the plain way: a trainer's own file by torch.load, a DCP
+    folder (inside the output where the trainer keeps it inside its steps) by torch's converter."""
+    if run.trainer == "olmo-core" and not (out / "model.safetensors").is_file():
+        assert not (out / ".metadata").exists()  # laid out as OLMo-core's steps are: its tools find it
+        return load_reference(out / "model_and_optim")
     if run.trainer not in OUTPUT_FILE or (out / "model.safetensors").is_file():
         return load_reference(out)
     saved = torch.load(out / OUTPUT_FILE[run.trainer], weights_only=True)
@@ -116,6 +120,16 @@ def assert_mean(got: dict[str, torch.Tensor], states: list[dict[str, torch.Tenso
         want = (sum(s[name].double() for s in states) / len(states)).to(newest.dtype) \
             if newest.is_floating_point() else newest
         assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+
+
+def trainer_fixtures():
+    """tests/trainers/write.py, the script that wrote the fixtures: its models, for the trainers to load into."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trainer_fixtures", Path(__file__).parent / "trainers" / "write.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,15 +205,40 @@ def test_olmo_core_loads_the_dcp_average_into_its_model(tmp_path):
     """OLMo-core's own loader takes the average (run where OLMo-core is installed)."""
     pytest.importorskip("olmo_core")
     from olmo_core.distributed.checkpoint import load_model_and_optim_state
-    from olmo_core.nn.transformer import TransformerConfig
 
     run = RUNS[1]
     members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-3:]]
     out = average_checkpoints(members, tmp_path / "avg", device="cpu")
-    model = TransformerConfig.olmo2_1M(vocab_size=64, n_layers=2, hidden_size_multiple_of=16).build(
-        init_device="cpu")
-    load_model_and_optim_state(out, model)
+    model = trainer_fixtures().olmo_core_config().build(init_device="cpu")
+    load_model_and_optim_state(out / "model_and_optim", model)
     assert_mean({f"model.{k}": v for k, v in model.state_dict().items()}, [loaded(run, s) for s in run.steps[-3:]])
+
+
+def test_olmo_core_s_hf_converter_takes_the_average(tmp_path):
+    """`olmo_core.nn.hf.convert_checkpoint_to_hf` reads the average as one of its own steps (run where
+    OLMo-core is installed): the Hugging Face model it writes holds the averaged weights."""
+    pytest.importorskip("olmo_core")
+    from olmo_core.data import TokenizerConfig
+    from olmo_core.nn.hf import convert_checkpoint_to_hf
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    run = RUNS[0]
+    members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-2:]]
+    out = average_checkpoints(members, tmp_path / "avg", device="cpu")
+    vocab = {f"t{i}": i for i in range(64)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        eos_token="t63", pad_token="t62", model_max_length=16)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config = trainer_fixtures().olmo_core_config()
+    convert_checkpoint_to_hf(out, tmp_path / "hf", config.as_config_dict(),
+                             TokenizerConfig(vocab_size=64, eos_token_id=63, pad_token_id=62).as_config_dict(),
+                             tokenizer_id=str(tmp_path / "tokenizer"), max_sequence_length=16, validate=False)
+    # (its tiny olmo2_1M config has a head size transformers' Olmo2 does not take: its weights are read)
+    converted = load_reference(tmp_path / "hf")
+    states = [loaded(run, s) for s in run.steps[-2:]]
+    mean = (states[0]["model.embeddings.weight"].double() + states[1]["model.embeddings.weight"].double()) / 2
+    assert torch.equal(converted["model.embed_tokens.weight"], mean.float())
 
 
 def test_eval_of_a_dcp_average_says_how_to_get_a_model_folder(tmp_path):
@@ -216,15 +255,10 @@ def test_lightning_loads_the_ckpt_average_into_its_module(tmp_path):
     """The average of Lightning checkpoints is a `.ckpt` that `load_from_checkpoint` takes (run where
     Lightning is installed)."""
     pytest.importorskip("pytorch_lightning")
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent / "trainers"))
-    from write import lightning_module
-
     run = RUNS[2]
     members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps]
     out = average_checkpoints(members, tmp_path / "avg", device="cpu")
-    module = lightning_module().load_from_checkpoint(out / "model.ckpt")
+    module = trainer_fixtures().lightning_module().load_from_checkpoint(out / "model.ckpt")
     assert_mean(module.state_dict(), [loaded(run, s) for s in run.steps])
 
 

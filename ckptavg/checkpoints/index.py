@@ -98,6 +98,14 @@ class Checkpoint:
         return self.path if self.path.is_dir() else self.path.parent
 
     @property
+    def step_folder(self) -> Path:
+        """The folder of the step it belongs to: a trainer's config and tokenizer files sit there, beside
+        the DCP folder it saves inside (OLMo-core's model_and_optim/)."""
+        from .names import DCP_SUBFOLDERS
+
+        return self.folder.parent if self.format == "dcp" and self.folder.name in DCP_SUBFOLDERS else self.folder
+
+    @property
     def shown(self) -> str:
         return self.label or str(self.path)
 

@@ -51,8 +51,9 @@ def dcp_metadata(names: Iterable[str]) -> list[str]:
         return [DCP_METADATA]
     return sorted((n for n in names if DCP_RANK_METADATA.fullmatch(n)), key=lambda n: int(n[2:-9]))
 # trainers that save a DCP folder inside each step's folder: OLMo-core's stepN/model_and_optim/, accelerate's
-# FSDP checkpoint-N/pytorch_model_fsdp_0/
-DCP_SUBFOLDERS = ("model_and_optim", "pytorch_model_fsdp_0")
+# FSDP checkpoint-N/pytorch_model_fsdp_0/ (an average of theirs is laid out the same way)
+DCP_SUBFOLDER_OF = {"olmo-core": "model_and_optim", "accelerate": "pytorch_model_fsdp_0"}
+DCP_SUBFOLDERS = tuple(DCP_SUBFOLDER_OF.values())
 TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # a single weight file: torch.save's archives
 
 

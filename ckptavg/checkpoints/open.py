@@ -12,7 +12,8 @@ from pathlib import Path
 from ..errors import CorruptCheckpointError, InputError
 from . import dcp, torchsave
 from .index import Checkpoint, TensorRef
-from .names import DEEPSPEED_MODEL, TORCH_SAVE_SUFFIXES, WEIGHT_LAYOUTS
+from .layouts import checkpoint_in
+from .names import DCP_SUBFOLDER_OF, DEEPSPEED_MODEL, TORCH_SAVE_SUFFIXES, WEIGHT_LAYOUTS
 from .safetensors_header import read_safetensors_header
 
 
@@ -25,7 +26,7 @@ def _dcp_trainer(folder: Path) -> str:
         pass
     if (folder / "meta.pt").is_file():
         return "lightning"
-    return {"model_and_optim": "olmo-core", "pytorch_model_fsdp_0": "accelerate"}.get(folder.name, "dcp")
+    return next((t for t, sub in DCP_SUBFOLDER_OF.items() if sub == folder.name), "dcp")
 
 
 def _folder_files(path: Path) -> tuple[str, str, list[Path], dict[str, str] | None]:
@@ -66,6 +67,7 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    path = checkpoint_in(path)  # a step folder that holds its trainer's DCP folder: that one
     if path.is_dir() and dcp.is_dcp(path):
         tensors = dcp.index(path)
         files = sorted({e.file for r in tensors.values() for e in r.extents or [r] if r.numel})

@@ -185,8 +185,9 @@ def _fake(spec: Spec) -> torch.Tensor:
         return torch.empty(spec[2], dtype=spec[1])
 
 
-def dcp_layout(specs: Sequence[Spec]) -> OutputLayout:
-    """One `.distcp` file of a record per tensor, and the `.metadata` that says where each lies."""
+def dcp_layout(specs: Sequence[Spec], subfolder: str = "") -> OutputLayout:
+    """One `.distcp` file of a record per tensor, and the `.metadata` that says where each lies; in
+    `subfolder` of the output where the trainer keeps its DCP folder inside a step's (OLMo-core)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
@@ -210,8 +211,9 @@ def dcp_layout(specs: Sequence[Spec]) -> OutputLayout:
         storage[MetadataIndex(spec[0], origin)] = _StorageInfo(DCP_FILE, at, saved.size)
         at += saved.size
     metadata = pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage))
-    return OutputLayout("dcp", (OutputFile(DCP_FILE, tuple(s[0] for s in specs), tuple(frames)),),
-                        ((".metadata", metadata),))
+    inside = f"{subfolder}/" if subfolder else ""
+    return OutputLayout("dcp", (OutputFile(inside + DCP_FILE, tuple(s[0] for s in specs), tuple(frames)),),
+                        ((inside + ".metadata", metadata),))
 
 
 def _holds_tensors(obj: object) -> bool:

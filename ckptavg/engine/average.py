@@ -163,7 +163,7 @@ def average_checkpoints(
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
         hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
                                progress=progress(plan) if progress else None, hash_files=in_pass)
-        side = copy_side_files(checkpoints[-1].folder, output.path)
+        side = copy_side_files(checkpoints[-1].step_folder, output.path)
         for f, hasher in hashers.items():
             hasher.remember()
             hashes[f] = (hasher.hexdigest(), "computed")

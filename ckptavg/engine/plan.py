@@ -16,6 +16,7 @@ import torch
 
 from ..checkpoints import outputs
 from ..checkpoints.index import Checkpoint, TensorRef
+from ..checkpoints.names import DCP_SUBFOLDER_OF
 from ..errors import MismatchError, WeightsError
 
 # Buffers that ride along in real Pythia checkpoints but are not trained weights: averaging
@@ -197,7 +198,7 @@ def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str, sav
     the frames between, and the small files that describe them."""
     specs = [(j.name, j.out_dtype, j.shape) for j in jobs]
     if output_format == "dcp":
-        layout = outputs.dcp_layout(specs)
+        layout = outputs.dcp_layout(specs, DCP_SUBFOLDER_OF.get(trainer, ""))
     elif output_format == "torch":
         if saved is None:
             raise ValueError("a torch.save output is made from the newest input's saved object")

@@ -71,6 +71,7 @@ class ShardFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # (a trainer's DCP folder inside the output)
             try:
                 self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
             except OSError as e:
@@ -161,6 +162,7 @@ def write_extra_files(folder: Path, files: Iterable[tuple[str, bytes]]) -> None:
     output's temporary folder, which appears only once everything in it is)."""
     for name, data in files:
         try:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             with open(folder / name, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -9,7 +9,8 @@ at the local build):
 
 Each model is a few thousand float32 parameters trained for a few steps on random tokens (2 cores, gloo):
 what matters is the layout each trainer gives its checkpoints, and that the steps differ. Distributed
-saves run their ranks with `torch.multiprocessing.spawn` on 127.0.0.1.
+saves run their ranks with `torch.multiprocessing.spawn` on 127.0.0.1. OLMo-core's 2-rank run sometimes
+stops making progress on a 2-core machine (2 runs of 5 here, at different steps): run it again.
 """
 
 from __future__ import annotations
@@ -55,30 +56,34 @@ def _tokens(n: int = 4096, seed: int = 0) -> torch.Tensor:
 
 # --- OLMo-core: its Trainer, checkpointer and merge callbacks, 1 process and 2-process FSDP --------------------
 
-def _olmo_core(rank: int, world: int, port: int, out: str, fsdp: bool) -> None:
+def olmo_core_config():
+    """The fixture's OLMo-core model: OLMo2's 1M config on 2 layers, with a head size that transformers'
+    Olmo2 takes (d_model / n_heads), so that OLMo-core's HF converter takes it."""
+    from olmo_core.nn.transformer import TransformerConfig
+
+    return TransformerConfig.olmo2_1M(vocab_size=VOCAB, n_layers=2, n_heads=2, head_dim=6, hidden_size_multiple_of=16)
+
+
+def _olmo_core(rank: int, world: int, port: int, out: str, work: str, fsdp: bool) -> None:
     _dist_env(rank, world, port)
     import numpy as np
     from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
     from olmo_core.distributed.parallel import DataParallelType
-    from olmo_core.nn.transformer import TransformerConfig
     from olmo_core.optim import AdamWConfig
     from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
     from olmo_core.train.callbacks import CheckpointerCallback, ModelMergeCallback
     from olmo_core.train.train_module import TransformerDataParallelConfig, TransformerTrainModuleConfig
 
     prepare_training_environment(seed=0, backend="gloo")
-    work = Path(tempfile.gettempdir()) / f"olmo-core-{port}"
-    tokens = work / "tokens.npy"
+    tokens = Path(work) / "tokens.npy"
     if rank == 0:
-        work.mkdir(exist_ok=True)
         _tokens().numpy().astype(np.uint16).tofile(tokens)
     torch.distributed.barrier()
     tokenizer = TokenizerConfig(vocab_size=VOCAB, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 2)
     dataset = NumpyFSLDatasetConfig(paths=[str(tokens)], sequence_length=SEQ, tokenizer=tokenizer,
-                                    work_dir=str(work / "dataset")).build()
+                                    work_dir=str(Path(work) / "dataset")).build()
     loader = NumpyDataLoaderConfig(global_batch_size=4 * SEQ, seed=0, num_workers=0).build(dataset)
-    model = TransformerConfig.olmo2_1M(vocab_size=VOCAB, n_layers=2, hidden_size_multiple_of=16).build(
-        init_device="cpu")
+    model = olmo_core_config().build(init_device="cpu")
     dp = TransformerDataParallelConfig(name=DataParallelType.fsdp) if fsdp else None
     module = TransformerTrainModuleConfig(rank_microbatch_size=2 * SEQ // world * world, max_sequence_length=SEQ,
                                           optim=AdamWConfig(lr=1e-2), dp_config=dp).build(
@@ -86,22 +91,19 @@ def _olmo_core(rank: int, world: int, port: int, out: str, fsdp: bool) -> None:
     callbacks = {"checkpointer": CheckpointerCallback(save_interval=2, ephemeral_save_interval=None)}
     if not fsdp:  # its own in-memory mean of the last steps, saved as stepN-merged/: not a step to average
         callbacks["merge"] = ModelMergeCallback(enabled=True, merge_step=6, merge_last_n_steps=2)
-    # (bookkeeping in the foreground: its background metric reduction hung a 2-rank run once here)
     trainer = TrainerConfig(save_folder=out, max_duration=Duration.steps(6), metrics_collect_interval=1,
-                            async_bookkeeping=False,
                             callbacks=callbacks).build(module, loader)
     trainer.fit()
-    torch.distributed.barrier()
-    if rank == 0:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def olmo_core(out: Path) -> None:
-    _spawn(_olmo_core, 1, str(out), False)
+    with tempfile.TemporaryDirectory() as work:
+        _spawn(_olmo_core, 1, str(out), work, False)
 
 
 def olmo_core_fsdp(out: Path) -> None:
-    _spawn(_olmo_core, 2, str(out), True)
+    with tempfile.TemporaryDirectory() as work:
+        _spawn(_olmo_core, 2, str(out), work, True)
 
 
 # --- PyTorch Lightning: ModelCheckpoint's `epoch=E-step=N.ckpt` files and `last.ckpt` ---------------------------
