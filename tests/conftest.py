@@ -83,6 +83,9 @@ def load_reference(folder: Path) -> dict[str, torch.Tensor]:
     """Load every tensor of a checkpoint the plain way: the independent side of every comparison. A DCP
     folder is read whole by torch's own converter (`dcp_to_torch_save`)."""
     out: dict[str, torch.Tensor] = {}
+    for trainer_folder in ("model_and_optim", "pytorch_model_fsdp_0"):  # a step as OLMo-core, accelerate lay it out
+        if (folder / trainer_folder / ".metadata").is_file():
+            folder = folder / trainer_folder
     if (folder / ".metadata").is_file():
         import tempfile
         import warnings

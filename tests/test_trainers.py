@@ -105,8 +105,8 @@ def written(out: Path, run: Run) -> dict[str, torch.Tensor]:
     """The tensors of an average, read back the plain way: a trainer's own file by torch.load, a DCP
     folder (inside the output where the trainer keeps it inside its steps) by torch's converter."""
     if run.trainer == "olmo-core" and not (out / "model.safetensors").is_file():
-        assert not (out / ".metadata").exists()  # laid out as OLMo-core's steps are: its tools find it
-        return load_reference(out / "model_and_optim")
+        assert (out / "model_and_optim" / ".metadata").is_file()  # as OLMo-core lays out a step: its tools find it
+        return load_reference(out)
     if run.trainer not in OUTPUT_FILE or (out / "model.safetensors").is_file():
         return load_reference(out)
     saved = torch.load(out / OUTPUT_FILE[run.trainer], weights_only=True)
