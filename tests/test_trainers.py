@@ -271,3 +271,20 @@ def test_a_trainer_s_file_average_can_be_written_as_safetensors(tmp_path):
     with pytest.raises(InputError, match="--output-format torch writes a trainer's own file"):
         average_checkpoints([DATA / "hf-trainer" / "checkpoint-2"] * 2, tmp_path / "avg2", device="cpu",
                             output_format="torch")
+
+
+def test_a_study_file_takes_trainers_runs_as_local_sources(tmp_path):
+    """`[[sources]] local = ...` with two trainers' runs, each found in its own layout, and a grid of LAWA
+    and EMA: every output in the trainer's format, each the mean (or EMA) of what torch loads."""
+    study = tmp_path / "s.toml"
+    study.write_text(f'out = "o"\n[steps]\ninterval = 2\nstart = 6\n'
+                     f'[[sources]]\nlocal = "{DATA / "megatron"}"\n[[sources]]\nlocal = "{DATA / "lightning"}"\n'
+                     '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 2\n'
+                     '[[runs]]\nmethod = "ema"\nk = 3\nnu = 2\nema_alpha = 0.5\n')
+    r = cli("study", "run", study, "--root", tmp_path, "-q")
+    assert r.exit_code == 0, r.stderr
+    for run in (RUNS[5], RUNS[2]):
+        lawa = tmp_path / "o" / run.name / "lawa-k2-nu2" / "step6"
+        assert_mean(written(lawa, run), [loaded(run, 4), loaded(run, 6)])
+        manifest = json.loads((tmp_path / "o" / run.name / "ema-alpha0.5-k3-nu2" / "step6" / MANIFEST).read_text())
+        assert manifest["output"]["format"] == run.output and len(manifest["weights"]) == 3
