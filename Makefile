@@ -45,7 +45,7 @@ demo: install
 	HF_DATASETS_OFFLINE=1 $(PYTHON) examples/tiny_pythia/demo.py --out $(DEMO) --figures docs
 
 # The trainer fixtures in tests/trainers/data/ (committed): tiny runs that OLMo-core, Lightning, transformers,
-# DeepSpeed, megatron-core and nanoGPT really wrote. Needs those trainers, which the tests do not: a
+# DeepSpeed, megatron-core, torchtitan and nanoGPT really wrote. Needs those trainers, which the tests do not: a
 # virtual environment that sees this one's torch (see tests/trainers/write.py), and a nanoGPT clone.
 TRAINERS_PYTHON ?= .trainers/bin/python
 NANOGPT ?=
@@ -53,7 +53,7 @@ fixtures: install
 	@test -x $(TRAINERS_PYTHON) || { $(PYTHON) -m venv --system-site-packages .trainers && \
 	  echo "torch==2.13.0" > .trainers/constraints.txt && \
 	  .trainers/bin/pip install -q -c .trainers/constraints.txt ai2-olmo-core==3.0.0 pytorch-lightning==2.6.6 \
-	    megatron-core==0.16.1 && \
+	    megatron-core==0.16.1 torchtitan==0.3.0 triton && \
 	  .trainers/bin/pip install -q -c .trainers/constraints.txt --no-build-isolation deepspeed==0.19.8; }
 	$(TRAINERS_PYTHON) tests/trainers/write.py --out tests/trainers/data $(if $(NANOGPT),--nanogpt $(NANOGPT))
 

@@ -46,6 +46,7 @@ RUNS = [
     Run("hf-trainer", (2, 4, 6), "checkpoint-{}", "transformers", "safetensors"),
     Run("deepspeed", (2, 4, 6), "global_step{}", "deepspeed", "torch"),
     Run("megatron", (2, 4, 6), "iter_{:07d}", "megatron", "dcp"),
+    Run("torchtitan/checkpoint", (2, 4, 6), "step-{}", "dcp", "dcp"),
     Run("nanogpt", (2, 4, 6), "iter{}/ckpt.pt", "nanogpt", "torch", r"iter(\d+)"),
 ]
 MODEL_ENTRY = {"lightning": "state_dict", "deepspeed": "module", "nanogpt": "model"}
@@ -76,7 +77,9 @@ def _dcp_model(folder: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _load_state_dict(sd, storage_reader=Reader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    model = sd.get("model", sd)  # OLMo-core nests its model under "model"; Megatron saved nothing else
+    # OLMo-core nests its model under "model"; torchtitan keeps it at the top, beside its training state
+    model = sd.get("model", {k: v for k, v in sd.items() if k not in ("optimizer", "lr_scheduler", "train_state",
+                                                                     "dataloader")})
     flat: dict[str, torch.Tensor] = {}
 
     def walk(prefix, node):

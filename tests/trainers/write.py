@@ -1,9 +1,10 @@
 """Writes the trainer fixtures in tests/trainers/data/: tiny trajectories that the real trainers saved, so
-that the tests read what OLMo-core, PyTorch Lightning, transformers, DeepSpeed, megatron-core and nanoGPT
-write, never look-alikes. Run by `make fixtures` in an environment with the trainers installed (torch held
+that the tests read what OLMo-core, PyTorch Lightning, transformers, DeepSpeed, megatron-core, torchtitan
+and nanoGPT write, never look-alikes. Run by `make fixtures` in an environment with the trainers installed (torch held
 at the local build):
 
-    pip install -c constraints.txt ai2-olmo-core==3.0.0 pytorch-lightning==2.6.6 megatron-core==0.16.1
+    pip install -c constraints.txt ai2-olmo-core==3.0.0 pytorch-lightning==2.6.6 megatron-core==0.16.1 \
+        torchtitan==0.3.0 triton
     pip install -c constraints.txt --no-build-isolation deepspeed==0.19.8
     python tests/trainers/write.py --out tests/trainers/data [--nanogpt PATH-TO-A-NANOGPT-CLONE] [NAME ...]
 
@@ -242,6 +243,54 @@ def megatron(out: Path) -> None:
     _spawn(_megatron, 1, str(out))
 
 
+# --- torchtitan: its CheckpointManager's `checkpoint/step-N/` (DCP), from its own model and optimizer container --
+
+def _torchtitan(rank: int, world: int, port: int, out: str) -> None:
+    _dist_env(rank, world, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    import torchtitan.models.llama3 as llama3
+    from torchtitan.components.checkpointer.dcp import CheckpointManager
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+    from torchtitan.components.optimizer.optimizer import default_adamw
+    from torchtitan.models.common import Embedding, Linear, RMSNorm
+    from torchtitan.models.common.rope import ComplexRoPE
+
+    dim = 16
+    config = llama3.Llama3Model.Config(
+        dim=dim, vocab_size=VOCAB,
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=dim, param_init=llama3._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=dim, param_init=llama3._NORM_INIT),
+        lm_head=Linear.Config(in_features=dim, out_features=VOCAB, param_init=llama3._output_linear_init(dim)),
+        layers=llama3._build_llama3_layers(fuse_qkv=True, n_layers=2, dim=dim, n_heads=2, hidden_dim=32,
+                                           rope=ComplexRoPE.Config(dim=8, max_seq_len=SEQ, theta=500000,
+                                                                   scaling="llama"), attn_backend="flex"))
+    torch.manual_seed(0)
+    model = config.build()
+    optimizer_config = default_adamw(lr=1e-2)
+    optimizer_config.implementation = "for-loop"  # ("fused" is CUDA's)
+    optimizers = optimizer_config.build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(optimizers=optimizers, training_steps=6)
+    checkpoints = CheckpointManager(
+        CheckpointManager.Config(enable=True, folder="checkpoint", interval=2, last_save_model_only=False),
+        dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers, states={},
+        sd_adapter=None, base_folder=out)
+    # FlexAttention has no backward on a CPU: each step is its optimizer's update from random gradients
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 7):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 0.1
+        optimizers.step()
+        schedulers.step()
+        optimizers.zero_grad()
+        checkpoints.save(curr_step=step, last_step=step == 6)
+    checkpoints.close()
+    torch.distributed.destroy_process_group()
+
+
+def torchtitan(out: Path) -> None:
+    _spawn(_torchtitan, 1, str(out))
+
+
 # --- nanoGPT: its own train.py, run from a clone; it overwrites out_dir/ckpt.pt, so each save is kept in iterN/ ----
 
 def nanogpt(out: Path, clone: Path | None) -> None:
@@ -271,7 +320,8 @@ def nanogpt(out: Path, clone: Path | None) -> None:
 
 
 WRITERS = {"olmo-core": olmo_core, "olmo-core-fsdp": olmo_core_fsdp, "lightning": lightning,
-           "hf-trainer": hf_trainer, "deepspeed": deepspeed, "megatron": megatron, "nanogpt": nanogpt}
+           "hf-trainer": hf_trainer, "deepspeed": deepspeed, "megatron": megatron, "torchtitan": torchtitan,
+           "nanogpt": nanogpt}
 
 
 def main() -> None:
