@@ -52,6 +52,19 @@ def assert_is_the_mean_of_what_dcp_loads(out, folders, rows: int = 48) -> None:
         assert got[name].dtype == want.dtype and torch.equal(got[name], want), (out, name)
 
 
+def saved_by_three_ranks(root: Path, seeds, **env) -> list[Path]:
+    """root/stepSEED/ for each seed, as three gloo ranks save it (dcpsave.py; `env` picks its variant)."""
+    import os
+    import subprocess
+    import sys
+
+    saver = Path(__file__).with_name("dcpsave.py")
+    r = subprocess.run([sys.executable, str(saver), str(root), "3", *map(str, seeds)], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [root / f"step{s}" for s in seeds]
+
+
 @pytest.fixture(scope="module")
 def trajectory(tmp_path_factory):
     root = tmp_path_factory.mktemp("dcp")
@@ -141,16 +154,8 @@ def test_a_trajectory_of_dcp_steps_in_olmo_core_s_layout_averages_its_windows(tm
 def test_a_row_sharded_save_from_three_ranks_averages_to_the_mean_of_what_dcp_loads(tmp_path, monkeypatch):
     """Three gloo ranks save each weight as DTensor Shard(0) chunks (uneven: 47 rows over 3), as FSDP does:
     the chunks are assembled straight into the average, which equals the float64 mean of dcp.load's."""
-    import os
-    import subprocess
-    import sys
-
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
-    saver = Path(__file__).with_name("dcpsave.py")
-    r = subprocess.run([sys.executable, str(saver), str(tmp_path / "run"), "3", "1", "2", "3"], capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    assert r.returncode == 0, r.stderr[-3000:]
-    steps = [tmp_path / "run" / f"step{s}" for s in (1, 2, 3)]
+    steps = saved_by_three_ranks(tmp_path / "run", (1, 2, 3))
     assert len(list(steps[0].glob("*.distcp"))) == 3
     out = average_checkpoints(steps, tmp_path / "avg", device="cpu", piece_elements=100)
     assert_is_the_mean_of_what_dcp_loads(out, steps, SHARDED_ROWS)
@@ -167,17 +172,8 @@ def test_a_save_without_collectives_has_its_ranks_metadata_merged_or_is_refused(
     """`use_collectives=False` leaves a `__R.metadata` per rank and no `.metadata` (dcp.load in one process
     would fill rank 0's chunks only): merged, the average is the float64 mean of the saved tensors; with
     a rank's metadata gone, it is refused."""
-    import os
-    import subprocess
-    import sys
-
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
-    saver = Path(__file__).with_name("dcpsave.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), DCPSAVE_NO_COLLECTIVES="1")
-    r = subprocess.run([sys.executable, str(saver), str(tmp_path / "run"), "3", "1", "2"], capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    steps = [tmp_path / "run" / f"step{s}" for s in (1, 2)]
+    steps = saved_by_three_ranks(tmp_path / "run", (1, 2), DCPSAVE_NO_COLLECTIVES="1")
     assert not (steps[0] / ".metadata").exists() and len(list(steps[0].glob("__*.metadata"))) == 3
     out = average_checkpoints(steps, tmp_path / "avg", device="cpu")
     got = load_reference(out)
@@ -196,16 +192,7 @@ def test_tensor_parallel_column_shards_are_read_row_by_row(tmp_path, monkeypatch
     """Each tensor sharded on its last dimension over three ranks (uneven: 32 columns as 11, 11, 10), as
     tensor parallelism saves row-parallel weights: every chunk is a range per row, and the average is the
     float64 mean of what dcp.load gives."""
-    import os
-    import subprocess
-    import sys
-
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
-    saver = Path(__file__).with_name("dcpsave.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), DCPSAVE_COLUMNS="1")
-    r = subprocess.run([sys.executable, str(saver), str(tmp_path / "run"), "3", "1", "2"], capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    steps = [tmp_path / "run" / f"step{s}" for s in (1, 2)]
+    steps = saved_by_three_ranks(tmp_path / "run", (1, 2), DCPSAVE_COLUMNS="1")
     out = average_checkpoints(steps, tmp_path / "avg", device="cpu", piece_elements=16)
     assert_is_the_mean_of_what_dcp_loads(out, steps, SHARDED_ROWS)
