@@ -39,6 +39,8 @@ AUTO = "auto"  # the inputs' own format where ckptavg writes it (DCP, a trainer'
 # the file a trainer's torch.save output is called, by trainer
 TORCH_SAVE_FILES = {"lightning": "model.ckpt", "nanogpt": NANOGPT_CHECKPOINT, "deepspeed": DEEPSPEED_MODEL}
 
+Spec = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor's name, dtype and shape
+
 
 def resolve_format(asked: str, input_formats: Sequence[str], trainer: str) -> str:
     """The output format for inputs of `input_formats` saved by `trainer`: `asked`, or for "auto" the
@@ -54,8 +56,6 @@ def resolve_format(asked: str, input_formats: Sequence[str], trainer: str) -> st
         raise InputError(f"--output-format torch writes a trainer's own file ({', '.join(TORCH_SAVE_FILES)}); "
                          f"these inputs were saved by {trainer}")
     return asked
-
-Spec = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor's name, dtype and shape
 
 
 @dataclass(frozen=True)

@@ -276,14 +276,14 @@ def index_file(file: Path) -> tuple[str, dict[str, TensorRef]]:
         raise with_path(e, file) from None
     trainer, entries = model_entries(archive.obj, str(file))
     if trainer == "deepspeed":
-        _refuse_zero3(file, archive.obj, entries)
+        _refuse_zero3(file, entries)
     refs = {}
     for name, t in entries.items():
         refs[name] = TensorRef(name, t.storage.dtype, t.size, file, archive.locate(t, f"{file}: tensor {name!r}"))
     return trainer, refs
 
 
-def _refuse_zero3(file: Path, obj: dict, entries: dict[str, Any]) -> None:
+def _refuse_zero3(file: Path, entries: dict[str, Any]) -> None:
     """ZeRO-3 partitions every parameter across ranks and keeps only placeholders in `module`."""
     if file.name.startswith("zero_pp_rank_") or any(not math.prod(t.size) for t in entries.values()):
         raise InputError(f"{file}: a DeepSpeed ZeRO-3 checkpoint, whose weights are partitioned across the "

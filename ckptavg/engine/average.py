@@ -129,9 +129,10 @@ def average_checkpoints(
     reread: Collection[int] = (),
 ) -> Path:
     """Average checkpoints (oldest first, newest last) into the folder `out`: a Hugging Face model folder
-    of safetensors, or (`output_format` "dcp", the default for DCP inputs) a DCP checkpoint of the model
+    of safetensors; or (`output_format` "dcp", the default for DCP inputs) a DCP checkpoint of the model
     tensors under the names they were saved with, which `torch.distributed.checkpoint.load` and the
-    trainers' loaders read.
+    trainers' loaders read; or ("torch", the default for Lightning, nanoGPT and DeepSpeed inputs) the
+    trainer's own `torch.save` file, without optimizer state (`checkpoints/outputs.py`).
 
     Config and tokenizer files, and every tensor that is not averaged, come from the newest
     input. Tensors that are never averaged (non-float tensors, Pythia's non-trained buffers and

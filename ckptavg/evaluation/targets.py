@@ -51,7 +51,7 @@ def find_targets(root: Path, steps: set[int] | None = None, originals: bool = Tr
         if steps is not None and method.step not in steps:
             continue
         _check_scorable(folder, manifest.output.format,
-                        manifest.newest.trainer if manifest.output.format == "dcp" else None)
+                        manifest.newest.trainer if manifest.output.format != "safetensors" else None)
         run = identity(folder, manifest)
         targets[(run.model, run.tag, method.step)] = Target(run.model, run.tag, method.name, method.k, method.nu,
                                                             method.step, folder)
