@@ -43,12 +43,14 @@ RUNS = [
     Run("olmo-core", (0, 2, 4, 6), "step{}/model_and_optim", "olmo-core", "dcp"),
     Run("olmo-core-fsdp", (0, 2, 4, 6), "step{}/model_and_optim", "olmo-core", "dcp"),
     Run("lightning", (2, 4, 6), "epoch=0-step={}.ckpt", "lightning", "torch"),
+    Run("lightning-model-parallel", (2, 4, 6), "epoch=0-step={}.ckpt", "lightning", "dcp"),
     Run("hf-trainer", (2, 4, 6), "checkpoint-{}", "transformers", "safetensors"),
     Run("deepspeed", (2, 4, 6), "global_step{}", "deepspeed", "torch"),
     Run("megatron", (2, 4, 6), "iter_{:07d}", "megatron", "dcp"),
     Run("torchtitan/checkpoint", (2, 4, 6), "step-{}", "dcp", "dcp"),
     Run("nanogpt", (2, 4, 6), "iter{}/ckpt.pt", "nanogpt", "torch", r"iter(\d+)"),
 ]
+RUN = {r.name: r for r in RUNS}
 MODEL_ENTRY = {"lightning": "state_dict", "deepspeed": "module", "nanogpt": "model"}
 OUTPUT_FILE = {"lightning": "model.ckpt", "deepspeed": "mp_rank_00_model_states.pt", "nanogpt": "ckpt.pt"}
 
@@ -77,9 +79,11 @@ def _dcp_model(folder: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _load_state_dict(sd, storage_reader=Reader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    # OLMo-core nests its model under "model"; torchtitan keeps it at the top, beside its training state
-    model = sd.get("model", {k: v for k, v in sd.items() if k not in ("optimizer", "lr_scheduler", "train_state",
-                                                                     "dataloader")})
+    # OLMo-core nests its model under "model", Lightning under "state_dict"; torchtitan keeps it at the top,
+    # beside its training state
+    nest = next((k for k in ("model", "state_dict") if k in sd), None)
+    model = sd[nest] if nest else {k: v for k, v in sd.items() if k not in ("optimizer", "lr_scheduler", "train_state",
+                                                                              "dataloader")}
     flat: dict[str, torch.Tensor] = {}
 
     def walk(prefix, node):
@@ -88,7 +92,7 @@ def _dcp_model(folder: Path) -> dict[str, torch.Tensor]:
                 walk(f"{prefix}{k}.", v)
             elif isinstance(v, torch.Tensor):
                 flat[prefix + k] = v
-    walk("model." if "model" in sd else "", model)
+    walk(f"{nest}." if nest else "", model)
     return flat
 
 
@@ -110,7 +114,7 @@ def written(out: Path, run: Run) -> dict[str, torch.Tensor]:
     if run.trainer == "olmo-core" and not (out / "model.safetensors").is_file():
         assert (out / "model_and_optim" / ".metadata").is_file()  # as OLMo-core lays out a step: its tools find it
         return load_reference(out)
-    if run.trainer not in OUTPUT_FILE or (out / "model.safetensors").is_file():
+    if run.trainer not in OUTPUT_FILE or run.output != "torch" or (out / "model.safetensors").is_file():
         return load_reference(out)
     saved = torch.load(out / OUTPUT_FILE[run.trainer], weights_only=True)
     assert all(saved.get(k) is None for k in ("optimizer", "optimizer_states"))  # a model, not a run to resume
@@ -152,9 +156,15 @@ def test_each_trainer_s_run_is_found_without_flags_and_averages_to_the_float64_m
     assert manifest["output"]["format"] == run.output
     assert {i["trainer"] for i in manifest["inputs"]} == {run.trainer}
     assert_mean(written(out, run), [loaded(run, s) for s in members])
+    # what the trainer keeps beside its DCP data comes along, byte for byte, for it to take the average as its own
+    beside = {"megatron": ("metadata.json", "common.pt"), "lightning-model-parallel": ("meta.pt",)}.get(run.name, ())
+    assert set(beside) <= set(manifest["output"].get("side_files_from_newest_input", ()))
+    assert all((out / n).read_bytes() == (DATA / run.name / run.checkpoint.format(members[-1]) / n).read_bytes()
+               for n in beside)
 
 
-@pytest.mark.parametrize("run", [RUNS[0], RUNS[2], RUNS[5]], ids=["olmo-core", "lightning", "megatron"])
+@pytest.mark.parametrize("run", [RUN["olmo-core"], RUN["lightning"], RUN["megatron"]],
+                         ids=["olmo-core", "lightning", "megatron"])
 def test_ckptavg_trajectory_runs_on_a_trainer_s_folder_as_it_was_saved(run, tmp_path):
     """`ckptavg trajectory RUN` with no layout flags: LAWA windows of the trainer's own steps."""
     r = cli("trajectory", DATA / run.name, "--k", 2, "--nu", 2, "--interval", 2, "--start", run.steps[-2],
@@ -168,7 +178,7 @@ def test_ckptavg_trajectory_runs_on_a_trainer_s_folder_as_it_was_saved(run, tmp_
 
 
 def test_the_average_of_dcp_checkpoints_can_be_written_as_safetensors(tmp_path):
-    run = RUNS[1]
+    run = RUN["olmo-core-fsdp"]
     members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-2:]]
     r = cli("average", *members, "--output-format", "safetensors", "--out", tmp_path / "avg")
     assert r.exit_code == 0, r.stderr
@@ -209,7 +219,7 @@ def test_olmo_core_loads_the_dcp_average_into_its_model(tmp_path):
     pytest.importorskip("olmo_core")
     from olmo_core.distributed.checkpoint import load_model_and_optim_state
 
-    run = RUNS[1]
+    run = RUN["olmo-core-fsdp"]
     members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-3:]]
     out = average_checkpoints(members, tmp_path / "avg", device="cpu")
     model = trainer_fixtures().olmo_core_config().build(init_device="cpu")
@@ -226,7 +236,7 @@ def test_olmo_core_s_hf_converter_takes_the_average(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    run = RUNS[0]
+    run = RUN["olmo-core"]
     members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-2:]]
     out = average_checkpoints(members, tmp_path / "avg", device="cpu")
     vocab = {f"t{i}": i for i in range(64)}
@@ -258,7 +268,7 @@ def test_lightning_loads_the_ckpt_average_into_its_module(tmp_path):
     """The average of Lightning checkpoints is a `.ckpt` that `load_from_checkpoint` takes (run where
     Lightning is installed)."""
     pytest.importorskip("pytorch_lightning")
-    run = RUNS[2]
+    run = RUN["lightning"]
     members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps]
     out = average_checkpoints(members, tmp_path / "avg", device="cpu")
     module = trainer_fixtures().lightning_module().load_from_checkpoint(out / "model.ckpt")
@@ -266,7 +276,7 @@ def test_lightning_loads_the_ckpt_average_into_its_module(tmp_path):
 
 
 def test_a_trainer_s_file_average_can_be_written_as_safetensors(tmp_path):
-    run = RUNS[6]
+    run = RUN["nanogpt"]
     members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps]
     out = average_checkpoints(members, tmp_path / "avg", device="cpu", output_format="safetensors")
     assert (out / "model.safetensors").is_file()
@@ -286,7 +296,7 @@ def test_a_study_file_takes_trainers_runs_as_local_sources(tmp_path):
                      '[[runs]]\nmethod = "ema"\nk = 3\nnu = 2\nema_alpha = 0.5\n')
     r = cli("study", "run", study, "--root", tmp_path, "-q")
     assert r.exit_code == 0, r.stderr
-    for run in (RUNS[5], RUNS[2]):
+    for run in (RUN["megatron"], RUN["lightning"]):
         lawa = tmp_path / "o" / run.name / "lawa-k2-nu2" / "step6"
         assert_mean(written(lawa, run), [loaded(run, 4), loaded(run, 6)])
         manifest = json.loads((tmp_path / "o" / run.name / "ema-alpha0.5-k3-nu2" / "step6" / MANIFEST).read_text())

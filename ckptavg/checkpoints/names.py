@@ -55,6 +55,10 @@ def dcp_metadata(names: Iterable[str]) -> list[str]:
 DCP_SUBFOLDER_OF = {"olmo-core": "model_and_optim", "accelerate": "pytorch_model_fsdp_0"}
 DCP_SUBFOLDERS = tuple(DCP_SUBFOLDER_OF.values())
 TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # a single weight file: torch.save's archives
+# what a trainer keeps beside a DCP folder's data, copied from the newest input into a DCP average so that the
+# trainer takes it as one of its own: Lightning's meta.pt (ModelParallel), megatron-core's metadata.json and
+# common.pt (its non-sharded state)
+DCP_SIDE_FILES = ("meta.pt", "metadata.json", "common.pt")
 
 
 def weight_files(names: Iterable[str]) -> set[str]:

@@ -52,7 +52,7 @@ def resolve_format(asked: str, input_formats: Sequence[str], trainer: str) -> st
         return "torch" if trainer in TORCH_SAVE_FILES else "safetensors"
     if asked not in OUTPUT_FORMATS:
         raise ValueError(f"output format {asked!r} is not one of {(AUTO, *OUTPUT_FORMATS)}")
-    if asked == "torch" and trainer not in TORCH_SAVE_FILES:
+    if asked == "torch" and (trainer not in TORCH_SAVE_FILES or "dcp" in input_formats):
         raise InputError(f"--output-format torch writes a trainer's own file ({', '.join(TORCH_SAVE_FILES)}); "
                          f"these inputs were saved by {trainer}")
     return asked

@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..checkpoints.index import Checkpoint
+from ..checkpoints.names import DCP_SIDE_FILES
 from ..checkpoints.open import open_checkpoint
 from ..checkpoints.outputs import AUTO, resolve_format
 from ..checkpoints.torchsave import saved_object
@@ -164,7 +165,11 @@ def average_checkpoints(
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
         hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
                                progress=progress(plan) if progress else None, hash_files=in_pass)
-        side = copy_side_files(checkpoints[-1].step_folder, output.path)
+        newest = checkpoints[-1]
+        side = copy_side_files(newest.step_folder, output.path)
+        if plan.format == "dcp" and newest.format == "dcp":  # what the trainer keeps beside its DCP data
+            inside = Path(plan.shards[0].filename).parent
+            side += [str(inside / n) for n in copy_side_files(newest.folder, output.path / inside, DCP_SIDE_FILES)]
         for f, hasher in hashers.items():
             hasher.remember()
             hashes[f] = (hasher.hexdigest(), "computed")

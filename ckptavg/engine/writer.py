@@ -171,10 +171,11 @@ def write_extra_files(folder: Path, files: Iterable[tuple[str, bytes]]) -> None:
             raise with_path(e, folder / name) from None
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
+def copy_side_files(src: Path, dst: Path, names: Iterable[str] = SIDE_FILES) -> list[str]:
     copied = []
-    for name in SIDE_FILES:
+    for name in names:
         if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied

@@ -153,6 +153,31 @@ def lightning(out: Path) -> None:
     trainer.fit(lightning_module()(), _batches(6))
 
 
+def _lightning_model_parallel_run(out: str) -> None:
+    """Lightning's ModelParallelStrategy over 2 processes (FSDP2 data parallel), each `.ckpt` a DCP folder.
+    Lightning starts the second process by running this same command line again."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    class Sharded(lightning_module()):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+    checkpoints = ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=2, callbacks=[checkpoints], logger=False,
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer.fit(Sharded(), _batches(12))
+
+
+def lightning_model_parallel(out: Path) -> None:
+    subprocess.run([sys.executable, __file__, "--lightning-model-parallel-run", str(out)], check=True,
+                   env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), GLOO_SOCKET_IFNAME="lo"))
+
+
 # --- transformers' Trainer: `checkpoint-N/` with model.safetensors ------------------------------------------------
 
 def hf_trainer(out: Path) -> None:
@@ -320,6 +345,7 @@ def nanogpt(out: Path, clone: Path | None) -> None:
 
 
 WRITERS = {"olmo-core": olmo_core, "olmo-core-fsdp": olmo_core_fsdp, "lightning": lightning,
+           "lightning-model-parallel": lightning_model_parallel,
            "hf-trainer": hf_trainer, "deepspeed": deepspeed, "megatron": megatron, "torchtitan": torchtitan,
            "nanogpt": nanogpt}
 
@@ -329,7 +355,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
     parser.add_argument("--nanogpt", type=Path, help="a clone of nanoGPT, whose train.py is run")
     parser.add_argument("names", nargs="*", choices=[[], *WRITERS], help="the trainers to run (all by default)")
+    parser.add_argument("--lightning-model-parallel-run", help=argparse.SUPPRESS)  # (the run itself, per rank)
     args = parser.parse_args()
+    if args.lightning_model_parallel_run:
+        _lightning_model_parallel_run(args.lightning_model_parallel_run)
+        return
     for name in args.names or WRITERS:
         target = args.out / name
         shutil.rmtree(target, ignore_errors=True)
