@@ -45,6 +45,7 @@ RUNS = [
     Run("lightning", (2, 4, 6), "epoch=0-step={}.ckpt", "lightning", "torch"),
     Run("lightning-model-parallel", (2, 4, 6), "epoch=0-step={}.ckpt", "lightning", "dcp"),
     Run("hf-trainer", (2, 4, 6), "checkpoint-{}", "transformers", "safetensors"),
+    Run("accelerate-fsdp", (2, 4, 6), "checkpoint-{}/pytorch_model_fsdp_0", "accelerate", "dcp"),
     Run("deepspeed", (2, 4, 6), "global_step{}", "deepspeed", "torch"),
     Run("megatron", (2, 4, 6), "iter_{:07d}", "megatron", "dcp"),
     Run("torchtitan/checkpoint", (2, 4, 6), "step-{}", "dcp", "dcp"),
@@ -161,6 +162,8 @@ def test_each_trainer_s_run_is_found_without_flags_and_averages_to_the_float64_m
     assert set(beside) <= set(manifest["output"].get("side_files_from_newest_input", ()))
     assert all((out / n).read_bytes() == (DATA / run.name / run.checkpoint.format(members[-1]) / n).read_bytes()
                for n in beside)
+    if run.name == "accelerate-fsdp":  # laid out as the Trainer lays out its steps, with the model's config
+        assert (out / "pytorch_model_fsdp_0" / ".metadata").is_file() and (out / "config.json").is_file()
 
 
 @pytest.mark.parametrize("run", [RUN["olmo-core"], RUN["lightning"], RUN["megatron"]],

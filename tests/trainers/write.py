@@ -195,6 +195,42 @@ def hf_trainer(out: Path) -> None:
     Trainer(model=model, args=args, train_dataset=data).train()
 
 
+# --- accelerate's FSDP save: checkpoint-N/pytorch_model_fsdp_0/ (DCP), as the Trainer writes it under FSDP -------
+
+def _accelerate_fsdp(rank: int, world: int, port: int, out: str) -> None:
+    _dist_env(rank, world, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin, save_fsdp_model
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    # accelerate on a CPU falls back to DDP, so the model is sharded by hand and saved by accelerate's own
+    # function, which the Trainer calls for its checkpoints under FSDP
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=48,
+                                             max_position_embeddings=SEQ))
+    sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+    accelerator = Accelerator(cpu=True)
+    plugin = FullyShardedDataParallelPlugin(state_dict_type="SHARDED_STATE_DICT")
+    for step, (tokens,) in enumerate(_batches(6), start=1):
+        sharded(input_ids=tokens[:, :SEQ], labels=tokens[:, :SEQ]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 2 == 0:
+            folder = Path(out) / f"checkpoint-{step}"
+            save_fsdp_model(plugin, accelerator, sharded, str(folder))
+            if rank == 0:
+                model.config.save_pretrained(folder)
+    torch.distributed.destroy_process_group()
+
+
+def accelerate_fsdp(out: Path) -> None:
+    _spawn(_accelerate_fsdp, 2, str(out))
+
+
 # --- DeepSpeed: ZeRO-2 `global_stepN/` folders and `latest` -----------------------------------------------------
 
 def _deepspeed(rank: int, world: int, port: int, out: str) -> None:
@@ -345,7 +381,7 @@ def nanogpt(out: Path, clone: Path | None) -> None:
 
 
 WRITERS = {"olmo-core": olmo_core, "olmo-core-fsdp": olmo_core_fsdp, "lightning": lightning,
-           "lightning-model-parallel": lightning_model_parallel,
+           "lightning-model-parallel": lightning_model_parallel, "accelerate-fsdp": accelerate_fsdp,
            "hf-trainer": hf_trainer, "deepspeed": deepspeed, "megatron": megatron, "torchtitan": torchtitan,
            "nanogpt": nanogpt}
 
