@@ -185,3 +185,18 @@ def test_safetensors_written_by_us_is_read_by_safetensors(pair, tmp_path):
     tensors = load_file(out / "model.safetensors")
     assert tensors["gpt_neox.layers.0.attention.bias"].dtype == torch.bool
     save_file(tensors, tmp_path / "again.safetensors")  # and it is an ordinary state dict
+
+
+def test_a_trajectory_step_whose_shards_are_still_being_written_is_left_out(ckpts, tmp_path):
+    """A sharded model folder may have its index before all its shards: in a trajectory, such a step is
+    left out with a warning (and never averaged); given to `average` itself, it is an error."""
+    from ckptavg.trajectory.sources import LocalTrajectory
+
+    src = ckpts("float16", "safetensors-sharded", n=3)
+    run = tmp_path / "run"
+    for i, folder in enumerate(src):
+        shutil.copytree(folder, run / f"step{1000 * (i + 1)}")
+    (run / "step3000" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.warns(UserWarning, match="step 3000 left out: .*model-00002-of-00002.safetensors, which is not there"):
+        source = LocalTrajectory(run)
+    assert source.steps() == [1000, 2000]

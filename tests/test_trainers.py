@@ -178,6 +178,12 @@ def test_ckptavg_trajectory_runs_on_a_trainer_s_folder_as_it_was_saved(run, tmp_
     for manifest in outs:
         step = int(manifest.parent.name.removeprefix("step"))
         assert_mean(written(manifest.parent, run), [loaded(run, s) for s in (step - 2, step)])
+    # run again (as after a kill): the finished windows are found finished and left as they are
+    shutil.rmtree(outs[-1].parent)
+    before = outs[0].stat().st_mtime_ns
+    r = cli("trajectory", DATA / run.name, "--k", 2, "--nu", 2, "--interval", 2, "--start", run.steps[-2],
+            "--out", tmp_path / "out", "-q")
+    assert r.exit_code == 0 and outs[0].stat().st_mtime_ns == before and outs[-1].is_file(), r.stderr
 
 
 def test_the_average_of_dcp_checkpoints_can_be_written_as_safetensors(tmp_path):

@@ -13,11 +13,12 @@ names and `stat` calls, no torch.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .names import DCP_SUBFOLDERS, dcp_metadata
+from .names import BIN_INDEX, DCP_SUBFOLDERS, SAFETENSORS_INDEX, dcp_metadata
 
 DEFAULT_STEP_PATTERN = r"step(\d+)"
 # (whose, a pattern whose group 1 is the step), tried on the names in a run's folder
@@ -51,14 +52,23 @@ def checkpoint_in(entry: Path) -> Path:
 
 
 def unfinished(checkpoint: Path) -> str | None:
-    """Why a step's checkpoint is still being written (or was never finished), from its names alone;
-    None when nothing says so. A DCP save writes its `.metadata` last."""
+    """Why a step's checkpoint is still being written (or was never finished), from its names (and a
+    weight index) alone; None when nothing says so. A DCP save writes its `.metadata` last; a sharded
+    model folder may have its index before all its shards."""
     if not checkpoint.is_dir():
         return None
     folders = [checkpoint, *(checkpoint / sub for sub in DCP_SUBFOLDERS if (checkpoint / sub).is_dir())]
     for folder in folders:
         if any(folder.glob("*.distcp")) and not _has_metadata(folder):
             return f"{folder} has DCP data files but no .metadata (a save still being written?)"
+    for index in (SAFETENSORS_INDEX, BIN_INDEX):
+        try:
+            shards = set(json.loads((checkpoint / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no index (or one that opening the checkpoint will call corrupt)
+        missing = sorted(s for s in shards if not (checkpoint / str(s)).is_file())
+        if missing:
+            return f"{checkpoint / index} names {missing[0]}, which is not there (a save still being written?)"
     return None
 
 
