@@ -114,9 +114,10 @@ def written(out: Path, run: Run) -> dict[str, torch.Tensor]:
     folder (inside the output where the trainer keeps it inside its steps) by torch's converter."""
     if run.trainer == "olmo-core" and not (out / "model.safetensors").is_file():
         assert (out / "model_and_optim" / ".metadata").is_file()  # as OLMo-core lays out a step: its tools find it
-        return load_reference(out)
+        return {k: v for k, v in load_reference(out).items() if isinstance(v, torch.Tensor)}
     if run.trainer not in OUTPUT_FILE or run.output != "torch" or (out / "model.safetensors").is_file():
-        return load_reference(out)
+        # (a DCP average also carries the model's non-tensor entries, megatron's _extra_state)
+        return {k: v for k, v in load_reference(out).items() if isinstance(v, torch.Tensor)}
     saved = torch.load(out / OUTPUT_FILE[run.trainer], weights_only=True)
     assert all(saved.get(k) is None for k in ("optimizer", "optimizer_states"))  # a model, not a run to resume
     return saved[MODEL_ENTRY[run.trainer]]
@@ -310,3 +311,44 @@ def test_a_study_file_takes_trainers_runs_as_local_sources(tmp_path):
         assert_mean(written(lawa, run), [loaded(run, 4), loaded(run, 6)])
         manifest = json.loads((tmp_path / "o" / run.name / "ema-alpha0.5-k3-nu2" / "step6" / MANIFEST).read_text())
         assert manifest["output"]["format"] == run.output and len(manifest["weights"]) == 3
+
+
+MEGATRON_LOAD = """
+import os, sys, torch
+from safetensors.torch import save_file
+sys.path.insert(0, sys.argv[1])
+import write
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[4], RANK="0", WORLD_SIZE="1", GLOO_SOCKET_IFNAME="lo")
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+from megatron.core import dist_checkpointing, parallel_state
+parallel_state.initialize_model_parallel(1, 1)
+model = write.megatron_model()
+model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, sys.argv[2])["model"])
+save_file({k: v.contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, sys.argv[3])
+"""
+
+
+def test_megatron_core_loads_the_dcp_average_into_its_model(tmp_path):
+    """megatron-core's own `dist_checkpointing.load` takes the average (its metadata.json, common.pt and
+    `_extra_state` entries come along from the newest input), in a process of its own (it patches torch
+    to run on a CPU); run where megatron-core is installed."""
+    pytest.importorskip("megatron.core")
+    import socket
+    import subprocess
+    import sys
+
+    run = RUN["megatron"]
+    members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps]
+    out = average_checkpoints(members, tmp_path / "avg", device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-c", MEGATRON_LOAD, str(Path(__file__).parent / "trainers"), str(out),
+                        str(tmp_path / "loaded.safetensors"), str(port)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(tmp_path / "loaded.safetensors")
+    states = [loaded(run, s) for s in run.steps]
+    mean = sum(s["decoder.layers.mlp.linear_fc1.weight"].double() for s in states) / len(states)
+    assert torch.equal(got["decoder.layers.1.mlp.linear_fc1.weight"], mean.float()[1])
+    assert torch.equal(got["embedding.word_embeddings.weight"],
+                       (sum(s["embedding.word_embeddings.weight"].double() for s in states) / 3).float())

@@ -53,6 +53,12 @@ _STAND_INS = {("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"):
               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
 
+def _training_state(fqn: str) -> bool:
+    """An entry of the optimizer's, scheduler's, data loader's or trainer's (the entry itself, as
+    torchtitan's `dataloader`, or anything under it)."""
+    return fqn.startswith(NOT_MODEL) or f"{fqn}." in NOT_MODEL
+
+
 def is_dcp(folder: Path) -> bool:
     return bool(dcp_metadata(e.name for e in folder.iterdir()))
 
@@ -166,7 +172,7 @@ def index(folder: Path) -> dict[str, TensorRef]:
     with contextlib.ExitStack() as opened:
         files: dict[Path, Any] = {}
         for fqn, entry in metadata.state_dict_metadata.items():
-            if not isinstance(entry, TensorStorageMetadata) or fqn.startswith(NOT_MODEL):
+            if not isinstance(entry, TensorStorageMetadata) or _training_state(fqn):
                 continue
             shape = tuple(entry.size)
             pieces: list[Extent] = []
@@ -216,3 +222,28 @@ def _check_cover(folder: Path, fqn: str, shape: tuple[int, ...], pieces: list[Ex
     if covered != math.prod(shape):
         raise CorruptCheckpointError(f"{folder}: the chunks of tensor {fqn!r} cover {covered} of its "
                                      f"{math.prod(shape)} elements")
+
+
+def model_bytes(folder: Path) -> list[tuple[str, bytes]]:
+    """The model's entries that are not tensors (megatron-core's `_extra_state` objects, saved as bytes),
+    each as its saved bytes: small, and copied into an average from the newest input, for the trainer's
+    loader to find every entry it saved."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = read_metadata(folder)
+    where = {k.fqn: v for k, v in metadata.storage_data.items()}
+    found = []
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, BytesStorageMetadata) or _training_state(fqn) or fqn not in where:
+            continue
+        info = where[fqn]
+        try:
+            with open(folder / str(info.relative_path), "rb") as f:
+                f.seek(int(info.offset))
+                data = f.read(int(info.length))
+        except OSError as e:
+            raise CorruptCheckpointError(f"{folder}: cannot read entry {fqn!r} ({e})") from None
+        if len(data) != int(info.length):
+            raise CorruptCheckpointError(f"{folder / str(info.relative_path)}: truncated (entry {fqn!r})")
+        found.append((fqn, data))
+    return found

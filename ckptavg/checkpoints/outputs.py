@@ -185,11 +185,13 @@ def _fake(spec: Spec) -> torch.Tensor:
         return torch.empty(spec[2], dtype=spec[1])
 
 
-def dcp_layout(specs: Sequence[Spec], subfolder: str = "") -> OutputLayout:
-    """One `.distcp` file of a record per tensor, and the `.metadata` that says where each lies; in
-    `subfolder` of the output where the trainer keeps its DCP folder inside a step's (OLMo-core)."""
+def dcp_layout(specs: Sequence[Spec], subfolder: str = "", raw: Sequence[tuple[str, bytes]] = ()) -> OutputLayout:
+    """One `.distcp` file of a record per tensor, then the `raw` entries (name, saved bytes: the model's
+    non-tensor entries, `dcp.model_bytes`), and the `.metadata` that says where each lies; in `subfolder`
+    of the output where the trainer keeps its DCP folder inside a step's (OLMo-core)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
         ChunkStorageMetadata,
         Metadata,
         MetadataIndex,
@@ -210,6 +212,11 @@ def dcp_layout(specs: Sequence[Spec], subfolder: str = "") -> OutputLayout:
                                                  [ChunkStorageMetadata(origin, torch.Size(spec[2]))])
         storage[MetadataIndex(spec[0], origin)] = _StorageInfo(DCP_FILE, at, saved.size)
         at += saved.size
+    for name, data in raw:
+        frames[-1] += data
+        entries[name] = BytesStorageMetadata()
+        storage[MetadataIndex(name)] = _StorageInfo(DCP_FILE, at, len(data))
+        at += len(data)
     metadata = pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage))
     inside = f"{subfolder}/" if subfolder else ""
     return OutputLayout("dcp", (OutputFile(inside + DCP_FILE, tuple(s[0] for s in specs), tuple(frames)),),

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..checkpoints.dcp import model_bytes
 from ..checkpoints.index import Checkpoint
 from ..checkpoints.names import DCP_SIDE_FILES
 from ..checkpoints.open import open_checkpoint
@@ -40,8 +41,9 @@ def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: b
     newest = checkpoints[-1]
     output_format = resolve_format(output_format, [c.format for c in checkpoints], newest.trainer)
     saved = saved_object(newest.files[0], newest.trainer) if output_format == "torch" else None
+    raw = model_bytes(newest.folder) if output_format == "dcp" and newest.format == "dcp" else ()
     return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, output_format=output_format,
-                                     saved=saved, **plan_options)
+                                     saved=saved, raw=raw, **plan_options)
 
 
 def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,

@@ -139,6 +139,7 @@ def plan_average(
     reread: Collection[int] = (),
     output_format: str = "safetensors",
     saved: tuple[dict, str] | None = None,
+    raw: Sequence[tuple[str, bytes]] = (),
 ) -> AveragePlan:
     """Plan `sum_i weights[i] * checkpoints[i]`; the last checkpoint is the newest. `reread` (positions)
     names the checkpoints a later average will read again (a sliding window's shared members).
@@ -149,7 +150,8 @@ def plan_average(
     the newest checkpoint's on-disk order (grouped by item size, so every tensor stays aligned),
     which keeps all reads sequential when the inputs share a layout, as consecutive checkpoints
     of one run do. `output_format` is one of `OUTPUT_FORMATS` ("dcp": one file, whatever `shard_bytes`;
-    "torch": the newest input's `saved` object and the key of its model entry, `torchsave.saved_object`).
+    "torch": the newest input's `saved` object and the key of its model entry, `torchsave.saved_object`;
+    `raw`: for "dcp", the newest DCP input's non-tensor model entries, `dcp.model_bytes`).
     """
     if not checkpoints:
         raise MismatchError("no checkpoints to average")
@@ -186,19 +188,20 @@ def plan_average(
     # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
     # also after a dtype change.
     jobs.sort(key=lambda j: -j.out_dtype.itemsize)
-    shards, extra = lay_out(jobs, shard_bytes, output_format, saved, newest.trainer)
+    shards, extra = lay_out(jobs, shard_bytes, output_format, saved, newest.trainer, raw)
     return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), shards, copied, absent,
                        tuple(copy_patterns), frozenset(f for i in reread for f in checkpoints[i].files),
                        output_format, extra)
 
 
 def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str, saved: tuple[dict, str] | None = None,
-            trainer: str = "transformers") -> tuple[tuple[Shard, ...], tuple[tuple[str, bytes], ...]]:
+            trainer: str = "transformers", raw: Sequence[tuple[str, bytes]] = ()
+            ) -> tuple[tuple[Shard, ...], tuple[tuple[str, bytes], ...]]:
     """The output files for `jobs` in `output_format`: their jobs in the order the format writes them,
     the frames between, and the small files that describe them."""
     specs = [(j.name, j.out_dtype, j.shape) for j in jobs]
     if output_format == "dcp":
-        layout = outputs.dcp_layout(specs, DCP_SUBFOLDER_OF.get(trainer, ""))
+        layout = outputs.dcp_layout(specs, DCP_SUBFOLDER_OF.get(trainer, ""), raw)
     elif output_format == "torch":
         if saved is None:
             raise ValueError("a torch.save output is made from the newest input's saved object")

@@ -261,15 +261,12 @@ def deepspeed(out: Path) -> None:
 
 # --- megatron-core: `torch_dist` saves (DCP + metadata.json + common.pt), layers stacked on dim 0 -------------------
 
-def _megatron(rank: int, world: int, port: int, out: str) -> None:
-    _dist_env(rank, world, port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron.core import dist_checkpointing, parallel_state
+def megatron_model():
+    """The fixture's megatron-core GPT (in a process whose gloo group and model parallelism are set up)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    parallel_state.initialize_model_parallel(1, 1)
     # patches to run on a CPU: its attention puts scratch buffers on CUDA's device and forks CUDA's RNG,
     # its writer synchronizes CUDA before it copies tensors out
     torch.cuda.current_device = lambda: "cpu"
@@ -277,11 +274,20 @@ def _megatron(rank: int, world: int, port: int, out: str) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     get_cuda_rng_tracker().fork = lambda *_, **__: contextlib.nullcontext()
-    torch.manual_seed(0)
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                                use_cpu_initialization=True, pipeline_dtype=torch.float32)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                     max_sequence_length=SEQ)
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                    max_sequence_length=SEQ)
+
+
+def _megatron(rank: int, world: int, port: int, out: str) -> None:
+    _dist_env(rank, world, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import dist_checkpointing, parallel_state
+
+    parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(0)
+    model = megatron_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step, (tokens,) in enumerate(_batches(6), start=1):
         positions = torch.arange(SEQ).expand(tokens.shape[0], SEQ)
