@@ -120,7 +120,7 @@ class Averaging:
     copy: tuple[str, ...] = ()  # fnmatch patterns of tensors to copy from the newest input, never average
     keep_downloads: bool = False
     force: bool = False  # redo finished outputs
-    output_format: str = "auto"  # auto (the inputs' own: DCP for DCP inputs), safetensors or dcp
+    output_format: str = "auto"  # auto (the inputs' own: DCP, a trainer's file; else safetensors), or one
 
     def checked(self, dry_run: bool = False) -> Averaging:
         budget = opt.size(self.disk_budget, "--disk-budget") if isinstance(self.disk_budget, str) else self.disk_budget

@@ -12,6 +12,11 @@ from __future__ import annotations
 import os
 
 
+class CkptavgWarning(UserWarning):
+    """Something the user should know that does not stop the command (a step left out of a trajectory,
+    a legacy file loaded whole): the CLI shows it as one line."""
+
+
 class CkptavgError(Exception):
     """Base class: an error caused by the input or the environment, not by ckptavg."""
 

@@ -204,6 +204,8 @@ def test_olmo_core_s_own_merge_and_an_unfinished_save_are_not_steps(tmp_path):
     with pytest.warns(UserWarning, match="step 4 left out: .*no .metadata"):
         source = LocalTrajectory(run)
     assert source.steps() == [0, 2, 6]
+    r = cli("trajectory", run, "--k", 2, "--nu", 4, "--interval", 2, "--start", 6, "--dry-run", "--out", tmp_path / "o")
+    assert r.exit_code == 0 and "warning: step 4 left out" in r.stderr and "UserWarning" not in r.stderr, r.stderr
 
 
 def test_checkpoints_of_different_trainers_are_not_averaged_together(tmp_path):

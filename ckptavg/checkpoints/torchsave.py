@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
+from ..errors import CkptavgWarning, CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
 from .index import TensorRef
 
 
@@ -301,7 +301,8 @@ def load_whole(file: Path) -> Any:
     cost no anonymous memory; legacy ones loaded whole, saying so)."""
     zipped = is_archive(file)
     if not zipped:
-        warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it is loaded whole into memory", stacklevel=2)
+        warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it is loaded whole into memory", CkptavgWarning,
+                      stacklevel=2)
     try:
         return torch.load(file, map_location="cpu", mmap=zipped, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -9,6 +9,7 @@ import inspect
 import os
 import sys
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..errors import CkptavgError, describe_os_error
+from ..errors import CkptavgError, CkptavgWarning, describe_os_error
 
 app = typer.Typer(
     help="Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories.",
@@ -44,12 +45,23 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 def user_errors(fn: Callable) -> Callable:
     """Library errors become one line on stderr and exit code 2 (bad input) or 3 (the operating
-    system failed mid-run: a full disk, an I/O error, a permission, a vanished file); Ctrl-C 130."""
+    system failed mid-run: a full disk, an I/O error, a permission, a vanished file); Ctrl-C 130.
+    ckptavg's own warnings (a step left out, a legacy file loaded whole) are one line each too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, CkptavgWarning):
+                say(f"[yellow]warning:[/] {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = show
+                return fn(*args, **kwargs)
         except CkptavgError as e:
             raise fail(str(e), e.exit_code) from None
         except OSError as e:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import CkptavgWarning
 from ..report.store import ORIGINAL, Row, Store, failed_row
 from .targets import Target, fetched
 
@@ -78,7 +79,7 @@ class Scorer:
             try:
                 return self.resident.lm(folder, average)
             except ResidentUnsupported as e:
-                warnings.warn(f"{e}: scoring with a fresh model per checkpoint", stacklevel=2)
+                warnings.warn(f"{e}: scoring with a fresh model per checkpoint", CkptavgWarning, stacklevel=2)
                 self.resident = None
         weights = None
         if average is not None:

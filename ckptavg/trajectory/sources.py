@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..checkpoints.layouts import STEP_PATTERNS, checkpoint_in, detect_pattern, unfinished
 from ..checkpoints.names import weight_files
-from ..errors import InputError
+from ..errors import CkptavgWarning, InputError
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -128,7 +128,7 @@ class LocalTrajectory:
         for step, name in list(names.items()):
             why = unfinished(checkpoint_in(self.root / name))
             if why:
-                warnings.warn(f"step {step} left out: {why}", stacklevel=2)
+                warnings.warn(f"step {step} left out: {why}", CkptavgWarning, stacklevel=2)
                 del names[step]
         self._names = names  # step -> the step's entry in root
         self._folders = {step: checkpoint_in(self.root / name) for step, name in names.items()}
