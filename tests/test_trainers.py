@@ -48,6 +48,7 @@ RUNS = [
     Run("accelerate-fsdp", (2, 4, 6), "checkpoint-{}/pytorch_model_fsdp_0", "accelerate", "dcp"),
     Run("deepspeed", (2, 4, 6), "global_step{}", "deepspeed", "torch"),
     Run("megatron", (2, 4, 6), "iter_{:07d}", "megatron", "dcp"),
+    Run("megatron-tp2", (2, 4, 6), "iter_{:07d}", "megatron", "dcp"),  # tensor-parallel: column shards
     Run("torchtitan/checkpoint", (2, 4, 6), "step-{}", "dcp", "dcp"),
     Run("nanogpt", (2, 4, 6), "iter{}/ckpt.pt", "nanogpt", "torch", r"iter(\d+)"),
 ]
@@ -159,7 +160,8 @@ def test_each_trainer_s_run_is_found_without_flags_and_averages_to_the_float64_m
     assert {i["trainer"] for i in manifest["inputs"]} == {run.trainer}
     assert_mean(written(out, run), [loaded(run, s) for s in members])
     # what the trainer keeps beside its DCP data comes along, byte for byte, for it to take the average as its own
-    beside = {"megatron": ("metadata.json", "common.pt"), "lightning-model-parallel": ("meta.pt",)}.get(run.name, ())
+    beside = {"megatron": ("metadata.json", "common.pt"), "megatron-tp2": ("metadata.json", "common.pt"),
+              "lightning-model-parallel": ("meta.pt",)}.get(run.name, ())
     assert set(beside) <= set(manifest["output"].get("side_files_from_newest_input", ()))
     assert all((out / n).read_bytes() == (DATA / run.name / run.checkpoint.format(members[-1]) / n).read_bytes()
                for n in beside)

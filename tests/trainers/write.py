@@ -281,11 +281,13 @@ def megatron_model():
 
 
 def _megatron(rank: int, world: int, port: int, out: str) -> None:
+    """`world` ranks, all of them tensor-parallel: with 2, column-parallel weights are saved as row shards and
+    row-parallel ones (linear_proj, linear_fc2) as column shards."""
     _dist_env(rank, world, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import dist_checkpointing, parallel_state
 
-    parallel_state.initialize_model_parallel(1, 1)
+    parallel_state.initialize_model_parallel(world, 1)
     torch.manual_seed(0)
     model = megatron_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -308,6 +310,10 @@ def _megatron(rank: int, world: int, port: int, out: str) -> None:
 
 def megatron(out: Path) -> None:
     _spawn(_megatron, 1, str(out))
+
+
+def megatron_tp2(out: Path) -> None:
+    _spawn(_megatron, 2, str(out))
 
 
 # --- torchtitan: its CheckpointManager's `checkpoint/step-N/` (DCP), from its own model and optimizer container --
@@ -388,8 +394,8 @@ def nanogpt(out: Path, clone: Path | None) -> None:
 
 WRITERS = {"olmo-core": olmo_core, "olmo-core-fsdp": olmo_core_fsdp, "lightning": lightning,
            "lightning-model-parallel": lightning_model_parallel, "accelerate-fsdp": accelerate_fsdp,
-           "hf-trainer": hf_trainer, "deepspeed": deepspeed, "megatron": megatron, "torchtitan": torchtitan,
-           "nanogpt": nanogpt}
+           "hf-trainer": hf_trainer, "deepspeed": deepspeed, "megatron": megatron, "megatron-tp2": megatron_tp2,
+           "torchtitan": torchtitan, "nanogpt": nanogpt}
 
 
 def main() -> None:
