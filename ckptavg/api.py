@@ -134,11 +134,13 @@ def open_trajectory(source: str | Path, pattern: str | None = None, *, cache_dir
                     bars: ByteBar | None = None):
     """A local run folder (its steps named by `pattern`, or as its trainer names them), or a Hub repo
     (ORG/NAME) whose branches are steps (`pattern`, by default step(\\d+))."""
+    from .storage import is_url
+    from .storage.paths import location
     from .trajectory.hub import HubTrajectory, looks_like_repo_id
     from .trajectory.sources import LocalTrajectory
 
-    if Path(source).is_dir():
-        return LocalTrajectory(Path(source), pattern)
+    if is_url(source) or Path(source).is_dir():  # a run's folder, on disk or on an object store
+        return LocalTrajectory(location(source), pattern)
     if looks_like_repo_id(str(source)) and not Path(source).exists():
         return HubTrajectory(str(source), pattern or DEFAULT_STEP_PATTERN, cache_dir=cache_dir, bars=bars)
     raise OptionError(f"{source}: neither a local trajectory folder nor a Hub repo id (ORG/NAME)")

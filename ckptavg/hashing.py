@@ -20,6 +20,7 @@ import numpy as np
 
 from .atomic import write_text
 from .errors import CorruptCheckpointError
+from .storage.paths import RemotePath, location
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 STAGE = 256 * 1024  # fits a core's L2 cache
@@ -31,7 +32,10 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptavg"))
 
 
-def _key(path: Path) -> str:
+def _key(path) -> str:
+    if isinstance(path, RemotePath):  # an object: its URL, size and ETag
+        info = path.info()
+        return f"{path}|{info.size}|{info.identity}"
     st = path.stat()
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
@@ -118,9 +122,9 @@ def known_sha256(path: str | os.PathLike) -> tuple[str, str] | None:
     """(hex digest, where it came from) when it is known without reading the file, else None. Sources:
     "cache" (hashed before), "verified" (a Hub cache blob whose bytes ckptavg hashed when it fetched
     them), "hub-blob" (a Hub cache blob's name, taken on trust: ckptavg did not download or check it)."""
-    path = Path(path)
+    path = location(path)
     cached = _lookup(_key(path))
-    blob = hub_blob_sha256(path)
+    blob = None if isinstance(path, RemotePath) else hub_blob_sha256(path)
     if blob is not None:
         return (blob, "verified") if cached == blob else (blob, "hub-blob")
     return (cached, "cache") if cached else None
@@ -149,7 +153,7 @@ class FileHasher:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = location(path)
         self._key = _key(self.path)
         self._sha = hashlib.sha256()
         self._pos = 0
@@ -178,6 +182,14 @@ class FileHasher:
     def _read_to(self, end: int | None) -> None:
         """Hash the file's own bytes from the running position up to `end` (None: to the end)."""
         view = memoryview(self._staging())
+        if isinstance(self.path, RemotePath):
+            stop = self.path.info().size if end is None else end
+            while self._pos < stop:
+                part = view[: min(len(view), stop - self._pos)]
+                self.path.storage.read_into(self.path.path, self._pos, part)
+                self._sha.update(part)
+                self._pos += len(part)
+            return
         with open(self.path, "rb", buffering=0) as f:
             while end is None or self._pos < end:
                 want = len(view) if end is None else min(len(view), end - self._pos)

@@ -124,7 +124,7 @@ def _merged(parts: list):
 
 def _read_one(path: Path):
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{path}: {e}") from None
@@ -191,7 +191,7 @@ def index(folder: Path) -> dict[str, TensorRef]:
                 if file not in files:
                     if not file.is_file():
                         raise CorruptCheckpointError(f"{folder}: {file.name} is missing (it holds tensor {fqn!r})")
-                    files[file] = opened.enter_context(open(file, "rb"))
+                    files[file] = opened.enter_context(file.open("rb"))
                 dtype, size, at = _record_tensor(files[file], file, int(info.offset), int(info.length), fqn)
                 if dtype != entry.properties.dtype or size != sizes:
                     raise CorruptCheckpointError(f"{file}: a record of {fqn!r} holds {dtype} {list(size)}, the "
@@ -238,7 +238,7 @@ def model_bytes(folder: Path) -> list[tuple[str, bytes]]:
             continue
         info = where[fqn]
         try:
-            with open(folder / str(info.relative_path), "rb") as f:
+            with (folder / str(info.relative_path)).open("rb") as f:
                 f.seek(int(info.offset))
                 data = f.read(int(info.length))
         except OSError as e:

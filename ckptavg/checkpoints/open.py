@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import CorruptCheckpointError, InputError
+from ..storage.paths import location
 from . import dcp, torchsave
 from .index import Checkpoint, TensorRef
 from .layouts import checkpoint_in
@@ -64,7 +65,7 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
     Lightning's ModelParallel), a trainer's `torch.save` file (Lightning `.ckpt`, nanoGPT `ckpt.pt`,
     DeepSpeed's `global_stepN/`), or one weight file. `label` names it in error messages (a revision
     rather than a cache path)."""
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     path = checkpoint_in(path)  # a step folder that holds its trainer's DCP folder: that one

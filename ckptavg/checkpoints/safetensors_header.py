@@ -18,7 +18,7 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorRef], dict[str,
     """Parse and fully validate a safetensors header, so a truncated file fails before any work."""
     try:
         size = file.stat().st_size
-        with open(file, "rb") as f:
+        with file.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CorruptCheckpointError(f"{file}: truncated safetensors file ({size} bytes)")

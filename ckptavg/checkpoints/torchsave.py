@@ -204,7 +204,7 @@ class Archive:
 
 
 def is_archive(file: Path) -> bool:
-    with open(file, "rb") as f:
+    with file.open("rb") as f:
         return f.read(4) == b"PK\x03\x04"
 
 
@@ -270,7 +270,7 @@ def index_file(file: Path) -> tuple[str, dict[str, TensorRef]]:
     try:
         if not is_archive(file):
             return _index_legacy(file)
-        with open(file, "rb") as f:
+        with file.open("rb") as f:
             archive = read_archive(f, str(file))
     except OSError as e:
         raise with_path(e, file) from None
@@ -300,11 +300,8 @@ def load_whole(file: Path) -> Any:
     """The saved object, loaded by torch with `weights_only=True` (zip archives mapped, so their tensors
     cost no anonymous memory; legacy ones loaded whole, saying so)."""
     zipped = is_archive(file)
-    if not zipped:
-        warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it is loaded whole into memory", CkptavgWarning,
-                      stacklevel=2)
     try:
-        return torch.load(file, map_location="cpu", mmap=zipped, weights_only=True)
+        obj = torch.load(file, map_location="cpu", mmap=zipped, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeCheckpointError(
@@ -312,6 +309,10 @@ def load_whole(file: Path) -> Any:
         ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise CorruptCheckpointError(f"{file}: cannot load ({str(e).splitlines()[0]})") from None
+    if not zipped:
+        warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it was loaded whole into memory", CkptavgWarning,
+                      stacklevel=2)
+    return obj
 
 
 def load_state_dict(file: Path) -> dict[str, torch.Tensor]:

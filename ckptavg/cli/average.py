@@ -16,9 +16,10 @@ from .common import Arithmetic, Bars, app, grouped, say, user_errors
 @user_errors
 @grouped(arith=Arithmetic)
 def average(
-    srcs: list[Path] = typer.Argument(..., help="Checkpoint folders (or weight files), oldest first. "
-                                      "The last one is the newest: config, tokenizer and every tensor "
-                                      "that is not averaged are taken from it."),
+    srcs: list[str] = typer.Argument(..., help="Checkpoint folders (or weight files), oldest first, local or "
+                                     "on an object store (s3://bucket/run/step1000, any fsspec URL; credentials "
+                                     "the store's standard way, e.g. AWS_* variables). The last one is the newest: "
+                                     "config, tokenizer and every tensor that is not averaged are taken from it."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output Hugging Face model folder."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per SRC, in SRC "
                                           "order (default: uniform 1/n)."),

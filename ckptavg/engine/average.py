@@ -156,7 +156,7 @@ def average_checkpoints(
     check_free_space(output.final.parent, plan.output_bytes)
     started = time.time()
     with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
-        files = sorted({f for c in checkpoints for f in c.files}) if hash_inputs else []
+        files = sorted({f for c in checkpoints for f in c.files}, key=str) if hash_inputs else []
         hashes = {f: known for f in files if (known := known_sha256(f)) is not None}
         # files whose every tensor has a byte offset are hashed from the bytes the engine reads; the
         # others (tensors copied out of torch's mapping of a `.bin`) in a pass of their own alongside it

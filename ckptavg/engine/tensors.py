@@ -18,6 +18,7 @@ import torch
 from ..checkpoints.index import TensorRef
 from ..checkpoints.torchsave import load_state_dict
 from ..errors import CorruptCheckpointError, with_path
+from ..storage.paths import RemotePath
 
 # madvise(MADV_POPULATE_READ): Linux 5.14+, not named by Python's mmap module before 3.13
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -125,6 +126,11 @@ class TensorReader:
 
     def _read(self, ref: TensorRef, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
         nbytes = count * ref.dtype.itemsize
+        if isinstance(ref.file, RemotePath) and ref.offset is not None:  # an object store: ranged reads
+            data = out[:nbytes]
+            ref.file.storage.read_into(ref.file.path, ref.offset + start * ref.dtype.itemsize,
+                                       memoryview(data.numpy()))
+            return _typed(data, ref.dtype)
         if ref.offset is None:
             sd = self._state_dicts.get(ref.file)
             if sd is None:

@@ -171,12 +171,16 @@ def write_extra_files(folder: Path, files: Iterable[tuple[str, bytes]]) -> None:
             raise with_path(e, folder / name) from None
 
 
-def copy_side_files(src: Path, dst: Path, names: Iterable[str] = SIDE_FILES) -> list[str]:
+def copy_side_files(src, dst: Path, names: Iterable[str] = SIDE_FILES) -> list[str]:
+    """The files of `names` that `src` (a local folder, or one on a store) has, copied into `dst`."""
     copied = []
     for name in names:
         if (src / name).is_file():
             dst.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / name, dst / name)
+            if isinstance(src, Path):
+                shutil.copyfile(src / name, dst / name)
+            else:
+                (dst / name).write_bytes((src / name).read_bytes())
             copied.append(name)
     return copied
 

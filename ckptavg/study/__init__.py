@@ -21,6 +21,7 @@ from pathlib import Path
 from ..api import Averaging, ByteBar, CatalogueTrajectory, OnTask, pythia_trajectory, run_trajectory
 from ..api import scoring as checked_scoring
 from ..manifest import is_finished
+from ..storage.paths import location
 from ..trajectory.run import RunPlan, RunSpec
 from .file import SourceEntry, StudyFile, load_study
 
@@ -45,7 +46,7 @@ def _open(entry: SourceEntry, *, offline_catalogue: bool, bars: ByteBar | None =
     if entry.kind == "local":
         from ..trajectory.sources import LocalTrajectory
 
-        return LocalTrajectory(Path(entry.name), entry.steps_from)
+        return LocalTrajectory(location(entry.name), entry.steps_from)
     from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
     from ..trajectory.hub import HubTrajectory
 

@@ -50,6 +50,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..errors import CkptavgError, OptionError
+from ..storage import is_url
 from ..trajectory.methods import METHODS, check_parameters
 from ..trajectory.run import RunSpec
 
@@ -175,7 +176,7 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
         explicit_start = "start" in steps or "start" in own
         if "interval" not in merged:
             raise OptionError(f"{here}: no output interval (set [steps] interval, or interval here)")
-        name = str(resolve(s[kind])) if kind == "local" else str(s[kind])
+        name = str(resolve(s[kind])) if kind == "local" and not is_url(s[kind]) else str(s[kind])
         sources.append(SourceEntry(kind, name, merged, bool(s.get("deduped", True)), s.get("steps_from"),
                                    resolve(s.get("cache_dir")), explicit_start))
     if not sources:

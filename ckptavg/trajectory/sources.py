@@ -19,6 +19,7 @@ from pathlib import Path
 from ..checkpoints.layouts import STEP_PATTERNS, checkpoint_in, detect_pattern, unfinished
 from ..checkpoints.names import weight_files
 from ..errors import CkptavgWarning, InputError
+from ..storage.paths import RemotePath, location
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -114,7 +115,7 @@ class LocalTrajectory:
     _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.root = Path(self.root)
+        self.root = location(self.root)  # a local folder, or a prefix on an object store
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such trajectory folder")
         entries = [e.name for e in self.root.iterdir()]
@@ -187,7 +188,9 @@ class LocalTrajectory:
         files = {s: self._weight_files(s) for s in steps}
         sizes = {f: f.stat().st_size for fs in files.values() for f in fs}
         same_size = Counter(sizes.values())
-        keys = {f: sample_fingerprint(f) if same_size[n] > 1 else f"size:{n}" for f, n in sizes.items()}
+        # (an object's ETag is its content's checksum on most stores: equal objects show it without a read)
+        keys = {f: f"object:{f.info().identity}" if isinstance(f, RemotePath) else
+                sample_fingerprint(f) if same_size[n] > 1 else f"size:{n}" for f, n in sizes.items()}
         collisions = Counter(keys.values())
         for f, key in keys.items():
             if collisions[key] > 1:

@@ -1,0 +1,95 @@
+"""Trajectories on an object store (a real S3 server, SeaweedFS on 127.0.0.1, tests/s3server.py), read by
+URL with ranged reads and no local copy: each average is bit for bit the same as the average of local copies,
+its manifest names the objects by URL with the sha256 of their bytes, and the credentials (taken the
+standard way, from AWS_* variables) appear nowhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, load_reference
+from s3server import BUCKET, KEY, SECRET, S3Server
+
+from ckptavg.engine.average import average_checkpoints
+from ckptavg.manifest import MANIFEST
+
+DATA = Path(__file__).parent / "trainers" / "data"
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The server, with two trainers' runs uploaded: OLMo-core 2-rank FSDP (DCP) and transformers
+    (safetensors); AWS_* variables pointing at it for the whole module."""
+    s3fs = pytest.importorskip("s3fs")
+    mp = pytest.MonkeyPatch()
+    try:
+        with S3Server(tmp_path_factory.mktemp("s3")) as server:
+            mp.setenv("AWS_ACCESS_KEY_ID", KEY)
+            mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+            mp.setenv("AWS_ENDPOINT_URL", server.endpoint)
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            for run in ("olmo-core-fsdp", "hf-trainer"):
+                fs.put(str(DATA / run), f"{BUCKET}/{run}", recursive=True)
+            yield server
+    except RuntimeError as e:
+        if "no `weed`" in str(e):
+            pytest.skip(str(e))
+        raise
+    finally:
+        mp.undo()
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_reference(folder).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("run,steps", [("olmo-core-fsdp", ("step4", "step6")),
+                                       ("hf-trainer", ("checkpoint-4", "checkpoint-6"))])
+def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monkeypatch, run, steps):
+    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
+    out = average_checkpoints([f"s3://{BUCKET}/{run}/{s}" for s in steps], tmp_path / "remote", device="cpu")
+    local = average_checkpoints([DATA / run / s for s in steps], tmp_path / "local", device="cpu")
+    got, want = tensors(out), tensors(local)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    text = (out / MANIFEST).read_text()
+    assert SECRET not in text and KEY not in text
+    manifest = json.loads(text)
+    assert [i["path"] for i in manifest["inputs"]][0].startswith(f"s3://{BUCKET}/{run}/{steps[0]}")
+    for i in manifest["inputs"]:
+        local_folder = DATA / run / i["path"].split(f"s3://{BUCKET}/{run}/", 1)[1]
+        for f in i["files"]:  # hashed from the ranged reads the average made
+            assert f["sha256"] == hashlib.sha256((local_folder / f["name"]).read_bytes()).hexdigest()
+
+
+def test_ckptavg_trajectory_reads_a_run_on_the_store_as_its_trainer_laid_it_out(store, tmp_path):
+    r = cli("trajectory", f"s3://{BUCKET}/olmo-core-fsdp", "--k", 2, "--nu", 2, "--interval", 2, "--start", 4,
+            "--out", tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.stderr
+    outs = sorted((tmp_path / "out").rglob(MANIFEST))
+    assert [p.parent.name for p in outs] == ["step4", "step6"]
+    shutil.rmtree(tmp_path / "local", ignore_errors=True)
+    local = average_checkpoints([DATA / "olmo-core-fsdp" / s for s in ("step4", "step6")], tmp_path / "local",
+                                device="cpu")
+    got, want = tensors(outs[-1].parent), tensors(local)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_missing_object_or_a_bad_credential_is_one_line(store, tmp_path, monkeypatch):
+    r = cli("average", f"s3://{BUCKET}/hf-trainer/checkpoint-9", f"s3://{BUCKET}/hf-trainer/checkpoint-6",
+            "--out", tmp_path / "avg")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr and "checkpoint-9" in r.stderr, r.stderr
+    import s3fs
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()  # (fsspec keeps one filesystem per set of options, credentials and all)
+    r = cli("average", f"s3://{BUCKET}/hf-trainer/checkpoint-4", f"s3://{BUCKET}/hf-trainer/checkpoint-6",
+            "--out", tmp_path / "avg")
+    assert r.exit_code == 2 and "access denied" in r.stderr and "not-the-secret" not in r.stderr, r.stderr
+    assert not (tmp_path / "avg").exists()
+    s3fs.S3FileSystem.clear_instance_cache()
