@@ -24,8 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """The server, with two trainers' runs uploaded: OLMo-core 2-rank FSDP (DCP) and transformers
-    (safetensors); AWS_* variables pointing at it for the whole module."""
+    """The server, with three trainers' runs uploaded: OLMo-core 2-rank FSDP (DCP), transformers
+    (safetensors) and Lightning (`torch.save` files); AWS_* variables pointing at it for the whole module."""
     s3fs = pytest.importorskip("s3fs")
     mp = pytest.MonkeyPatch()
     try:
@@ -34,7 +34,7 @@ def store(tmp_path_factory):
             mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
             mp.setenv("AWS_ENDPOINT_URL", server.endpoint)
             fs = s3fs.S3FileSystem(skip_instance_cache=True)
-            for run in ("olmo-core-fsdp", "hf-trainer"):
+            for run in ("olmo-core-fsdp", "hf-trainer", "lightning"):
                 fs.put(str(DATA / run), f"{BUCKET}/{run}", recursive=True)
             yield server
     except RuntimeError as e:
@@ -46,11 +46,14 @@ def store(tmp_path_factory):
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.ckpt").is_file():  # Lightning's own file
+        return torch.load(folder / "model.ckpt", weights_only=True)["state_dict"]
     return {k: v for k, v in load_reference(folder).items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.mark.parametrize("run,steps", [("olmo-core-fsdp", ("step4", "step6")),
-                                       ("hf-trainer", ("checkpoint-4", "checkpoint-6"))])
+                                       ("hf-trainer", ("checkpoint-4", "checkpoint-6")),
+                                       ("lightning", ("epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"))])
 def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monkeypatch, run, steps):
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
     out = average_checkpoints([f"s3://{BUCKET}/{run}/{s}" for s in steps], tmp_path / "remote", device="cpu")
@@ -62,9 +65,10 @@ def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monke
     manifest = json.loads(text)
     assert [i["path"] for i in manifest["inputs"]][0].startswith(f"s3://{BUCKET}/{run}/{steps[0]}")
     for i in manifest["inputs"]:
-        local_folder = DATA / run / i["path"].split(f"s3://{BUCKET}/{run}/", 1)[1]
+        local = DATA / run / i["path"].split(f"s3://{BUCKET}/{run}/", 1)[1]
         for f in i["files"]:  # hashed from the ranged reads the average made
-            assert f["sha256"] == hashlib.sha256((local_folder / f["name"]).read_bytes()).hexdigest()
+            file = local if local.is_file() else local / f["name"]
+            assert f["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def test_ckptavg_trajectory_reads_a_run_on_the_store_as_its_trainer_laid_it_out(store, tmp_path):

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import CkptavgWarning, CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
+from ..storage.paths import RemotePath
 from .index import TensorRef
 
 
@@ -321,10 +322,17 @@ def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
     return model_entries(load_whole(file), str(file))[1]
 
 
-def saved_object(file: Path, trainer: str) -> tuple[dict, str]:
+def saved_object(file: Path | RemotePath, trainer: str) -> tuple[dict, str]:
     """A trainer's saved object as torch loads it (`weights_only`, tensors mapped and never read) and the
-    key of its model entry: what an output in the trainer's own format is made from."""
+    key of its model entry: what an output in the trainer's own format is made from. On an object store
+    the file is staged to a local temporary file first (torch maps only local files)."""
     key = next((k for name, k, _ in TRAINER_KEYS if name == trainer), None)
+    if isinstance(file, RemotePath):  # torch.load maps local files only: the newest one is staged, then mapped
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=file.suffix) as staged:
+            file.storage.fs.get_file(file.path, staged.name)
+            return saved_object(Path(staged.name), trainer)  # (the mapping outlives the name)
     obj = load_whole(file)
     if key is None or not isinstance(obj, dict) or not isinstance(obj.get(key), dict):
         raise InputError(f"{file}: not a {trainer} checkpoint ckptavg can write again")
