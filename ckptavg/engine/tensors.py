@@ -105,7 +105,8 @@ class TensorReader:
     from disk (six k=5 windows 1000 steps apart, `bench/window.sh`: 51-53 s against 67-69 s with
     every file direct).
     Either way one call per piece, sequential within each file. The rare tensor without a byte range
-    of its own (`TensorRef.offset` None) is copied out of `torch.load`'s mapping of its file.
+    of its own (`TensorRef.offset` None) is copied out of `torch.load`'s mapping of its file. A file on an
+    object store (`storage.paths.RemotePath`) is read with ranged GETs straight into the caller's buffer.
     """
 
     def __init__(self, map_files: bool = False, keep_cached: Collection[Path] = ()) -> None:
