@@ -97,3 +97,31 @@ def test_a_missing_object_or_a_bad_credential_is_one_line(store, tmp_path, monke
     assert r.exit_code == 2 and "access denied" in r.stderr and "not-the-secret" not in r.stderr, r.stderr
     assert not (tmp_path / "avg").exists()
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_study_source_on_the_store_with_its_own_storage_options(store, tmp_path, monkeypatch):
+    """`[[sources]] local = "s3://..."` with `storage_options` (no AWS_* variables at all): the run's windows,
+    each the same as from local copies, and the secret in none of the files the study wrote."""
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    study = tmp_path / "s.toml"
+    study.write_text(f'out = "o"\n[steps]\ninterval = 2\nstart = 6\n'
+                     f'[[sources]]\nlocal = "s3://{BUCKET}/hf-trainer"\n'
+                     f'storage_options = {{ key = "{KEY}", secret = "{SECRET}", '
+                     f'client_kwargs = {{ endpoint_url = "{store.endpoint}" }} }}\n'
+                     '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 2\n')
+    try:
+        r = cli("study", "run", study, "--root", tmp_path, "-q")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert r.exit_code == 0, r.stderr
+    out = tmp_path / "o" / "hf-trainer" / "lawa-k2-nu2" / "step6"
+    local = average_checkpoints([DATA / "hf-trainer" / s for s in ("checkpoint-4", "checkpoint-6")],
+                                tmp_path / "local", device="cpu")
+    got, want = tensors(out), tensors(local)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    written = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
+    assert written and not any(SECRET.encode() in p.read_bytes() for p in written)

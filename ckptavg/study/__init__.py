@@ -46,7 +46,7 @@ def _open(entry: SourceEntry, *, offline_catalogue: bool, bars: ByteBar | None =
     if entry.kind == "local":
         from ..trajectory.sources import LocalTrajectory
 
-        return LocalTrajectory(location(entry.name), entry.steps_from)
+        return LocalTrajectory(location(entry.name, entry.storage_options), entry.steps_from)
     from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
     from ..trajectory.hub import HubTrajectory
 

@@ -12,8 +12,10 @@
     interval = 3000
 
     [[sources]]                        # one of: pythia = "1b" (deduped = true), hub = "ORG/NAME",
-    pythia = "1b"                      # local = "runs/x" (any trainer's run folder); hub and local take
-                                       # steps_from = 'step(\\d+)' (locally: the trainer's layout);
+    pythia = "1b"                      # local = "runs/x" (any trainer's run folder, or a URL such as
+                                       # "s3://bucket/run", with storage_options = {...} for fsspec);
+                                       # hub and local take steps_from = 'step(\\d+)' (locally: the
+                                       # trainer's layout);
                                        # hub and pythia take cache_dir
     [[runs]]                           # a grid: every list is one axis; scalars are fixed
     method = "lawa"
@@ -58,7 +60,7 @@ TOP_KEYS = {"out", "results", "disk_budget", "device", "dtype", "copy", "keep_do
             "sources", "runs", "scoring", "name"}
 STEP_KEYS = {"start", "end", "interval"}
 SOURCE_KINDS = ("pythia", "hub", "local")
-SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", *STEP_KEYS}
+SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", "storage_options", *STEP_KEYS}
 RUN_KEYS = {"method", "k", "nu", "ema_alpha", "swa_start", "decay_shape", "skip_incomplete"}
 SCORING_KEYS = {"tasks", "pile", "ppl_task", "include_path", "limit", "batch_size", "originals", "in_memory",
                 "fresh_model", "diversity"}
@@ -74,6 +76,8 @@ class SourceEntry:
     steps_from: str | None = None  # the step pattern; None: step(\d+) on the Hub, the trainer's layout locally
     cache_dir: Path | None = None
     explicit_start: bool = False  # the file gives a start: every run starts there (an error if it cannot)
+    # fsspec's options for a `local = "s3://..."` source (an endpoint, a profile); never written anywhere
+    storage_options: dict = field(default_factory=dict, repr=False)
 
     def specs(self, grid: Sequence[dict], available: Sequence[int]) -> list[RunSpec]:
         """The grid's runs on this source. Without an end, runs end at the source's last step. Without a start
@@ -177,8 +181,11 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
         if "interval" not in merged:
             raise OptionError(f"{here}: no output interval (set [steps] interval, or interval here)")
         name = str(resolve(s[kind])) if kind == "local" and not is_url(s[kind]) else str(s[kind])
+        options = s.get("storage_options", {})
+        if not isinstance(options, dict) or (options and not (kind == "local" and is_url(name))):
+            raise OptionError(f"{here}: storage_options is a table, for a local source given as a URL")
         sources.append(SourceEntry(kind, name, merged, bool(s.get("deduped", True)), s.get("steps_from"),
-                                   resolve(s.get("cache_dir")), explicit_start))
+                                   resolve(s.get("cache_dir")), explicit_start, options))
     if not sources:
         raise OptionError(f"{where}: no [[sources]]")
     grid = [c for i, r in enumerate(raw.get("runs", [])) for c in _expand(r, f"{where} [[runs]] #{i + 1}")]
