@@ -366,10 +366,7 @@ def torchtitan(out: Path) -> None:
 
 # --- nanoGPT: its own train.py, run from a clone; it overwrites out_dir/ckpt.pt, so each save is kept in iterN/ ----
 
-def nanogpt(out: Path, clone: Path | None) -> None:
-    if clone is None:
-        print("nanogpt: skipped (give --nanogpt PATH, a clone of github.com/karpathy/nanoGPT)")
-        return
+def nanogpt(out: Path, clone: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in ("train.py", "model.py", "configurator.py"):
@@ -409,6 +406,9 @@ def main() -> None:
         _lightning_model_parallel_run(args.lightning_model_parallel_run)
         return
     for name in args.names or WRITERS:
+        if name == "nanogpt" and args.nanogpt is None:  # (what is there is kept)
+            print("nanogpt: skipped (give --nanogpt PATH, a clone of github.com/karpathy/nanoGPT)")
+            continue
         target = args.out / name
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
