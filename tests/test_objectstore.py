@@ -16,6 +16,7 @@ from conftest import cli, load_reference
 from s3server import BUCKET, KEY, SECRET, S3Server
 
 from ckptavg.engine.average import average_checkpoints
+from ckptavg.errors import InputError
 from ckptavg.manifest import MANIFEST
 
 DATA = Path(__file__).parent / "trainers" / "data"
@@ -125,3 +126,27 @@ def test_a_study_source_on_the_store_with_its_own_storage_options(store, tmp_pat
     assert all(torch.equal(got[k], want[k]) for k in want)
     written = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
     assert written and not any(SECRET.encode() in p.read_bytes() for p in written)
+
+
+def test_an_object_overwritten_while_it_is_read_is_an_error_and_nothing_is_written(store, tmp_path):
+    """The newest input's weights replaced on the store as soon as the average has read its first piece
+    (from the average's own progress hook): the ETag before and after differ, and no output appears."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for s in ("checkpoint-2", "checkpoint-4"):
+        fs.put(str(DATA / "hf-trainer" / s), f"{BUCKET}/changing/{s}", recursive=True)
+    target = f"{BUCKET}/changing/checkpoint-4/model.safetensors"
+
+    def progress(plan):
+        def tick(n):
+            if not tick.done:
+                tick.done = True
+                fs.pipe(target, (DATA / "hf-trainer" / "checkpoint-6" / "model.safetensors").read_bytes())
+        tick.done = False
+        return tick
+
+    with pytest.raises(InputError, match="changed while it was being read"):
+        average_checkpoints([f"s3://{BUCKET}/changing/checkpoint-2", f"s3://{BUCKET}/changing/checkpoint-4"],
+                            tmp_path / "avg", device="cpu", progress=progress, piece_elements=64)
+    assert not (tmp_path / "avg").exists() and not list(tmp_path.glob(".avg*"))

@@ -24,8 +24,10 @@ from ..checkpoints.names import DCP_SIDE_FILES
 from ..checkpoints.open import open_checkpoint
 from ..checkpoints.outputs import AUTO, resolve_format
 from ..checkpoints.torchsave import saved_object
+from ..errors import InputError
 from ..hashing import file_sha256, known_sha256
 from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
+from ..storage.paths import RemotePath
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
 from .writer import OutputDir, check_free_space, copy_side_files
@@ -165,8 +167,14 @@ def average_checkpoints(
         unknown = [f for f in files if f not in hashes]
         in_pass = [f for f in unknown if f in streamed]
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
+        # an object on a store may be overwritten while it is read: its version before and after must agree
+        remote = {f: f.info().identity for c in checkpoints for f in c.files if isinstance(f, RemotePath)}
         hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
                                progress=progress(plan) if progress else None, hash_files=in_pass)
+        changed = [f for f, identity in remote.items() if f.info().identity != identity]
+        if changed:
+            raise InputError(f"{changed[0]} changed while it was being read (its ETag differs): nothing was "
+                             f"written; run again once the run has finished writing it")
         newest = checkpoints[-1]
         side = copy_side_files(newest.step_folder, output.path)
         if plan.format == "dcp" and newest.format == "dcp":  # what the trainer keeps beside its DCP data

@@ -73,6 +73,7 @@ class FsspecStorage:
         raise AssertionError("unreachable")
 
     def info(self, path: str) -> FileInfo:
+        self.fs.invalidate_cache(path)  # (fsspec keeps listings; the object's version is asked of the store)
         info = self._call(self.fs.info, path)
         if info.get("type") == "directory":
             raise InputError(f"{self.url(path)}: a prefix, not an object")
