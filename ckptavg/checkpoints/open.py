@@ -30,22 +30,20 @@ def _dcp_trainer(folder: Path) -> str:
     return next((t for t, sub in DCP_SUBFOLDER_OF.items() if sub == folder.name), "dcp")
 
 
-def _folder_files(path: Path) -> tuple[str, str, list[Path], dict[str, str] | None]:
-    """(format, index file name, weight files, the index's weight map) of a model folder."""
+def _folder_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """(format, weight files, the index's weight map) of a model folder."""
     for name, fmt in WEIGHT_LAYOUTS:  # noqa: B007  (the one found is used below)
         if (path / name).is_file():
             break
     else:
         if any(path.glob("zero_pp_rank_*_model_states.pt")):
-            raise InputError(f"{path}: a DeepSpeed ZeRO-3 checkpoint, whose weights are partitioned across its "
-                             f"ranks' files: consolidate it first with the zero_to_fp32.py script DeepSpeed "
-                             f"saved beside it")
+            raise torchsave.zero3_refused(path)
         wanted = ", ".join(n for n, _ in WEIGHT_LAYOUTS)
         raise InputError(f"{path}: no weights found (looked for {wanted}, and a DCP .metadata)")
     if name == DEEPSPEED_MODEL and any(path.glob("mp_rank_0[1-9]_model_states.pt")):
         raise InputError(f"{path}: a DeepSpeed checkpoint of several model-parallel ranks: ckptavg reads one")
     if not name.endswith(".index.json"):
-        return fmt, name, [path / name], None
+        return fmt, [path / name], None
     try:
         weight_map = json.loads((path / name).read_text())["weight_map"]
         if not isinstance(weight_map, dict):
@@ -56,7 +54,7 @@ def _folder_files(path: Path) -> tuple[str, str, list[Path], dict[str, str] | No
     for f in files:
         if not f.is_file():
             raise CorruptCheckpointError(f"{path / name}: names missing shard {f.name}")
-    return fmt, name, files, weight_map
+    return fmt, files, weight_map
 
 
 def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkpoint:
@@ -82,7 +80,7 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
             raise InputError(f"{path}: unknown checkpoint format (expected .safetensors, "
                              f"{', '.join(TORCH_SAVE_SUFFIXES)} or a folder)")
     else:
-        fmt, _, files, weight_map = _folder_files(path)
+        fmt, files, weight_map = _folder_files(path)
     tensors: dict[str, TensorRef] = {}
     trainer = "transformers"
     for f in files:

@@ -284,12 +284,16 @@ def index_file(file: Path) -> tuple[str, dict[str, TensorRef]]:
     return trainer, refs
 
 
+def zero3_refused(where: Path) -> InputError:
+    """What ckptavg says of a DeepSpeed ZeRO-3 save, found by its folder or by one of its files."""
+    return InputError(f"{where}: a DeepSpeed ZeRO-3 checkpoint, whose weights are partitioned across its ranks' "
+                      f"files: consolidate it first with the zero_to_fp32.py script DeepSpeed saved beside it")
+
+
 def _refuse_zero3(file: Path, entries: dict[str, Any]) -> None:
     """ZeRO-3 partitions every parameter across ranks and keeps only placeholders in `module`."""
     if file.name.startswith("zero_pp_rank_") or any(not math.prod(t.size) for t in entries.values()):
-        raise InputError(f"{file}: a DeepSpeed ZeRO-3 checkpoint, whose weights are partitioned across the "
-                         f"optimizer files of every rank: consolidate it first with the zero_to_fp32.py "
-                         f"script DeepSpeed saved beside it")
+        raise zero3_refused(file)
 
 
 def _index_legacy(file: Path) -> tuple[str, dict[str, TensorRef]]:

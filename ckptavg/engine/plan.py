@@ -218,10 +218,11 @@ def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str, sav
 
 def _check_trainers(checkpoints: Sequence[Checkpoint]) -> None:
     """One average, one trainer's layout: names that happen to match across trainers mean nothing."""
-    plain = ("transformers", "torch")  # a state dict, in a model folder or a file of its own
+    def family(trainer: str) -> str:  # a plain state dict, in a model folder or a file of its own, is one
+        return "state dict" if trainer in ("transformers", "torch") else trainer
+
     for c in checkpoints:
-        if (c.trainer in plain) != (checkpoints[-1].trainer in plain) or \
-                c.trainer not in plain and c.trainer != checkpoints[-1].trainer:
+        if family(c.trainer) != family(checkpoints[-1].trainer):
             raise MismatchError(f"{c.shown} was saved by {c.trainer} but {checkpoints[-1].shown} by "
                                 f"{checkpoints[-1].trainer}: one average takes one trainer's checkpoints")
 
