@@ -11,8 +11,9 @@ import pytest
 from s3server import BUCKET, SECRET, S3Server
 
 from ckptavg.errors import InputError, OptionError
-from ckptavg.storage import FileInfo, is_url, open_storage
+from ckptavg.storage import FileInfo, is_url
 from ckptavg.storage import remote as remote_storage
+from ckptavg.storage.remote import FsspecStorage
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_urls_and_paths():
 
 
 def test_a_prefix_lists_and_each_object_has_its_size_and_etag(s3, run):
-    storage, path = open_storage(f"s3://{BUCKET}/run", s3.options)
+    storage, path = FsspecStorage.for_url(f"s3://{BUCKET}/run", s3.options)
     assert storage.list(path) == ["step1", "step2"]
     assert storage.list(f"{path}/step2") == ["config.json", "model.safetensors"]
     info = storage.info(f"{path}/step1/model.safetensors")
@@ -57,20 +58,20 @@ def test_a_prefix_lists_and_each_object_has_its_size_and_etag(s3, run):
 @pytest.mark.parametrize("offset,n", [(0, 1), (5, 4096), (1_000_003, 2_000_000), (3 * 1024 * 1024, 17)])
 def test_ranged_reads_fill_the_callers_buffer_byte_for_byte(s3, run, monkeypatch, offset, n):
     monkeypatch.setattr(remote_storage, "CHUNK_BYTES", 1 << 20)  # several ranged GETs for the larger reads
-    storage, path = open_storage(f"s3://{BUCKET}/run/step1/model.safetensors", s3.options)
+    storage, path = FsspecStorage.for_url(f"s3://{BUCKET}/run/step1/model.safetensors", s3.options)
     buffer = bytearray(n)
     storage.read_into(path, offset, memoryview(buffer))
     assert bytes(buffer) == run["run/step1/model.safetensors"][offset : offset + n]
 
 
 def test_store_errors_are_one_line_naming_the_url_and_never_the_secret(s3, run):
-    storage, path = open_storage(f"s3://{BUCKET}/run", s3.options)
+    storage, path = FsspecStorage.for_url(f"s3://{BUCKET}/run", s3.options)
     with pytest.raises(InputError, match=r"s3://runs/run/step9/model.safetensors: no such object") as e:
         storage.info(f"{path}/step9/model.safetensors")
     with pytest.raises(InputError, match="ends before byte") as e2:
         storage.read_into(f"{path}/step2/config.json", 1, memoryview(bytearray(8)))
     wrong = dict(s3.options, secret="not-the-secret")
-    storage, path = open_storage(f"s3://{BUCKET}/run/step1/model.safetensors", wrong)
+    storage, path = FsspecStorage.for_url(f"s3://{BUCKET}/run/step1/model.safetensors", wrong)
     with pytest.raises(InputError, match="access denied") as e3:
         storage.info(path)
     assert all(SECRET not in str(x.value) and "not-the-secret" not in str(x.value) for x in (e, e2, e3))
@@ -79,10 +80,10 @@ def test_store_errors_are_one_line_naming_the_url_and_never_the_secret(s3, run):
 def test_a_url_whose_filesystem_is_not_installed_says_which_extra_to_install(tmp_path):
     """s3fs made unimportable in a process of its own: the one line names the extra."""
     code = ("import sys; sys.modules['s3fs'] = None\n"
-            "from ckptavg.storage import open_storage\n"
-            "open_storage('s3://bucket/run')\n")
+            "from ckptavg.storage.paths import location\n"
+            "location('s3://bucket/run')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert r.returncode != 0 and "needs s3fs: pip install 'ckptavg[s3]'" in r.stderr
     with pytest.raises(OptionError, match="no fsspec filesystem for nosuchscheme://"):
-        open_storage("nosuchscheme://x/y")
+        FsspecStorage.for_url("nosuchscheme://x/y")

@@ -1,4 +1,4 @@
-"""The storage contract, and the local filesystem's side of it."""
+"""The storage contract: what a storage says of a file, and how its bytes are asked for."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Protocol
-
-from ..errors import InputError, with_path
 
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
@@ -39,34 +37,3 @@ class Storage(Protocol):
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with the file's bytes from `offset`; a range past its end is an error."""
         ...
-
-
-class LocalStorage:
-    """The local filesystem."""
-
-    def info(self, path: str) -> FileInfo:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file or folder") from None
-        return FileInfo(st.st_size, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
-
-    def list(self, prefix: str) -> list[str]:
-        try:
-            return sorted(os.listdir(prefix))
-        except FileNotFoundError:
-            raise InputError(f"{prefix}: no such folder") from None
-
-    def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < len(buffer):
-                got = os.preadv(fd, [buffer[done:]], offset + done)
-                if got <= 0:
-                    raise InputError(f"{path}: ends before byte {offset + len(buffer)}")
-                done += got
-        except OSError as e:
-            raise with_path(e, path) from None
-        finally:
-            os.close(fd)
