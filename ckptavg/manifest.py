@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
+from .storage.paths import RemotePath, location
 
 MANIFEST = "ckptavg.json"
 VERSION = 1
@@ -187,9 +188,10 @@ class Manifest:
             raise ManifestError(f"{where}: malformed ckptavg manifest ({type(e).__name__}: {e})") from None
 
 
-def read_manifest(folder: str | Path) -> Manifest | None:
-    """The manifest of a finished output; None when the folder is absent or unfinished."""
-    path = Path(folder) / MANIFEST
+def read_manifest(folder: str | Path | RemotePath) -> Manifest | None:
+    """The manifest of a finished output (a folder, or a prefix on a store); None when the folder is absent
+    or unfinished."""
+    path = location(folder) / MANIFEST
     try:
         text = path.read_text()
     except (FileNotFoundError, NotADirectoryError):
@@ -201,10 +203,10 @@ def read_manifest(folder: str | Path) -> Manifest | None:
     return Manifest.from_json(raw, str(path))
 
 
-def is_finished(folder: str | Path) -> bool:
+def is_finished(folder: str | Path | RemotePath) -> bool:
     """Whether an output is complete: the one rule, used by resumed runs, `interpolate` and `eval`.
     The manifest is written last, after every other file is fsynced, so its presence is the mark."""
-    return (Path(folder) / MANIFEST).is_file()
+    return (location(folder) / MANIFEST).is_file()
 
 
 def manifest_json(manifest: Manifest) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import OptionError
+from .storage.base import is_url
 from .units import parse_size, parse_tokens
 
 # Output dtypes of averaged tensors; "auto" keeps the dtype stored in the newest input.
@@ -76,6 +77,15 @@ def named_files(items: Sequence[str], option: str) -> dict[str, Path]:
             raise OptionError(f"{option} {item}: no such file {path}")
         named[name] = Path(path)
     return named
+
+
+def output_tree(text: str | Path, option: str) -> Path:
+    """A folder that a run keeps its outputs, run log and locks under: a filesystem's (local or shared), since
+    a store has no appends or locks. One average goes to a store with `ckptavg average --out URL`."""
+    if is_url(str(text)):
+        raise OptionError(f"{option} {text}: runs of many averages write to a local or shared filesystem; "
+                          f"`ckptavg average --out URL` puts one average on a store")
+    return Path(text)
 
 
 def existing_file(path: Path | None, option: str) -> Path | None:

@@ -150,3 +150,139 @@ def test_an_object_overwritten_while_it_is_read_is_an_error_and_nothing_is_writt
         average_checkpoints([f"s3://{BUCKET}/changing/checkpoint-2", f"s3://{BUCKET}/changing/checkpoint-4"],
                             tmp_path / "avg", device="cpu", progress=progress, piece_elements=64)
     assert not (tmp_path / "avg").exists() and not list(tmp_path.glob(".avg*"))
+
+
+# -- outputs on the store ------------------------------------------------------------------------------
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def _fetched(fs, prefix: str, dest: Path) -> Path:
+    fs.get(f"{BUCKET}/{prefix}", str(dest), recursive=True)
+    return dest
+
+
+@pytest.mark.parametrize("run,steps", [("hf-trainer", ("checkpoint-4", "checkpoint-6")),
+                                       ("olmo-core-fsdp", ("step4", "step6"))])
+def test_an_average_put_on_the_store_is_the_local_average_with_its_manifest_last(store, tmp_path, run, steps):
+    """From inputs on the store to an output on the store, in shards: every file byte for byte the local
+    average's, and while the shards go up no reader takes the output for a finished one."""
+    import s3fs
+
+    from ckptavg.manifest import is_finished, read_manifest
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    url = f"s3://{BUCKET}/outputs/{run}"
+    seen = []
+
+    def progress(plan):
+        return lambda n: seen.append(is_finished(url))
+
+    local = average_checkpoints([DATA / run / s for s in steps], tmp_path / "local", device="cpu", shard_bytes=30_000)
+    out = average_checkpoints([f"s3://{BUCKET}/{run}/{s}" for s in steps], url, device="cpu", shard_bytes=30_000,
+                              progress=progress, piece_elements=256)
+    assert str(out) == url and seen and not any(seen) and is_finished(url)
+    back = _fetched(fs, f"outputs/{run}", tmp_path / "back")
+    assert _files(back) == _files(local) and len(_files(back)) > 1
+    manifest, want = read_manifest(url), read_manifest(local)
+    assert manifest.output == want.output and manifest.weights == want.weights
+    assert [i.files for i in manifest.inputs] == [i.files for i in want.inputs]
+    assert not fs.exists(f"{BUCKET}/outputs/{run}/.ckptavg-writing")
+
+
+def test_an_output_on_the_store_is_replaced_only_with_force(store, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    srcs = [DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")]
+    url = f"s3://{BUCKET}/outputs/replaced"
+    assert cli("average", *srcs, "--out", url, "-q", "--shard-size", "30KB").exit_code == 0
+    r = cli("average", *srcs, "--out", url, "-q")
+    assert r.exit_code == 2 and "--force" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # replaced by a one-shard output: the old shards and their index go, nothing of them is left
+    r = cli("average", *srcs, "--out", url, "-q", "--force")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{BUCKET}/outputs/replaced")) == \
+        sorted(["ckptavg.json", "model.safetensors", "config.json", "generation_config.json"])
+    # objects that no ckptavg run is writing are never replaced without --force
+    fs.pipe(f"{BUCKET}/outputs/theirs/notes.txt", b"a researcher's notes")
+    r = cli("average", *srcs, "--out", f"s3://{BUCKET}/outputs/theirs", "-q")
+    assert r.exit_code == 2 and "no ckptavg run is writing" in r.stderr, r.stderr
+    assert fs.cat(f"{BUCKET}/outputs/theirs/notes.txt") == b"a researcher's notes"
+
+
+def test_a_failed_average_leaves_nothing_on_the_store(store, tmp_path):
+    """An error after the first shard was put (raised from the progress hook): that shard, the upload in
+    progress and the marker are all gone."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+
+    def progress(plan):
+        def tick(n):
+            tick.read += n
+            if tick.read > 60_000:
+                raise RuntimeError("stopped by the test")
+        tick.read = 0
+        return tick
+
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        average_checkpoints([DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")],
+                            f"s3://{BUCKET}/outputs/failed", device="cpu", shard_bytes=20_000, piece_elements=64,
+                            progress=progress)
+    assert [p for p in fs.find(f"{BUCKET}/outputs/failed") if fs.isfile(p)] == []
+    out = average_checkpoints([DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")],
+                              f"s3://{BUCKET}/outputs/failed", device="cpu")  # (the next run, no --force)
+    assert (out / MANIFEST).is_file()
+
+
+KILLED = """
+import os, sys
+from ckptavg.engine import upload
+from ckptavg.engine.average import average_checkpoints
+
+if sys.argv[1] == "before-manifest":  # every shard put, the manifest not yet
+    upload.RemoteOutputDir.commit = lambda *a, **k: os._exit(9)
+else:  # the second shard's upload under way
+    complete, done = upload.RemoteShardFile._complete, []
+    def second(self):
+        done.append(1)
+        if len(done) == 2:
+            self._file.flush()  # (its parts so far sent)
+            os._exit(9)
+        complete(self)
+    upload.RemoteShardFile._complete = second
+average_checkpoints(sys.argv[2:4], sys.argv[4], device="cpu", shard_bytes=20_000)
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-upload", "before-manifest"])
+def test_a_killed_average_is_no_output_and_the_next_run_replaces_it(store, tmp_path, when):
+    """A process killed (os._exit, no cleanup) mid-upload or with every shard put: no manifest, so no reader
+    takes it for an output; the next run, without --force, writes the whole average."""
+    import subprocess
+    import sys
+
+    import s3fs
+
+    from ckptavg.manifest import is_finished
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    srcs = [str(DATA / "hf-trainer" / s) for s in ("checkpoint-2", "checkpoint-4")]
+    url = f"s3://{BUCKET}/outputs/killed-{when}"
+    r = subprocess.run([sys.executable, "-c", KILLED, when, *srcs, url], capture_output=True, text=True)
+    assert r.returncode == 9, r.stderr
+    left = fs.find(url)
+    assert left and not is_finished(url) and any(p.endswith(".ckptavg-writing") for p in left)
+    assert cli("average", *srcs, "--out", url, "-q", "--shard-size", "20KB").exit_code == 0
+    local = average_checkpoints(srcs, tmp_path / "local", device="cpu", shard_bytes=20_000)
+    assert _files(_fetched(fs, f"outputs/killed-{when}", tmp_path / "back")) == _files(local)
+
+
+@pytest.mark.parametrize("command", [["trajectory", "run"], ["interpolate", "a", "b"], ["pythia", "--model", "1b"]])
+def test_runs_of_many_averages_refuse_a_store_for_their_tree(tmp_path, command):
+    """Before anything is listed or fetched: a store has no appends (the run log) or locks."""
+    r = cli(*command, "--out", "s3://bucket/out")
+    assert r.exit_code == 2 and "local or shared filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()

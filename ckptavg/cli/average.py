@@ -20,7 +20,10 @@ def average(
                                      "on an object store (s3://bucket/run/step1000, any fsspec URL; credentials "
                                      "the store's standard way, e.g. AWS_* variables). The last one is the newest: "
                                      "config, tokenizer and every tensor that is not averaged are taken from it."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Output Hugging Face model folder."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Output folder (a Hugging Face model folder for "
+                                "safetensors), or a prefix on an object store (s3://bucket/avg): its files are "
+                                "put as they are computed, ckptavg.json last, so a reader never takes an "
+                                "unfinished output for a finished one."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per SRC, in SRC "
                                           "order (default: uniform 1/n)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize",
@@ -72,7 +75,7 @@ def interpolate(
     b: Path = typer.Argument(..., help="Checkpoint B (config, tokenizer and non-averaged tensors come from B)."),
     alphas: str = typer.Option("0,0.2,0.4,0.6,0.8,1", help="Comma-separated alphas; each output is "
                                "alpha*A + (1-alpha)*B (values outside [0, 1] extrapolate)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Outputs go to OUT/alpha{ALPHA}/."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Outputs go to OUT/alpha{ALPHA}/."),
     force: bool = typer.Option(False, "--force", help="Redo finished outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     arith: Arithmetic = None,
@@ -80,6 +83,7 @@ def interpolate(
     """Linear interpolation between two checkpoints, a probe of linear mode connectivity."""
     from ..api import interpolate as run
 
+    out_dir = opt.output_tree(out_dir, "--out")
     with Bars(quiet) as bars:
         done = run(a, b, opt.floats(alphas, "--alphas"), out_dir, device=arith.device, dtype=arith.dtype,
                    copy=arith.copy, force=force, output_format=arith.output_format,

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .. import options as opt
 from ..units import format_size, format_tokens
 from .common import (
     Arithmetic,
@@ -43,7 +44,7 @@ def trajectory(
     end: Optional[int] = typer.Option(None, help="Last output step (default: the last step of the trajectory)."),
     skip_incomplete: bool = typer.Option(False, help="Skip windows whose checkpoints are not all present instead "
                                          "of failing."),
-    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/NAME/METHOD-TAG/stepN/."),
+    out_dir: str = typer.Option("out", "--out", "-o", help="Outputs go to OUT/NAME/METHOD-TAG/stepN/."),
     disk_budget: Optional[str] = typer.Option(None, help="Refuse plans whose peak disk use (downloads plus one "
                                               "output) exceeds this, e.g. 200GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_HELP),
@@ -61,6 +62,7 @@ def trajectory(
     from ..api import open_trajectory
 
     schedule = _in_steps(schedule, schedule.tokens_per_step)
+    out_dir = opt.output_tree(out_dir, "--out")
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     bars = Bars(quiet)
     src = open_trajectory(source, steps_from, cache_dir=downloads.cache_dir, bars=bars)
@@ -78,7 +80,7 @@ def pythia(
     start: int = typer.Option(21000, help="First output step."),
     end: int = typer.Option(141000, help="Last output step."),
     deduped: bool = typer.Option(True, "--deduped/--no-deduped", help="The -deduped repos (default) or the originals."),
-    out_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Outputs go to OUT/pythia-SIZE[-deduped]/METHOD-TAG/"
+    out_dir: str = typer.Option("out", "--out", "-o", help="Outputs go to OUT/pythia-SIZE[-deduped]/METHOD-TAG/"
                                  "stepN/."),
     disk_budget: Optional[str] = typer.Option("200GB", help="Refuse plans whose peak disk use (downloads plus one "
                                               "output) exceeds this."),
@@ -98,6 +100,7 @@ def pythia(
     from ..trajectory import pythia as catalogue
 
     catalogue.model(model)  # an unknown size, before anything else
+    out_dir = opt.output_tree(out_dir, "--out")
     schedule = _in_steps(schedule, schedule.tokens_per_step or catalogue.TOKENS_PER_STEP)
     spec = _spec(schedule, start, end, False)
     spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
@@ -112,7 +115,6 @@ def _in_steps(s: Schedule, tokens_per_step: Optional[int]) -> Schedule:
     """The schedule with --nu-tokens and --interval-tokens turned into steps."""
     from dataclasses import replace
 
-    from .. import options as opt
     from ..trajectory.schedule import steps_for_tokens
 
     if tokens_per_step is not None and tokens_per_step < 1:

@@ -30,7 +30,8 @@ from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, O
 from ..storage.paths import RemotePath
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
-from .writer import OutputDir, check_free_space, copy_side_files
+from .upload import open_output
+from .writer import copy_side_files
 
 Inputs = Sequence[str | os.PathLike | Checkpoint]
 
@@ -114,7 +115,7 @@ def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple
 
 def average_checkpoints(
     inputs: Inputs,
-    out: str | os.PathLike,
+    out: str | os.PathLike | RemotePath,
     *,
     weights: Sequence[float] | None = None,
     normalize: bool = True,
@@ -132,7 +133,7 @@ def average_checkpoints(
     piece_elements: int = PIECE_ELEMENTS,
     progress: Callable[[AveragePlan], Progress | None] | None = None,
     reread: Collection[int] = (),
-) -> Path:
+) -> Path | RemotePath:
     """Average checkpoints (oldest first, newest last) into the folder `out`: a Hugging Face model folder
     of safetensors; or (`output_format` "dcp", the default for DCP inputs) a DCP checkpoint of the model
     tensors under the names they were saved with, which `torch.distributed.checkpoint.load` and the
@@ -146,16 +147,16 @@ def average_checkpoints(
     and `run` (the trajectory run the output belongs to) go into the manifest. `reread` (positions in
     `inputs`) names the checkpoints that a later average will read again: where they fit in half the
     memory available they are read through the page cache, for that average to find them there, while
-    the others are read past it. Returns the output folder.
+    the others are read past it. `out` may be a URL (`s3://bucket/avg`): the files are put there as they
+    are computed, the manifest last (`upload.py`). Returns the output folder.
     """
-    output = OutputDir(out, force=force)
+    output = open_output(out, force=force)
     output.check()
     dev = resolve_device(device)
     checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
                                        accumulate=accumulate, shard_bytes=shard_bytes, reread=reread,
                                        output_format=output_format)
-    output.final.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(output.final.parent, plan.output_bytes)
+    output.check_space(plan.output_bytes)
     started = time.time()
     with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
         files = sorted({f for c in checkpoints for f in c.files}, key=str) if hash_inputs else []

@@ -29,8 +29,10 @@ import torch
 
 from ..errors import CkptavgError
 from ..hashing import FileHasher
+from ..storage.paths import RemotePath
 from .plan import AveragePlan, TensorJob
 from .tensors import DIRECT_SLACK, TensorReader
+from .upload import open_shard
 from .writer import ShardFile, write_extra_files
 
 PIECE_ELEMENTS = 4 * 1024 * 1024  # per input per hand-off: 8 MB of fp16
@@ -124,7 +126,7 @@ class _Stopped(Exception):
 class _FileSink:
     """Streams finished pieces into the plan's output files, one file at a time."""
 
-    def __init__(self, plan: AveragePlan, folder: Path) -> None:
+    def __init__(self, plan: AveragePlan, folder: Path | RemotePath) -> None:
         self.plan, self.folder = plan, folder
         self.file: ShardFile | None = None
         self.current = -1
@@ -133,7 +135,7 @@ class _FileSink:
         if p.shard != self.current:
             self.finish()
             self.current = p.shard
-            self.file = ShardFile(self.folder / self.plan.shards[p.shard].filename, self.plan.shards[p.shard])
+            self.file = open_shard(self.folder / self.plan.shards[p.shard].filename, self.plan.shards[p.shard])
         self.file.write(data.numpy())
 
     def finish(self) -> None:
@@ -425,16 +427,17 @@ class _Pipeline:
             raise self.errors[0]
 
 
-def execute_plan(plan: AveragePlan, folder: str | os.PathLike, *, device: str | torch.device = "cpu",
+def execute_plan(plan: AveragePlan, folder: str | os.PathLike | RemotePath, *, device: str | torch.device = "cpu",
                  piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None,
                  hash_files: Collection[Path] = ()) -> dict[Path, FileHasher]:
     """Write the plan's output files (and its index or metadata) into an existing folder. Returns a
     finished hasher of each of `hash_files` (input files), fed the bytes the reader read: each file is
     read once."""
-    pipeline = _Pipeline(plan, _FileSink(plan, Path(folder)), resolve_device(device), piece_elements, progress,
+    folder = folder if isinstance(folder, RemotePath) else Path(folder)
+    pipeline = _Pipeline(plan, _FileSink(plan, folder), resolve_device(device), piece_elements, progress,
                          hash_files)
     pipeline.run()
-    write_extra_files(Path(folder), plan.extra_files)
+    write_extra_files(folder, plan.extra_files)
     return pipeline.hashers
 
 

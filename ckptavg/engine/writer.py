@@ -68,21 +68,27 @@ class ShardFile:
         self._stage = mmap.mmap(-1, whole_blocks(stage_bytes))  # page-aligned
         self._staged = np.frombuffer(self._stage, dtype=np.uint8)
         self._fill = 0
+        try:
+            self._open(direct)
+        except BaseException:
+            self._stage.close()
+            raise
+        self._next_frames()
+
+    def _open(self, direct: bool) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)  # (a trainer's DCP folder inside the output)
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # (a trainer's DCP folder inside the output)
             try:
-                self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+                self._fd = os.open(self.path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
             except OSError as e:
                 if not self.direct or e.errno != errno.EINVAL:
                     raise
                 self.direct = False  # the filesystem does not do direct I/O
-                self._fd = os.open(path, flags, 0o644)
+                self._fd = os.open(self.path, flags, 0o644)
         except OSError as e:
-            self._stage.close()
-            raise with_path(e, path) from None
-        self._next_frames()
+            raise with_path(e, self.path) from None
 
     def _next_frames(self) -> None:
         """Stage the frames due: every one whose tensor bytes before it are all in."""
@@ -133,6 +139,11 @@ class ShardFile:
     def finish(self) -> None:
         if self.written != self.expected:
             raise RuntimeError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
+        self._complete()
+        self.abort()
+
+    def _complete(self) -> None:
+        """Write out what is staged and make the file durable."""
         try:
             if self._fill:
                 tail = self._fill
@@ -146,21 +157,27 @@ class ShardFile:
             os.fsync(self._fd)
         except OSError as e:
             raise with_path(e, self.path) from None
-        self.abort()
 
     def abort(self) -> None:
         """Close the file (a finished one, or one an error left behind: its folder is deleted)."""
+        self._close()
+        self._staged = None  # the staging buffer's last view, before it can be unmapped
+        self._stage.close()
+
+
+    def _close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._staged = None  # the staging buffer's last view, before it can be unmapped
-        self._stage.close()
 
 
 def write_extra_files(folder: Path, files: Iterable[tuple[str, bytes]]) -> None:
     """The plan's small files (an index, DCP's `.metadata`), each written whole and durably (into the
     output's temporary folder, which appears only once everything in it is)."""
     for name, data in files:
+        if not isinstance(folder, Path):  # a store's: one PUT each, which is whole or absent
+            (folder / name).write_bytes(data)
+            continue
         try:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             with open(folder / name, "wb") as f:
@@ -171,13 +188,13 @@ def write_extra_files(folder: Path, files: Iterable[tuple[str, bytes]]) -> None:
             raise with_path(e, folder / name) from None
 
 
-def copy_side_files(src, dst: Path, names: Iterable[str] = SIDE_FILES) -> list[str]:
+def copy_side_files(src, dst, names: Iterable[str] = SIDE_FILES) -> list[str]:
     """The files of `names` that `src` (a local folder, or one on a store) has, copied into `dst`."""
     copied = []
     for name in names:
         if (src / name).is_file():
             dst.mkdir(parents=True, exist_ok=True)
-            if isinstance(src, Path):
+            if isinstance(src, Path) and isinstance(dst, Path):
                 shutil.copyfile(src / name, dst / name)
             else:
                 (dst / name).write_bytes((src / name).read_bytes())
@@ -240,6 +257,10 @@ class OutputDir:
         remove_stale_temporaries(self.final)
         self.path.mkdir()
         return self
+
+    def check_space(self, nbytes: int) -> None:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.final.parent, nbytes)
 
     def commit(self, manifest: Manifest, fsync_files: Iterable[Path] = ()) -> Path:
         for f in fsync_files:

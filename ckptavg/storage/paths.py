@@ -47,7 +47,7 @@ class RemotePath:
         return hash(str(self))
 
     def __truediv__(self, name: str) -> RemotePath:
-        return RemotePath(self.storage, posixpath.join(self.path, str(name)))
+        return RemotePath(self.storage, posixpath.normpath(posixpath.join(self.path, str(name))))
 
     @property
     def name(self) -> str:
@@ -105,6 +105,15 @@ class RemotePath:
             return self.storage.fs.open(self.path, "rb", block_size=SMALL_READS, cache_type="readahead")
         except FileNotFoundError:  # (as a local file's: the callers that look for optional files catch it)
             raise FileNotFoundError(2, "no such object", str(self)) from None
+
+    def write_bytes(self, data: bytes) -> None:
+        self.storage.write(self.path, data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to do: a store has no folders, only names with slashes in them."""
 
     def read_bytes(self) -> bytes:
         with self.open() as f:

@@ -1,4 +1,4 @@
-"""Files on object stores (any fsspec URL), read by range.
+"""Files on object stores (any fsspec URL), read by range, and written whole.
 
 A read is cut into chunks, each a ranged GET (`cat_file(path, start=..., end=...)`, by keyword: on s3fs
 the second positional argument is a version id); a chunk that fails for a passing reason (a dropped
@@ -63,14 +63,19 @@ class FsspecStorage:
             try:
                 return what(path, *args, **kwargs)
             except Exception as e:  # noqa: BLE001  (each store's client raises its own kinds)
-                if isinstance(e, FileNotFoundError):
-                    raise InputError(f"{self.url(path)}: no such object (or bucket)") from None
-                if isinstance(e, PermissionError):
-                    raise InputError(f"{self.url(path)}: access denied ({type(e).__name__})") from None
                 if not _passing(e) or attempt == RETRIES - 1:
-                    raise IOFailure(f"{self.url(path)}: {type(e).__name__}: {_first_line(e)}") from None
+                    raise self.error(path, e) from None
                 time.sleep(0.25 * 2**attempt)
         raise AssertionError("unreachable")
+
+    def error(self, path: str, e: BaseException) -> InputError | IOFailure:
+        """A client's exception as one line naming the URL (never a credential): what the user can fix
+        (no such object, access denied) an `InputError`, the rest an `IOFailure`."""
+        if isinstance(e, FileNotFoundError):
+            return InputError(f"{self.url(path)}: no such object (or bucket)")
+        if isinstance(e, PermissionError):
+            return InputError(f"{self.url(path)}: access denied ({type(e).__name__})")
+        return IOFailure(f"{self.url(path)}: {type(e).__name__}: {_first_line(e)}")
 
     def info(self, path: str) -> FileInfo:
         self.fs.invalidate_cache(path)  # (fsspec keeps listings; the object's version is asked of the store)
@@ -83,6 +88,26 @@ class FsspecStorage:
     def list(self, prefix: str) -> list[str]:
         names = self._call(self.fs.ls, prefix.rstrip("/"), detail=False)
         return sorted({str(n).rstrip("/").rsplit("/", 1)[-1] for n in names})
+
+    def find(self, prefix: str) -> list[str]:
+        """Every object at any depth under `prefix` (paths, as `read_into` takes them); not the folders that
+        some stores (SeaweedFS) keep, empty, after their objects are deleted."""
+        found = self._call(self.fs.find, prefix.rstrip("/"), detail=True)
+        return sorted(path for path, info in found.items() if info.get("type") != "directory")
+
+    def write(self, path: str, data: bytes) -> None:
+        """One object put whole (a single PUT: a reader sees all of it or none)."""
+        self._call(self.fs.pipe_file, path, data)
+
+    def open_write(self, path: str, part_bytes: int):
+        """A file object whose bytes go up in parts of `part_bytes` (a multipart upload, where the store has
+        them), that becomes an object only when closed; `discard()` abandons it."""
+        return self._call(self.fs.open, path, "wb", block_size=part_bytes)
+
+    def remove(self, paths: list[str]) -> None:
+        """Delete objects (in batches, where the store takes them); ones already gone are no error."""
+        if paths:
+            self._call(lambda _: self.fs.rm(paths), paths[0])  # (named by the first, if it fails)
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         done = 0

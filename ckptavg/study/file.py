@@ -52,6 +52,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..errors import CkptavgError, OptionError
+from ..options import output_tree
 from ..storage import is_url
 from ..trajectory.methods import METHODS, check_parameters
 from ..trajectory.run import RunSpec
@@ -199,8 +200,9 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
     scoring["include_path"] = [resolve(p) for p in scoring.get("include_path", [])]
     scoring["ppl_task"] = [f"{n}={resolve(f)}" if f else t
                            for t, (n, _, f) in ((t, t.partition("=")) for t in scoring.get("ppl_task", []))]
+    out = output_tree(raw.get("out", "out"), f"{where} out =")
     return StudyFile(path, base, tuple(sources), tuple(grid),
-                     resolve(raw.get("out", "out")), resolve(raw.get("results", "results.sqlite")),
+                     resolve(str(out)), resolve(raw.get("results", "results.sqlite")),
                      raw.get("disk_budget"), raw.get("device", "auto"), raw.get("dtype", "auto"),
                      tuple(raw.get("copy", ())), bool(raw.get("keep_downloads", False)), scoring,
                      str(raw.get("output_format", "auto")))
