@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -286,3 +288,112 @@ def test_runs_of_many_averages_refuse_a_store_for_their_tree(tmp_path, command):
     r = cli(*command, "--out", "s3://bucket/out")
     assert r.exit_code == 2 and "local or shared filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+
+# -- faults ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def proxied(store, monkeypatch):
+    """A fault-injecting proxy in front of the server (tests/faultproxy.py); botocore's own retries off, so
+    that what recovers from a fault is ckptavg's."""
+    import s3fs
+    from faultproxy import FaultProxy
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with FaultProxy(store.endpoint) as proxy:
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield proxy
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _via(proxy, url: str, **config):
+    from ckptavg.storage.paths import location
+
+    return location(url, {"client_kwargs": {"endpoint_url": proxy.endpoint}, "config_kwargs": config})
+
+
+def test_passing_faults_are_asked_again_and_the_average_is_exact(store, proxied, tmp_path):
+    """503, throttling, 500, a body cut off halfway, a body that stalls past the read timeout: each ranged
+    GET that met one is asked again, and the average is bit for bit the local one."""
+    steps = ("checkpoint-4", "checkpoint-6")
+    proxied.spoil("503", "cut", "slowdown", "stall", "500")
+    srcs = [_via(proxied, f"s3://{BUCKET}/hf-trainer/{s}", read_timeout=1) for s in steps]
+    out = average_checkpoints(srcs, tmp_path / "avg", device="cpu", piece_elements=1024)
+    assert proxied.injected == {"503": 1, "cut": 1, "slowdown": 1, "stall": 1, "500": 1}
+    local = average_checkpoints([DATA / "hf-trainer" / s for s in steps], tmp_path / "local", device="cpu")
+    assert _files(out) == _files(local)
+
+
+def test_a_slow_link_gives_the_same_average(store, proxied, tmp_path):
+    proxied.rate = 2e6  # bytes per second
+    steps = ("checkpoint-2", "checkpoint-4")
+    out = average_checkpoints([_via(proxied, f"s3://{BUCKET}/hf-trainer/{s}") for s in steps], tmp_path / "avg",
+                              device="cpu")
+    local = average_checkpoints([DATA / "hf-trainer" / s for s in steps], tmp_path / "local", device="cpu")
+    assert _files(out) == _files(local) and proxied.ranged_gets
+
+
+def _restart_in_background(server, down_seconds: float) -> threading.Thread:
+    server.__exit__()
+
+    def up():
+        time.sleep(down_seconds)
+        server.__enter__()
+    thread = threading.Thread(target=up)
+    thread.start()
+    return thread
+
+
+def test_a_server_restarted_mid_run_is_waited_for(store, tmp_path):
+    """The server stopped as the first piece is written and started again a second later: the reads in
+    between are asked again until it answers, and the average is exact."""
+    steps = ("checkpoint-4", "checkpoint-6")
+    restarted = []
+
+    def progress(plan):
+        def tick(n):
+            if not restarted:
+                restarted.append(_restart_in_background(store, 1.0))
+        return tick
+
+    try:
+        out = average_checkpoints([f"s3://{BUCKET}/hf-trainer/{s}" for s in steps], tmp_path / "avg",
+                                  device="cpu", piece_elements=64, progress=progress)
+    finally:
+        restarted[0].join()
+    local = average_checkpoints([DATA / "hf-trainer" / s for s in steps], tmp_path / "local", device="cpu")
+    assert _files(out) == _files(local)
+
+
+def test_a_server_gone_for_good_is_exit_3_and_nothing_is_written(store, tmp_path, monkeypatch):
+    """Down for longer than ckptavg asks again (RETRIES): one line naming the object, an `IOFailure` (exit
+    3, a run that stopped mid-way), and no output."""
+    import s3fs
+
+    from ckptavg.errors import IOFailure
+
+    monkeypatch.setattr("ckptavg.storage.remote.RETRIES", 2)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # (botocore's own retries, the slow part of giving up)
+    s3fs.S3FileSystem.clear_instance_cache()
+    stopped = []
+
+    def progress(plan):
+        def tick(n):
+            if not stopped:
+                stopped.append(store.__exit__())
+        return tick
+
+    try:
+        with pytest.raises(IOFailure, match=f"s3://{BUCKET}/hf-trainer/checkpoint-") as e:
+            average_checkpoints([f"s3://{BUCKET}/hf-trainer/{s}" for s in ("checkpoint-4", "checkpoint-6")],
+                                tmp_path / "avg", device="cpu", piece_elements=64, progress=progress)
+    finally:
+        store.__enter__()  # (up again for the tests after this one)
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert e.value.exit_code == 3 and "\n" not in str(e.value) and SECRET not in str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_bucket_that_does_not_exist_is_one_line_before_any_work(store, tmp_path):
+    r = cli("average", "s3://no-such-bucket/run/step1", "s3://no-such-bucket/run/step2", "--out", tmp_path / "avg")
+    assert r.exit_code == 2 and "no-such-bucket" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "avg").exists()

@@ -282,7 +282,8 @@ class _Pipeline:
         with TensorReader(map_files=self.device.type == "cpu", keep_cached=self.keep_cached) as reader:
             for p in self.pieces:
                 bufs = [self._get(self.in_pool) for _ in p.job.sources]
-                views = [reader.read(*r.at(p.start), p.count, b) for r, b in zip(p.job.sources, bufs, strict=True)]
+                asked = [(*r.at(p.start), p.count, b) for r, b in zip(p.job.sources, bufs, strict=True)]
+                views = reader.read_many(asked)
                 self._put(self.read_q, (p, bufs, views))
         self._put(self.read_q, None)
 

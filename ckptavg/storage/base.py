@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,3 +38,15 @@ class Storage(Protocol):
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with the file's bytes from `offset`; a range past its end is an error."""
         ...
+
+    def start_read(self, path: str, offset: int, buffer: memoryview) -> list[Future]:
+        """`read_into` begun, not waited for: the caller waits for the futures (`finish_reads`)."""
+        ...
+
+
+def finish_reads(futures: list[Future]) -> None:
+    """Wait for every read begun (none still writes into its buffer after this returns), then raise the
+    first error."""
+    wait(futures)
+    for f in futures:
+        f.result()

@@ -9,14 +9,17 @@ bucket) is one line naming the URL, and never the credentials.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import InputError, IOFailure, OptionError
-from .base import FileInfo
+from .base import FileInfo, finish_reads
 
 # the fsspec implementation each protocol needs, and the extra that installs it
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024  # one ranged GET
+IN_FLIGHT = 16  # ranged GETs at once, per store: the engine's pieces of every input of an average together
 RETRIES = 6  # pauses of 0.25, 0.5, 1, 2, 4 s: about 8 s of trying before a read is given up
 FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
@@ -36,6 +39,8 @@ class FsspecStorage:
 
     def __init__(self, fs, protocol: str) -> None:
         self.fs, self.protocol = fs, protocol
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict | None = None) -> tuple[FsspecStorage, str]:
@@ -110,15 +115,25 @@ class FsspecStorage:
             self._call(lambda _: self.fs.rm(paths), paths[0])  # (named by the first, if it fails)
 
     def read_into(self, path: str, offset: int, buffer: memoryview) -> None:
-        done = 0
-        while done < len(buffer):
-            n = min(CHUNK_BYTES, len(buffer) - done)
-            start = offset + done
-            data = self._call(self.fs.cat_file, path, start=start, end=start + n)
-            if len(data) != n:
-                raise InputError(f"{self.url(path)}: ends before byte {start + n} (it has {start + len(data)})")
-            buffer[done : done + n] = data
-            done += n
+        finish_reads(self.start_read(path, offset, buffer))
+
+    def start_read(self, path: str, offset: int, buffer: memoryview) -> list[Future]:
+        """Begin filling `buffer` with the file's bytes from `offset`, in ranged GETs of `CHUNK_BYTES` that
+        run `IN_FLIGHT` at a time (fsspec's clients share one event loop, so threads asking at once are
+        requests in flight at once); `finish_reads` waits for them. A GET that fails for a passing reason
+        is asked again from its own start, so a long read never starts over."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="ckptavg-get")
+        return [self._pool.submit(self._get, path, offset + done, buffer[done : done + CHUNK_BYTES])
+                for done in range(0, len(buffer), CHUNK_BYTES)]
+
+    def _get(self, path: str, start: int, into: memoryview) -> None:
+        n = len(into)
+        data = self._call(self.fs.cat_file, path, start=start, end=start + n)
+        if len(data) != n:
+            raise InputError(f"{self.url(path)}: ends before byte {start + n} (it has {start + len(data)})")
+        into[:] = data
 
 
 def _first_line(e: BaseException) -> str:
