@@ -16,8 +16,11 @@ for each case and repetition, measures:
 
 Cases (--cases): `1b` (k=5 Pythia-1B-shaped checkpoints, 2.09 GB each), `1b-k10` (k=10 of them),
 `12b` (k=5 checkpoints with Pythia-12B's embeddings, 50688 x 5120, and two of its 36 layers: 2.30 GB
-each) and `1b-dcp` (k=5 float32 DCP saves of Pythia-1B's trained tensors, each row-sharded by two gloo
-ranks as FSDP saves them, 4.05 GB each; model tensors only; the output is a DCP checkpoint). Warm runs
+each), `1b-s3` (the `1b` inputs on a local S3 server, SeaweedFS from tests/s3server.py, averaged by URL:
+against a floor of plain concurrent ranged GETs of every object to memory + writing one output, and
+against downloading every object, then averaging the local copies) and `1b-dcp` (k=5 float32 DCP
+saves of Pythia-1B's trained tensors, each row-sharded by two gloo ranks as FSDP saves them, 4.05 GB
+each; model tensors only; the output is a DCP checkpoint). Warm runs
 read from the page cache, so they are skipped where the inputs do not fit in half the machine's memory;
 cold runs drop it first (root only). Speeds are reported as ratios to the floor taken in the same
 repetition; min and median over repetitions.
@@ -61,7 +64,8 @@ class Shape:
 
 PYTHIA_1B = Shape("pythia-1b", layers=16, d=2048, ff=8192, vocab=50304, heads=8)
 PYTHIA_12B_2_LAYERS = Shape("pythia-12b-2-layers", layers=2, d=5120, ff=20480, vocab=50688, heads=40)
-CASES = {"1b": (PYTHIA_1B, 5), "12b": (PYTHIA_12B_2_LAYERS, 5), "1b-k10": (PYTHIA_1B, 10), "1b-dcp": (PYTHIA_1B, 5)}
+CASES = {"1b": (PYTHIA_1B, 5), "12b": (PYTHIA_12B_2_LAYERS, 5), "1b-k10": (PYTHIA_1B, 10), "1b-dcp": (PYTHIA_1B, 5),
+         "1b-s3": (PYTHIA_1B, 5)}
 DCP_RANKS = 2
 
 
@@ -260,7 +264,77 @@ def mem_total() -> int:
     return 0
 
 
+def floor_ranged_gets(fs, keys: list[str], in_flight: int, chunk: int) -> float:
+    """Every object read once into memory by ranged GETs, `in_flight` at a time, nothing kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ranges = [(key, a, min(a + chunk, size)) for key in keys for size in [fs.info(key)["size"]]
+              for a in range(0, size, chunk)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        for _ in pool.map(lambda r: len(fs.cat_file(r[0], start=r[1], end=r[2])), ranges):
+            pass
+    return time.perf_counter() - t
+
+
+def bench_s3_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import s3fs
+    from s3server import BUCKET, KEY, SECRET, S3Server
+
+    from ckptavg.storage import remote
+
+    shape, k = CASES[case]
+    folders = build_inputs(args.data, shape, k)
+    in_bytes = sum((f / "model.safetensors").stat().st_size for f in folders)
+    out_bytes = in_bytes // k
+    work = Path(tempfile.mkdtemp(prefix="ckptavg-bench-", dir=args.data))
+
+    def record(key: str, value: float) -> None:
+        rows.setdefault(f"{case} {key}", []).append(value)
+
+    try:
+        with S3Server(work / "s3") as server:
+            auth = dict(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=server.endpoint)
+            env = dict(os.environ, PYTHONPATH=str(ROOT), **auth)
+            fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": server.endpoint})
+            print(f"uploading {k} x {out_bytes / 1e9:.2f} GB to {server.endpoint} ...", flush=True)
+            for f in folders:
+                fs.put(str(f), f"{BUCKET}/{shape.name}/{f.name}", recursive=True)
+            urls = [f"s3://{BUCKET}/{shape.name}/{f.name}" for f in folders]
+            keys = [f"{BUCKET}/{shape.name}/{f.name}/model.safetensors" for f in folders]
+            ckptavg = [sys.executable, "-m", "ckptavg", "average", "--out", str(work / "avg"), "--force", "-q",
+                       "--device", args.device]
+            print(f"\n{case}: {k} x {out_bytes / 1e9:.2f} GB float16 ({shape.name} shapes) on a local S3 server, "
+                  f"{in_bytes / 1e9:.1f} GB in all; {os.cpu_count()} cores", flush=True)
+            for rep in range(args.reps):
+                floor = (floor_ranged_gets(fs, keys, remote.IN_FLIGHT, remote.CHUNK_BYTES)
+                         + floor_write(work / "floor.bin", out_bytes))
+                record("floor s", floor)
+                plain, peak = run_measured(ckptavg + urls + ["--no-hash"], env)
+                record("ckptavg/floor", plain / floor)
+                record("ckptavg peak RssAnon MB", peak / 1e6)
+                hashed, hpeak = run_measured(ckptavg + urls, dict(env, CKPTAVG_CACHE=str(work / f"cache-{rep}")))
+                record("ckptavg+hash/floor", hashed / floor)
+                record("ckptavg+hash peak RssAnon MB", hpeak / 1e6)
+                t = time.perf_counter()  # download everything, then average the local copies
+                local = work / "download"
+                for url, f in zip(urls, folders, strict=True):
+                    fs.get(url.removeprefix("s3://"), str(local / f.name), recursive=True)
+                download = time.perf_counter() - t
+                after, _ = run_measured(ckptavg + [str(local / f.name) for f in folders] + ["--no-hash"], env)
+                shutil.rmtree(local)
+                record("download-then-average/floor", (download + after) / floor)
+                record("download-then-average/ckptavg", (download + after) / plain)
+                print(f"rep {rep + 1}: floor {floor:.2f} s, ckptavg {plain:.2f} s (RssAnon {peak / 1e9:.2f} GB), "
+                      f"+hash {hashed:.2f} s, download {download:.2f} s + average {after:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]) -> None:
+    if case.endswith("-s3"):
+        return bench_s3_case(case, args, rows)
     shape, k = CASES[case]
     if case.endswith("-dcp"):
         folders = build_dcp_inputs(args.data, shape, k)

@@ -44,6 +44,7 @@ class FileRecord:
     size: int
     sha256: str | None = None
     sha256_source: str | None = None  # one of SHA256_SOURCES
+    etag: str | None = None  # an object on a store: its ETag (or checksum) when the average read it
 
 
 @dataclass(frozen=True)

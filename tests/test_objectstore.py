@@ -48,6 +48,12 @@ def store(tmp_path_factory):
         mp.undo()
 
 
+def store_fs():
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.ckpt").is_file():  # Lightning's own file
         return torch.load(folder / "model.ckpt", weights_only=True)["state_dict"]
@@ -69,9 +75,11 @@ def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monke
     assert [i["path"] for i in manifest["inputs"]][0].startswith(f"s3://{BUCKET}/{run}/{steps[0]}")
     for i in manifest["inputs"]:
         local = DATA / run / i["path"].split(f"s3://{BUCKET}/{run}/", 1)[1]
-        for f in i["files"]:  # hashed from the ranged reads the average made
+        for f in i["files"]:  # hashed from the ranged reads the average made; the object's ETag as read
             file = local if local.is_file() else local / f["name"]
             assert f["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+            url = i["path"] if local.is_file() else f"{i['path']}/{f['name']}"
+            assert f["etag"] == store_fs().info(url)["ETag"]
 
 
 def test_ckptavg_trajectory_reads_a_run_on_the_store_as_its_trainer_laid_it_out(store, tmp_path):
@@ -189,7 +197,10 @@ def test_an_average_put_on_the_store_is_the_local_average_with_its_manifest_last
     assert _files(back) == _files(local) and len(_files(back)) > 1
     manifest, want = read_manifest(url), read_manifest(local)
     assert manifest.output == want.output and manifest.weights == want.weights
-    assert [i.files for i in manifest.inputs] == [i.files for i in want.inputs]
+    assert [[(f.name, f.size, f.sha256) for f in i.files] for i in manifest.inputs] == \
+        [[(f.name, f.size, f.sha256) for f in i.files] for i in want.inputs]
+    assert all(f.etag for i in manifest.inputs for f in i.files)
+    assert not any(f.etag for i in want.inputs for f in i.files)
     assert not fs.exists(f"{BUCKET}/outputs/{run}/.ckptavg-writing")
 
 

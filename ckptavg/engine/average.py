@@ -103,11 +103,12 @@ def _versions() -> dict[str, str]:
 
 
 def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple[str, str]] | None,
-                     provenance: Sequence[dict] | None, plan: AveragePlan) -> tuple[InputRecord, ...]:
+                     provenance: Sequence[dict] | None, plan: AveragePlan,
+                     etags: dict[RemotePath, str]) -> tuple[InputRecord, ...]:
     inputs = []
     for i, c in enumerate(checkpoints):
-        files = tuple(FileRecord(f.name, f.stat().st_size, *(hashes[f] if hashes is not None else (None, None)))
-                      for f in c.files)
+        files = tuple(FileRecord(f.name, f.stat().st_size, *(hashes[f] if hashes is not None else (None, None)),
+                                 etag=etags.get(f)) for f in c.files)
         inputs.append(InputRecord(str(c.path.absolute()), c.format, files, plan.absent[i] if plan.absent else (),
                                   **(provenance[i] if provenance else {}), trainer=c.trainer))
     return tuple(inputs)
@@ -190,7 +191,7 @@ def average_checkpoints(
             method=method or Method("weighted_average"),
             weights=plan.weights,
             normalized=normalize,
-            inputs=_describe_inputs(checkpoints, hashes if hash_inputs else None, provenance, plan),
+            inputs=_describe_inputs(checkpoints, hashes if hash_inputs else None, provenance, plan, remote),
             dtype_policy=DtypePolicy(
                 output=_dtype_name(out_dtype), accumulate=_accumulation_name(plan),
                 not_averaged="copied from the newest input: non-float tensors and non-trained buffers; "

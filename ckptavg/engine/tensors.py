@@ -11,6 +11,7 @@ import mmap
 import os
 import sys
 from collections.abc import Collection
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -81,6 +82,25 @@ def _shrank(ref: TensorRef) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{ref.file}: file shrank while reading {ref.name!r}")
 
 
+class Reads:
+    """Ranges being read (`TensorReader.start_many`): `done` once every one has arrived, `result()` waits."""
+
+    def __init__(self, views: list[torch.Tensor | None],
+                 pending: list[tuple[int, torch.Tensor, torch.dtype, list[Future]]]) -> None:
+        self.views, self.pending = views, pending  # pending: (position, its bytes, their dtype, their GETs)
+
+    @property
+    def done(self) -> bool:
+        return all(f.done() for *_, futures in self.pending for f in futures)
+
+    def result(self) -> list[torch.Tensor]:
+        finish_reads([f for *_, futures in self.pending for f in futures])
+        for i, data, dtype, _ in self.pending:
+            self.views[i] = _typed(data, dtype)
+        self.pending = []
+        return self.views
+
+
 class TensorReader:
     """Fetches byte ranges of tensors, into caller-owned buffers or as views of the file.
 
@@ -121,6 +141,11 @@ class TensorReader:
     def read_many(self, requests: list[tuple[TensorRef, int, int, torch.Tensor]]) -> list[torch.Tensor]:
         """`read` of each (ref, start, count, out), the ranges on object stores all in flight together
         (every input's piece at once), the local ones read meanwhile."""
+        return self.start_many(requests).result()
+
+    def start_many(self, requests: list[tuple[TensorRef, int, int, torch.Tensor]]) -> Reads:
+        """`read_many` begun: the local ranges are read now, the ones on stores are left in flight for the
+        caller to start more (the next pieces) before it waits for these."""
         views: list[torch.Tensor | None] = [None] * len(requests)
         remote = []
         try:
@@ -128,14 +153,14 @@ class TensorReader:
                 if isinstance(ref.file, RemotePath) and ref.offset is not None:
                     data = out[: count * ref.dtype.itemsize]
                     pos = ref.offset + start * ref.dtype.itemsize
-                    remote.append((i, data, ref.file.storage.start_read(ref.file.path, pos, memoryview(data.numpy()))))
+                    futures = ref.file.storage.start_read(ref.file.path, pos, memoryview(data.numpy()))
+                    remote.append((i, data, ref.dtype, futures))
                 else:
                     views[i] = self.read(ref, start, count, out)
-        finally:
-            finish_reads([f for _, _, futures in remote for f in futures])
-        for i, data, _ in remote:
-            views[i] = _typed(data, requests[i][0].dtype)
-        return views
+        except BaseException:
+            finish_reads([f for *_, futures in remote for f in futures])
+            raise
+        return Reads(views, remote)
 
     def read(self, ref: TensorRef, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
         """Elements [start, start+count) of `ref` as a typed 1-D tensor: a view of `out` (a uint8

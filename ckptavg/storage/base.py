@@ -44,9 +44,10 @@ class Storage(Protocol):
         ...
 
 
-def finish_reads(futures: list[Future]) -> None:
+def finish_reads(futures: list[Future], raise_first: bool = True) -> None:
     """Wait for every read begun (none still writes into its buffer after this returns), then raise the
-    first error."""
+    first error (unless `raise_first` is False: a pipeline stopping for another error)."""
     wait(futures)
-    for f in futures:
-        f.result()
+    if raise_first:
+        for f in futures:
+            f.result()
