@@ -22,6 +22,7 @@ from . import options as opt
 from .checkpoints.layouts import DEFAULT_STEP_PATTERN
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
+from .storage.paths import RemotePath
 from .trajectory.methods import check_parameters
 from .trajectory.run import Job, RunPlan, RunSpec, execute_run, plan_runs
 from .trajectory.schedule import steps_of
@@ -367,7 +368,8 @@ def _store_diversity(results, model: str, tag: str, step: int, task: str, found,
 # -- interpolation ----------------------------------------------------------------------------------
 def interpolate(a: str | Path, b: str | Path, alphas: Sequence[float], out: str | Path, *, device: str = "auto",
                 dtype: str = "auto", copy: Sequence[str] = (), force: bool = False, output_format: str = "auto",
-                progress: Callable[[float], Callable | None] | None = None) -> list[tuple[float, Path, bool]]:
+                progress: Callable[[float], Callable | None] | None = None
+                ) -> list[tuple[float, Path | RemotePath, bool]]:
     """alpha*A + (1-alpha)*B for each alpha into OUT/alphaA/; finished ones are skipped unless `force`.
     Returns (alpha, folder, written) per alpha. `progress(alpha)` gives `average_checkpoints`' hook."""
     from .engine.average import average_checkpoints

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .manifest import MANIFEST, Manifest, RunId, read_manifest
+from .storage.paths import RemotePath, location
 
 RUN_LOG = "ckptavg-run.jsonl"
 TMP_MARK = ".ckptavg-tmp-"
@@ -32,8 +33,9 @@ def output_folder(out: str | Path, run: RunId, step: int) -> Path:
     return run_folder(out, run) / f"step{step}"
 
 
-def interpolation_folder(out: str | Path, alpha: float) -> Path:
-    return Path(out) / f"alpha{alpha:g}"
+def interpolation_folder(out: str | Path | RemotePath, alpha: float) -> Path | RemotePath:
+    """(A folder or a prefix on a store: one interpolation has no run log, so it can go to either.)"""
+    return location(out) / f"alpha{alpha:g}"
 
 
 def temporary_name(final: Path, kind: str = "") -> Path:

@@ -64,8 +64,24 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
                                        ("hf-trainer", ("checkpoint-4", "checkpoint-6")),
                                        ("lightning", ("epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"))])
 def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monkeypatch, run, steps):
+    """...with no local copy: no file in the temporary folder throughout (checked as the first piece is
+    written) and after."""
+    import tempfile
+
     monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
-    out = average_checkpoints([f"s3://{BUCKET}/{run}/{s}" for s in steps], tmp_path / "remote", device="cpu")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    during = []
+
+    def copies() -> list[Path]:  # (torch's compiler makes its cache folder there on import: not a copy)
+        return [p for p in (tmp_path / "tmp").rglob("*") if p.is_file() and "torchinductor_root" not in p.parts]
+
+    def progress(plan):
+        return lambda n: during.append(copies())
+
+    out = average_checkpoints([f"s3://{BUCKET}/{run}/{s}" for s in steps], tmp_path / "remote", device="cpu",
+                              progress=progress)
+    assert during and not any(during) and not copies()
     local = average_checkpoints([DATA / run / s for s in steps], tmp_path / "local", device="cpu")
     got, want = tensors(out), tensors(local)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -225,6 +241,22 @@ def test_an_output_on_the_store_is_replaced_only_with_force(store, tmp_path):
     assert fs.cat(f"{BUCKET}/outputs/theirs/notes.txt") == b"a researcher's notes"
 
 
+def test_interpolations_between_objects_on_the_store_put_on_the_store(store, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    a, b = (f"s3://{BUCKET}/hf-trainer/{s}" for s in ("checkpoint-2", "checkpoint-6"))
+    r = cli("interpolate", a, b, "--alphas", "0.25,1", "--out", f"s3://{BUCKET}/outputs/lmc", "-q")
+    assert r.exit_code == 0, r.stderr
+    local = DATA / "hf-trainer"
+    for alpha in (0.25, 1):
+        want = average_checkpoints([local / "checkpoint-2", local / "checkpoint-6"], tmp_path / f"local{alpha}",
+                                   weights=[alpha, 1 - alpha], normalize=False, device="cpu")
+        assert _files(_fetched(fs, f"outputs/lmc/alpha{alpha:g}", tmp_path / f"back{alpha}")) == _files(want)
+    r = cli("interpolate", a, b, "--alphas", "0.25", "--out", f"s3://{BUCKET}/outputs/lmc")
+    assert r.exit_code == 0 and "skipped" in r.stdout + r.stderr, r.stdout  # finished: its manifest is there
+
+
 def test_a_failed_average_leaves_nothing_on_the_store(store, tmp_path):
     """An error after the first shard was put (raised from the progress hook): that shard, the upload in
     progress and the marker are all gone."""
@@ -293,7 +325,7 @@ def test_a_killed_average_is_no_output_and_the_next_run_replaces_it(store, tmp_p
     assert _files(_fetched(fs, f"outputs/killed-{when}", tmp_path / "back")) == _files(local)
 
 
-@pytest.mark.parametrize("command", [["trajectory", "run"], ["interpolate", "a", "b"], ["pythia", "--model", "1b"]])
+@pytest.mark.parametrize("command", [["trajectory", "run"], ["pythia", "--model", "1b"]])
 def test_runs_of_many_averages_refuse_a_store_for_their_tree(tmp_path, command):
     """Before anything is listed or fetched: a store has no appends (the run log) or locks."""
     r = cli(*command, "--out", "s3://bucket/out")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -71,11 +70,12 @@ def average(
 @user_errors
 @grouped(arith=Arithmetic)
 def interpolate(
-    a: Path = typer.Argument(..., help="Checkpoint A."),
-    b: Path = typer.Argument(..., help="Checkpoint B (config, tokenizer and non-averaged tensors come from B)."),
+    a: str = typer.Argument(..., help="Checkpoint A (a path, or a URL on an object store)."),
+    b: str = typer.Argument(..., help="Checkpoint B (config, tokenizer and non-averaged tensors come from B)."),
     alphas: str = typer.Option("0,0.2,0.4,0.6,0.8,1", help="Comma-separated alphas; each output is "
                                "alpha*A + (1-alpha)*B (values outside [0, 1] extrapolate)."),
-    out_dir: str = typer.Option(..., "--out", "-o", help="Outputs go to OUT/alpha{ALPHA}/."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Outputs go to OUT/alpha{ALPHA}/ (OUT may be a prefix "
+                                "on an object store, s3://bucket/lmc)."),
     force: bool = typer.Option(False, "--force", help="Redo finished outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     arith: Arithmetic = None,
@@ -83,7 +83,6 @@ def interpolate(
     """Linear interpolation between two checkpoints, a probe of linear mode connectivity."""
     from ..api import interpolate as run
 
-    out_dir = opt.output_tree(out_dir, "--out")
     with Bars(quiet) as bars:
         done = run(a, b, opt.floats(alphas, "--alphas"), out_dir, device=arith.device, dtype=arith.dtype,
                    copy=arith.copy, force=force, output_format=arith.output_format,
