@@ -23,9 +23,10 @@ from .checkpoints.layouts import DEFAULT_STEP_PATTERN
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
 from .storage.paths import RemotePath
+from .trajectory.follow import FollowOptions
 from .trajectory.methods import check_parameters
 from .trajectory.run import Job, RunPlan, RunSpec, execute_run, plan_runs
-from .trajectory.schedule import steps_of
+from .trajectory.schedule import Window, steps_of
 from .trajectory.sources import Duplicate
 
 ByteBar = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance(n)
@@ -234,6 +235,34 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
     finally:
         if store is not None:
             store.close()
+
+
+def follow_trajectory(root: str | Path, spec: RunSpec, out: str | Path, averaging: Averaging = Averaging(),
+                      scoring: Scoring | None = None, options: FollowOptions | None = None, *,
+                      pattern: str | None = None, bars: ByteBar | None = None,
+                      on_window: Callable[[Job, Path], None] | None = None, on_task: OnTask | None = None,
+                      on_lost: Callable[[Window], None] | None = None) -> int:
+    """`run_trajectory` over a local run folder while its trainer writes it (`trajectory/follow.py`): each
+    window averaged (and scored) once its newest member is complete, members kept from the trainer's
+    deletions until their last window is done; until `options.until`, `options.idle_timeout` or Ctrl-C.
+    `spec.end` is ignored (the run's latest step, or `until`). Returns how many rounds averaged something."""
+    from .layout import output_folder
+    from .manifest import RunId
+    from .trajectory.follow import follow
+
+    if scoring is not None and scoring.in_memory:
+        raise OptionError("--follow writes each window's average (scoring in memory keeps none): drop --in-memory")
+    out = Path(out)
+    first = [averaging]
+
+    def run_round(source, round_spec: RunSpec) -> None:
+        run_trajectory(source, round_spec, out, first[0], scoring, bars=bars, on_window=on_window, on_task=on_task)
+        first[0] = replace(averaging, force=False)  # --force redoes what was there before following began
+
+    def finished(window) -> bool:
+        return is_finished(output_folder(out, RunId(Path(root).name, spec.tag()), window.step))
+
+    return follow(Path(root), spec, out, run_round, finished, options or FollowOptions(), pattern, on_lost)
 
 
 def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store, bars,

@@ -79,6 +79,14 @@ def named_files(items: Sequence[str], option: str) -> dict[str, Path]:
     return named
 
 
+def duration(text: str, option: str) -> float:
+    """Seconds, from `90`, `90s`, `30m` or `2h`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m:
+        raise OptionError(f"{option}: {text!r} is no duration (like 90s, 30m, 2h)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
 def output_tree(text: str | Path, option: str) -> Path:
     """A folder that a run keeps its outputs, run log and locks under: a filesystem's (local or shared), since
     a store has no appends or locks. One average goes to a store with `ckptavg average --out URL`."""

@@ -61,7 +61,10 @@ def unfinished(checkpoint: Path) -> str | None:
     for folder in folders:
         if any(folder.glob("*.distcp")) and not _has_metadata(folder):
             return f"{folder} has DCP data files but no .metadata (a save still being written?)"
-    for index in (SAFETENSORS_INDEX, BIN_INDEX):
+    for index, suffix in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        shard_names = [e.name for e in checkpoint.glob(f"*.{suffix}") if _SHARD.search(e.name)]
+        if shard_names and not (checkpoint / index).is_file():  # (the index is written after the shards)
+            return f"{checkpoint} has shards ({shard_names[0]}, ...) but no {index} (a save still being written?)"
         try:
             shards = set(json.loads((checkpoint / index).read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -70,6 +73,9 @@ def unfinished(checkpoint: Path) -> str | None:
         if missing:
             return f"{checkpoint / index} names {missing[0]}, which is not there (a save still being written?)"
     return None
+
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")  # transformers' shard names
 
 
 def _has_metadata(folder: Path) -> bool:

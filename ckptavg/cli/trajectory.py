@@ -50,6 +50,17 @@ def trajectory(
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_HELP),
     force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars."),
+    follow: bool = typer.Option(False, "--follow", help="Keep watching a local run folder as its trainer writes "
+                                "it: average (and score) each window once its newest checkpoint is complete, "
+                                "keeping (hard links, in OUT/NAME/.ckptavg-kept/) the checkpoints a later window "
+                                "needs from the trainer's deletions. Stops at --until, after --idle-timeout, or "
+                                "on Ctrl-C/SIGTERM; a rerun goes on where it stopped."),
+    until: Optional[int] = typer.Option(None, help="With --follow: stop once every window up to this output "
+                                        "step is done."),
+    idle_timeout: Optional[str] = typer.Option(None, help="With --follow: stop after this long without a new "
+                                               "complete checkpoint (90s, 30m, 2h)."),
+    poll: str = typer.Option("30s", help="With --follow: the longest pause between scans of the run folder "
+                             "(they start at 1 s and double while nothing changes)."),
     schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
     study: Study = None,
 ) -> None:
@@ -57,13 +68,18 @@ def trajectory(
 
     Each Hub revision is downloaded once, by commit id, into the Hugging Face cache and deleted after
     its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
-    where it stopped.
+    where it stopped. --follow keeps going while the run trains.
     """
     from ..api import open_trajectory
 
     schedule = _in_steps(schedule, schedule.tokens_per_step)
     out_dir = opt.output_tree(out_dir, "--out")
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
+    if follow:
+        return _follow(source, schedule, start, end, until, idle_timeout, poll, steps_from, out_dir, checks,
+                       dry_run=dry_run, quiet=quiet)
+    if until is not None or idle_timeout is not None:
+        raise fail("--until and --idle-timeout go with --follow")
     bars = Bars(quiet)
     src = open_trajectory(source, steps_from, cache_dir=downloads.cache_dir, bars=bars)
     steps = src.steps()
@@ -109,6 +125,55 @@ def pythia(
     src = (CatalogueTrajectory(model, deduped) if dry_run else
            pythia_trajectory(model, deduped, cache_dir=downloads.cache_dir, bars=bars))
     _run(src, spec, out_dir, *checks, dry_run=dry_run, quiet=quiet, bars=bars)
+
+
+def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional[int], until: Optional[int],
+            idle_timeout: Optional[str], poll: str, steps_from: Optional[str], out_dir: Path, checks, *,
+            dry_run: bool, quiet: bool) -> None:
+    import signal
+    import warnings
+
+    from ..api import follow_trajectory
+    from ..errors import CkptavgWarning
+    from ..trajectory.follow import FollowOptions, Scanner
+
+    root = Path(source)
+    if dry_run or end is not None:
+        raise fail(f"--follow takes {'--until' if end is not None else 'no --dry-run'} "
+                   f"{'instead of --end' if end is not None else '(it plans as checkpoints land)'}")
+    if not root.is_dir():
+        raise fail(f"--follow watches a local run folder; {source} is none")
+    options = FollowOptions(until, opt.duration(idle_timeout, "--idle-timeout") if idle_timeout else None,
+                            opt.duration(poll, "--poll"))
+    if start is None:
+        scanner = Scanner(root, steps_from)
+        scanner.scan()  # (a checkpoint counts once two scans find it the same)
+        steps = sorted(scanner.scan())
+        if not steps:
+            raise fail(f"{root} has no complete checkpoint yet: give --start, the first output step")
+        start = steps[0] + (schedule.k - 1) * schedule.nu
+    spec = _spec(schedule, start, until if until is not None else start, True)
+    averaging, checked_scoring = checks
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: nothing half-written
+    written = []
+
+    def on_window(job, path) -> None:
+        written.append(path)
+        if not quiet:
+            say(f"wrote {path}")
+
+    def on_lost(window) -> None:
+        warnings.warn(f"window at step {window.step} skipped: a member was deleted before it could be kept",
+                      CkptavgWarning, stacklevel=2)
+
+    say(f"following {root} ({spec.tag()}, from step {start}{f' until {until}' if until is not None else ''})")
+    try:
+        follow_trajectory(root, spec, out_dir, averaging, checked_scoring, options, pattern=steps_from,
+                          on_window=on_window, on_lost=on_lost)
+    except KeyboardInterrupt:
+        say(f"stopped: {len(written)} output(s) written under {out_dir}; run the same command to go on")
+        raise typer.Exit(130) from None
+    say(f"{len(written)} output(s) written under {out_dir}")
 
 
 def _in_steps(s: Schedule, tokens_per_step: Optional[int]) -> Schedule:

@@ -72,6 +72,16 @@ def model_config(vocab: int, ctx: int, width: int, layers: int, eot: int) -> GPT
                          use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=eot, eos_token_id=eot)
 
 
+def retire(out: Path, keep: int, to: Path | None) -> None:
+    saved = sorted((p for p in out.glob("step*") if p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
+    for old in saved[:-keep]:
+        if to is None:
+            shutil.rmtree(old)
+        else:
+            to.mkdir(parents=True, exist_ok=True)
+            os.replace(old, to / old.name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="trajectory folder: OUT/step{N}/")
@@ -87,6 +97,12 @@ def main() -> None:
     ap.add_argument("--heldout", type=Path, help="also write the held-out files here as jsonl")
     ap.add_argument("--heldout-chars", type=int, default=3000)
     ap.add_argument("--max-files", type=int, help="train on only the first N training files (for quick tests)")
+    ap.add_argument("--keep-last", type=int, help="delete all but the newest N checkpoints after each save, as "
+                    "trainers do (save_total_limit, max_checkpoints)")
+    ap.add_argument("--retire-to", type=Path, help="with --keep-last: move old checkpoints here instead of "
+                    "deleting them (gone from OUT all the same; kept for a test's reference averages)")
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait after each save: the training time "
+                    "of a larger model, for a follower to keep up with")
     args = ap.parse_args()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -134,6 +150,9 @@ def main() -> None:
             if folder.exists():  # left by an earlier, interrupted training run
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
+            if args.keep_last:
+                retire(args.out, args.keep_last, args.retire_to)
+            time.sleep(args.pause)
             if step % (args.every * 10) == 0 or step == args.steps:
                 print(f"  step {step:5d}  train loss {loss.item():.3f}  ({time.time() - start:.0f} s)", flush=True)
     record = {"lr": args.lr, "steps": args.steps, "seconds": round(time.time() - start, 1),
