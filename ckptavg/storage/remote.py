@@ -19,7 +19,7 @@ from .base import FileInfo, finish_reads
 # the fsspec implementation each protocol needs, and the extra that installs it
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 CHUNK_BYTES = 4 * 1024 * 1024  # one ranged GET
-IN_FLIGHT = 16  # ranged GETs at once, per store: the engine's pieces of every input of an average together
+IN_FLIGHT = 16  # ranged GETs at once in this process, whichever objects and stores they are for
 RETRIES = 6  # pauses of 0.25, 0.5, 1, 2, 4 s: about 8 s of trying before a read is given up
 FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
@@ -39,8 +39,6 @@ class FsspecStorage:
 
     def __init__(self, fs, protocol: str) -> None:
         self.fs, self.protocol = fs, protocol
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict | None = None) -> tuple[FsspecStorage, str]:
@@ -122,10 +120,7 @@ class FsspecStorage:
         run `IN_FLIGHT` at a time (fsspec's clients share one event loop, so threads asking at once are
         requests in flight at once); `finish_reads` waits for them. A GET that fails for a passing reason
         is asked again from its own start, so a long read never starts over."""
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="ckptavg-get")
-        return [self._pool.submit(self._get, path, offset + done, buffer[done : done + CHUNK_BYTES])
+        return [_pool().submit(self._get, path, offset + done, buffer[done : done + CHUNK_BYTES])
                 for done in range(0, len(buffer), CHUNK_BYTES)]
 
     def _get(self, path: str, start: int, into: memoryview) -> None:
@@ -134,6 +129,18 @@ class FsspecStorage:
         if len(data) != n:
             raise InputError(f"{self.url(path)}: ends before byte {start + n} (it has {start + len(data)})")
         into[:] = data
+
+
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads that make the ranged GETs, one set for the process (each input's storage shares it)."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="ckptavg-get"))
+        return _POOL[0]
 
 
 def _first_line(e: BaseException) -> str:

@@ -177,6 +177,7 @@ def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajec
     scanner = Scanner(root, pattern)
     keeper = Keeper(out / root.name / KEPT)
     reported: set[int] = set()
+    seen: set[int] = set()  # complete steps found so far: a new one, needed or not, means the run goes on
     pause, idle_since, rounds = 1.0, time.monotonic(), 0
     while True:
         complete = scanner.scan()
@@ -205,7 +206,8 @@ def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajec
                 keeper.release(name)
         if options.until is not None and not needed and latest is not None and latest >= options.until:
             return rounds
-        if new:
+        if new or set(complete) - seen:
+            seen |= set(complete)
             pause, idle_since = 1.0, time.monotonic()
         elif options.idle_timeout is not None and time.monotonic() - idle_since >= options.idle_timeout:
             warnings.warn(f"no new checkpoint in {options.idle_timeout:g} s: stopped following {root}",
