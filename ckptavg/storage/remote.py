@@ -19,7 +19,7 @@ from .base import FileInfo, finish_reads
 # the fsspec implementation each protocol needs, and the extra that installs it
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 CHUNK_BYTES = 4 * 1024 * 1024  # one ranged GET
-IN_FLIGHT = 16  # ranged GETs at once in this process, whichever objects and stores they are for
+IN_FLIGHT = 32  # ranged GETs at once in this process, whichever objects and stores they are for
 RETRIES = 6  # pauses of 0.25, 0.5, 1, 2, 4 s: about 8 s of trying before a read is given up
 FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
