@@ -245,7 +245,7 @@ def follow_trajectory(root: str | Path, spec: RunSpec, out: str | Path, averagin
     """`run_trajectory` over a local run folder while its trainer writes it (`trajectory/follow.py`): each
     window averaged (and scored) once its newest member is complete, members kept from the trainer's
     deletions until their last window is done; until `options.until`, `options.idle_timeout` or Ctrl-C.
-    `spec.end` is ignored (the run's latest step, or `until`). Returns how many rounds averaged something."""
+    `spec.end` is ignored (the run's latest step, or `until`). Returns how many rounds it ran."""
     from .layout import output_folder
     from .manifest import RunId
     from .trajectory.follow import follow
@@ -253,11 +253,12 @@ def follow_trajectory(root: str | Path, spec: RunSpec, out: str | Path, averagin
     if scoring is not None and scoring.in_memory:
         raise OptionError("--follow writes each window's average (scoring in memory keeps none): drop --in-memory")
     out = Path(out)
-    first = [averaging]
+    this_round = averaging
 
     def run_round(source, round_spec: RunSpec) -> None:
-        run_trajectory(source, round_spec, out, first[0], scoring, bars=bars, on_window=on_window, on_task=on_task)
-        first[0] = replace(averaging, force=False)  # --force redoes what was there before following began
+        nonlocal this_round
+        run_trajectory(source, round_spec, out, this_round, scoring, bars=bars, on_window=on_window, on_task=on_task)
+        this_round = replace(averaging, force=False)  # --force redoes what was there before following began
 
     def finished(window) -> bool:
         return is_finished(output_folder(out, RunId(Path(root).name, spec.tag()), window.step))

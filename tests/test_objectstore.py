@@ -157,9 +157,7 @@ def test_a_study_source_on_the_store_with_its_own_storage_options(store, tmp_pat
 def test_an_object_overwritten_while_it_is_read_is_an_error_and_nothing_is_written(store, tmp_path):
     """The newest input's weights replaced on the store as soon as the average has read its first piece
     (from the average's own progress hook): the ETag before and after differ, and no output appears."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs = store_fs()
     for s in ("checkpoint-2", "checkpoint-4"):
         fs.put(str(DATA / "hf-trainer" / s), f"{BUCKET}/changing/{s}", recursive=True)
     target = f"{BUCKET}/changing/checkpoint-4/model.safetensors"
@@ -194,11 +192,9 @@ def _fetched(fs, prefix: str, dest: Path) -> Path:
 def test_an_average_put_on_the_store_is_the_local_average_with_its_manifest_last(store, tmp_path, run, steps):
     """From inputs on the store to an output on the store, in shards: every file byte for byte the local
     average's, and while the shards go up no reader takes the output for a finished one."""
-    import s3fs
-
     from ckptavg.manifest import is_finished, read_manifest
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs = store_fs()
     url = f"s3://{BUCKET}/outputs/{run}"
     seen = []
 
@@ -221,9 +217,7 @@ def test_an_average_put_on_the_store_is_the_local_average_with_its_manifest_last
 
 
 def test_an_output_on_the_store_is_replaced_only_with_force(store, tmp_path):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs = store_fs()
     srcs = [DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")]
     url = f"s3://{BUCKET}/outputs/replaced"
     assert cli("average", *srcs, "--out", url, "-q", "--shard-size", "30KB").exit_code == 0
@@ -242,9 +236,7 @@ def test_an_output_on_the_store_is_replaced_only_with_force(store, tmp_path):
 
 
 def test_interpolations_between_objects_on_the_store_put_on_the_store(store, tmp_path):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs = store_fs()
     a, b = (f"s3://{BUCKET}/hf-trainer/{s}" for s in ("checkpoint-2", "checkpoint-6"))
     r = cli("interpolate", a, b, "--alphas", "0.25,1", "--out", f"s3://{BUCKET}/outputs/lmc", "-q")
     assert r.exit_code == 0, r.stderr
@@ -260,9 +252,7 @@ def test_interpolations_between_objects_on_the_store_put_on_the_store(store, tmp
 def test_a_failed_average_leaves_nothing_on_the_store(store, tmp_path):
     """An error after the first shard was put (raised from the progress hook): that shard, the upload in
     progress and the marker are all gone."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs = store_fs()
 
     def progress(plan):
         def tick(n):
@@ -309,11 +299,9 @@ def test_a_killed_average_is_no_output_and_the_next_run_replaces_it(store, tmp_p
     import subprocess
     import sys
 
-    import s3fs
-
     from ckptavg.manifest import is_finished
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs = store_fs()
     srcs = [str(DATA / "hf-trainer" / s) for s in ("checkpoint-2", "checkpoint-4")]
     url = f"s3://{BUCKET}/outputs/killed-{when}"
     r = subprocess.run([sys.executable, "-c", KILLED, when, *srcs, url], capture_output=True, text=True)

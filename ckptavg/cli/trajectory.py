@@ -138,9 +138,10 @@ def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional
     from ..trajectory.follow import FollowOptions, Scanner
 
     root = Path(source)
-    if dry_run or end is not None:
-        raise fail(f"--follow takes {'--until' if end is not None else 'no --dry-run'} "
-                   f"{'instead of --end' if end is not None else '(it plans as checkpoints land)'}")
+    if end is not None:
+        raise fail("--follow takes --until instead of --end")
+    if dry_run:
+        raise fail("--follow takes no --dry-run (it plans as checkpoints land)")
     if not root.is_dir():
         raise fail(f"--follow watches a local run folder; {source} is none")
     options = FollowOptions(until, opt.duration(idle_timeout, "--idle-timeout") if idle_timeout else None,

@@ -27,6 +27,7 @@ from ..checkpoints.torchsave import saved_object
 from ..errors import InputError
 from ..hashing import file_sha256, known_sha256
 from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
+from ..storage.base import FileInfo
 from ..storage.paths import RemotePath
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
@@ -104,11 +105,13 @@ def _versions() -> dict[str, str]:
 
 def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple[str, str]] | None,
                      provenance: Sequence[dict] | None, plan: AveragePlan,
-                     etags: dict[RemotePath, str]) -> tuple[InputRecord, ...]:
+                     remote: dict[RemotePath, FileInfo]) -> tuple[InputRecord, ...]:
+    """`remote`: each object's size and ETag as the average found them (asked of the store once)."""
     inputs = []
     for i, c in enumerate(checkpoints):
-        files = tuple(FileRecord(f.name, f.stat().st_size, *(hashes[f] if hashes is not None else (None, None)),
-                                 etag=etags.get(f)) for f in c.files)
+        files = tuple(FileRecord(f.name, remote[f].size if f in remote else f.stat().st_size,
+                                 *(hashes[f] if hashes is not None else (None, None)),
+                                 etag=remote[f].identity if f in remote else None) for f in c.files)
         inputs.append(InputRecord(str(c.path.absolute()), c.format, files, plan.absent[i] if plan.absent else (),
                                   **(provenance[i] if provenance else {}), trainer=c.trainer))
     return tuple(inputs)
@@ -170,10 +173,10 @@ def average_checkpoints(
         in_pass = [f for f in unknown if f in streamed]
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
         # an object on a store may be overwritten while it is read: its version before and after must agree
-        remote = {f: f.info().identity for c in checkpoints for f in c.files if isinstance(f, RemotePath)}
+        remote = {f: f.info() for c in checkpoints for f in c.files if isinstance(f, RemotePath)}
         hashers = execute_plan(plan, output.path, device=dev, piece_elements=piece_elements,
                                progress=progress(plan) if progress else None, hash_files=in_pass)
-        changed = [f for f, identity in remote.items() if f.info().identity != identity]
+        changed = [f for f, before in remote.items() if f.info().identity != before.identity]
         if changed:
             raise InputError(f"{changed[0]} changed while it was being read (its ETag differs): nothing was "
                              f"written; run again once the run has finished writing it")

@@ -287,6 +287,11 @@ class _Pipeline:
         # Pieces on an object store are asked for up to READ_AHEAD pieces ahead of the one handed on, so
         # that the link waits neither for the arithmetic nor for the slowest GET of a piece.
         ahead: collections.deque = collections.deque()
+
+        def hand_on() -> None:
+            piece, bufs, reads = ahead.popleft()
+            self._put(self.read_q, (piece, bufs, reads.result()))
+
         try:
             with TensorReader(map_files=self.device.type == "cpu", keep_cached=self.keep_cached) as reader:
                 for p in self.pieces:
@@ -294,14 +299,12 @@ class _Pipeline:
                     asked = [(*r.at(p.start), p.count, b) for r, b in zip(p.job.sources, bufs, strict=True)]
                     ahead.append((p, bufs, reader.start_many(asked)))
                     while ahead and (len(ahead) > self.read_ahead or ahead[0][2].done):
-                        piece, piece_bufs, reads = ahead.popleft()
-                        self._put(self.read_q, (piece, piece_bufs, reads.result()))
+                        hand_on()
                 while ahead:
-                    piece, piece_bufs, reads = ahead.popleft()
-                    self._put(self.read_q, (piece, piece_bufs, reads.result()))
+                    hand_on()
         finally:  # no GET still writes into a buffer once this stage is over
             for *_, reads in ahead:
-                finish_reads([f for *_, futures in reads.pending for f in futures], raise_first=False)
+                finish_reads(reads.futures, raise_first=False)
         self._put(self.read_q, None)
 
     def _write(self) -> None:

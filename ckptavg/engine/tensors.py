@@ -90,11 +90,15 @@ class Reads:
         self.views, self.pending = views, pending  # pending: (position, its bytes, their dtype, their GETs)
 
     @property
+    def futures(self) -> list[Future]:
+        return [f for *_, futures in self.pending for f in futures]
+
+    @property
     def done(self) -> bool:
-        return all(f.done() for *_, futures in self.pending for f in futures)
+        return all(f.done() for f in self.futures)
 
     def result(self) -> list[torch.Tensor]:
-        finish_reads([f for *_, futures in self.pending for f in futures])
+        finish_reads(self.futures)
         for i, data, dtype, _ in self.pending:
             self.views[i] = _typed(data, dtype)
         self.pending = []
@@ -157,8 +161,8 @@ class TensorReader:
                     remote.append((i, data, ref.dtype, futures))
                 else:
                     views[i] = self.read(ref, start, count, out)
-        except BaseException:
-            finish_reads([f for *_, futures in remote for f in futures])
+        except BaseException:  # (the error that stopped it, not one of the GETs', is the one raised)
+            finish_reads(Reads(views, remote).futures, raise_first=False)
             raise
         return Reads(views, remote)
 

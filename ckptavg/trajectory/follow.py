@@ -167,9 +167,9 @@ class FollowOptions:
 
 def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajectory, RunSpec], object],
            finished: Callable[[Window], bool], options: FollowOptions = FollowOptions(), pattern: str | None = None,
-           on_lost: Callable[[Window], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
+           on_lost: Callable[[Window], None] | None = None) -> int:
     """Scan, keep, average (`run_round(kept trajectory, spec up to the latest step)`), release, wait; until
-    `options` says stop. Returns how many rounds averaged something. Ctrl-C (or SIGTERM, which the CLI turns
+    `options` says stop. Returns how many rounds it ran. Ctrl-C (or SIGTERM, which the CLI turns
     into it) during a pause stops at once; during an average, after the average is cleaned up."""
     root = Path(root)
     if not root.is_dir():
@@ -200,8 +200,8 @@ def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajec
             run_round(KeptTrajectory(keeper.folder, scanner.pattern, root),
                       replace(spec, end=reachable, skip_incomplete=True))
             rounds += 1
-        needed, _ = needed_steps(spec, latest, have, finished, options.until)
-        for step, name in keeper.steps(scanner.pattern).items() if scanner.pattern else ():
+        needed, _ = needed_steps(spec, latest, have, finished, options.until)  # (less what this round did)
+        for step, name in kept.items():
             if step not in needed:
                 keeper.release(name)
         if options.until is not None and not needed and latest is not None and latest >= options.until:
@@ -213,5 +213,5 @@ def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajec
             warnings.warn(f"no new checkpoint in {options.idle_timeout:g} s: stopped following {root}",
                           CkptavgWarning, stacklevel=2)
             return rounds
-        sleep(pause)
+        time.sleep(pause)
         pause = min(pause * 2, options.poll)
