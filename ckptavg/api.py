@@ -23,14 +23,14 @@ from .checkpoints.layouts import DEFAULT_STEP_PATTERN
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
 from .storage.paths import RemotePath
+from .trajectory.events import QUIET, Broadcast, Events
 from .trajectory.follow import FollowOptions
 from .trajectory.methods import check_parameters
 from .trajectory.run import Job, RunPlan, RunSpec, execute_run, plan_runs
-from .trajectory.schedule import Window, steps_of
+from .trajectory.schedule import steps_of
 from .trajectory.sources import Duplicate
 
 ByteBar = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance(n)
-OnTask = Callable[[object, str, str], None]  # (target, task, "skipped" | "done" | "failed: why")
 
 
 def torch_dtype(name: str):
@@ -192,17 +192,15 @@ class TrajectoryRun:
 
 
 def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, averaging: Averaging = Averaging(),
-                   scoring: Scoring | None = None, *, dry_run: bool = False, bars: ByteBar | None = None,
-                   on_plan: Callable[[RunPlan, list[Duplicate]], None] | None = None,
-                   on_window: Callable[[Job, Path], None] | None = None,
-                   on_task: OnTask | None = None, select: Callable[[Job], bool] | None = None) -> TrajectoryRun:
+                   scoring: Scoring | None = None, *, dry_run: bool = False, events: Events = QUIET,
+                   select: Callable[[Job], bool] | None = None) -> TrajectoryRun:
     """Plan every window of `specs` (one run or several) over `source`, check the revisions for
     duplicates, then (unless `dry_run`) fetch, average, score and evict in order: a revision several
     runs need is fetched once. Finished windows are skipped (with `scoring.in_memory`: windows whose
     every task is stored), so an interrupted run resumes.
 
-    `on_plan(plan, duplicates)` is called before anything is fetched; `on_window(job, folder)` after
-    each output is written; `on_task` for each (checkpoint, task) scored; `select(job)` keeps only some
+    `events` (`trajectory.events.Events`) hears the plan before anything is fetched, each output
+    written, each (checkpoint, task) scored, and gives the progress bars; `select(job)` keeps only some
     windows (a cluster job's share of a study)."""
     specs = [specs] if isinstance(specs, RunSpec) else list(specs)
     averaging = averaging.checked(dry_run)
@@ -227,11 +225,10 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
         # only the revisions still to be read: a resumed run does not re-check what it is done with
         to_read = steps_of([j.window for j in plan.todo])
         duplicates = [] if sizes is not None else source.duplicates(to_read, read_data=not dry_run)
-        if on_plan is not None:
-            on_plan(plan, duplicates)
+        events.planned(plan, duplicates)
         if dry_run:
             return TrajectoryRun(plan, tuple(duplicates))
-        return _execute(source, plan, duplicates, averaging, scoring, store, bars, on_window, on_task)
+        return _execute(source, plan, duplicates, averaging, scoring, store, events)
     finally:
         if store is not None:
             store.close()
@@ -239,9 +236,7 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
 
 def follow_trajectory(root: str | Path, spec: RunSpec, out: str | Path, averaging: Averaging = Averaging(),
                       scoring: Scoring | None = None, options: FollowOptions | None = None, *,
-                      pattern: str | None = None, bars: ByteBar | None = None,
-                      on_window: Callable[[Job, Path], None] | None = None, on_task: OnTask | None = None,
-                      on_lost: Callable[[Window], None] | None = None) -> int:
+                      pattern: str | None = None, events: Events = QUIET) -> int:
     """`run_trajectory` over a local run folder while its trainer writes it (`trajectory/follow.py`): each
     window averaged (and scored) once its newest member is complete, members kept from the trainer's
     deletions until their last window is done; until `options.until`, `options.idle_timeout` or Ctrl-C.
@@ -257,47 +252,46 @@ def follow_trajectory(root: str | Path, spec: RunSpec, out: str | Path, averagin
 
     def run_round(source, round_spec: RunSpec) -> None:
         nonlocal this_round
-        run_trajectory(source, round_spec, out, this_round, scoring, bars=bars, on_window=on_window, on_task=on_task)
+        run_trajectory(source, round_spec, out, this_round, scoring, events=events)
         this_round = replace(averaging, force=False)  # --force redoes what was there before following began
 
     def finished(window) -> bool:
         return is_finished(output_folder(out, RunId(Path(root).name, spec.tag()), window.step))
 
-    return follow(Path(root), spec, out, run_round, finished, options or FollowOptions(), pattern, on_lost)
+    return follow(Path(root), spec, out, run_round, finished, options or FollowOptions(), pattern, events)
 
 
-def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store, bars,
-             on_window, on_task) -> TrajectoryRun:
+def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store,
+             events: Events) -> TrajectoryRun:
     out_dtype = torch_dtype(averaging.dtype)
-    hooks: dict = {}
-    scorer = None
+    listeners, in_memory, scorer = events, None, None
     if scoring is not None:
-        from .evaluation.scorer import study_hooks
+        from .evaluation.scorer import study_listeners
 
-        scorer = _scorer(scoring, store, averaging.device, averaging.force, on_task)
-        hooks = study_hooks(source.name, {j.window.step for j in plan.todo}, scorer, originals=scoring.originals,
-                            in_memory=scoring.in_memory, out_dtype=out_dtype, diversity=scoring.diversity,
-                            copy=averaging.copy)
+        scorer = _scorer(scoring, store, averaging.device, averaging.force, events)
+        scoring_listeners, in_memory = study_listeners(
+            source.name, {j.window.step for j in plan.todo}, scorer, originals=scoring.originals,
+            in_memory=scoring.in_memory, out_dtype=out_dtype, diversity=scoring.diversity, copy=averaging.copy)
+        listeners = Broadcast(events, scoring_listeners)
     written = execute_run(source, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
-                          device=averaging.device, out_dtype=out_dtype, copy=averaging.copy, bars=bars,
-                          output_format=averaging.output_format,
-                          on_window=on_window, **hooks)
+                          device=averaging.device, out_dtype=out_dtype, copy=averaging.copy,
+                          output_format=averaging.output_format, events=listeners, in_memory=in_memory)
     if scorer is not None and not scoring.in_memory:  # the averages, and originals not scored on the way
         from .evaluation.scorer import run_eval
         from .evaluation.targets import find_targets
 
         for root in plan.roots.values():
             steps = {j.window.step for j in plan.jobs if j.out_dir.parent == root}
-            run_eval(find_targets(root, steps, scoring.originals), scorer, bars)
+            run_eval(find_targets(root, steps, scoring.originals), scorer)
     return TrajectoryRun(plan, tuple(duplicates), tuple(written), scorer.scored if scorer else 0,
                          scorer.failed if scorer else 0)
 
 
-def _scorer(scoring: Scoring, store, device: str, force: bool, on_task: OnTask | None):
+def _scorer(scoring: Scoring, store, device: str, force: bool, events: Events):
     from .evaluation.scorer import Scorer
 
     return Scorer(scoring.tasks, store, scoring.registered().manager, device=device, dtype=scoring.dtype,
-                  batch_size=scoring.batch_size, limit=scoring.limit, force=force, on_task=on_task,
+                  batch_size=scoring.batch_size, limit=scoring.limit, force=force, events=events,
                   resident=not scoring.fresh_model)
 
 
@@ -326,7 +320,7 @@ def fetch_summary(targets: Sequence) -> tuple[int, int, int, int]:
 
 
 def evaluate(root: str | Path, scoring: Scoring, *, steps: set[int] | None = None, force: bool = False,
-             bars: ByteBar | None = None, on_task: OnTask | None = None, targets: Sequence | None = None) -> EvalRun:
+             events: Events = QUIET, targets: Sequence | None = None) -> EvalRun:
     """Score every finished output at any depth under `root` (and the originals of their steps) into
     `scoring.results`; what the store has is skipped unless `force`. `targets`, when a caller has found
     them already (`find_targets`), saves walking the outputs and reading their manifests again."""
@@ -336,8 +330,8 @@ def evaluate(root: str | Path, scoring: Scoring, *, steps: set[int] | None = Non
     targets = list(targets) if targets is not None else find_targets(root, steps, scoring.originals)
     device = resolve_device(scoring.device)
     with Store(scoring.results) as store:
-        scorer = _scorer(scoring, store, device, force, on_task)
-        run_eval(targets, scorer, bars)
+        scorer = _scorer(scoring, store, device, force, events)
+        run_eval(targets, scorer)
     return EvalRun(tuple(targets), scorer.scored, scorer.failed)
 
 

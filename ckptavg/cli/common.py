@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from ..errors import CkptavgError, CkptavgWarning, describe_os_error
+from ..trajectory.events import Events
 
 app = typer.Typer(
     help="Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories.",
@@ -73,11 +74,13 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-class Bars:
-    """One rich progress display per command; every download and every average gets a bar of bytes."""
+class Bars(Events):
+    """What a command shows as it works: one rich progress display, a bar of bytes for every download and
+    every average, a line per output written (unless quiet), one line per failed score, and a progress line
+    over the scores once `count_scores` is called."""
 
     def __init__(self, quiet: bool) -> None:
-        self.progress = None
+        self.progress, self.quiet, self.score_line = None, quiet, None
         if not quiet:
             from rich.progress import (
                 BarColumn,
@@ -110,22 +113,28 @@ class Bars:
         task_id = bars.add_task(description, total=total)
         return lambda n: bars.advance(task_id, n)
 
+    bar = __call__
+
     def for_plan(self, description: str):
         """The progress hook `average_checkpoints` takes: called with the plan, returns the callback."""
         return lambda plan: self(description, plan.output_bytes)
 
-    def scoring(self, total: int | None):
-        """An `on_task` callback: failures said on one line each, and a progress line over `total` scores
-        (None: not known in advance)."""
-        line = self.progress.add_task("scoring", total=total) if self.progress is not None else None
+    def count_scores(self, total: int | None) -> Bars:
+        """Show a progress line over `total` scores (None: not known in advance)."""
+        if self.progress is not None:
+            self.score_line = self.progress.add_task("scoring", total=total)
+        return self
 
-        def on_task(target, task: str, status: str) -> None:
-            if status.startswith("failed"):
-                say(f"[yellow]failed:[/] {target.model} {target.tag} step{target.step} {task}: {status[8:]}")
-            if line is not None:
-                self.progress.update(line, advance=1, description=f"score {target.tag} step{target.step} {task}")
+    def averaged(self, job, folder) -> None:
+        if not self.quiet:
+            say(f"wrote {folder}")
 
-        return on_task
+    def scored(self, target, task: str, status: str, rows) -> None:
+        if status.startswith("failed"):
+            say(f"[yellow]failed:[/] {target.model} {target.tag} step{target.step} {task}: {status[8:]}")
+        if self.score_line is not None:
+            self.progress.update(self.score_line, advance=1, description=f"score {target.tag} step{target.step} "
+                                 f"{task}")
 
 
 def grouped(**groups: type) -> Callable[[Callable], Callable]:

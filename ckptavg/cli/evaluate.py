@@ -57,8 +57,8 @@ def eval_(
             out.print(f"{t.model}  {t.tag:<24} step{t.step:<8} {where}", highlight=False, soft_wrap=True)
         return
     with Bars(quiet) as bars:
-        result = evaluate(run_dir, checked, steps=wanted, force=force, bars=bars, targets=targets,
-                          on_task=bars.scoring(len(targets) * len(checked.tasks)))
+        result = evaluate(run_dir, checked, steps=wanted, force=force, targets=targets,
+                          events=bars.count_scores(len(targets) * len(checked.tasks)))
     say(f"{result.scored} task score(s) written to {checked.results}, {result.failed} failed")
 
 

@@ -106,9 +106,7 @@ def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
                if study.scoring.get("tasks") else ""))
         return
     with Bars(quiet) as bars:
-        on_task = bars.scoring(None) if study.scoring.get("tasks") else None
-        runs = run_study(study, force=force, bars=bars, on_task=on_task,
-                         on_window=None if quiet else lambda job, p: say(f"wrote {p}"))
+        runs = run_study(study, force=force, events=bars.count_scores(None) if study.scoring.get("tasks") else bars)
     say(f"{sum(len(r.written) for r in runs)} output(s) written under {study.out}"
         + (f"; {sum(r.scored for r in runs)} task score(s) written to {study.results}, "
            f"{sum(r.failed for r in runs)} failed" if study.scoring.get("tasks") else ""))

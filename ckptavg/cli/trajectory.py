@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .. import options as opt
+from ..trajectory.events import Broadcast, Events
 from ..units import format_size, format_tokens
 from .common import (
     Arithmetic,
@@ -158,19 +159,20 @@ def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: nothing half-written
     written = []
 
-    def on_window(job, path) -> None:
-        written.append(path)
-        if not quiet:
-            say(f"wrote {path}")
+    class Following(Bars):
+        def averaged(self, job, folder) -> None:
+            written.append(folder)
+            super().averaged(job, folder)
 
-    def on_lost(window) -> None:
-        warnings.warn(f"window at step {window.step} skipped: a member was deleted before it could be kept",
-                      CkptavgWarning, stacklevel=2)
+        def lost(self, window) -> None:
+            warnings.warn(f"window at step {window.step} skipped: a member was deleted before it could be kept",
+                          CkptavgWarning, stacklevel=2)
 
     say(f"following {root} ({spec.tag()}, from step {start}{f' until {until}' if until is not None else ''})")
     try:
-        follow_trajectory(root, spec, out_dir, averaging, checked_scoring, options, pattern=steps_from,
-                          on_window=on_window, on_lost=on_lost)
+        with Following(quiet) as events:
+            follow_trajectory(root, spec, out_dir, averaging, checked_scoring, options, pattern=steps_from,
+                              events=events.count_scores(None) if checked_scoring else events)
     except KeyboardInterrupt:
         say(f"stopped: {len(written)} output(s) written under {out_dir}; run the same command to go on")
         raise typer.Exit(130) from None
@@ -220,23 +222,23 @@ def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks:
 def _run(source, spec, out_dir: Path, averaging, checked_scoring, *, dry_run: bool, quiet: bool, bars: Bars) -> None:
     from ..api import run_trajectory
 
-    def on_plan(plan, duplicates) -> None:
-        if dry_run or not quiet:
-            print_plan(f"{source.name}: {spec.tag()}", plan, local=source.local)
-        if dry_run and source.local:
-            say("local checkpoints are compared for duplicates when the run starts: a dry run reads no tensor data",
-                style="dim")
-        for dup in duplicates:
-            say(f"[bold yellow]warning:[/] {dup}: the trajectory serves the same checkpoint under different steps, "
-                f"and these averages will include it as given")
+    class Plan(Events):
+        def planned(self, plan, duplicates) -> None:
+            if dry_run or not quiet:
+                print_plan(f"{source.name}: {spec.tag()}", plan, local=source.local)
+            if dry_run and source.local:
+                say("local checkpoints are compared for duplicates when the run starts: a dry run reads no tensor "
+                    "data", style="dim")
+            for dup in duplicates:
+                say(f"[bold yellow]warning:[/] {dup}: the trajectory serves the same checkpoint under different "
+                    f"steps, and these averages will include it as given")
 
     scores = checked_scoring is not None
     with bars:
-        total = 2 * len(spec.windows(None)) * len(checked_scoring.tasks) if scores else 0  # at most
-        on_task = bars.scoring(total) if scores and not dry_run else None
-        run = run_trajectory(source, spec, out_dir, averaging, checked_scoring, dry_run=dry_run, bars=bars,
-                             on_plan=on_plan, on_window=None if quiet else lambda job, p: say(f"wrote {p}"),
-                             on_task=on_task)
+        if scores and not dry_run:
+            bars.count_scores(2 * len(spec.windows(None)) * len(checked_scoring.tasks))  # at most
+        run = run_trajectory(source, spec, out_dir, averaging, checked_scoring, dry_run=dry_run,
+                             events=Broadcast(bars, Plan()))
     if dry_run:
         return
     if scores and checked_scoring.in_memory:

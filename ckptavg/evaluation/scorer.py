@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CkptavgWarning
 from ..report.store import ORIGINAL, Row, Store, failed_row
+from ..trajectory.events import QUIET, Broadcast, Events, byte_bar
 from .targets import Target, fetched
 
 if TYPE_CHECKING:
@@ -19,14 +20,13 @@ if TYPE_CHECKING:
 
 class Scorer:
     """Scores checkpoints into the store: skips what is there (unless `force`), records failures,
-    and reports each (checkpoint, task) pair to `on_task` as "skipped", "done" or "failed: why".
+    and tells `events.scored` of each (checkpoint, task) pair: "skipped", "done" or "failed: why".
 
     One resident model scores every checkpoint (`resident.py`); `resident=False` builds a fresh model
     for each, as ckptavg did before (the scores are the same)."""
 
     def __init__(self, tasks: Sequence[str], store: Store, manager, *, device: str, dtype: str, batch_size: str,
-                 limit: int | None, force: bool, on_task: Callable[[Target, str, str], None] | None = None,
-                 resident: bool = True) -> None:
+                 limit: int | None, force: bool, events: Events = QUIET, resident: bool = True) -> None:
         from .harness import effective_settings, lm_eval_version
         from .resident import ResidentModel
 
@@ -36,7 +36,7 @@ class Scorer:
         self.settings = dict(zip(("batch_size", "dtype"), effective_settings(device, dtype, batch_size),
                                  strict=True)) | {"device": device}
         self.limit, self.force = limit, force
-        self.report = on_task or (lambda *a: None)
+        self.events = events
         self.version = lm_eval_version()
         self.scored = self.failed = 0
         self.resident = ResidentModel(device, dtype, batch_size) if resident else None
@@ -52,7 +52,7 @@ class Scorer:
         todo = self.todo(target)
         for t in self.tasks:
             if t not in todo:
-                self.report(target, t, "skipped")
+                self.events.scored(target, t, "skipped", ())
         if not todo:
             return
         try:
@@ -89,25 +89,26 @@ class Scorer:
         return load_model(folder, self.device, self.dtype, self.batch_size, state_dict=weights)
 
     def _record(self, target: Target, task: str, error: str, rows: list[Row], folder: Path) -> None:
-        self.store.put(rows or [failed_row(target.model, target.tag, target.method, target.k, target.nu, target.step,
-                                           task, self.limit or 0, error, self.version, str(folder))])
+        rows = rows or [failed_row(target.model, target.tag, target.method, target.k, target.nu, target.step, task,
+                                   self.limit or 0, error, self.version, str(folder))]
+        self.store.put(rows)
         self.scored += not error
         self.failed += bool(error)
-        self.report(target, task, f"failed: {error}" if error else "done")
+        self.events.scored(target, task, f"failed: {error}" if error else "done", rows)
 
 
-def run_eval(targets: Sequence[Target], scorer: Scorer, bars=None) -> None:
+def run_eval(targets: Sequence[Target], scorer: Scorer) -> None:
     """Score every target; Hub originals no longer on disk are fetched for it and deleted after."""
     sources: dict = {}
     for target in targets:
         if target.repo and scorer.todo(target):
-            with fetched(target, sources, bars) as folder:
+            with fetched(target, sources, byte_bar(scorer.events)) as folder:
                 scorer.score(target, folder)
         else:  # on disk, or fully scored already (score() then only reports the skips)
             scorer.score(target, target.folder)
 
 
-class PairScorer:
+class PairScorer(Events):
     """The diversity of consecutive window members (`diversity.py`), each pair stored once though
     sliding windows share members: series `nuN` (N the steps between them) at the later step. One
     model of its own and the scorer's resident model hold the pair: two models, never three."""
@@ -120,7 +121,7 @@ class PairScorer:
         self.first = ResidentModel(scorer.device, scorer.dtype, "1")
         self.second = scorer.resident or ResidentModel(scorer.device, scorer.dtype, "1")
 
-    def window(self, job, folders: list[Path]) -> None:
+    def window_inputs(self, job, folders) -> None:
         from .diversity import measure, rows
 
         members = job.window.members
@@ -139,30 +140,38 @@ class PairScorer:
                                                   f"{type(e).__name__}: {e}", self.scorer.version, f"{a} vs {b}")])
 
 
-def study_hooks(model: str, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
-                out_dtype, copy: Sequence[str] = (), diversity: Path | None = None) -> dict:
-    """`execute_run` hooks for a study that scores as it goes: each original is scored while it is
-    on disk for averaging (no second download), and with `in_memory` each average is made in
-    memory and scored instead of written."""
-    hooks: dict = {}
-    if originals:
-        def on_fetch(step: int, folder: Path) -> None:
-            if step in outputs:
-                scorer.score(Target(model, ORIGINAL, ORIGINAL, None, None, step, folder), folder)
+class ScoreOriginals(Events):
+    """Each original is scored while it is on disk for averaging: no second download."""
 
-        hooks["on_fetch"] = on_fetch
-    if in_memory:
-        from ..engine.average import plan_in_memory
+    def __init__(self, model: str, outputs: set[int], scorer: Scorer) -> None:
+        self.model, self.outputs, self.scorer = model, outputs, scorer
 
-        def average_and_score(job, folders: list[Path], reread: list[int]) -> None:
-            # planned here, so that inputs that do not match end the run as they would when writing
-            plan = plan_in_memory(folders, weights=job.window.weights, normalize=False, out_dtype=out_dtype, copy=copy,
-                                  reread=reread)
-            target = Target(job.run.model, job.run.tag, job.spec.method, job.spec.k, job.spec.nu, job.window.step,
-                            folders[-1])
-            scorer.score(target, folders[-1], average=plan)
+    def fetched(self, step: int, folder: Path) -> None:
+        if step in self.outputs:
+            self.scorer.score(Target(self.model, ORIGINAL, ORIGINAL, None, None, step, folder), folder)
 
-        hooks["in_memory"] = average_and_score
-    if diversity is not None:
-        hooks["on_window_inputs"] = PairScorer(diversity, scorer, model).window
-    return hooks
+
+InMemory = Callable[[object, list[Path], list[int]], None]  # execute_run's `in_memory`: (job, folders, reread)
+
+
+def study_listeners(model: str, outputs: set[int], scorer: Scorer, *, originals: bool, in_memory: bool,
+                    out_dtype, copy: Sequence[str] = (), diversity: Path | None = None
+                    ) -> tuple[Events, InMemory | None]:
+    """What a study that scores as it goes adds to `execute_run`: the listeners (originals scored while on
+    disk, the diversity of window members) and, with `in_memory`, each average made in memory and scored
+    instead of written."""
+    listeners = Broadcast(ScoreOriginals(model, outputs, scorer) if originals else None,
+                          PairScorer(diversity, scorer, model) if diversity is not None else None)
+    if not in_memory:
+        return listeners, None
+    from ..engine.average import plan_in_memory
+
+    def average_and_score(job, folders: list[Path], reread: list[int]) -> None:
+        # planned here, so that inputs that do not match end the run as they would when writing
+        plan = plan_in_memory(folders, weights=job.window.weights, normalize=False, out_dtype=out_dtype, copy=copy,
+                              reread=reread)
+        target = Target(job.run.model, job.run.tag, job.spec.method, job.spec.k, job.spec.nu, job.window.step,
+                        folders[-1])
+        scorer.score(target, folders[-1], average=plan)
+
+    return listeners, average_and_score

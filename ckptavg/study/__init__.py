@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..api import Averaging, ByteBar, CatalogueTrajectory, OnTask, pythia_trajectory, run_trajectory
+from ..api import Averaging, ByteBar, CatalogueTrajectory, pythia_trajectory, run_trajectory
 from ..api import scoring as checked_scoring
 from ..manifest import is_finished
 from ..storage.paths import location
+from ..trajectory.events import QUIET, Events, byte_bar
 from ..trajectory.run import RunPlan, RunSpec
 from .file import SourceEntry, StudyFile, load_study
 
@@ -81,25 +82,16 @@ def plan_study(s: StudyFile, on_plan: Callable[[SourcePlan], None] | None = None
     return plans
 
 
-def run_study(s: StudyFile, *, force: bool = False, bars: ByteBar | None = None,
-              on_plan: Callable[[SourcePlan], None] | None = None, on_window=None, on_task: OnTask | None = None):
+def run_study(s: StudyFile, *, force: bool = False, events: Events = QUIET):
     """Run the study on this machine, source by source; each source's revisions are fetched once for every
     run of the grid. Everything is checked first (settings, every source's plan and the disk budget), then
-    work starts. Returns each source's `api.TrajectoryRun`."""
+    work starts; `events` hears each source's run as `run_trajectory` tells it. Returns each source's
+    `api.TrajectoryRun`."""
     averaging, scoring = _averaging(s, force).checked(), _scoring(s, register=True)
     # every error a study file can hold, before the first download; the sources opened (and listed) for it
     # are the ones the run uses, so a Hub repo is listed once
-    plans = plan_study(s, offline=False, bars=bars)
-    done = []
-    for p in plans:
-
-        def planned(plan: RunPlan, duplicates, p: SourcePlan = p) -> None:
-            if on_plan is not None:
-                on_plan(SourcePlan(p.source, p.specs, plan, tuple(duplicates), p.trajectory))
-
-        done.append(run_trajectory(p.trajectory, p.specs, s.out, averaging, scoring, bars=bars, on_plan=planned,
-                                   on_window=on_window, on_task=on_task))
-    return done
+    plans = plan_study(s, offline=False, bars=byte_bar(events))
+    return [run_trajectory(p.trajectory, p.specs, s.out, averaging, scoring, events=events) for p in plans]
 
 
 @dataclass(frozen=True)

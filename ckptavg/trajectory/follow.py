@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..checkpoints.layouts import checkpoint_in, detect_pattern, unfinished
 from ..errors import CkptavgError, CkptavgWarning, InputError
+from .events import QUIET, Events
 from .run import RunSpec
 from .schedule import Window
 from .sources import LocalTrajectory, step_branches
@@ -167,7 +168,7 @@ class FollowOptions:
 
 def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajectory, RunSpec], object],
            finished: Callable[[Window], bool], options: FollowOptions = FollowOptions(), pattern: str | None = None,
-           on_lost: Callable[[Window], None] | None = None) -> int:
+           events: Events = QUIET) -> int:
     """Scan, keep, average (`run_round(kept trajectory, spec up to the latest step)`), release, wait; until
     `options` says stop. Returns how many rounds it ran. Ctrl-C (or SIGTERM, which the CLI turns
     into it) during a pause stops at once; during an average, after the average is cleaned up."""
@@ -193,8 +194,7 @@ def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajec
         for w in lost:
             if w.step not in reported:
                 reported.add(w.step)
-                if on_lost is not None:
-                    on_lost(w)
+                events.lost(w)
         reachable = latest if options.until is None else min(latest or 0, options.until)
         if (new or not rounds) and kept and latest is not None and reachable >= spec.start:
             run_round(KeptTrajectory(keeper.folder, scanner.pattern, root),

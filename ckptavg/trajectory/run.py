@@ -16,6 +16,7 @@ from typing import Protocol
 from ..errors import MismatchError, MissingStepsError
 from ..layout import RUN_LOG, output_folder, run_folder
 from ..manifest import Method, RunId, is_finished
+from .events import QUIET, Events
 from .methods import method
 from .schedule import FetchPlan, Window, plan_fetches, steps_of
 from .sources import Duplicate
@@ -136,22 +137,18 @@ def plan_run(source: Source, spec: RunSpec, out: Path, **options) -> RunPlan:
 
 
 def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
-                on_window: Callable[[Job, Path], None] | None = None,
-                on_fetch: Callable[[int, Path], None] | None = None,
-                in_memory: Callable[[Job, list[Path], list[int]], None] | None = None,
-                on_window_inputs: Callable[[Job, list[Path]], None] | None = None,
-                bars: Callable[[str, int], Callable[[int], None]] | None = None, **average_kwargs) -> list[Path]:
-    """Carry out the plan; `average_kwargs` go to `average_checkpoints` (device, dtype...).
+                events: Events = QUIET, in_memory: Callable[[Job, list[Path], list[int]], None] | None = None,
+                **average_kwargs) -> list[Path]:
+    """Carry out the plan, telling `events` as it goes (`fetched` while a revision is on disk, so that an
+    original is scored without a second download; `window_inputs` before each window, `averaged` after
+    it; `bar` for each average's progress); `average_kwargs` go to `average_checkpoints` (device, dtype...).
 
-    `on_fetch(step, folder)` runs while a revision is on disk (to score an original without a
-    second download); `on_window_inputs(job, folders)` runs before each window is averaged, with
-    all its inputs on disk; `in_memory(job, folders, reread)` replaces writing the window's output.
-    `reread`, the positions of the window's members that a later window reads too, is what
-    `average_checkpoints` is given for the average it makes: those inputs are kept in the page cache.
+    `in_memory(job, folders, reread)` replaces writing the window's output. `reread`, the positions of
+    the window's members that a later window reads too, is what `average_checkpoints` is given for the
+    average it makes: those inputs are kept in the page cache.
 
-    `bars(description, total_bytes)` makes a progress callback, for averaging (and the source's
-    downloads). Every action is appended to RUN_LOG, with the bytes the source holds on disk
-    after it: the record of a long run, and of its disk budget.
+    Every action is appended to RUN_LOG, with the bytes the source holds on disk after it: the record
+    of a long run, and of its disk budget.
     """
     on_disk: dict[int, Path] = {}
     written = []
@@ -172,22 +169,19 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
             job = plan.todo[action.window] if action.kind == "average" else None
             if action.kind == "fetch":
                 on_disk[action.step] = source.fetch(action.step)
-                if on_fetch is not None:
-                    on_fetch(action.step, on_disk[action.step])
+                events.fetched(action.step, on_disk[action.step])
             elif action.kind == "evict":
                 source.evict(action.step)
                 on_disk.pop(action.step, None)
             else:
                 folders = [on_disk[s] for s in job.window.members]
-                if on_window_inputs is not None:
-                    on_window_inputs(job, folders)
+                events.window_inputs(job, folders)
                 if in_memory is not None:
                     in_memory(job, folders, reread[i])
                 else:
-                    written_to = _average(source, job, folders, force, bars, reread[i], average_kwargs)
+                    written_to = _average(source, job, folders, force, events, reread[i], average_kwargs)
                     written.append(written_to)
-                    if on_window is not None:
-                        on_window(job, written_to)
+                    events.averaged(job, written_to)
             extra = {"run": job.run.tag} if job is not None and len(plan.roots) > 1 else {}
             log.write(action.kind, action.step, planned_disk=action.disk_after, **extra)
     finally:
@@ -195,17 +189,17 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     return written
 
 
-def _average(source: Source, job: Job, folders: list[Path], force: bool, bars, reread: list[int],
+def _average(source: Source, job: Job, folders: list[Path], force: bool, events: Events, reread: list[int],
              average_kwargs: dict) -> Path:
     from ..checkpoints.open import open_checkpoint
     from ..engine.average import average_checkpoints
 
     w = job.window
-    progress = (lambda p: bars(f"average step{w.step}", p.output_bytes)) if bars else None
     try:
         inputs = [open_checkpoint(f, label=source.label(s)) for s, f in zip(w.members, folders, strict=True)]
         return average_checkpoints(inputs, job.out_dir, weights=w.weights, normalize=False, force=force,
-                                   method=job.spec.record(w), progress=progress,
+                                   method=job.spec.record(w),
+                                   progress=lambda p: events.bar(f"average step{w.step}", p.output_bytes),
                                    provenance=[source.describe(s) for s in w.members], run=job.run,
                                    reread=reread, **average_kwargs)
     except MismatchError as e:
