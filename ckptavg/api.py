@@ -14,7 +14,8 @@ module imports no torch: planning and dry runs run anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,12 +23,13 @@ from . import options as opt
 from .checkpoints.layouts import DEFAULT_STEP_PATTERN
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
+from .report.tracking import Tracking
 from .storage.paths import RemotePath
 from .trajectory.events import QUIET, Broadcast, Events
 from .trajectory.follow import FollowOptions
 from .trajectory.methods import check_parameters
 from .trajectory.run import Job, RunPlan, RunSpec, execute_run, plan_runs
-from .trajectory.schedule import steps_of
+from .trajectory.schedule import Window, steps_of
 from .trajectory.sources import Duplicate
 
 ByteBar = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance(n)
@@ -65,6 +67,7 @@ class Scoring:
     in_memory: bool = False
     fresh_model: bool = False  # build a model per checkpoint instead of swapping weights into one (same scores)
     diversity: Path | None = None  # a text: also measure how consecutive window members disagree on it
+    tracking: Tracking | None = None  # trackers each score is logged to as it is stored (`report/tracking.py`)
     manager: object = None  # lm-eval's TaskManager, every task registered; None until `registered()`
 
     def registered(self) -> Scoring:
@@ -75,7 +78,7 @@ def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", 
             ppl_task: Sequence[str] = (), include_path: Sequence[Path] = (), limit: int | None = None,
             batch_size: str = "auto", device: str = "auto", dtype: str = "auto", originals: bool = True,
             in_memory: bool = False, fresh_model: bool = False, diversity: Path | None = None,
-            register: bool = True) -> Scoring:
+            tracking: Tracking | None = None, register: bool = True) -> Scoring:
     """Checked scoring settings. `register` also registers the tasks with lm-eval, which is what finds an
     unknown task name (a dry run can skip it: importing lm-eval and indexing its tasks takes seconds)."""
     from .evaluation.tasks import PILE_SUBSETS
@@ -89,7 +92,7 @@ def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", 
                       opt.named_files(ppl_task, "--ppl-task"), tuple(opt.existing_dirs(include_path, "--include-path")),
                       opt.limit(limit), opt.batch_size(batch_size), opt.device(device),
                       opt.choice(dtype, opt.EVAL_DTYPES, "--dtype"), originals, in_memory, fresh_model,
-                      opt.existing_file(diversity, "--diversity"))
+                      opt.existing_file(diversity, "--diversity"), tracking.checked() if tracking else None)
     return checked.registered() if register else checked
 
 
@@ -228,37 +231,58 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
         events.planned(plan, duplicates)
         if dry_run:
             return TrajectoryRun(plan, tuple(duplicates))
-        return _execute(source, plan, duplicates, averaging, scoring, store, events)
+        with _tracked(scoring, events) as (scoring, events):
+            return _execute(source, plan, duplicates, averaging, scoring, store, events)
     finally:
         if store is not None:
             store.close()
 
 
-def follow_trajectory(root: str | Path, spec: RunSpec, out: str | Path, averaging: Averaging = Averaging(),
-                      scoring: Scoring | None = None, options: FollowOptions | None = None, *,
-                      pattern: str | None = None, events: Events = QUIET) -> int:
+def follow_trajectory(root: str | Path, spec: RunSpec | Sequence[RunSpec], out: str | Path,
+                      averaging: Averaging = Averaging(), scoring: Scoring | None = None,
+                      options: FollowOptions | None = None, *, pattern: str | None = None,
+                      events: Events = QUIET) -> int:
     """`run_trajectory` over a local run folder while its trainer writes it (`trajectory/follow.py`): each
     window averaged (and scored) once its newest member is complete, members kept from the trainer's
     deletions until their last window is done; until `options.until`, `options.idle_timeout` or Ctrl-C.
     `spec.end` is ignored (the run's latest step, or `until`). Returns how many rounds it ran."""
+    return follow_trajectories([(Path(root), spec, pattern)], out, averaging, scoring, options, events=events)
+
+
+def follow_trajectories(runs: Sequence[tuple[Path, RunSpec | Sequence[RunSpec], str | None]], out: str | Path,
+                        averaging: Averaging = Averaging(), scoring: Scoring | None = None,
+                        options: FollowOptions | None = None, *, events: Events = QUIET) -> int:
+    """`follow_trajectory` for several run folders at once, each with its own runs and step pattern
+    (`study run --follow`): every folder is scanned each time round, and trackers are opened once."""
     from .layout import output_folder
     from .manifest import RunId
-    from .trajectory.follow import follow
+    from .trajectory.follow import Followed, follow
 
     if scoring is not None and scoring.in_memory:
         raise OptionError("--follow writes each window's average (scoring in memory keeps none): drop --in-memory")
     out = Path(out)
-    this_round = averaging
+    first_round = {Path(root): True for root, _, _ in runs}
 
-    def run_round(source, round_spec: RunSpec) -> None:
-        nonlocal this_round
-        run_trajectory(source, round_spec, out, this_round, scoring, events=events)
-        this_round = replace(averaging, force=False)  # --force redoes what was there before following began
+    with _tracked(scoring, events) as (scoring, events):
 
-    def finished(window) -> bool:
-        return is_finished(output_folder(out, RunId(Path(root).name, spec.tag()), window.step))
+        def rounds_of(root: Path):
+            def run_round(source, specs: list[RunSpec]) -> None:
+                # --force redoes what was there before following began, not what the first round made
+                this_round = averaging if first_round[root] else replace(averaging, force=False)
+                run_trajectory(source, specs, out, this_round, scoring, events=events)
+                first_round[root] = False
 
-    return follow(Path(root), spec, out, run_round, finished, options or FollowOptions(), pattern, events)
+            def finished(spec: RunSpec, window: Window) -> bool:
+                return is_finished(output_folder(out, RunId(root.name, spec.tag()), window.step))
+
+            return run_round, finished
+
+        followed = []
+        for root, specs, pattern in runs:
+            run_round, finished = rounds_of(Path(root))
+            followed.append(Followed(Path(root), [specs] if isinstance(specs, RunSpec) else list(specs), out,
+                                     run_round, finished, pattern, events))
+        return follow(followed, options or FollowOptions())
 
 
 def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store,
@@ -285,6 +309,19 @@ def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: S
             run_eval(find_targets(root, steps, scoring.originals), scorer)
     return TrajectoryRun(plan, tuple(duplicates), tuple(written), scorer.scored if scorer else 0,
                          scorer.failed if scorer else 0)
+
+
+@contextmanager
+def _tracked(scoring: Scoring | None, events: Events) -> Iterator[tuple[Scoring | None, Events]]:
+    """With trackers asked for: the scoring without them and the events with their listener (one
+    opened for the whole of a run: a follower's rounds share it)."""
+    if scoring is None or not scoring.tracking:
+        yield scoring, events
+        return
+    from .report.tracking import logging_scores
+
+    with logging_scores(scoring.tracking, scoring.results) as listener:
+        yield replace(scoring, tracking=None), Broadcast(events, listener)
 
 
 def _scorer(scoring: Scoring, store, device: str, force: bool, events: Events):
@@ -329,10 +366,21 @@ def evaluate(root: str | Path, scoring: Scoring, *, steps: set[int] | None = Non
 
     targets = list(targets) if targets is not None else find_targets(root, steps, scoring.originals)
     device = resolve_device(scoring.device)
-    with Store(scoring.results) as store:
+    with Store(scoring.results) as store, _tracked(scoring, events) as (scoring, events):
         scorer = _scorer(scoring, store, device, force, events)
         run_eval(targets, scorer)
     return EvalRun(tuple(targets), scorer.scored, scorer.failed)
+
+
+def export_scores(results: str | Path, tracking: Tracking, *, force: bool = False) -> int:
+    """Log a results store's scores to trackers (`ckptavg results --export`): those each tracker has not had
+    yet, or with `force` every one. Returns the points logged, all trackers together."""
+    from .report.store import open_results
+    from .report.tracking import export, opened
+
+    tracking = tracking.checked()
+    with open_results(Path(results)) as store, opened(tracking) as trackers:
+        return export(store, trackers, force=force)
 
 
 # -- checkpoint diversity ---------------------------------------------------------------------------

@@ -451,3 +451,42 @@ def test_eval_finds_outputs_at_any_depth_and_takes_their_identity_from_the_manif
     empty.mkdir()
     r = cli("eval", empty, "--tasks", "pile-enron", "--pile", study["pile"], "--results", tmp_path / "e.sqlite")
     assert r.exit_code == 2 and "no finished trajectory outputs" in r.output
+
+
+def test_scores_are_logged_to_every_tracker_as_they_are_stored(study, tmp_path, monkeypatch):
+    """A trajectory run scoring as it goes, with TensorBoard, MLflow and W&B (offline) asked for: every stored
+    score in each, once, at its step; run again (nothing new) and exported again, still once."""
+    from test_tracking import approx, expected, mlflow_series, tensorboard_series
+    from wandbfile import history
+
+    from ckptavg.report.store import Store
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    db, tb, ml = tmp_path / "r.sqlite", tmp_path / "tb", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ("trajectory", study["traj"], "--k", 2, "--nu", 100, "--interval", 100, "--eval", "pile-enron", "--pile",
+            study["pile"], "--device", "cpu", "--out", tmp_path / "out", "--results", db, "--tensorboard", tb,
+            "--mlflow", ml, "--wandb", "ckptavg-test", "-q")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    with Store(db) as s:
+        want = expected(s.rows())
+    assert len(want) == 2 * 3 and all(len(v) == 2 for v in want.values())  # original and lawa at steps 200, 300
+    assert approx(tensorboard_series(tb)) == approx(want)
+    assert mlflow_series(ml) == want
+
+    def wandb_series() -> dict:
+        got: dict = {}
+        for log in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")):
+            for row in history(log):
+                for key, value in row.items():
+                    if key.startswith("eval/"):
+                        got.setdefault(("tiny-run", key), []).append((row["ckptavg/step"], value))
+        return {k: sorted(v) for k, v in got.items()}
+
+    assert wandb_series() == want
+    r = cli(*args)  # everything is stored: nothing scored, nothing sent again
+    assert r.exit_code == 0 and "0 task score(s)" in r.output, r.output
+    r = cli("results", db, "--export", "tensorboard", tb)
+    assert r.exit_code == 0 and "0 score(s) logged" in r.output
+    assert approx(tensorboard_series(tb)) == approx(want) and mlflow_series(ml) == want and wandb_series() == want

@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import CkptavgError, CkptavgWarning, describe_os_error
 from ..trajectory.events import Events
@@ -40,7 +41,7 @@ def say(message: str, **style) -> None:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -55,7 +56,7 @@ def user_errors(fn: Callable) -> Callable:
 
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, CkptavgWarning):
-                say(f"[yellow]warning:[/] {message}")
+                say(f"[yellow]warning:[/] {escape(str(message))}")
             else:
                 shown(message, category, filename, lineno, file, line)
 
@@ -166,6 +167,7 @@ def grouped(**groups: type) -> Callable[[Callable], Callable]:
 
 # -- the option groups ------------------------------------------------------------------------------
 SCORING = "Scoring"
+TRACKING = "Trackers (scores logged as they are stored)"
 
 
 @dataclass
@@ -246,6 +248,16 @@ class Tasks:
                                      "of loading each one's weights into one resident model (the scores are the "
                                      "same; the resident model saves a build per checkpoint, which counts for large "
                                      "models on a GPU).", rich_help_panel=SCORING)
+    tensorboard: Optional[Path] = typer.Option(None, help="Also log each score as it is stored to TensorBoard event "
+                                               "files under this folder (one run per trajectory; series "
+                                               "eval/RUN-TAG/TASK/METRIC by step). Needs ckptavg[tensorboard].",
+                                               rich_help_panel=TRACKING)
+    mlflow: Optional[str] = typer.Option(None, help="Also log each score to MLflow at this tracking URI (one run "
+                                         "per trajectory in experiment $MLFLOW_EXPERIMENT_NAME, else ckptavg). Needs "
+                                         "ckptavg[mlflow].", rich_help_panel=TRACKING)
+    wandb: Optional[str] = typer.Option(None, help="Also log each score to this Weights & Biases project (one run "
+                                        "per trajectory; $WANDB_MODE=offline writes run files to sync later). Needs "
+                                        "ckptavg[wandb].", rich_help_panel=TRACKING)
 
 
 @dataclass
@@ -275,11 +287,17 @@ def scoring(tasks: Optional[str], t: Tasks, *, originals: bool, in_memory: bool,
         raise fail("--in-memory needs --eval TASKS: without scoring there is nothing to keep")
     if diversity is not None and not tasks:
         raise fail("--diversity needs --eval TASKS")
+    asked = [f"--{k}" for k in ("tensorboard", "mlflow", "wandb") if getattr(t, k) is not None]
+    if asked and not tasks:
+        raise fail(f"{'/'.join(asked)} log scores: give --eval TASKS")
     if tasks is None:
         return None
+    from ..report.tracking import Tracking
+
     return checked(tasks, t.results, pile=t.pile, ppl_task=t.ppl_task, include_path=t.include_path, limit=t.limit,
                    batch_size=t.batch_size, device=device, dtype=dtype, originals=originals, in_memory=in_memory,
-                   fresh_model=t.fresh_model, diversity=diversity, register=register)
+                   fresh_model=t.fresh_model, diversity=diversity, register=register,
+                   tracking=Tracking(tensorboard=t.tensorboard, mlflow=t.mlflow, wandb=t.wandb))
 
 
 def show_version(value: bool) -> None:

@@ -26,12 +26,24 @@ def results(
                                          "perplexity tasks, acc for the others)."),
     failed: bool = typer.Option(False, "--failed", help="List failed checkpoint x task pairs and their errors "
                                 "instead."),
+    export: tuple[str, str] = typer.Option((None, None), "--export", metavar="KIND TARGET", help="Log the stored "
+                                           "scores to a tracker instead of printing them: tensorboard DIR, mlflow "
+                                           "TRACKING-URI or wandb PROJECT (one run per trajectory, series "
+                                           "eval/RUN-TAG/TASK/METRIC by step). Each score goes to a tracker once; "
+                                           "what it has had already is skipped.",
+                                           show_default=False),
+    force: bool = typer.Option(False, "--force", help="With --export: log every score again, even those the "
+                               "tracker has had."),
 ) -> None:
-    """Print stored scores: originals against averages, step by step."""
+    """Print stored scores: originals against averages, step by step; or log them to a tracker (--export)."""
     from ..api import result_rows
     from ..report.tables import tidy, wide_table
 
     opt.choice(fmt, FORMATS, "--format")
+    if export[0] is not None:
+        return _export(store, *export, force=force)
+    if force:
+        raise fail("--force goes with --export")
     rows = result_rows(store, model=model, task=task, metric=metric, failed=failed)
     if failed:
         for r in rows:
@@ -45,6 +57,15 @@ def results(
         print_wide(wide_table(rows, metric))
     else:
         print_records(tidy(rows), fmt, "")
+
+
+def _export(store: Path, kind: str, target: str, *, force: bool) -> None:
+    from ..api import export_scores
+    from ..report.tracking import KINDS, Tracking
+
+    opt.choice(kind, KINDS, "--export")
+    tracking = Tracking(**{kind: Path(target) if kind == "tensorboard" else target})
+    say(f"{export_scores(store, tracking, force=force)} score(s) logged to {kind} {target}")
 
 
 def _warn_mixed(rows) -> None:

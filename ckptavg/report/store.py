@@ -65,6 +65,14 @@ _SCHEMA = (f"CREATE TABLE IF NOT EXISTS scores ({_quoted(_COLUMNS)}, "
            f'PRIMARY KEY (model, tag, step, task, metric, "limit"))')
 
 
+# what went to which tracker (`report/tracking.py`): one entry per score and tracker, with the score's time
+_LEDGER = ('CREATE TABLE IF NOT EXISTS exported (tracker, model, tag, step, task, metric, "limit", time, '
+           'PRIMARY KEY (tracker, model, tag, step, task, metric, "limit"))')
+_KEY = ("model", "tag", "step", "task", "metric", "limit")
+_S_COLUMNS = ", ".join(f's."{c}"' for c in _COLUMNS)
+_JOINED = " AND ".join(f'e."{c}" = s."{c}"' for c in _KEY)
+_MATCH = " AND ".join(f'"{c}"=?' for c in _KEY)
+
 BUSY_TIMEOUT_S = 600  # a writer waits this long for another's transaction (a score takes far less to store)
 _RETRY_S = 0.01  # first pause between tries of the switch to WAL, doubled up to 0.5 s
 
@@ -216,13 +224,40 @@ class Store:
                 args.append(val)
         sql = f"SELECT {_quoted(_COLUMNS)} FROM scores" + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY model, step, task, metric, tag"
-        out = []
-        for rec in self.db.execute(sql, args):
-            row = dict(zip(_COLUMNS, rec, strict=True))
-            hib = row["higher_is_better"]
-            row["higher_is_better"] = None if hib is None else bool(hib)
-            out.append(Row(**row))
-        return out
+        return [_row(rec) for rec in self.db.execute(sql, args)]
+
+    def claim_for(self, tracker: str, *, force: bool = False) -> list[Row]:
+        """The successful scores not yet sent to `tracker` (or scored again since), marked as sent in the same
+        transaction that finds them: two processes exporting at once never both send one."""
+        try:
+            with self._transaction():
+                self.db.execute(_LEDGER)
+                if force:
+                    self.db.execute("DELETE FROM exported WHERE tracker=?", (tracker,))
+                rows = [_row(rec) for rec in self.db.execute(
+                    f"SELECT {_S_COLUMNS} FROM scores s "
+                    f"LEFT JOIN exported e ON e.tracker=? AND {_JOINED} "
+                    "WHERE s.status='ok' AND s.value IS NOT NULL AND (e.time IS NULL OR e.time < s.time) "
+                    "ORDER BY s.model, s.step, s.task, s.metric, s.tag", (tracker,))]
+                self.db.executemany(f"INSERT OR REPLACE INTO exported (tracker, {_quoted(_KEY)}, time) "
+                                    f"VALUES ({', '.join('?' * (len(_KEY) + 2))})",
+                                    [(tracker, *(getattr(r, c) for c in _KEY), r.time) for r in rows])
+        except sqlite3.OperationalError as e:
+            raise self._failure(e) from None
+        return rows
+
+    def unclaim(self, tracker: str, rows: Sequence[Row]) -> None:
+        """Give back a claim whose scores could not be sent: the next export sends them."""
+        with self._transaction():
+            self.db.executemany(f"DELETE FROM exported WHERE tracker=? AND {_MATCH}",
+                                [(tracker, *(getattr(r, c) for c in _KEY)) for r in rows])
+
+
+def _row(rec: tuple) -> Row:
+    row = dict(zip(_COLUMNS, rec, strict=True))
+    hib = row["higher_is_better"]
+    row["higher_is_better"] = None if hib is None else bool(hib)
+    return Row(**row)
 
 
 def open_results(path: Path, must_exist: bool = True) -> Store:

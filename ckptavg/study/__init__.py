@@ -62,7 +62,8 @@ def _scoring(s: StudyFile, register: bool):
     if not s.scoring.get("tasks"):
         return None
     options = {k: v for k, v in s.scoring.items() if k != "tasks"}
-    return checked_scoring(s.scoring["tasks"], s.results, register=register, device=s.device, **options)
+    return checked_scoring(s.scoring["tasks"], s.results, register=register, device=s.device,
+                           tracking=s.tracking or None, **options)
 
 
 def plan_study(s: StudyFile, on_plan: Callable[[SourcePlan], None] | None = None, *, offline: bool = True,
@@ -134,11 +135,17 @@ def study_status(s: StudyFile) -> list[StatusRow]:
 def submit_study(s: StudyFile, options=None) -> dict:
     """Run the study on a Slurm cluster through submitit (see `ckptavg.study.slurm`): checks everything,
     submits one job array, waits for it, and folds the jobs' results into the study's store. Returns the
-    totals (outputs written, scores written, failed scores); raises `JobsFailedError` naming the jobs that
+    totals (outputs written, scores written, failed scores, and with [tracking] the points logged, from
+    the merged store); raises `JobsFailedError` naming the jobs that
     did not finish."""
     from .slurm import SlurmOptions, collect, submit
 
     options = (options or SlurmOptions()).checked()
     _averaging(s).checked(dry_run=True)  # the submitting machine need not have the jobs' GPUs
-    _scoring(s, register=True)
-    return collect(s, submit(s, options, plan_study(s)))
+    scoring = _scoring(s, register=True)
+    totals = collect(s, submit(s, options, plan_study(s)))
+    if scoring is not None and scoring.tracking:
+        from ..api import export_scores
+
+        totals["logged"] = export_scores(s.results, scoring.tracking)
+    return totals

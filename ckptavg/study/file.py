@@ -34,6 +34,10 @@
     originals = true                   # in_memory = false, fresh_model = false,
                                        # diversity = "text.jsonl" (consecutive window members)
 
+    [tracking]                         # optional, with [scoring]: each score logged as it is stored
+    tensorboard = "tb"                 # event files; and/or mlflow = "http://host:5000" (with
+    wandb = "my-project"               # mlflow_experiment), wandb (with wandb_entity, wandb_mode)
+
 Relative paths are relative to the study's root: the folder given with `--root`, by default the
 current directory. Unknown keys are errors, so that a typo never silently changes a study.
 """
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +57,13 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..errors import CkptavgError, OptionError
 from ..options import output_tree
+from ..report.tracking import Tracking, tracking_from
 from ..storage import is_url
 from ..trajectory.methods import METHODS, check_parameters
 from ..trajectory.run import RunSpec
 
 TOP_KEYS = {"out", "results", "disk_budget", "device", "dtype", "copy", "keep_downloads", "output_format", "steps",
-            "sources", "runs", "scoring", "name"}
+            "sources", "runs", "scoring", "tracking", "name"}
 STEP_KEYS = {"start", "end", "interval"}
 SOURCE_KINDS = ("pythia", "hub", "local")
 SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", "storage_options", *STEP_KEYS}
@@ -115,6 +120,7 @@ class StudyFile:
     keep_downloads: bool = False
     scoring: dict[str, Any] = field(default_factory=dict)  # the [scoring] table, paths resolved
     output_format: str = "auto"
+    tracking: Tracking = Tracking()  # the [tracking] table
 
 
 def _unknown(table: dict, allowed: set[str], where: str) -> None:
@@ -201,8 +207,16 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
     scoring["ppl_task"] = [f"{n}={resolve(f)}" if f else t
                            for t, (n, _, f) in ((t, t.partition("=")) for t in scoring.get("ppl_task", []))]
     out = output_tree(raw.get("out", "out"), f"{where} out =")
+    try:
+        tracking = tracking_from(dict(raw.get("tracking", {})))
+    except CkptavgError as e:
+        raise OptionError(f"{where} {e}") from None
+    if tracking.tensorboard is not None:
+        tracking = replace(tracking, tensorboard=resolve(str(tracking.tensorboard)))
+    if tracking and not scoring.get("tasks"):
+        raise OptionError(f"{where}: [tracking] logs scores: give [scoring] tasks")
     return StudyFile(path, base, tuple(sources), tuple(grid),
                      resolve(str(out)), resolve(raw.get("results", "results.sqlite")),
                      raw.get("disk_budget"), raw.get("device", "auto"), raw.get("dtype", "auto"),
                      tuple(raw.get("copy", ())), bool(raw.get("keep_downloads", False)), scoring,
-                     str(raw.get("output_format", "auto")))
+                     str(raw.get("output_format", "auto")), tracking)

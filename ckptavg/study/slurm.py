@@ -85,7 +85,9 @@ def run_share(study_path: str, root: str, share: Share, store: str, cache_dir: s
     wanted = set(share.windows)
     scoring = _scoring(s, register=True)
     run = run_trajectory(source, entry.specs(s.grid, source.steps()), s.out, _averaging(s).checked(),
-                         replace(scoring, results=Path(store)) if scoring else None,
+                         # trackers are told by the submitting machine, from the merged store (a node may
+                         # be offline, and a job's store keeps no ledger of what went where)
+                         replace(scoring, results=Path(store), tracking=None) if scoring else None,
                          select=lambda j: (j.run.tag, j.window.step) in wanted)
     return {"written": len(run.written), "scored": run.scored, "failed": run.failed}
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -166,52 +166,82 @@ class FollowOptions:
     poll: float = 30.0  # the longest pause between scans (they start at 1 s and double while nothing changes)
 
 
-def follow(root: Path, spec: RunSpec, out: Path, run_round: Callable[[KeptTrajectory, RunSpec], object],
-           finished: Callable[[Window], bool], options: FollowOptions = FollowOptions(), pattern: str | None = None,
-           events: Events = QUIET) -> int:
-    """Scan, keep, average (`run_round(kept trajectory, spec up to the latest step)`), release, wait; until
-    `options` says stop. Returns how many rounds it ran. Ctrl-C (or SIGTERM, which the CLI turns
-    into it) during a pause stops at once; during an average, after the average is cleaned up."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such run folder")
-    scanner = Scanner(root, pattern)
-    keeper = Keeper(out / root.name / KEPT)
-    reported: set[int] = set()
-    seen: set[int] = set()  # complete steps found so far: a new one, needed or not, means the run goes on
-    pause, idle_since, rounds = 1.0, time.monotonic(), 0
-    while True:
-        complete = scanner.scan()
-        kept = keeper.steps(scanner.pattern) if scanner.pattern else {}
+class Followed:
+    """One run folder being followed for one or more runs (a study's grid): scan, keep what a window still
+    to do needs, average each round (`run_round(kept trajectory, specs up to the latest step)`), release."""
+
+    def __init__(self, root: Path, specs: Sequence[RunSpec], out: Path,
+                 run_round: Callable[[KeptTrajectory, list[RunSpec]], object],
+                 finished: Callable[[RunSpec, Window], bool], pattern: str | None = None,
+                 events: Events = QUIET) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(f"{root}: no such run folder")
+        self.specs, self.run_round, self.finished, self.events = list(specs), run_round, finished, events
+        self.scanner = Scanner(self.root, pattern)
+        self.keeper = Keeper(Path(out) / self.root.name / KEPT)
+        self.reported: set[tuple[str, int]] = set()
+        self.seen: set[int] = set()  # complete steps found so far: a new one, needed or not, means the run goes on
+        self.rounds = 0
+
+    def _needed(self, latest: int | None, have: set[int], until: int | None) -> tuple[set[int], list]:
+        needed: set[int] = set()
+        lost = []
+        for spec in self.specs:
+            steps, gone = needed_steps(spec, latest, have, lambda w, spec=spec: self.finished(spec, w), until)
+            needed |= steps
+            lost += [(spec, w) for w in gone]
+        return needed, lost
+
+    def step(self, until: int | None) -> tuple[bool, bool]:
+        """One scan and, when there is something new, one round: (a new complete step was found, every window
+        up to `until` is done)."""
+        complete = self.scanner.scan()
+        pattern = self.scanner.pattern
+        kept = self.keeper.steps(pattern) if pattern else {}
         have = set(complete) | set(kept)
         latest = max(have, default=None)
-        needed, lost = needed_steps(spec, latest, have, finished, options.until)
+        needed, lost = self._needed(latest, have, until)
         new = False
         for step in sorted(needed & set(complete) - set(kept)):
-            keeper.keep(root / complete[step])
+            self.keeper.keep(self.root / complete[step])
             new = True
-        kept = keeper.steps(scanner.pattern) if scanner.pattern else {}
-        for w in lost:
-            if w.step not in reported:
-                reported.add(w.step)
-                events.lost(w)
-        reachable = latest if options.until is None else min(latest or 0, options.until)
-        if (new or not rounds) and kept and latest is not None and reachable >= spec.start:
-            run_round(KeptTrajectory(keeper.folder, scanner.pattern, root),
-                      replace(spec, end=reachable, skip_incomplete=True))
-            rounds += 1
-        needed, _ = needed_steps(spec, latest, have, finished, options.until)  # (less what this round did)
+        kept = self.keeper.steps(pattern) if pattern else {}
+        for spec, w in lost:
+            if (spec.tag(), w.step) not in self.reported:
+                self.reported.add((spec.tag(), w.step))
+                self.events.lost(w)
+        reachable = latest if until is None else min(latest or 0, until)
+        due = [replace(spec, end=reachable, skip_incomplete=True) for spec in self.specs
+               if latest is not None and reachable >= spec.start]
+        if (new or not self.rounds) and kept and due:
+            self.run_round(KeptTrajectory(self.keeper.folder, pattern, self.root), due)
+            self.rounds += 1
+        needed, _ = self._needed(latest, have, until)  # (less what this round did)
         for step, name in kept.items():
             if step not in needed:
-                keeper.release(name)
-        if options.until is not None and not needed and latest is not None and latest >= options.until:
-            return rounds
-        if new or set(complete) - seen:
-            seen |= set(complete)
+                self.keeper.release(name)
+        done = until is not None and not needed and latest is not None and latest >= until
+        found = new or bool(set(complete) - self.seen)
+        self.seen |= set(complete)
+        return found, done
+
+
+def follow(followed: Sequence[Followed], options: FollowOptions = FollowOptions()) -> int:
+    """Step every followed folder, then wait; until `options` says stop. Returns how many rounds ran. Ctrl-C
+    (or SIGTERM, which the CLI turns into it) during a pause stops at once; during an average, after the
+    average is cleaned up."""
+    pause, idle_since = 1.0, time.monotonic()
+    while True:
+        steps = [f.step(options.until) for f in followed]
+        if options.until is not None and all(done for _, done in steps):
+            return sum(f.rounds for f in followed)
+        if any(found for found, _ in steps):
             pause, idle_since = 1.0, time.monotonic()
         elif options.idle_timeout is not None and time.monotonic() - idle_since >= options.idle_timeout:
-            warnings.warn(f"no new checkpoint in {options.idle_timeout:g} s: stopped following {root}",
+            names = ", ".join(str(f.root) for f in followed)
+            warnings.warn(f"no new checkpoint in {options.idle_timeout:g} s: stopped following {names}",
                           CkptavgWarning, stacklevel=2)
-            return rounds
+            return sum(f.rounds for f in followed)
         time.sleep(pause)
         pause = min(pause * 2, options.poll)
