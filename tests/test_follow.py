@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_matches, reference_average
+from conftest import assert_matches, pythia_state_dict, reference_average, write_checkpoint
 from safetensors.torch import save_file
 
 from ckptavg.manifest import MANIFEST
@@ -189,3 +189,55 @@ def test_follow_refuses_what_it_cannot_follow(tmp_path):
     assert r.exit_code == 2 and "--start" in r.stderr, r.stderr
     r = cli("trajectory", tmp_path / "empty", "--until", "10", "--out", tmp_path)
     assert r.exit_code == 2 and "--follow" in r.stderr, r.stderr
+
+
+def test_a_study_follows_its_sources_for_every_run_of_its_grid(quiet_run, tmp_path):
+    """`study run --follow`: a training run (deleting all but its newest three checkpoints) and a finished one
+    as two sources, each with a grid of two runs: every window of every run averaged once, exactly."""
+    run, retired, out = tmp_path / "training", tmp_path / "retired", tmp_path / "out"
+    run.mkdir()
+    for step in (8, 10, 12):
+        write_checkpoint(quiet_run / f"step{step}", pythia_state_dict(step, torch.float32), "safetensors")
+    study = tmp_path / "follow.toml"
+    study.write_text(f'out = "{out}"\n[steps]\nstart = 6\ninterval = 4\n[[sources]]\nlocal = "{run}"\n'
+                     f'[[sources]]\nlocal = "{quiet_run}"\n[[runs]]\nmethod = "lawa"\nk = [2, 3]\nnu = 2\n')
+    trainer = subprocess.Popen(
+        [sys.executable, str(TRAIN), "--out", str(run), "--steps", "12", "--every", "2", "--width", "32",
+         "--layers", "1", "--ctx", "32", "--batch", "2", "--vocab", "256", "--max-files", "1", "--keep-last", "3",
+         "--retire-to", str(retired), "--pause", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run / "step2", 120, trainer)
+        r = subprocess.run([sys.executable, "-m", "ckptavg", "study", "run", str(study), "--follow", "--until", "12",
+                            "--poll", "1s", "-q"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+    finally:
+        trainer.kill()
+    assert "skipped" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for source in (run, quiet_run):
+        for k in (2, 3):
+            outputs = out / source.name / f"lawa-k{k}-nu2"
+            assert sorted(p.name for p in outputs.glob("step*")) == ["step10", "step6"]
+            for step in (6, 10):
+                members = [retired / f"step{s}" if source == run and (retired / f"step{s}").is_dir()
+                           else source / f"step{s}" for s in range(step - 2 * (k - 1), step + 1, 2)]
+                assert_matches(outputs / f"step{step}", reference_average(members), 0, torch.float64)
+        log = [json.loads(line) for line in (out / source.name / "ckptavg-run.jsonl").read_text().splitlines()]
+        assert sorted((r["run"], r["step"]) for r in log if r["action"] == "average") == [
+            ("lawa-k2-nu2", 6), ("lawa-k2-nu2", 10), ("lawa-k3-nu2", 6), ("lawa-k3-nu2", 10)]
+        assert not [p for p in (out / source.name / ".ckptavg-kept").iterdir()]
+
+
+def test_study_follow_refuses_sources_it_cannot_follow(tmp_path):
+    from conftest import cli
+
+    study = tmp_path / "s.toml"
+    study.write_text('[[sources]]\nhub = "EleutherAI/pythia-70m"\n[steps]\ninterval = 2\n'
+                     '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 1\n')
+    r = cli("study", "run", study, "--follow", "--root", tmp_path)
+    assert r.exit_code == 2 and "--follow watches local run folders; EleutherAI/pythia-70m is a hub source" in \
+        r.stderr, r.stderr
+    r = cli("study", "run", study, "--follow", "--executor", "slurm", "--root", tmp_path)
+    assert r.exit_code == 2 and "--executor local" in r.stderr, r.stderr
+    r = cli("study", "run", study, "--until", "4", "--root", tmp_path)
+    assert r.exit_code == 2 and "go with --follow" in r.stderr, r.stderr

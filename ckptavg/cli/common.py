@@ -138,6 +138,38 @@ class Bars(Events):
                                  f"{task}")
 
 
+class Following(Bars):
+    """What a follower shows: the outputs it wrote, and each window it had to skip."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__(quiet)
+        self.written: list = []
+
+    def averaged(self, job, folder) -> None:
+        self.written.append(folder)
+        super().averaged(job, folder)
+
+    def lost(self, run: str, window) -> None:
+        warnings.warn(f"{run}: window at step {window.step} skipped: a member was deleted before it could be kept",
+                      CkptavgWarning, stacklevel=2)
+
+
+def following(run: Callable[[Events], object], out_dir, *, quiet: bool, scores: bool) -> None:
+    """Follow (`run(events)`) until it stops, SIGTERM taken like Ctrl-C (nothing half-written), and say how
+    far it got."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    events = Following(quiet)
+    try:
+        with events:
+            run(events.count_scores(None) if scores else events)
+    except KeyboardInterrupt:
+        say(f"stopped: {len(events.written)} output(s) written under {out_dir}; run the same command to go on")
+        raise typer.Exit(130) from None
+    say(f"{len(events.written)} output(s) written under {out_dir}")
+
+
 def grouped(**groups: type) -> Callable[[Callable], Callable]:
     """Add the options of each group (a dataclass whose defaults are typer options) to a command, which
     then receives one object per group under the given name: options are declared once, in one place,
@@ -225,6 +257,39 @@ class Downloads:
     keep_downloads: bool = typer.Option(False, help="Keep every downloaded revision instead of deleting each one "
                                         "after its last window (only revisions ckptavg downloaded are ever "
                                         "deleted).")
+
+
+FOLLOW = "Following a run as it trains (--follow)"
+
+
+@dataclass
+class Follow:
+    """Following a run while it trains."""
+
+    follow: bool = typer.Option(False, "--follow", help="Keep watching the local run folder(s) as the trainer "
+                                "writes them: average (and score) each window once its newest checkpoint is "
+                                "complete, keeping (hard links, in OUT/NAME/.ckptavg-kept/) the checkpoints a later "
+                                "window needs from the trainer's deletions. Stops at --until, after "
+                                "--idle-timeout, or on Ctrl-C/SIGTERM; a rerun goes on where it stopped.",
+                                rich_help_panel=FOLLOW)
+    until: Optional[int] = typer.Option(None, help="With --follow: stop once every window up to this output "
+                                        "step is done.", rich_help_panel=FOLLOW)
+    idle_timeout: Optional[str] = typer.Option(None, help="With --follow: stop after this long without a new "
+                                               "complete checkpoint (90s, 30m, 2h).", rich_help_panel=FOLLOW)
+    poll: str = typer.Option("30s", help="With --follow: the longest pause between scans of the run folder(s) "
+                             "(they start at 1 s and double while nothing changes).", rich_help_panel=FOLLOW)
+
+    def options(self):
+        """The checked `FollowOptions`; --until and --idle-timeout without --follow are errors."""
+        from .. import options as opt
+        from ..trajectory.follow import FollowOptions
+
+        if not self.follow:
+            if self.until is not None or self.idle_timeout is not None:
+                raise fail("--until and --idle-timeout go with --follow")
+            return None
+        return FollowOptions(self.until, opt.duration(self.idle_timeout, "--idle-timeout")
+                             if self.idle_timeout else None, opt.duration(self.poll, "--poll"))
 
 
 @dataclass

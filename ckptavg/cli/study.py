@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..units import format_size
-from .common import Bars, app, fail, grouped, out, say, user_errors
+from .common import Bars, Follow, app, fail, following, grouped, out, say, user_errors
 
 study_app = typer.Typer(help="A whole study from one TOML file: every source, every run of a grid, scored as it "
                         "goes, each revision fetched once for all the runs that need it.", no_args_is_help=True)
@@ -84,19 +84,28 @@ class Cluster:
 
 @study_app.command("run")
 @user_errors
-@grouped(cluster=Cluster)
+@grouped(cluster=Cluster, watching=Follow)
 def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
         force: bool = typer.Option(False, "--force", help="Redo outputs (and scores) that are already finished."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."), cluster: Cluster = None) -> None:
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."), cluster: Cluster = None,
+        watching: Follow = None) -> None:
     """Run the study: each revision fetched once for every run of the grid that needs it. Everything is checked
     before the first download; finished outputs and stored scores are skipped, so running it again after an
-    interruption (or a failed cluster job) does only what is missing."""
-    from ..study import load_study, run_study, submit_study
+    interruption (or a failed cluster job) does only what is missing. With --follow, keeps going while the
+    study's local sources train."""
+    from ..study import follow_study, load_study, run_study, submit_study
     from ..study.slurm import SlurmOptions
 
     study = load_study(file, root)
     if cluster.executor not in ("local", "slurm"):
         raise fail(f"--executor: unknown value {cluster.executor!r} (choose from local, slurm)")
+    options = watching.options()
+    if options is not None:
+        if cluster.executor != "local":
+            raise fail("--follow runs on this machine (--executor local): a follower waits beside the trainer")
+        say(f"following {', '.join(e.name for e in study.sources)} ({len(study.grid)} run(s) each)")
+        return following(lambda events: follow_study(study, options, force=force, events=events), study.out,
+                         quiet=quiet, scores=bool(study.scoring.get("tasks")))
     if cluster.executor == "slurm":
         totals = submit_study(study, SlurmOptions(cluster.partition, cluster.jobs_per_source, cluster.cpus_per_job,
                                                   cluster.gpus_per_job, cluster.mem, cluster.time_min,

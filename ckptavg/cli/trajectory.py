@@ -14,11 +14,13 @@ from .common import (
     Arithmetic,
     Bars,
     Downloads,
+    Follow,
     Schedule,
     Study,
     Tasks,
     app,
     fail,
+    following,
     grouped,
     out,
     say,
@@ -31,7 +33,7 @@ DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, pea
 
 @app.command()
 @user_errors
-@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study)
+@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study, watching=Follow)
 def trajectory(
     source: str = typer.Argument(..., help="A local run folder of checkpoints named by step, as a trainer "
                                  "saves them (step1000/, OLMo-core's stepN/model_and_optim/, torchtitan's step-N/, "
@@ -51,19 +53,8 @@ def trajectory(
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_HELP),
     force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars."),
-    follow: bool = typer.Option(False, "--follow", help="Keep watching a local run folder as its trainer writes "
-                                "it: average (and score) each window once its newest checkpoint is complete, "
-                                "keeping (hard links, in OUT/NAME/.ckptavg-kept/) the checkpoints a later window "
-                                "needs from the trainer's deletions. Stops at --until, after --idle-timeout, or "
-                                "on Ctrl-C/SIGTERM; a rerun goes on where it stopped."),
-    until: Optional[int] = typer.Option(None, help="With --follow: stop once every window up to this output "
-                                        "step is done."),
-    idle_timeout: Optional[str] = typer.Option(None, help="With --follow: stop after this long without a new "
-                                               "complete checkpoint (90s, 30m, 2h)."),
-    poll: str = typer.Option("30s", help="With --follow: the longest pause between scans of the run folder "
-                             "(they start at 1 s and double while nothing changes)."),
     schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
-    study: Study = None,
+    study: Study = None, watching: Follow = None,
 ) -> None:
     """Average a training trajectory window by window (LAWA, EMA or SWA), from local folders or the Hub.
 
@@ -76,11 +67,10 @@ def trajectory(
     schedule = _in_steps(schedule, schedule.tokens_per_step)
     out_dir = opt.output_tree(out_dir, "--out")
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
-    if follow:
-        return _follow(source, schedule, start, end, until, idle_timeout, poll, steps_from, out_dir, checks,
-                       dry_run=dry_run, quiet=quiet)
-    if until is not None or idle_timeout is not None:
-        raise fail("--until and --idle-timeout go with --follow")
+    options = watching.options()
+    if options is not None:
+        return _follow(source, schedule, start, end, options, steps_from, out_dir, checks, dry_run=dry_run,
+                       quiet=quiet)
     bars = Bars(quiet)
     src = open_trajectory(source, steps_from, cache_dir=downloads.cache_dir, bars=bars)
     steps = src.steps()
@@ -128,15 +118,10 @@ def pythia(
     _run(src, spec, out_dir, *checks, dry_run=dry_run, quiet=quiet, bars=bars)
 
 
-def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional[int], until: Optional[int],
-            idle_timeout: Optional[str], poll: str, steps_from: Optional[str], out_dir: Path, checks, *,
-            dry_run: bool, quiet: bool) -> None:
-    import signal
-    import warnings
-
+def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional[int], options,
+            steps_from: Optional[str], out_dir: Path, checks, *, dry_run: bool, quiet: bool) -> None:
     from ..api import follow_trajectory
-    from ..errors import CkptavgWarning
-    from ..trajectory.follow import FollowOptions, Scanner
+    from ..trajectory.follow import complete_steps
 
     root = Path(source)
     if end is not None:
@@ -145,38 +130,18 @@ def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional
         raise fail("--follow takes no --dry-run (it plans as checkpoints land)")
     if not root.is_dir():
         raise fail(f"--follow watches a local run folder; {source} is none")
-    options = FollowOptions(until, opt.duration(idle_timeout, "--idle-timeout") if idle_timeout else None,
-                            opt.duration(poll, "--poll"))
     if start is None:
-        scanner = Scanner(root, steps_from)
-        scanner.scan()  # (a checkpoint counts once two scans find it the same)
-        steps = sorted(scanner.scan())
+        steps = complete_steps(root, steps_from)
         if not steps:
             raise fail(f"{root} has no complete checkpoint yet: give --start, the first output step")
         start = steps[0] + (schedule.k - 1) * schedule.nu
+    until = options.until
     spec = _spec(schedule, start, until if until is not None else start, True)
     averaging, checked_scoring = checks
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: nothing half-written
-    written = []
-
-    class Following(Bars):
-        def averaged(self, job, folder) -> None:
-            written.append(folder)
-            super().averaged(job, folder)
-
-        def lost(self, window) -> None:
-            warnings.warn(f"window at step {window.step} skipped: a member was deleted before it could be kept",
-                          CkptavgWarning, stacklevel=2)
-
     say(f"following {root} ({spec.tag()}, from step {start}{f' until {until}' if until is not None else ''})")
-    try:
-        with Following(quiet) as events:
-            follow_trajectory(root, spec, out_dir, averaging, checked_scoring, options, pattern=steps_from,
-                              events=events.count_scores(None) if checked_scoring else events)
-    except KeyboardInterrupt:
-        say(f"stopped: {len(written)} output(s) written under {out_dir}; run the same command to go on")
-        raise typer.Exit(130) from None
-    say(f"{len(written)} output(s) written under {out_dir}")
+    following(lambda events: follow_trajectory(root, spec, out_dir, averaging, checked_scoring, options,
+                                               pattern=steps_from, events=events),
+              out_dir, quiet=quiet, scores=checked_scoring is not None)
 
 
 def _in_steps(s: Schedule, tokens_per_step: Optional[int]) -> Schedule:

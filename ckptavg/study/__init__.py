@@ -23,11 +23,12 @@ from ..api import scoring as checked_scoring
 from ..manifest import is_finished
 from ..storage.paths import location
 from ..trajectory.events import QUIET, Events, byte_bar
+from ..trajectory.follow import FollowOptions
 from ..trajectory.run import RunPlan, RunSpec
 from .file import SourceEntry, StudyFile, load_study
 
-__all__ = ["SourcePlan", "StatusRow", "StudyFile", "load_study", "plan_study", "run_study", "study_status",
-           "submit_study"]
+__all__ = ["SourcePlan", "StatusRow", "StudyFile", "follow_study", "load_study", "plan_study", "run_study",
+           "study_status", "submit_study"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,29 @@ def run_study(s: StudyFile, *, force: bool = False, events: Events = QUIET):
     # are the ones the run uses, so a Hub repo is listed once
     plans = plan_study(s, offline=False, bars=byte_bar(events))
     return [run_trajectory(p.trajectory, p.specs, s.out, averaging, scoring, events=events) for p in plans]
+
+
+def follow_study(s: StudyFile, options: FollowOptions, *, force: bool = False, events: Events = QUIET) -> int:
+    """Run the study while its local sources train (`api.follow_trajectories`): every run of the grid on
+    every source, each window averaged (and scored, and logged) once its newest checkpoint is complete,
+    until `options` says stop. Every source must be a local run folder. Returns how many rounds ran."""
+    from ..api import follow_trajectories
+    from ..errors import OptionError
+    from ..storage import is_url
+    from ..trajectory.follow import complete_steps
+
+    averaging, scoring = _averaging(s, force).checked(), _scoring(s, register=True)
+    runs = []
+    for entry in s.sources:
+        if entry.kind != "local" or is_url(entry.name) or not Path(entry.name).is_dir():
+            raise OptionError(f"--follow watches local run folders; {entry.name} is "
+                              f"{'a ' + entry.kind + ' source' if entry.kind != 'local' else 'none'}")
+        steps = complete_steps(Path(entry.name), entry.steps_from)
+        if not steps and not entry.explicit_start:
+            raise OptionError(f"{entry.name} has no complete checkpoint yet: give [steps] start, the first output "
+                              f"step")
+        runs.append((Path(entry.name), entry.specs(s.grid, steps or [entry.steps["start"]]), entry.steps_from))
+    return follow_trajectories(runs, s.out, averaging, scoring, options, events=events)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ class Events:
     def averaged(self, job: Job, folder: Path) -> None:
         """A window's output is written and finished (its manifest is there)."""
 
-    def lost(self, window: Window) -> None:
-        """A followed run's trainer deleted a member of this window before it could be kept: skipped."""
+    def lost(self, run: str, window: Window) -> None:
+        """A followed run's trainer deleted a member of this window of `run` (a tag) before it could be kept:
+        the window is skipped."""
 
     def scored(self, target: Target, task: str, status: str, rows: Sequence[Row]) -> None:
         """One checkpoint x task: "skipped" (stored already), "done" or "failed: why"; `rows` as stored (none
@@ -71,9 +72,9 @@ class Broadcast(Events):
         for e in self.listeners:
             e.averaged(job, folder)
 
-    def lost(self, window) -> None:
+    def lost(self, run, window) -> None:
         for e in self.listeners:
-            e.lost(window)
+            e.lost(run, window)
 
     def scored(self, target, task, status, rows) -> None:
         for e in self.listeners:

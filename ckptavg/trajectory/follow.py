@@ -101,6 +101,13 @@ class Scanner:
         return dict(self.complete)
 
 
+def complete_steps(root: Path, pattern: str | None = None) -> list[int]:
+    """The steps complete now (two scans that find them the same), for a follower's first window."""
+    scanner = Scanner(Path(root), pattern)
+    scanner.scan()
+    return sorted(scanner.scan())
+
+
 class Keeper:
     """Kept steps: `OUT/NAME/.ckptavg-kept/<the step's own name>`, each appearing whole (built under a
     temporary name, then renamed)."""
@@ -210,7 +217,7 @@ class Followed:
         for spec, w in lost:
             if (spec.tag(), w.step) not in self.reported:
                 self.reported.add((spec.tag(), w.step))
-                self.events.lost(w)
+                self.events.lost(spec.tag(), w)
         reachable = latest if until is None else min(latest or 0, until)
         due = [replace(spec, end=reachable, skip_incomplete=True) for spec in self.specs
                if latest is not None and reachable >= spec.start]
