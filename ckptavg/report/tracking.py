@@ -208,9 +208,12 @@ class MLflow:
     TAG = "ckptavg.trajectory"
 
     def __init__(self, uri: str, experiment: str | None) -> None:
+        import logging
         import os
 
         from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
 
         self.experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ckptavg"
         self.key = f"mlflow:{redacted(uri)}#{self.experiment_name}"
