@@ -24,7 +24,7 @@ from .checkpoints.layouts import DEFAULT_STEP_PATTERN
 from .errors import OptionError, SavingsError
 from .manifest import Method, is_finished, read_manifest
 from .report.tracking import Tracking
-from .storage.paths import RemotePath
+from .storage.paths import RemotePath, location
 from .trajectory.events import QUIET, Broadcast, Events
 from .trajectory.follow import FollowOptions
 from .trajectory.methods import check_parameters
@@ -238,50 +238,59 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
             store.close()
 
 
-def follow_trajectory(root: str | Path, spec: RunSpec | Sequence[RunSpec], out: str | Path,
+def follow_trajectory(root, spec: RunSpec | Sequence[RunSpec], out: str | Path,
                       averaging: Averaging = Averaging(), scoring: Scoring | None = None,
                       options: FollowOptions | None = None, *, pattern: str | None = None,
                       events: Events = QUIET) -> int:
-    """`run_trajectory` over a local run folder while its trainer writes it (`trajectory/follow.py`): each
-    window averaged (and scored) once its newest member is complete, members kept from the trainer's
-    deletions until their last window is done; until `options.until`, `options.idle_timeout` or Ctrl-C.
-    `spec.end` is ignored (the run's latest step, or `until`). Returns how many rounds it ran."""
-    return follow_trajectories([(Path(root), spec, pattern)], out, averaging, scoring, options, events=events)
+    """`run_trajectory` over a run folder (local, or a URL; or a Hub trajectory whose trainer pushes each
+    checkpoint as a branch) while its trainer writes it (`trajectory/follow.py`):
+    each window averaged (and scored) once its newest member is complete, members kept from the trainer's
+    deletions until their last window is done (within `averaging.disk_budget`, which a store's steps need
+    to be kept at all); until `options.until`, `options.idle_timeout` or Ctrl-C. `spec.end` is ignored
+    (the run's latest step, or `until`). Returns how many rounds it ran."""
+    return follow_trajectories([(root, spec, pattern)], out, averaging, scoring, options, events=events)
 
 
-def follow_trajectories(runs: Sequence[tuple[Path, RunSpec | Sequence[RunSpec], str | None]], out: str | Path,
+def follow_trajectories(runs: Sequence[tuple[object, RunSpec | Sequence[RunSpec], str | None]], out: str | Path,
                         averaging: Averaging = Averaging(), scoring: Scoring | None = None,
                         options: FollowOptions | None = None, *, events: Events = QUIET) -> int:
-    """`follow_trajectory` for several run folders at once, each with its own runs and step pattern
-    (`study run --follow`): every folder is scanned each time round, and trackers are opened once."""
+    """`follow_trajectory` for several sources at once, each with its own runs and step pattern (`study run
+    --follow`): every source is scanned each time round, and trackers are opened once. A source is a run
+    folder (a path or URL) or an opened Hub trajectory (`open_trajectory("ORG/NAME")`), whose branches are
+    listed again each time."""
     from .layout import output_folder
     from .manifest import RunId
-    from .trajectory.follow import Followed, follow
+    from .trajectory.follow import Followed, FollowedRepo, follow
+    from .trajectory.hub import HubTrajectory
 
     if scoring is not None and scoring.in_memory:
         raise OptionError("--follow writes each window's average (scoring in memory keeps none): drop --in-memory")
-    out = Path(out)
-    first_round = {Path(root): True for root, _, _ in runs}
+    averaging, out = averaging.checked(), Path(out)
+    first_round: dict[str, bool] = {}
 
     with _tracked(scoring, events) as (scoring, events):
 
-        def rounds_of(root: Path):
-            def run_round(source, specs: list[RunSpec]) -> None:
+        def rounds_of(name: str):
+            def run_round(source, specs: list[RunSpec], keep_fetched: bool) -> None:
                 # --force redoes what was there before following began, not what the first round made
-                this_round = averaging if first_round[root] else replace(averaging, force=False)
-                run_trajectory(source, specs, out, this_round, scoring, events=events)
-                first_round[root] = False
+                this_round = averaging if first_round.setdefault(name, True) else replace(averaging, force=False)
+                run_trajectory(source, specs, out, replace(this_round, keep_downloads=this_round.keep_downloads
+                                                           or keep_fetched), scoring, events=events)
+                first_round[name] = False
 
             def finished(spec: RunSpec, window: Window) -> bool:
-                return is_finished(output_folder(out, RunId(root.name, spec.tag()), window.step))
+                return is_finished(output_folder(out, RunId(name, spec.tag()), window.step))
 
             return run_round, finished
 
         followed = []
         for root, specs, pattern in runs:
-            run_round, finished = rounds_of(Path(root))
-            followed.append(Followed(Path(root), [specs] if isinstance(specs, RunSpec) else list(specs), out,
-                                     run_round, finished, pattern, events))
+            specs = [specs] if isinstance(specs, RunSpec) else list(specs)
+            if isinstance(root, HubTrajectory):
+                followed.append(FollowedRepo(root, specs, *rounds_of(root.name), events))
+                continue
+            root = location(root)
+            followed.append(Followed(root, specs, out, *rounds_of(root.name), pattern, events, averaging.disk_budget))
         return follow(followed, options or FollowOptions())
 
 

@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -182,8 +183,9 @@ def test_a_follower_stops_after_idle_timeout_and_on_sigterm(quiet_run, tmp_path)
 def test_follow_refuses_what_it_cannot_follow(tmp_path):
     from conftest import cli
 
-    r = cli("trajectory", "EleutherAI/pythia-70m", "--follow", "--out", tmp_path)
-    assert r.exit_code == 2 and "local run folder" in r.stderr, r.stderr
+    r = cli("trajectory", tmp_path / "nothing" / "here", "--follow", "--out", tmp_path)
+    assert r.exit_code == 2 and "watches a run folder (local or on an object store) or a Hub repo" in r.stderr, \
+        r.stderr
     (tmp_path / "empty").mkdir()
     r = cli("trajectory", tmp_path / "empty", "--follow", "--out", tmp_path)
     assert r.exit_code == 2 and "--start" in r.stderr, r.stderr
@@ -232,12 +234,40 @@ def test_study_follow_refuses_sources_it_cannot_follow(tmp_path):
     from conftest import cli
 
     study = tmp_path / "s.toml"
-    study.write_text('[[sources]]\nhub = "EleutherAI/pythia-70m"\n[steps]\ninterval = 2\n'
+    study.write_text('[[sources]]\npythia = "70m"\n[steps]\ninterval = 2\n'
                      '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 1\n')
     r = cli("study", "run", study, "--follow", "--root", tmp_path)
-    assert r.exit_code == 2 and "--follow watches local run folders; EleutherAI/pythia-70m is a hub source" in \
-        r.stderr, r.stderr
+    assert r.exit_code == 2 and "Pythia 70m is finished: drop --follow" in r.stderr, r.stderr
     r = cli("study", "run", study, "--follow", "--executor", "slurm", "--root", tmp_path)
     assert r.exit_code == 2 and "--executor local" in r.stderr, r.stderr
     r = cli("study", "run", study, "--until", "4", "--root", tmp_path)
     assert r.exit_code == 2 and "go with --follow" in r.stderr, r.stderr
+
+
+def test_kept_copies_stay_within_the_disk_budget(tmp_path):
+    """Hard links cost nothing; a copy (the link refused across filesystems) counts against the budget, and a
+    step whose copy would pass it is not kept, with a warning; a link whose trainer's file is gone counts."""
+    import shutil as sh
+
+    from ckptavg.errors import CkptavgWarning
+    from ckptavg.trajectory.follow import Keeper
+
+    for step in (2, 4):
+        write_checkpoint(tmp_path / "run" / f"step{step}", pythia_state_dict(step, torch.float32), "safetensors")
+    size = sum(p.stat().st_size for p in (tmp_path / "run" / "step2").iterdir())
+    linked = Keeper(tmp_path / "kept", budget=size // 2)
+    assert linked.keep(tmp_path / "run" / "step2") and linked.cost() == 0
+    sh.rmtree(tmp_path / "run" / "step2")  # the trainer deletes its copy: the kept one now costs its size
+    assert linked.cost() == size
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem to copy across")
+    folder = Path(tempfile.mkdtemp(dir=other))
+    try:
+        copied = Keeper(folder / "kept", budget=size + size // 2)
+        assert copied.keep(tmp_path / "run" / "step4") and copied.cost() == size
+        with pytest.warns(CkptavgWarning, match="not kept: a copy would pass the --disk-budget"):
+            assert not copied.keep(tmp_path / "kept" / "step2")
+        assert sorted(p.name for p in (folder / "kept").iterdir()) == ["step4"]  # nothing half-kept
+    finally:
+        sh.rmtree(folder)

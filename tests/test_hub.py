@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -337,3 +338,32 @@ def test_two_runs_sharing_one_cache_never_delete_what_the_other_holds(hub, tmp_p
     assert_matches(tmp_path / "k3" / "pythia-70m-deduped" / "lawa-k3-nu1000" / "step3000",
                    reference_average([hub.folders[s] for s in (1000, 2000, 3000)]), max_ulp=1)
     assert cached_files(tmp_path) == []
+
+
+def test_following_a_repo_whose_trainer_pushes_each_checkpoint_as_a_branch(hub, tmp_path):
+    """`trajectory ORG/NAME --follow`: branches appear while the follower runs; each window is averaged once
+    its newest branch is there, from revisions fetched once each and evicted after their last window."""
+    repo = "someone/live-run"
+    hub.add_branch(repo, "step1000", hub.folders[1000])
+    follower = ckptavg(hub, tmp_path, "trajectory", repo, "--follow", "--k", "2", "--nu", "1000", "--interval",
+                       "1000", "--start", "2000", "--until", "4000", "--poll", "1s", "--out", str(tmp_path / "out"),
+                       "--device", "cpu", "-q", wait=False)
+    outputs = tmp_path / "out" / "live-run" / "lawa-k2-nu1000"
+    try:
+        for step in (2000, 3000, 4000):
+            time.sleep(2)  # (the follower has listed the branches without this one)
+            assert follower.poll() is None, follower.communicate()
+            hub.add_branch(repo, f"step{step}", hub.folders[step])
+        stdout, stderr = follower.communicate(timeout=240)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, stderr
+    assert sorted(p.name for p in outputs.glob("step*")) == ["step2000", "step3000", "step4000"]
+    for t in (2000, 3000, 4000):
+        assert_matches(outputs / f"step{t}", reference_average([hub.folders[t - 1000], hub.folders[t]]), max_ulp=1)
+    gets = Counter((branch, name) for (r, branch, name), n in hub.gets.items() if r == repo for _ in range(n))
+    assert gets and set(gets.values()) == {1}  # each file of each revision fetched once
+    log = [json.loads(line) for line in (outputs / "ckptavg-run.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in log if r["action"] == "average") == [2000, 3000, 4000]
+    snapshots = tmp_path / "hf" / "hub" / "models--someone--live-run" / "snapshots"
+    assert not [p for p in snapshots.rglob("*") if not p.is_dir()]  # each revision deleted after its last window

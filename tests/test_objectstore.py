@@ -428,3 +428,61 @@ def test_a_bucket_that_does_not_exist_is_one_line_before_any_work(store, tmp_pat
     r = cli("average", "s3://no-such-bucket/run/step1", "s3://no-such-bucket/run/step2", "--out", tmp_path / "avg")
     assert r.exit_code == 2 and "no-such-bucket" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "avg").exists()
+
+
+def _follow(url: str, out: Path, *extra: str):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "ckptavg", "trajectory", url, "--follow", "--k", "3", "--nu", "2",
+                             "--interval", "2", "--start", "6", "--until", "10", "--poll", "1s", "--out", str(out),
+                             "-q", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_following_a_run_on_the_store_that_deletes_its_checkpoints(store, tmp_path):
+    """A trainer on the store keeping its newest two steps, deleting the oldest before it saves the next:
+    with a disk budget the follower keeps (downloads) what later windows need, and every window is the
+    float64 mean of its members; without one it reads steps in place and keeps nothing."""
+    from conftest import assert_matches, pythia_state_dict, reference_average, write_checkpoint
+
+    fs = store_fs()
+    local = tmp_path / "steps"
+    for step in range(2, 12, 2):
+        write_checkpoint(local / f"step{step}", pythia_state_dict(step, torch.float32), "safetensors")
+    # without a budget, over a run whose trainer deletes nothing: read in place, nothing kept
+    for step in (2, 4, 6, 8, 10):
+        fs.put(str(local / f"step{step}"), f"{BUCKET}/done/step{step}", recursive=True)
+    follower = _follow(f"s3://{BUCKET}/done", tmp_path / "in-place")
+    stdout, stderr = follower.communicate(timeout=240)
+    assert follower.returncode == 0, stderr
+    assert not list((tmp_path / "in-place" / "done").glob(".ckptavg-kept/*"))
+    for step in (6, 8, 10):
+        assert_matches(tmp_path / "in-place" / "done" / "lawa-k3-nu2" / f"step{step}",
+                       reference_average([local / f"step{s}" for s in (step - 4, step - 2, step)]), 0, torch.float64)
+
+    out = tmp_path / "out"
+    kept = out / "live" / ".ckptavg-kept"
+    fs.put(str(local / "step2"), f"{BUCKET}/live/step2", recursive=True)
+    follower = _follow(f"s3://{BUCKET}/live", out, "--disk-budget", "1GB")
+    try:
+        for step in (4, 6, 8, 10):
+            deadline = time.time() + 120
+            while not (kept / f"step{step - 2}").is_dir():  # the follower has the newest step kept
+                assert follower.poll() is None and time.time() < deadline, follower.communicate()
+                time.sleep(0.2)
+            if step >= 6:
+                fs.rm(f"{BUCKET}/live/step{step - 4}", recursive=True)  # the trainer's limit: two steps
+            fs.put(str(local / f"step{step}"), f"{BUCKET}/live/step{step}", recursive=True)
+        stdout, stderr = follower.communicate(timeout=240)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0 and "skipped" not in stderr, stderr
+    outputs = out / "live" / "lawa-k3-nu2"
+    assert sorted(p.name for p in outputs.glob("step*")) == ["step10", "step6", "step8"]
+    for step in (6, 8, 10):
+        assert_matches(outputs / f"step{step}", reference_average([local / f"step{s}" for s in (step - 4, step - 2,
+                                                                                                   step)]),
+                       0, torch.float64)
+        manifest = json.loads((outputs / f"step{step}" / MANIFEST).read_text())
+        assert {i["source"] for i in manifest["inputs"]} == {f"s3://{BUCKET}/live"}
+    assert not list(kept.iterdir())  # every kept step released

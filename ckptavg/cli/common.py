@@ -154,13 +154,12 @@ class Following(Bars):
                       CkptavgWarning, stacklevel=2)
 
 
-def following(run: Callable[[Events], object], out_dir, *, quiet: bool, scores: bool) -> None:
+def following(run: Callable[[Events], object], out_dir, events: Following, *, scores: bool) -> None:
     """Follow (`run(events)`) until it stops, SIGTERM taken like Ctrl-C (nothing half-written), and say how
     far it got."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    events = Following(quiet)
     try:
         with events:
             run(events.count_scores(None) if scores else events)

@@ -26,7 +26,7 @@ def results(
                                          "perplexity tasks, acc for the others)."),
     failed: bool = typer.Option(False, "--failed", help="List failed checkpoint x task pairs and their errors "
                                 "instead."),
-    export: tuple[str, str] = typer.Option((None, None), "--export", metavar="KIND TARGET", help="Log the stored "
+    export: Optional[tuple[str, str]] = typer.Option(None, "--export", metavar="KIND TARGET", help="Log the stored "
                                            "scores to a tracker instead of printing them: tensorboard DIR, mlflow "
                                            "TRACKING-URI or wandb PROJECT (one run per trajectory, series "
                                            "eval/RUN-TAG/TASK/METRIC by step). Each score goes to a tracker once; "
@@ -40,7 +40,7 @@ def results(
     from ..report.tables import tidy, wide_table
 
     opt.choice(fmt, FORMATS, "--format")
-    if export[0] is not None:
+    if export is not None:
         return _export(store, *export, force=force)
     if force:
         raise fail("--force goes with --export")

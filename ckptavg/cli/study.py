@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..units import format_size
-from .common import Bars, Follow, app, fail, following, grouped, out, say, user_errors
+from .common import Bars, Follow, Following, app, fail, following, grouped, out, say, user_errors
 
 study_app = typer.Typer(help="A whole study from one TOML file: every source, every run of a grid, scored as it "
                         "goes, each revision fetched once for all the runs that need it.", no_args_is_help=True)
@@ -105,7 +105,7 @@ def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
             raise fail("--follow runs on this machine (--executor local): a follower waits beside the trainer")
         say(f"following {', '.join(e.name for e in study.sources)} ({len(study.grid)} run(s) each)")
         return following(lambda events: follow_study(study, options, force=force, events=events), study.out,
-                         quiet=quiet, scores=bool(study.scoring.get("tasks")))
+                         Following(quiet), scores=bool(study.scoring.get("tasks")))
     if cluster.executor == "slurm":
         totals = submit_study(study, SlurmOptions(cluster.partition, cluster.jobs_per_source, cluster.cpus_per_job,
                                                   cluster.gpus_per_job, cluster.mem, cluster.time_min,

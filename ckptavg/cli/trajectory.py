@@ -15,6 +15,7 @@ from .common import (
     Bars,
     Downloads,
     Follow,
+    Following,
     Schedule,
     Study,
     Tasks,
@@ -69,8 +70,8 @@ def trajectory(
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     options = watching.options()
     if options is not None:
-        return _follow(source, schedule, start, end, options, steps_from, out_dir, checks, dry_run=dry_run,
-                       quiet=quiet)
+        return _follow(source, schedule, start, end, options, steps_from, out_dir, checks,
+                       cache_dir=downloads.cache_dir, dry_run=dry_run, quiet=quiet)
     bars = Bars(quiet)
     src = open_trajectory(source, steps_from, cache_dir=downloads.cache_dir, bars=bars)
     steps = src.steps()
@@ -119,19 +120,26 @@ def pythia(
 
 
 def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional[int], options,
-            steps_from: Optional[str], out_dir: Path, checks, *, dry_run: bool, quiet: bool) -> None:
-    from ..api import follow_trajectory
+            steps_from: Optional[str], out_dir: Path, checks, *, cache_dir: Optional[Path], dry_run: bool,
+            quiet: bool) -> None:
+    from ..api import follow_trajectory, open_trajectory
+    from ..storage import is_url
+    from ..storage.paths import location
     from ..trajectory.follow import complete_steps
+    from ..trajectory.hub import HubTrajectory, looks_like_repo_id
 
-    root = Path(source)
     if end is not None:
         raise fail("--follow takes --until instead of --end")
     if dry_run:
         raise fail("--follow takes no --dry-run (it plans as checkpoints land)")
-    if not root.is_dir():
-        raise fail(f"--follow watches a local run folder; {source} is none")
+    events = Following(quiet)
+    root = location(source)
+    if not is_url(source) and not root.exists() and looks_like_repo_id(source):  # a Hub repo, pushed to as it trains
+        root = open_trajectory(source, steps_from, cache_dir=cache_dir, bars=events)
+    elif not root.is_dir():
+        raise fail(f"--follow watches a run folder (local or on an object store) or a Hub repo; {source} is none")
     if start is None:
-        steps = complete_steps(root, steps_from)
+        steps = root.steps() if isinstance(root, HubTrajectory) else complete_steps(root, steps_from)
         if not steps:
             raise fail(f"{root} has no complete checkpoint yet: give --start, the first output step")
         start = steps[0] + (schedule.k - 1) * schedule.nu
@@ -141,7 +149,7 @@ def _follow(source: str, schedule: Schedule, start: Optional[int], end: Optional
     say(f"following {root} ({spec.tag()}, from step {start}{f' until {until}' if until is not None else ''})")
     following(lambda events: follow_trajectory(root, spec, out_dir, averaging, checked_scoring, options,
                                                pattern=steps_from, events=events),
-              out_dir, quiet=quiet, scores=checked_scoring is not None)
+              out_dir, events, scores=checked_scoring is not None)
 
 
 def _in_steps(s: Schedule, tokens_per_step: Optional[int]) -> Schedule:

@@ -77,7 +77,7 @@ class RemoteOutputDir:
         self._committed = False
 
     def _objects(self) -> list[str]:
-        return self.final.storage.find(self.final.path)
+        return list(self.final.storage.find(self.final.path))
 
     def check(self) -> None:
         if self.force:

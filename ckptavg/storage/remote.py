@@ -9,9 +9,11 @@ bucket) is one line naming the URL, and never the credentials.
 
 from __future__ import annotations
 
+import posixpath
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from ..errors import InputError, IOFailure, OptionError
 from .base import FileInfo, finish_reads
@@ -85,18 +87,27 @@ class FsspecStorage:
         info = self._call(self.fs.info, path)
         if info.get("type") == "directory":
             raise InputError(f"{self.url(path)}: a prefix, not an object")
-        identity = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "crc32c") if info.get(k)), None)
-        return FileInfo(int(info["size"]), identity or f"{info['size']}:{info.get('LastModified', '')}")
+        return _file_info(info)
 
     def list(self, prefix: str) -> list[str]:
+        self.fs.invalidate_cache(prefix.rstrip("/"))  # (a followed run's prefix changes between listings)
         names = self._call(self.fs.ls, prefix.rstrip("/"), detail=False)
         return sorted({str(n).rstrip("/").rsplit("/", 1)[-1] for n in names})
 
-    def find(self, prefix: str) -> list[str]:
-        """Every object at any depth under `prefix` (paths, as `read_into` takes them); not the folders that
-        some stores (SeaweedFS) keep, empty, after their objects are deleted."""
+    def find(self, prefix: str) -> dict[str, FileInfo]:
+        """Every object at any depth under `prefix` (paths, as `read_into` takes them), with its size and
+        version; not the folders that some stores (SeaweedFS) keep, empty, after their objects are deleted."""
+        self.fs.invalidate_cache(prefix.rstrip("/"))
         found = self._call(self.fs.find, prefix.rstrip("/"), detail=True)
-        return sorted(path for path, info in found.items() if info.get("type") != "directory")
+        return {path: _file_info(info) for path, info in sorted(found.items()) if info.get("type") != "directory"}
+
+    def download(self, prefix: str, folder: Path) -> None:
+        """Every object under `prefix` (or the object itself) into `folder` (a file's path), names kept."""
+        objects = self.find(prefix) or {prefix: None}
+        for path in objects:
+            target = Path(folder) / posixpath.relpath(path, prefix) if path != prefix else Path(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call(self.fs.get_file, path, str(target))
 
     def write(self, path: str, data: bytes) -> None:
         """One object put whole (a single PUT: a reader sees all of it or none)."""
@@ -133,6 +144,11 @@ class FsspecStorage:
 
 _POOL: list[ThreadPoolExecutor] = []
 _POOL_LOCK = threading.Lock()
+
+
+def _file_info(info: dict) -> FileInfo:
+    identity = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "crc32c") if info.get(k)), None)
+    return FileInfo(int(info["size"]), identity or f"{info['size']}:{info.get('LastModified', '')}")
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -99,23 +99,30 @@ def run_study(s: StudyFile, *, force: bool = False, events: Events = QUIET):
 def follow_study(s: StudyFile, options: FollowOptions, *, force: bool = False, events: Events = QUIET) -> int:
     """Run the study while its local sources train (`api.follow_trajectories`): every run of the grid on
     every source, each window averaged (and scored, and logged) once its newest checkpoint is complete,
-    until `options` says stop. Every source must be a local run folder. Returns how many rounds ran."""
+    until `options` says stop. Sources are run folders (local or on a store) or Hub repos, not Pythia.
+    Returns how many rounds ran."""
     from ..api import follow_trajectories
     from ..errors import OptionError
-    from ..storage import is_url
     from ..trajectory.follow import complete_steps
 
     averaging, scoring = _averaging(s, force).checked(), _scoring(s, register=True)
     runs = []
     for entry in s.sources:
-        if entry.kind != "local" or is_url(entry.name) or not Path(entry.name).is_dir():
-            raise OptionError(f"--follow watches local run folders; {entry.name} is "
-                              f"{'a ' + entry.kind + ' source' if entry.kind != 'local' else 'none'}")
-        steps = complete_steps(Path(entry.name), entry.steps_from)
+        if entry.kind == "pythia":
+            raise OptionError(f"--follow watches runs still training; Pythia {entry.name} is finished: drop --follow")
+        if entry.kind == "hub":  # a trainer pushing each checkpoint as a branch
+            root = _open(entry, offline_catalogue=False, bars=byte_bar(events))
+            runs.append((root, entry.specs(s.grid, root.steps()), entry.steps_from))
+            continue
+        root = location(entry.name, entry.storage_options)
+        if not root.is_dir():
+            raise OptionError(f"--follow watches run folders (local or on an object store) and Hub repos; "
+                              f"{entry.name} is none")
+        steps = complete_steps(root, entry.steps_from)
         if not steps and not entry.explicit_start:
             raise OptionError(f"{entry.name} has no complete checkpoint yet: give [steps] start, the first output "
                               f"step")
-        runs.append((Path(entry.name), entry.specs(s.grid, steps or [entry.steps["start"]]), entry.steps_from))
+        runs.append((root, entry.specs(s.grid, steps or [entry.steps["start"]]), entry.steps_from))
     return follow_trajectories(runs, s.out, averaging, scoring, options, events=events)
 
 

@@ -11,6 +11,10 @@ The windows are averaged from that folder, as a local trajectory, by the same pl
 `--follow`; kept steps no window needs any more are released. A window one of whose members was gone
 before it could be kept is reported once and skipped.
 
+A run on an object store is followed the same way (its objects' sizes and ETags for the signature). Its
+steps are read in place, by range; they are kept (downloaded) only within a disk budget, which also
+bounds the copies of local steps that cannot be hard-linked.
+
 `needed_steps` is the pure rule; `Scanner`, `Keeper` and `follow` do the I/O.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from ..checkpoints.layouts import checkpoint_in, detect_pattern, unfinished
 from ..errors import CkptavgError, CkptavgWarning, InputError
+from ..storage.paths import RemotePath, location
 from .events import QUIET, Events
 from .run import RunSpec
 from .schedule import Window
@@ -55,7 +60,11 @@ def needed_steps(spec: RunSpec, latest: int | None, have: set[int], finished: Ca
     return needed, lost
 
 
-def _signature(path: Path) -> tuple:
+def _signature(path: Path | RemotePath) -> tuple:
+    """Every file of a checkpoint with its size and version: a local file's modification time, an object's
+    ETag (a store's object appears whole, but a save may still be adding objects)."""
+    if isinstance(path, RemotePath):
+        return tuple((p, i.size, i.identity) for p, i in path.storage.find(path.path).items())
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
 
@@ -101,19 +110,22 @@ class Scanner:
         return dict(self.complete)
 
 
-def complete_steps(root: Path, pattern: str | None = None) -> list[int]:
+def complete_steps(root: Path | RemotePath, pattern: str | None = None) -> list[int]:
     """The steps complete now (two scans that find them the same), for a follower's first window."""
-    scanner = Scanner(Path(root), pattern)
+    scanner = Scanner(location(root), pattern)
     scanner.scan()
     return sorted(scanner.scan())
 
 
 class Keeper:
     """Kept steps: `OUT/NAME/.ckptavg-kept/<the step's own name>`, each appearing whole (built under a
-    temporary name, then renamed)."""
+    temporary name, then renamed). A local step is hard-linked (a copy where the link is refused); a step
+    on an object store is downloaded, and only with a disk budget (without one it is read in place). The
+    kept copies, those of their files that no other link holds, stay within `budget` bytes."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, budget: int | None = None) -> None:
+        self.folder, self.budget = folder, budget
+        self.refused: set[str] = set()  # steps not kept for the budget, said once each
 
     def steps(self, pattern: str) -> dict[int, str]:
         if not self.folder.is_dir():
@@ -121,27 +133,60 @@ class Keeper:
         return step_branches([e.name for e in self.folder.iterdir() if not e.name.startswith(".")], pattern,
                              str(self.folder))
 
-    def keep(self, source: Path) -> None:
+    def cost(self) -> int:
+        """Bytes of disk the kept steps hold on their own (a file whose trainer's copy is gone counts)."""
+        if not self.folder.is_dir():
+            return 0
+        return sum(st.st_size for p in self.folder.rglob("*") if p.is_file() and (st := p.stat()).st_nlink == 1)
+
+    def keep(self, source: Path | RemotePath) -> bool:
+        """Keep a step; False when it is not kept (a store's step without a budget, or over the budget)."""
+        remote = isinstance(source, RemotePath)
+        if remote and self.budget is None:
+            return False
+        if remote and self.cost() + _size(source) > self.budget:
+            return self._refuse(source)
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / source.name
         tmp = self.folder / f".{source.name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         try:
-            if source.is_file():
+            if remote:
+                source.storage.download(source.path, tmp)
+            elif source.is_file():
                 _link_or_copy(source, tmp)
             else:
                 shutil.copytree(source, tmp, copy_function=_link_or_copy)
+            if self.budget is not None and self.cost() > self.budget:  # copies, where links were refused
+                _remove(tmp)
+                return self._refuse(source)
             os.rename(tmp, final)
-        except FileNotFoundError:  # deleted by the trainer while it was being kept
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.unlink(missing_ok=True)
+        except (FileNotFoundError, InputError):  # deleted by the trainer while it was being kept
+            _remove(tmp)
+            return False
+        return True
+
+    def _refuse(self, source) -> bool:
+        if source.name not in self.refused:
+            self.refused.add(source.name)
+            warnings.warn(f"{source} not kept: a copy would pass the --disk-budget of {self.budget} bytes "
+                          f"(it is read in place; if the trainer deletes it first, its windows are skipped)",
+                          CkptavgWarning, stacklevel=3)
+        return False
 
     def release(self, name: str) -> None:
-        path = self.folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        _remove(self.folder / name)
+
+
+def _size(source: RemotePath) -> int:
+    return sum(i.size for i in source.storage.find(source.path).values())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _link_or_copy(src: str | Path, dst: str | Path) -> None:
@@ -152,15 +197,13 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 
 class KeptTrajectory(LocalTrajectory):
-    """The kept steps as a local trajectory, named and described as the trainer's run they came from."""
+    """A round's steps, each kept by ckptavg or where the trainer put it (a store's step read in place), as a
+    local trajectory named and described as the trainer's run."""
 
-    def __init__(self, folder: Path, pattern: str, origin: Path) -> None:
-        self.origin = origin
-        super().__init__(folder, pattern)
-
-    @property
-    def name(self) -> str:
-        return self.origin.name
+    def __init__(self, entries: dict[int, Path | RemotePath], pattern: str, origin: Path | RemotePath) -> None:
+        self.root, self.pattern, self.origin = origin, pattern, origin
+        self._names = {step: entry.name for step, entry in entries.items()}
+        self._folders = {step: checkpoint_in(entry) for step, entry in entries.items()}
 
     def describe(self, step: int) -> dict:
         return {"source": str(self.origin.absolute()), "step": step}
@@ -173,32 +216,60 @@ class FollowOptions:
     poll: float = 30.0  # the longest pause between scans (they start at 1 s and double while nothing changes)
 
 
-class Followed:
-    """One run folder being followed for one or more runs (a study's grid): scan, keep what a window still
-    to do needs, average each round (`run_round(kept trajectory, specs up to the latest step)`), release."""
+class _Following:
+    """What following one source shares, whatever the source: the windows still to do and the steps they
+    need, each lost window reported once, and the specs due for a round."""
 
-    def __init__(self, root: Path, specs: Sequence[RunSpec], out: Path,
-                 run_round: Callable[[KeptTrajectory, list[RunSpec]], object],
-                 finished: Callable[[RunSpec, Window], bool], pattern: str | None = None,
-                 events: Events = QUIET) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise InputError(f"{root}: no such run folder")
+    def __init__(self, specs: Sequence[RunSpec], run_round: Callable, finished: Callable[[RunSpec, Window], bool],
+                 events: Events) -> None:
         self.specs, self.run_round, self.finished, self.events = list(specs), run_round, finished, events
-        self.scanner = Scanner(self.root, pattern)
-        self.keeper = Keeper(Path(out) / self.root.name / KEPT)
+        self.keep_fetched = False  # a round keeps what it fetched (a later round's windows may need it)
         self.reported: set[tuple[str, int]] = set()
         self.seen: set[int] = set()  # complete steps found so far: a new one, needed or not, means the run goes on
         self.rounds = 0
 
-    def _needed(self, latest: int | None, have: set[int], until: int | None) -> tuple[set[int], list]:
+    def _needed(self, latest: int | None, have: set[int], until: int | None) -> set[int]:
+        """The steps a window still to do needs; windows lost for good are reported (once)."""
         needed: set[int] = set()
-        lost = []
         for spec in self.specs:
-            steps, gone = needed_steps(spec, latest, have, lambda w, spec=spec: self.finished(spec, w), until)
+            steps, lost = needed_steps(spec, latest, have, lambda w, spec=spec: self.finished(spec, w), until)
             needed |= steps
-            lost += [(spec, w) for w in gone]
-        return needed, lost
+            for w in lost:
+                if (spec.tag(), w.step) not in self.reported:
+                    self.reported.add((spec.tag(), w.step))
+                    self.events.lost(spec.tag(), w)
+        return needed
+
+    def _round(self, source, latest: int | None, until: int | None, new: bool) -> None:
+        reachable = latest if until is None else min(latest or 0, until)
+        due = [replace(spec, end=reachable, skip_incomplete=True) for spec in self.specs
+               if latest is not None and reachable >= spec.start]
+        if (new or not self.rounds) and due:
+            self.run_round(source, due, self.keep_fetched)
+            self.rounds += 1
+
+    def _seen(self, complete: set[int], needed: set[int], latest: int | None, until: int | None) -> tuple[bool, bool]:
+        done = until is not None and not needed and latest is not None and latest >= until
+        found = bool(complete - self.seen)
+        self.seen |= complete
+        return found, done
+
+
+class Followed(_Following):
+    """One run folder (local, or a prefix on an object store) followed for one or more runs (a study's grid):
+    scan, keep what a window still to do needs, average each round (`run_round(kept trajectory, specs up to
+    the latest step)`), release."""
+
+    def __init__(self, root: Path | RemotePath, specs: Sequence[RunSpec], out: Path,
+                 run_round: Callable[[KeptTrajectory, list[RunSpec], bool], object],
+                 finished: Callable[[RunSpec, Window], bool], pattern: str | None = None,
+                 events: Events = QUIET, disk_budget: int | None = None) -> None:
+        super().__init__(specs, run_round, finished, events)
+        self.root = location(root)
+        if not self.root.is_dir():
+            raise InputError(f"{root}: no such run folder")
+        self.scanner = Scanner(self.root, pattern)
+        self.keeper = Keeper(Path(out) / self.root.name / KEPT, disk_budget)
 
     def step(self, until: int | None) -> tuple[bool, bool]:
         """One scan and, when there is something new, one round: (a new complete step was found, every window
@@ -208,30 +279,44 @@ class Followed:
         kept = self.keeper.steps(pattern) if pattern else {}
         have = set(complete) | set(kept)
         latest = max(have, default=None)
-        needed, lost = self._needed(latest, have, until)
-        new = False
+        needed = self._needed(latest, have, until)
         for step in sorted(needed & set(complete) - set(kept)):
             self.keeper.keep(self.root / complete[step])
-            new = True
         kept = self.keeper.steps(pattern) if pattern else {}
-        for spec, w in lost:
-            if (spec.tag(), w.step) not in self.reported:
-                self.reported.add((spec.tag(), w.step))
-                self.events.lost(spec.tag(), w)
-        reachable = latest if until is None else min(latest or 0, until)
-        due = [replace(spec, end=reachable, skip_incomplete=True) for spec in self.specs
-               if latest is not None and reachable >= spec.start]
-        if (new or not self.rounds) and kept and due:
-            self.run_round(KeptTrajectory(self.keeper.folder, pattern, self.root), due)
-            self.rounds += 1
-        needed, _ = self._needed(latest, have, until)  # (less what this round did)
+        entries = {step: self.root / name for step, name in complete.items()} | {
+            step: self.keeper.folder / name for step, name in kept.items()}
+        if entries:
+            self._round(KeptTrajectory(entries, pattern, self.root), latest, until,
+                        bool(needed & (set(complete) - self.seen)))
+        needed = self._needed(latest, have, until)  # (less what this round did)
         for step, name in kept.items():
             if step not in needed:
                 self.keeper.release(name)
-        done = until is not None and not needed and latest is not None and latest >= until
-        found = new or bool(set(complete) - self.seen)
-        self.seen |= set(complete)
-        return found, done
+        return self._seen(set(complete), needed, latest, until)
+
+
+class FollowedRepo(_Following):
+    """A Hub repo whose trainer pushes each checkpoint as a branch: a branch is complete once it exists (a
+    Hub commit is atomic), and its revision is fetched, averaged and evicted as without --follow. Branches
+    are not kept: one deleted before its windows are done loses them. A revision a later window needs stays
+    in the Hugging Face cache between rounds; the others are deleted after each round, as without --follow."""
+
+    def __init__(self, source, specs: Sequence[RunSpec], run_round: Callable, finished: Callable[[RunSpec, Window],
+                 bool], events: Events = QUIET) -> None:
+        super().__init__(specs, run_round, finished, events)
+        self.source = source  # a HubTrajectory
+        self.root = source.repo_id
+        self.keep_fetched = True
+
+    def step(self, until: int | None) -> tuple[bool, bool]:
+        self.source.refresh()
+        have = set(self.source.steps())
+        latest = max(have, default=None)
+        needed = self._needed(latest, have, until)
+        self._round(self.source, latest, until, bool(needed & (have - self.seen)))
+        needed = self._needed(latest, have, until)
+        self.source.evict_leftovers(needed & have)
+        return self._seen(have, needed, latest, until)
 
 
 def follow(followed: Sequence[Followed], options: FollowOptions = FollowOptions()) -> int:

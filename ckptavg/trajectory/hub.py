@@ -116,9 +116,9 @@ class HubTrajectory:
         self._trees: dict[str, list[RemoteFile]] = {}
         self._ledger = RevisionLedger(self.cache_dir / ".locks" / "ckptavg" / self._repo_cache.name)
         self._adopt_old_ledger()
-        commits = self._cached_refs() if self.offline else self._remote_refs()
-        self.commits = commits  # branch -> commit id
-        self.branches = step_branches(commits, pattern, repo_id)  # step -> branch
+        self.commits: dict[str, str] = {}  # branch -> commit id
+        self.branches: dict[int, str] = {}  # step -> branch
+        self.refresh()
         if not self.branches:
             where = "in the cache (HF_HUB_OFFLINE is set)" if self.offline else "on the Hub"
             raise InputError(f"{repo_id}: no branches matching {pattern!r} {where}")
@@ -204,6 +204,14 @@ class HubTrajectory:
             return (f"; HF_HUB_OFFLINE is set, so only revisions in the cache count: download the others first "
                     f"(`hf download {self.repo_id} --revision stepN`)")
         return ""
+
+    def refresh(self) -> None:
+        """List the repo's branches again (a run that pushes each checkpoint as a branch while it trains);
+        a branch that now points elsewhere is listed again when asked for."""
+        commits = self._cached_refs() if self.offline else self._remote_refs()
+        for branch in [b for b in self._trees if commits.get(b) != self.commits.get(b)]:
+            del self._trees[branch]
+        self.commits, self.branches = commits, step_branches(commits, self.pattern, self.repo_id)
 
     def steps(self) -> list[int]:
         return sorted(self.branches)
