@@ -271,3 +271,19 @@ def test_kept_copies_stay_within_the_disk_budget(tmp_path):
         assert sorted(p.name for p in (folder / "kept").iterdir()) == ["step4"]  # nothing half-kept
     finally:
         sh.rmtree(folder)
+
+
+def test_a_trainer_checkpoint_counts_once_its_trainer_state_is_written(tmp_path):
+    """transformers' Trainer writes trainer_state.json after the weights: a folder without it is a save still
+    going on, however whole its weights are."""
+    import shutil as sh
+
+    data = ROOT / "tests" / "trainers" / "data" / "hf-trainer"
+    sh.copytree(data / "checkpoint-2", tmp_path / "checkpoint-2")
+    sh.copytree(data / "checkpoint-4", tmp_path / "checkpoint-4", ignore=sh.ignore_patterns("trainer_state.json"))
+    scanner = Scanner(tmp_path)
+    scanner.scan()
+    assert scanner.scan() == {2: "checkpoint-2"}
+    sh.copy(data / "checkpoint-4" / "trainer_state.json", tmp_path / "checkpoint-4")
+    scanner.scan()
+    assert scanner.scan() == {2: "checkpoint-2", 4: "checkpoint-4"}

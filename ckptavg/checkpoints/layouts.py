@@ -75,6 +75,16 @@ def unfinished(checkpoint: Path) -> str | None:
     return None
 
 
+def last_file_missing(entry: Path) -> str | None:
+    """Why a step's entry is still being saved by a trainer that writes one file last (transformers'
+    Trainer: `trainer_state.json`, after the weights, optimizer and scheduler); None when nothing says so.
+    For a follower, whose reading must wait for the whole save, not only the weights."""
+    if re.fullmatch(r"checkpoint-\d+", entry.name) and entry.is_dir() and not (entry / TRAINER_STATE).is_file():
+        return f"{entry} has no {TRAINER_STATE} yet (transformers' Trainer writes it last)"
+    return None
+
+
+TRAINER_STATE = "trainer_state.json"
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")  # transformers' shard names
 
 

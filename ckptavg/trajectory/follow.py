@@ -1,21 +1,24 @@
-"""Following a run while it trains: each window averaged as soon as its newest member is complete, and
-the members a later window needs kept from the trainer's deletions.
+"""Following a run while it trains: each window averaged as soon as its newest member is complete, and the
+members a later window needs kept from the trainer's deletions.
 
 A step counts only once it is complete: its checkpoint opens (every safetensors header whole and every
-tensor's bytes within its file, an index's shards all there, DCP's `.metadata` written) and its files'
-sizes and modification times have not changed since the previous scan (a save still trickling in is not
-complete). Complete steps that a window still to be done needs are kept: hard-linked (a copy where the
-link is refused) into a folder of ckptavg's own, `OUT/NAME/.ckptavg-kept/`, under their own names, so the
-trainer deleting its old checkpoints (`save_total_limit`, `max_checkpoints`) takes nothing from a window.
-The windows are averaged from that folder, as a local trajectory, by the same plan and run as without
-`--follow`; kept steps no window needs any more are released. A window one of whose members was gone
-before it could be kept is reported once and skipped.
+tensor's bytes within its file, an index's shards all there, DCP's `.metadata` written, transformers'
+`trainer_state.json` there) and its files' sizes and modification times have not changed since the
+previous scan (a save still trickling in is not complete). Complete steps that a window still to be done
+needs are kept: hard-linked (a copy where the link is refused) into a folder of ckptavg's own,
+`OUT/NAME/.ckptavg-kept/`, under their own names, so the trainer deleting its old checkpoints
+(`save_total_limit`, `max_checkpoints`) takes nothing from a window. The windows are averaged from that
+folder, as a local trajectory, by the same plan and run as without `--follow`; kept steps no window needs
+any more are released. A window one of whose members was gone before it could be kept is reported once
+and skipped.
 
 A run on an object store is followed the same way (its objects' sizes and ETags for the signature). Its
 steps are read in place, by range; they are kept (downloaded) only within a disk budget, which also
-bounds the copies of local steps that cannot be hard-linked.
+bounds the copies of local steps that cannot be hard-linked. A Hub repo whose trainer pushes each
+checkpoint as a branch is listed again each time round (`FollowedRepo`); a branch is complete once it
+exists, and the revisions a later window needs stay in the Hugging Face cache between rounds.
 
-`needed_steps` is the pure rule; `Scanner`, `Keeper` and `follow` do the I/O.
+`needed_steps` is the pure rule; `Scanner`, `Keeper`, `Followed`, `FollowedRepo` and `follow` do the I/O.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoints.layouts import checkpoint_in, detect_pattern, unfinished
+from ..checkpoints.layouts import checkpoint_in, detect_pattern, last_file_missing, unfinished
 from ..errors import CkptavgError, CkptavgWarning, InputError
 from ..storage.paths import RemotePath, location
 from .events import QUIET, Events
@@ -98,7 +101,7 @@ class Scanner:
             except OSError:
                 continue  # changing under the scan
             before, self._seen[step] = self._seen.get(step), signature
-            if before != signature or unfinished(checkpoint):
+            if before != signature or unfinished(checkpoint) or last_file_missing(self.root / name):
                 continue
             try:
                 with warnings.catch_warnings():
