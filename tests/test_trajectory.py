@@ -176,3 +176,39 @@ def test_local_duplicate_check_hashes_only_candidates(traj, tmp_path, monkeypatc
     hashed = cached_hashes()
     assert sorted(k.split("|")[0].rsplit("/", 2)[-2] for k in hashed) == ["step2000", "step4000"]
     assert LocalTrajectory(root).duplicates([1000, 3000, 4000], read_data=False) == []
+
+
+def test_a_run_tells_its_listeners_each_moment_in_order(tmp_path):
+    """`api.run_trajectory(..., events=...)`: the plan first, then each checkpoint as it is on disk and each
+    window before and after it is averaged, to every listener of a Broadcast."""
+    from ckptavg import api
+    from ckptavg.trajectory.events import Broadcast, Events
+
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path / "run" / f"step{step}", pythia_state_dict(step, torch.float32), "safetensors")
+
+    class Recorder(Events):
+        def __init__(self) -> None:
+            self.heard: list = []
+
+        def planned(self, plan, duplicates) -> None:
+            self.heard.append(("planned", [j.window.step for j in plan.todo]))
+
+        def fetched(self, step, folder) -> None:
+            self.heard.append(("fetched", step))
+
+        def window_inputs(self, job, folders) -> None:
+            self.heard.append(("inputs", job.window.step, [f.name for f in folders]))
+
+        def averaged(self, job, folder) -> None:
+            self.heard.append(("averaged", job.window.step, folder))
+
+    first, second = Recorder(), Recorder()
+    run = api.run_trajectory(api.open_trajectory(tmp_path / "run"), api.RunSpec("lawa", 2, 1, 1, 2, 3),
+                             tmp_path / "out", api.Averaging(device="cpu"), events=Broadcast(first, None, second))
+    out = tmp_path / "out" / "run" / "lawa-k2-nu1"
+    assert first.heard == second.heard == [
+        ("planned", [2, 3]), ("fetched", 1), ("fetched", 2), ("inputs", 2, ["step1", "step2"]),
+        ("averaged", 2, out / "step2"), ("fetched", 3), ("inputs", 3, ["step2", "step3"]),
+        ("averaged", 3, out / "step3")]
+    assert list(run.written) == [out / "step2", out / "step3"]

@@ -56,29 +56,27 @@ class Broadcast(Events):
     def __init__(self, *listeners: Events | None) -> None:
         self.listeners = [e for e in listeners if e is not None]
 
-    def planned(self, plan, duplicates) -> None:
+    def _tell(self, moment: str, *args) -> None:
         for e in self.listeners:
-            e.planned(plan, duplicates)
+            getattr(e, moment)(*args)
+
+    def planned(self, plan, duplicates) -> None:
+        self._tell("planned", plan, duplicates)
 
     def fetched(self, step, folder) -> None:
-        for e in self.listeners:
-            e.fetched(step, folder)
+        self._tell("fetched", step, folder)
 
     def window_inputs(self, job, folders) -> None:
-        for e in self.listeners:
-            e.window_inputs(job, folders)
+        self._tell("window_inputs", job, folders)
 
     def averaged(self, job, folder) -> None:
-        for e in self.listeners:
-            e.averaged(job, folder)
+        self._tell("averaged", job, folder)
 
     def lost(self, run, window) -> None:
-        for e in self.listeners:
-            e.lost(run, window)
+        self._tell("lost", run, window)
 
     def scored(self, target, task, status, rows) -> None:
-        for e in self.listeners:
-            e.scored(target, task, status, rows)
+        self._tell("scored", target, task, status, rows)
 
     def bar(self, description, total) -> Advance | None:
         bars = [b for b in (e.bar(description, total) for e in self.listeners) if b is not None]
