@@ -1,9 +1,8 @@
 """A small Hugging Face Hub look-alike on 127.0.0.1, for testing the real huggingface_hub code path.
 
-It serves local folders as the branches of model repos, with the routes and headers
-huggingface_hub uses (see DESIGN.md, "The Hub"), accepts commit ids wherever it accepts branch
-names, and counts downloads per (repo, revision, file) so tests can check that each revision is
-fetched once.
+It serves local folders as the branches of model repos, with the routes and headers huggingface_hub
+uses to list refs and trees and to download files, accepts commit ids wherever it accepts branch names,
+and counts downloads per (repo, revision, file) so tests can check that each revision is fetched once.
 """
 
 from __future__ import annotations

@@ -20,10 +20,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import CkptavgError, CkptavgWarning, describe_os_error
+from ..trajectory import methods
 from ..trajectory.events import Events
 
+TAGLINE = ("Post-hoc checkpoint averaging (LAWA, WMA, decay-shaped merges, EMA, SWA) of language-model training "
+           "trajectories.")
 app = typer.Typer(
-    help="Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories.",
+    help=TAGLINE,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -209,15 +212,13 @@ class Schedule:
                           "sequence).")
     nu: int = typer.Option(1000, "--nu", help="Steps between the checkpoints of one window.")
     interval: int = typer.Option(3000, "--interval", help="Steps between consecutive outputs.")
-    method: str = typer.Option("lawa", help="lawa: uniform over the latest k checkpoints, nu steps apart; "
-                               "wma: weights i / (k(k+1)/2), i = 1 oldest (PMA); decay: weights f((i-1)/k) - f(i/k) "
-                               "for --decay-shape f (WSM; linear is lawa); ema-window: EMA inside each window, "
-                               "w_1 = (1-alpha)^(k-1), w_i = alpha (1-alpha)^(k-i) (PMA); ema: EMA over the whole "
-                               "checkpoint sequence; swa: uniform mean since --swa-start.")
-    ema_alpha: float = typer.Option(0.9, help="ema: e_i = (1-alpha) e_(i-1) + alpha c_i over the whole checkpoint "
-                                    "sequence; ema-window: the same inside each window of k.")
-    decay_shape: str = typer.Option("1-sqrt", help="decay: the shape f with f(0) = 1, f(1) = 0: linear (1 - x), "
-                                    "cosine ((1 + cos(pi x)) / 2) or 1-sqrt (1 - sqrt(x)).")
+    method: str = typer.Option("lawa", help=methods.help_text() + ".")
+    ema_alpha: float = typer.Option(methods.DEFAULT_EMA_ALPHA, help="ema: e_i = (1-alpha) e_(i-1) + alpha c_i "
+                                    "over the whole checkpoint sequence; ema-window: the same inside each window "
+                                    "of k.")
+    decay_shape: str = typer.Option(methods.DEFAULT_DECAY_SHAPE, help="decay: the shape f with f(0) = 1, "
+                                    "f(1) = 0: linear (1 - x), cosine ((1 + cos(pi x)) / 2) or 1-sqrt "
+                                    "(1 - sqrt(x)).")
     nu_tokens: Optional[str] = typer.Option(None, help="--nu in tokens (e.g. 4B, 500M), instead of steps; it must "
                                             "be a whole number of steps.")
     interval_tokens: Optional[str] = typer.Option(None, help="--interval in tokens (e.g. 6.3B).")
@@ -377,4 +378,5 @@ def _root(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
                                  help="Print the version and exit."),
 ) -> None:
-    """Post-hoc checkpoint averaging (LAWA, EMA, SWA) of language-model training trajectories."""
+    """Post-hoc checkpoint averaging (LAWA, WMA, decay-shaped merges, EMA, SWA) of language-model training
+    trajectories."""

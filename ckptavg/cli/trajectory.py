@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 
 from .. import options as opt
+from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
 from ..trajectory.events import Broadcast, Events
+from ..trajectory.pythia import PAPER_END, PAPER_START
 from ..units import format_size, format_tokens
 from .common import (
     Arithmetic,
@@ -42,7 +44,8 @@ def trajectory(
                                  "or a Hub model repo id whose branches are steps."),
     steps_from: Optional[str] = typer.Option(None, "--steps-from-branches", "--steps-from",
                                              help="Regular expression matching a branch or folder name in full; "
-                                             r"group 1 is its step (default: step(\d+) on the Hub; a local "
+                                             f"group 1 is its step (default: {DEFAULT_STEP_PATTERN} on the Hub; a "
+                                             "local "
                                              "run's trainer layout, recognised from its names)."),
     start: Optional[int] = typer.Option(None, help="First output step (default: the first step with a full window)."),
     end: Optional[int] = typer.Option(None, help="Last output step (default: the last step of the trajectory)."),
@@ -57,7 +60,8 @@ def trajectory(
     schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
     study: Study = None, watching: Follow = None,
 ) -> None:
-    """Average a training trajectory window by window (LAWA, EMA or SWA), from local folders or the Hub.
+    """Average a training trajectory window by window (LAWA, WMA, decay, EMA or SWA), local, on a store or on
+    the Hub.
 
     Each Hub revision is downloaded once, by commit id, into the Hugging Face cache and deleted after
     its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
@@ -85,8 +89,8 @@ def trajectory(
 @grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study)
 def pythia(
     model: str = typer.Option(..., "--model", help="Pythia size: 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b or 12b."),
-    start: int = typer.Option(21000, help="First output step."),
-    end: int = typer.Option(141000, help="Last output step."),
+    start: int = typer.Option(PAPER_START, help="First output step."),
+    end: int = typer.Option(PAPER_END, help="Last output step."),
     deduped: bool = typer.Option(True, "--deduped/--no-deduped", help="The -deduped repos (default) or the originals."),
     out_dir: str = typer.Option("out", "--out", "-o", help="Outputs go to OUT/pythia-SIZE[-deduped]/METHOD-TAG/"
                                  "stepN/."),

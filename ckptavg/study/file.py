@@ -59,7 +59,8 @@ from ..errors import CkptavgError, OptionError
 from ..options import output_tree
 from ..report.tracking import Tracking, tracking_from
 from ..storage import is_url
-from ..trajectory.methods import METHODS, check_parameters
+from ..trajectory.methods import DEFAULT_DECAY_SHAPE, DEFAULT_EMA_ALPHA, METHODS, check_parameters
+from ..trajectory.pythia import PAPER_END, PAPER_INTERVAL, PAPER_START
 from ..trajectory.run import RunSpec
 
 TOP_KEYS = {"out", "results", "disk_budget", "device", "dtype", "copy", "keep_downloads", "output_format", "steps",
@@ -70,7 +71,7 @@ SOURCE_KEYS = {*SOURCE_KINDS, "deduped", "steps_from", "cache_dir", "storage_opt
 RUN_KEYS = {"method", "k", "nu", "ema_alpha", "swa_start", "decay_shape", "skip_incomplete"}
 SCORING_KEYS = {"tasks", "pile", "ppl_task", "include_path", "limit", "batch_size", "originals", "in_memory",
                 "fresh_model", "diversity"}
-PYTHIA_STEPS = {"start": 21000, "end": 141000, "interval": 3000}  # the paper's
+PYTHIA_STEPS = {"start": PAPER_START, "end": PAPER_END, "interval": PAPER_INTERVAL}  # the paper's
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ class SourceEntry:
             return default + max(0, -(-(needed - default) // interval)) * interval
 
         return [RunSpec(g["method"], g["k"], g["nu"], interval, start(g), self.steps.get("end", last),
-                        g.get("ema_alpha", 0.9), g.get("swa_start"), g.get("skip_incomplete", False),
-                        g.get("decay_shape", "1-sqrt")) for g in grid]
+                        g.get("ema_alpha", DEFAULT_EMA_ALPHA), g.get("swa_start"), g.get("skip_incomplete", False),
+                        g.get("decay_shape", DEFAULT_DECAY_SHAPE)) for g in grid]
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,8 @@ def _expand(run: dict, where: str) -> list[dict]:
             if not isinstance(config.get(key), int):
                 raise OptionError(f"{where}: {key} must be a whole number or a list of them, got {config.get(key)!r}")
         try:
-            check_parameters(method, config["k"], config["nu"], 1, config.get("ema_alpha", 0.9),
-                             config.get("decay_shape", "1-sqrt"))
+            check_parameters(method, config["k"], config["nu"], 1, config.get("ema_alpha", DEFAULT_EMA_ALPHA),
+                             config.get("decay_shape", DEFAULT_DECAY_SHAPE))
         except CkptavgError as e:  # say which table
             raise type(e)(f"{where}: {str(e).replace('--', '')}") from None
         configs.append(config)

@@ -39,6 +39,9 @@ from .schedule import (
 if TYPE_CHECKING:
     from .run import RunSpec
 
+DEFAULT_EMA_ALPHA = 0.9  # ema and ema-window: the newest checkpoint's weight
+DEFAULT_DECAY_SHAPE = "1-sqrt"  # decay: WSM's best shape
+
 
 @dataclass(frozen=True)
 class MethodDef:
@@ -90,8 +93,8 @@ def method(name: str) -> MethodDef:
     return METHODS[name]
 
 
-def check_parameters(method_name: str, k: int, nu: int, interval: int, ema_alpha: float = 0.9,
-                     decay_shape: str = "1-sqrt") -> None:
+def check_parameters(method_name: str, k: int, nu: int, interval: int, ema_alpha: float = DEFAULT_EMA_ALPHA,
+                     decay_shape: str = DEFAULT_DECAY_SHAPE) -> None:
     """What can be checked before the trajectory's steps are known (so before any listing)."""
     uses = method(method_name).params
     check_spacing(k, nu, interval)

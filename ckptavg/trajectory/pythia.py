@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..errors import OptionError
 
 TOTAL_STEPS = 143_000
+# the paper's outputs: every 3000 steps from 21000 to 141000 (LAWA k=5, nu=1000)
+PAPER_START, PAPER_END, PAPER_INTERVAL = 21_000, 141_000, 3_000
 TOKENS_PER_STEP = 2_097_152  # a batch of 1024 sequences of 2048 tokens
 ORG = "EleutherAI"
 

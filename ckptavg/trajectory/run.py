@@ -17,7 +17,7 @@ from ..errors import MismatchError, MissingStepsError
 from ..layout import RUN_LOG, output_folder, run_folder
 from ..manifest import Method, RunId, is_finished
 from .events import QUIET, Events
-from .methods import method
+from .methods import DEFAULT_DECAY_SHAPE, DEFAULT_EMA_ALPHA, method
 from .schedule import FetchPlan, Window, plan_fetches, steps_of
 from .sources import Duplicate
 
@@ -49,10 +49,10 @@ class RunSpec:
     interval: int
     start: int
     end: int
-    ema_alpha: float = 0.9
+    ema_alpha: float = DEFAULT_EMA_ALPHA
     swa_start: int | None = None
     skip_incomplete: bool = False
-    decay_shape: str = "1-sqrt"
+    decay_shape: str = DEFAULT_DECAY_SHAPE
     tokens_per_step: int | None = None  # known: the plan and the manifest also count in tokens
 
     def tag(self) -> str:

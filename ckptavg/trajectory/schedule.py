@@ -3,7 +3,7 @@
 No I/O and no torch: every function here maps steps and sizes to a plan, so the whole run
 (and its disk peak) is known, printed and checked before the first byte is fetched.
 
-Semantics (exact; see DESIGN.md):
+Semantics (exact):
 - LAWA at step t with k, nu: members {t - j*nu : j = 0..k-1}, each weighted 1/k. Outputs at
   start, start+interval, ..., <= end.
 - EMA over the checkpoint sequence c_0, c_1, ...: e_0 = c_0, e_i = (1-a) e_{i-1} + a c_i, i.e.
