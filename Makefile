@@ -39,10 +39,10 @@ test: lint slurm-packages
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
 
-# Trains two small trajectories once (about 4 minutes on 2 cores), then averages, scores, plots and
-# computes savings with the ckptavg CLI; the figures go to docs/, where the README shows them.
+# Trains two small trajectories once (about 5 minutes on 2 cores), then averages, scores, plots and
+# computes savings with the ckptavg CLI; the figures go to out/demo/figures/ (docs/ holds the recorded run's).
 demo: install
-	HF_DATASETS_OFFLINE=1 $(PYTHON) examples/tiny_pythia/demo.py --out $(DEMO) --figures docs
+	HF_DATASETS_OFFLINE=1 $(PYTHON) examples/tiny_pythia/demo.py --out $(DEMO)
 
 # The trainer fixtures in tests/trainers/data/ (committed): tiny runs that OLMo-core, Lightning, transformers,
 # DeepSpeed, megatron-core, torchtitan and nanoGPT really wrote. Needs those trainers, which the tests do not: a

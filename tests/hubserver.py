@@ -25,6 +25,7 @@ def _git_blob_sha(data: bytes) -> str:
 class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, Path]] = {}  # repo -> branch -> folder
+        self.datasets: dict[str, dict[str, Path]] = {}  # dataset repos, the same way
         self.gets: Counter = Counter()  # (repo, branch, file) -> GET count
         self.stall: tuple[str, str] | None = None  # (branch, file): hold its GET until `release` is set
         self.corrupt: Counter = Counter()  # (branch, file) -> how many more GETs serve it with one byte flipped
@@ -42,6 +43,10 @@ class HubServer:
     def add_branch(self, repo: str, branch: str, folder: Path) -> None:
         self.repos.setdefault(repo, {})[branch] = Path(folder)
 
+    def add_dataset(self, repo: str, folder: Path, branch: str = "main") -> None:
+        """A dataset repo: `folder`'s files at any depth, as `datasets.load_dataset(repo)` reads them."""
+        self.datasets.setdefault(repo, {})[branch] = Path(folder)
+
     @staticmethod
     def commit(repo: str, branch: str) -> str:
         return hashlib.sha1(f"{repo}@{branch}".encode()).hexdigest()
@@ -56,8 +61,8 @@ class HubServer:
         self._httpd.server_close()
 
     # -- repository model ---------------------------------------------------------------------
-    def resolve(self, repo: str, rev: str) -> str | None:
-        branches = self.repos.get(repo, {})
+    def resolve(self, repo: str, rev: str, kind: str = "models") -> str | None:
+        branches = (self.datasets if kind == "datasets" else self.repos).get(repo, {})
         if rev in branches:
             return rev
         return next((b for b in branches if self.commit(repo, b) == rev), None)
@@ -69,6 +74,8 @@ class HubServer:
 
     def entry(self, folder: Path, name: str) -> dict:
         path = folder / name
+        if path.is_dir():
+            return {"type": "directory", "path": name, "oid": hashlib.sha1(name.encode()).hexdigest()}
         size = path.stat().st_size
         item = {"type": "file", "path": name, "size": size, "oid": _git_blob_sha(path.read_bytes())}
         if name.endswith(LFS_SUFFIXES):
@@ -102,13 +109,13 @@ class HubServer:
                 self._send(status, json.dumps({"error": message}).encode(), {"X-Error-Code": code,
                                                                              "X-Error-Message": message})
 
-            def _repo_rev(self, parts: list[str]) -> tuple[str, str, str] | None:
+            def _repo_rev(self, parts: list[str], kind: str = "models") -> tuple[str, str, str] | None:
                 repo = "/".join(parts[:2])
-                if repo not in server.repos:
+                if repo not in (server.datasets if kind == "datasets" else server.repos):
                     self._error(404, "RepoNotFound", f"Repository {repo} not found")
                     return None
                 rev = unquote(parts[3]) if len(parts) > 3 else "main"
-                branch = server.resolve(repo, rev)
+                branch = server.resolve(repo, rev, kind)
                 if branch is None:
                     self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
                     return None
@@ -138,24 +145,46 @@ class HubServer:
                                        "siblings": [{"rfilename": n} for n in names]})
                 if len(parts) >= 5 and parts[2] == "resolve":
                     return self._resolve(parts)
+                if parts[:2] == ["api", "datasets"] and len(parts) >= 4:
+                    return self._dataset_api(parts[2:], parse_qs(url.query))
+                if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
+                    return self._resolve(parts[1:], "datasets")
                 self._error(404, "EntryNotFound", f"no route for {url.path}")
+
+            def _dataset_api(self, parts: list[str], query: dict) -> None:
+                """info (`REPO`, `REPO/revision/REV`) and `REPO/tree/REV[/PATH]` of a dataset repo."""
+                what = parts[2] if len(parts) > 2 else "revision"
+                found = self._repo_rev(parts[:2] + [what, parts[3] if len(parts) > 3 else "main"], "datasets")
+                if found is None:
+                    return None
+                repo, _, branch = found
+                folder = server.datasets[repo][branch]
+                files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+                if what == "tree":
+                    under = unquote("/".join(parts[4:]))
+                    base = folder / under
+                    found_paths = base.rglob("*") if query.get("recursive", ["false"])[0] == "true" else base.iterdir()
+                    return self._json([server.entry(folder, str(p.relative_to(folder))) for p in sorted(found_paths)])
+                return self._json({"id": repo, "sha": server.commit(repo, branch), "private": False,
+                                   "siblings": [{"rfilename": n} for n in files], "cardData": {}, "tags": []})
 
             def do_POST(self) -> None:
                 server.requests.append(f"POST {self.path}")
                 parts = [p for p in urlparse(self.path).path.split("/") if p]
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length).decode()
-                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "paths-info":
-                    found = self._repo_rev(parts[2:4] + ["paths-info", unquote(parts[5])])
+                kind = parts[1] if len(parts) > 1 else ""
+                if kind in ("models", "datasets") and len(parts) >= 6 and parts[4] == "paths-info":
+                    found = self._repo_rev(parts[2:4] + ["paths-info", unquote(parts[5])], kind)
                     if found is None:
                         return None
                     repo, _, branch = found
-                    folder = server.repos[repo][branch]
+                    folder = (server.datasets if kind == "datasets" else server.repos)[repo][branch]
                     try:
                         paths = json.loads(body)["paths"]
                     except (ValueError, KeyError):
                         paths = parse_qs(body).get("paths", [])
-                    return self._json([server.entry(folder, p) for p in paths if (folder / p).is_file()])
+                    return self._json([server.entry(folder, p) for p in paths if (folder / p).exists()])
                 self._error(404, "EntryNotFound", "no route")
 
             def _refs(self, repo_parts: list[str]) -> None:
@@ -166,13 +195,13 @@ class HubServer:
                             for b in server.repos[repo]]
                 self._json({"branches": branches, "converts": [], "tags": []})
 
-            def _resolve(self, parts: list[str]) -> None:
-                found = self._repo_rev(parts[:2] + ["resolve", parts[3]])
+            def _resolve(self, parts: list[str], kind: str = "models") -> None:
+                found = self._repo_rev(parts[:2] + ["resolve", parts[3]], kind)
                 if found is None:
                     return None
                 repo, _, branch = found
                 name = unquote("/".join(parts[4:]))
-                path = server.repos[repo][branch] / name
+                path = (server.datasets if kind == "datasets" else server.repos)[repo][branch] / name
                 if not path.is_file():
                     return self._error(404, "EntryNotFound", f"{name} not found in {branch}")
                 data = path.read_bytes()

@@ -87,6 +87,31 @@ def test_wide_table_lines_up_originals_and_averages_and_says_which_is_better():
                                       "stderr", "limit", "lm_eval_version", "batch_size", "dtype", "device"}
 
 
+def test_a_wide_table_reads_at_80_columns_with_what_its_columns_share_in_its_title(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ckptavg.report.tables import shared_affixes, shortened
+
+    runs = ["decay-1sqrt-k5-nu50", "ema-alpha0.5-k5-nu50", "lawa-k5-nu50", "swa-fromfirst-k5-nu50", "wma-k5-nu50"]
+    assert shared_affixes(runs) == ("", "-k5-nu50") and shortened(runs[1], "", "-k5-nu50") == "ema-alpha0.5"
+    assert shared_affixes(["tiny-pythia-lr0.01", "tiny-pythia-lr0.001"]) == ("tiny-pythia-", "")
+    assert shared_affixes(["lawa-k5-nu50"]) == ("", "") and shared_affixes(["a-x", "a-x"]) == ("", "")
+    with Store(tmp_path / "r.sqlite") as store:
+        store.put([Row(model, tag, "m", 5, 50, step, "stdlib-heldout", "bits_per_byte", 2.5 + step / 1e4, None, False,
+                       0, "ok", "", "0.4", "/c", 0.0) for model in ("tiny-pythia-lr0.01", "tiny-pythia-lr0.001")
+                   for tag in [ORIGINAL, *runs] for step in (300, 1500)])
+    r = subprocess.run([sys.executable, "-m", "ckptavg", "results", str(tmp_path / "r.sqlite")], capture_output=True,
+                       text=True, env=dict(os.environ, COLUMNS="80"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, r.stdout
+    assert "stdlib-heldout: bits_per_byte (lower is better); trajectories tiny-pythia-*" in " ".join(lines[:2])
+    for header in ("original", "alpha0.5", "fromfirst", "lawa", "wma", "lr0.001", "2.530"):
+        assert header in r.stdout, r.stdout
+
+
 # -- atomic writes and the hash cache ---------------------------------------------------------------
 def test_replacing_shows_the_old_or_the_new_file_never_a_part(tmp_path):
     target = tmp_path / "figure.png"

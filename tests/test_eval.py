@@ -423,13 +423,14 @@ def test_trajectory_measures_the_diversity_of_consecutive_window_members(study, 
     assert r.exit_code == 0, r.output  # written outputs: measured before each window is averaged
 
 
-def test_zero_shot_task_offline_without_its_dataset_says_what_to_download(study, tmp_path):
+def test_zero_shot_task_offline_without_its_dataset_says_what_to_fetch_before_scoring(study, tmp_path):
     r = cli("eval", study["run"], "--tasks", "sciq", "--steps", 300, "--no-originals", "--results",
             tmp_path / "r.sqlite", "--device", "cpu", "-q")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
-    assert "failed: tiny-run lawa-k2-nu100 step300 sciq" in text and "0 task score(s) written" in text
-    assert "pre-download the dataset allenai/sciq" in text and "datasets.load_dataset('allenai/sciq')" in text
+    assert "task sciq: its dataset allenai/sciq is not in the cache and the Hub is off" in text
+    assert "`ckptavg tasks fetch sciq` on a machine with a network" in text
+    assert not (tmp_path / "r.sqlite").exists()  # before anything is scored
 
 
 def test_eval_finds_outputs_at_any_depth_and_takes_their_identity_from_the_manifest(study, tmp_path):
@@ -490,3 +491,52 @@ def test_scores_are_logged_to_every_tracker_as_they_are_stored(study, tmp_path, 
     r = cli("results", db, "--export", "tensorboard", tb)
     assert r.exit_code == 0 and "0 score(s) logged" in r.output
     assert approx(tensorboard_series(tb)) == approx(want) and mlflow_series(ml) == want and wandb_series() == want
+
+
+def test_task_data_fetched_once_then_scored_offline_with_the_hub_stopped(study, tmp_path):
+    """`tasks list` says where a task's data comes from and that it is not cached; `tasks fetch` puts it in
+    the Hugging Face cache from the (test) Hub; with the Hub stopped and HF_HUB_OFFLINE=1, `eval` scores it.
+    A task whose dataset ships a loading script is one line, exit 2, before anything is scored."""
+    from conftest import hub_cli
+    from hubserver import HubServer
+
+    repo = tmp_path / "mc-repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "test.jsonl").write_text((study["root"] / "mc.jsonl").read_text())
+    scripted = tmp_path / "scripted-repo"
+    scripted.mkdir()
+    (scripted / "scripted-repo.py").write_text("import datasets\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    mc = ("output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+          "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (tasks / "hubmc.yaml").write_text(f"task: hubmc\ndataset_path: someone/mc-repo\ntest_split: test\n{mc}")
+    (tasks / "scripted.yaml").write_text(f"task: scripted\ndataset_path: someone/scripted-repo\ntest_split: test\n{mc}")
+    hub = HubServer()
+    hub.add_dataset("someone/mc-repo", repo)
+    hub.add_dataset("someone/scripted-repo", scripted)
+    hub.start()
+    online = {"HF_DATASETS_OFFLINE": "0"}
+    try:
+        r = hub_cli(hub, tmp_path, "tasks", "list", "--tasks", "hubmc", "--include-path", str(tasks), env=online)
+        assert r.returncode == 0, r.stderr
+        row = next(line for line in r.stdout.splitlines() if "hubmc" in line)
+        assert "someone/mc-repo" in row and "test" in row and " no " in row, r.stdout
+        r = hub_cli(hub, tmp_path, "tasks", "fetch", "hubmc", "--include-path", str(tasks), env=online)
+        assert r.returncode == 0 and "1 dataset(s) fetched" in r.stderr, r.stderr
+        r = hub_cli(hub, tmp_path, "tasks", "list", "--tasks", "hubmc", "--include-path", str(tasks), env=online)
+        assert " yes " in next(line for line in r.stdout.splitlines() if "hubmc" in line), r.stdout
+        r = hub_cli(hub, tmp_path, "eval", str(study["run"]), "--tasks", "scripted", "--include-path", str(tasks),
+                    "--steps", "300", "--results", str(tmp_path / "s.sqlite"), "--device", "cpu", "-q", env=online)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "task scripted: its dataset someone/scripted-repo ships a loading script" in " ".join(r.stderr.split())
+        assert not (tmp_path / "s.sqlite").exists()  # nothing scored, no row stored
+    finally:
+        hub.stop()
+    r = hub_cli(hub, tmp_path, "eval", str(study["run"]), "--tasks", "hubmc", "--include-path", str(tasks), "--steps",
+                "300", "--results", str(tmp_path / "r.sqlite"), "--device", "cpu", "-q", offline=True,
+                env={"HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0 and "2 task score(s) written" in r.stderr, r.stderr
+    rows = sqlite3.connect(tmp_path / "r.sqlite").execute("SELECT tag, status, value FROM scores").fetchall()
+    assert {(tag, status) for tag, status, _ in rows} == {("original", "ok"), ("lawa-k2-nu100", "ok")}
+    assert all(0.0 <= value <= 1.0 for _, _, value in rows)

@@ -8,7 +8,7 @@ import signal
 
 # each registers its commands; `ckptavg --help` lists them in this order, the pipeline's
 # isort: off
-from . import average, trajectory, evaluate, report, study  # noqa: F401
+from . import average, trajectory, evaluate, report, study, tasks  # noqa: F401
 # isort: on
 from .common import app
 

@@ -77,32 +77,62 @@ def _warn_mixed(rows) -> None:
 
 
 def print_wide(table) -> None:
-    """The wide layout, split into several tables by task when it is wider than the console."""
+    """The wide layout, one table per task: rows model and step, a column per run. What every row or every
+    run shares (a trajectory's prefix, the runs' `-k5-nu50`) is said once in the title, and a run's name is
+    broken at its first `-`, so that the table reads at 80 columns; wider than the console, a task's runs
+    go into several tables."""
     from rich.table import Table
 
-    tasks = list(dict.fromkeys(c.task for c in table.columns))
-    groups, width, room = [[]], 0, max(out.width - 16, 30)
-    for task in tasks:
-        need = 12 * sum(c.task == task for c in table.columns)
+    from ..report.tables import ORIGINAL, shared_affixes, shortened
+
+    models = [m for m, _, _ in table.rows]
+    model_prefix, model_suffix = shared_affixes(models)
+    for task in dict.fromkeys(c.task for c in table.columns):
+        cols = [(i, c) for i, c in enumerate(table.columns) if c.task == task]
+        runs = [c.tag for _, c in cols if c.tag != ORIGINAL]
+        run_prefix, run_suffix = shared_affixes(runs)
+        metric, better = cols[0][1].metric, cols[0][1].higher_is_better
+        title = f"{task}: {metric}" + ("" if better is None else f" ({'higher' if better else 'lower'} is better)")
+        shared = [f"trajectories {model_prefix}*{model_suffix}"] if model_prefix or model_suffix else []
+        shared += [f"runs {run_prefix}*{run_suffix}"] if run_prefix or run_suffix else []
+        if shared:
+            title += "; " + ", ".join(shared)
+        model_width = max((len(shortened(m, model_prefix, model_suffix)) for m in models), default=5)
+        room = max(out.width - model_width - 6 - 4, 12)
+        for part in _fitting(cols, room, run_prefix, run_suffix):
+            t = Table(title=title, title_justify="left")
+            t.add_column("model", no_wrap=True)
+            t.add_column("step", justify="right")
+            for _, c in part:
+                t.add_column(_header(c.tag, run_prefix, run_suffix), justify="right")
+            for model, step, values in table.rows:
+                cells = ["-" if values[i] is None else f"{values[i]:#.4g}" for i, _ in part]
+                cells = [f"[bold green]{text}[/]" if table.beats_original(values, i) else text
+                         for (i, _), text in zip(part, cells, strict=True)]
+                t.add_row(shortened(model, model_prefix, model_suffix), str(step), *cells)
+            out.print(t)
+    out.print("green: the average beats the original at that step", style="dim")
+
+
+def _header(tag: str, prefix: str, suffix: str) -> str:
+    from ..report.tables import ORIGINAL, shortened
+
+    name = tag if tag == ORIGINAL else shortened(tag, prefix, suffix)
+    return name.replace("-", "\n", 1) if len(name) > 8 else name
+
+
+def _fitting(cols: list, room: int, prefix: str, suffix: str) -> list[list]:
+    """The columns in groups that each fit `room` characters (a column: its widest header line, or a value)."""
+    groups: list[list] = [[]]
+    width = 0
+    for col in cols:
+        need = max(6, *(len(line) for line in _header(col[1].tag, prefix, suffix).split("\n"))) + 3
         if groups[-1] and width + need > room:
             groups.append([])
             width = 0
-        groups[-1].append(task)
+        groups[-1].append(col)
         width += need
-    for group in groups:
-        cols = [(i, c) for i, c in enumerate(table.columns) if c.task in group]
-        t = Table(title_justify="left")
-        t.add_column("model", no_wrap=True)
-        t.add_column("step", justify="right")
-        for _, c in cols:
-            t.add_column(f"{c.task}\n{c.metric}\n{c.tag}", justify="right", overflow="fold")
-        for model, step, values in table.rows:
-            cells = ["-" if values[i] is None else f"{values[i]:.4g}" for i, _ in cols]
-            cells = [f"[bold green]{text}[/]" if table.beats_original(values, i) else text
-                     for (i, _), text in zip(cols, cells, strict=True)]
-            t.add_row(model, str(step), *cells)
-        out.print(t)
-    out.print("green: the average beats the original at that step", style="dim")
+    return groups
 
 
 @app.command()

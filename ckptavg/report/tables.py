@@ -55,6 +55,30 @@ def wide_table(rows: Sequence[Row], metric: str | None = None) -> WideTable:
         for model, step in keys))
 
 
+def shared_affixes(names: Sequence[str]) -> tuple[str, str]:
+    """(prefix, suffix) that every name shares, cut at a `-`, leaving each name something of its own: what a
+    table's title can say once instead of every row or header (`tiny-pythia-` of two runs, `-k5-nu50` of
+    five methods). Nothing for fewer than two names."""
+    names = list(dict.fromkeys(names))
+    if len(names) < 2:
+        return "", ""
+    parts = [n.split("-") for n in names]
+    shortest = min(len(p) for p in parts) - 1  # each keeps a part of its own
+    lead = 0
+    while lead < shortest and len({p[lead] for p in parts}) == 1:
+        lead += 1
+    tail = 0
+    while tail < shortest - lead and len({p[-1 - tail] for p in parts}) == 1:
+        tail += 1
+    prefix = "-".join(parts[0][:lead]) + ("-" if lead else "")
+    suffix = ("-" if tail else "") + "-".join(parts[0][len(parts[0]) - tail:])
+    return prefix, suffix
+
+
+def shortened(name: str, prefix: str, suffix: str) -> str:
+    return name[len(prefix):len(name) - len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else name
+
+
 TIDY_FIELDS = ("model", "tag", "method", "k", "nu", "step", "task", "metric", "value", "stderr", "limit",
                "lm_eval_version", "batch_size", "dtype", "device")
 
