@@ -252,3 +252,36 @@ def test_a_cancelled_job_is_reported_and_a_resubmission_completes_the_study(hub,
                            reference_average(members), max_ulp=1)
     scored = {(tag, step) for _, tag, step, *_ in rows(tmp_path / "results.sqlite")}
     assert len(scored) == 20 + 5  # every average, and the original at each output step, 2000 to 6000
+
+
+def test_slurm_jobs_score_offline_once_the_task_data_is_fetched_here(hub, slurm, tmp_path):
+    """`study plan --task-data` names a task whose Hub dataset is not cached; `study run --executor slurm
+    --fetch-tasks` fetches it once on the submitting machine, and the jobs run with HF_DATASETS_OFFLINE=1:
+    its data file is downloaded once in all, and every checkpoint is scored on it."""
+    repo = tmp_path / "mc-repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "test.jsonl").write_text("".join(json.dumps({"q": q, "choices": [" a", " b"], "label": 0}) + "\n"
+                                                      for q in ("x y", "b a")))
+    hub.add_dataset("someone/mc-repo", repo)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "hubmc.yaml").write_text(
+        "task: hubmc\ndataset_path: someone/mc-repo\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    file = study(tmp_path, GRID.split("[[runs]]")[0] + '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 1000\n\n'
+                 '[scoring]\ntasks = ["hubmc"]\ninclude_path = ["tasks"]\n')
+    online = {"HF_DATASETS_OFFLINE": "0"}
+    r = hub_cli(hub, tmp_path, "study", "plan", str(file), "--root", str(tmp_path), "--task-data", env=online)
+    assert r.returncode == 0 and "task data: not in the cache: hubmc (someone/mc-repo)" in r.stdout, r.stdout + r.stderr
+    r = hub_cli(hub, tmp_path, "study", "run", str(file), "--root", str(tmp_path), *SLURM_ARGS, "--fetch-tasks",
+                env=conf(slurm) | online)
+    assert r.returncode == 0, r.stderr
+    scripts = list((tmp_path / "out" / ".study-study" / "logs").glob("*_submission.sh"))
+    assert scripts and all("export HF_DATASETS_OFFLINE=1" in p.read_text() for p in scripts)
+    assert not any("HF_HUB_OFFLINE" in p.read_text() for p in scripts)  # the revisions come from the Hub
+    got = rows(tmp_path / "results.sqlite")
+    assert {(tag, step) for _, tag, step, task, _, _ in got if task == "hubmc"} == {
+        (tag, step) for tag in ("original", "lawa-k2-nu1000") for step in range(2000, 7000, 1000)}
+    assert sum("data/test.jsonl" in req and req.startswith("GET") for req in hub.requests) == 1
+    r = hub_cli(hub, tmp_path, "study", "plan", str(file), "--root", str(tmp_path), "--task-data", env=online)
+    assert "task data: every task is local or cached" in r.stdout, r.stdout

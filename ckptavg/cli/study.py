@@ -23,7 +23,11 @@ ROOT_OPT = typer.Option(None, "--root", help="Relative paths in the file are rel
 @user_errors
 def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
          jobs_per_source: int = typer.Option(4, help="Also show the Slurm jobs `study run --executor slurm` would "
-                                             "submit with this --jobs-per-source.")) -> None:
+                                             "submit with this --jobs-per-source."),
+         task_data: bool = typer.Option(False, "--task-data", help="Also say which tasks' data the datasets cache "
+                                        "lacks (what `ckptavg tasks fetch` or `study run --executor slurm "
+                                        "--fetch-tasks` would fetch); registers the tasks with lm-eval, which takes "
+                                        "seconds.")) -> None:
     """The grid, the revisions, the bytes to download and the peak disk of every source; reads no tensor data
     and writes nothing (Pythia sources plan from the built-in catalogue, offline)."""
     from rich.table import Table
@@ -51,6 +55,12 @@ def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
     for p in plans:
         for dup in p.duplicates:
             say(f"[bold yellow]warning:[/] {dup}")
+    if task_data:
+        from ..study import uncached_tasks
+
+        missing = ", ".join(f"{d.task} ({d.where})" for d in uncached_tasks(study))
+        out.print(f"task data: {'not in the cache: ' + missing if missing else 'every task is local or cached'}",
+                  highlight=False, soft_wrap=True)
     groups = [(p.source, g) for p in plans for g in split(p.plan, jobs_per_source)]
     out.print(f"with --executor slurm: {len(groups)} job(s) in one array, each averaging (and scoring) a range of "
               f"consecutive steps of one source:", highlight=False, soft_wrap=True)
@@ -80,6 +90,10 @@ class Cluster:
     array_parallelism: int = typer.Option(32, help="Tasks running at once.", rich_help_panel=SLURM)
     sbatch: list[str] = typer.Option([], help="Another sbatch option, KEY=VALUE (e.g. account=proj). Repeatable.",
                                      rich_help_panel=SLURM)
+    fetch_tasks: bool = typer.Option(False, "--fetch-tasks", help="Fetch the tasks' data into the Hugging Face "
+                                     "cache here, once, before submitting, so that compute nodes without a network "
+                                     "can score: the jobs then run with HF_DATASETS_OFFLINE=1 (and HF_HUB_OFFLINE=1 "
+                                     "when no source is on the Hub).", rich_help_panel=SLURM)
 
 
 @study_app.command("run")
@@ -109,7 +123,8 @@ def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
     if cluster.executor == "slurm":
         totals = submit_study(study, SlurmOptions(cluster.partition, cluster.jobs_per_source, cluster.cpus_per_job,
                                                   cluster.gpus_per_job, cluster.mem, cluster.time_min,
-                                                  cluster.array_parallelism, tuple(cluster.sbatch)))
+                                                  cluster.array_parallelism, tuple(cluster.sbatch),
+                                                  cluster.fetch_tasks))
         say(f"{totals['written']} output(s) written under {study.out} by Slurm jobs"
             + (f"; {totals['scored']} task score(s) merged into {study.results}, {totals['failed']} failed"
                if study.scoring.get("tasks") else ""))

@@ -126,6 +126,47 @@ def follow_study(s: StudyFile, options: FollowOptions, *, force: bool = False, e
     return follow_trajectories(runs, s.out, averaging, scoring, options, events=events)
 
 
+def uncached_tasks(s: StudyFile) -> list:
+    """The study's tasks whose Hub data the datasets cache lacks (`evaluation.taskdata.TaskData`); the PILE
+    subsets and --ppl-task files are local. Registers the tasks with lm-eval (seconds)."""
+    from ..api import task_sources
+    from ..evaluation.taskdata import cached
+    from ..evaluation.tasks import PILE_SUBSETS
+
+    if not s.scoring.get("tasks"):
+        return []
+    options = {k: v for k, v in s.scoring.items() if k not in ("tasks", "pile")}
+    tasks = [t for t in s.scoring["tasks"] if t not in PILE_SUBSETS]  # (from a local file, found or not)
+    if not tasks:
+        return []
+    checked = checked_scoring(tasks, s.results, register=False, device=s.device, **options)
+    return [d for d in task_sources(checked) if d.on_hub and not cached(d)]
+
+
+def _offline_jobs(s: StudyFile, scoring, fetch: bool) -> tuple[str, ...]:
+    """What the study's jobs can run without: the Hub's datasets once every task's data is cached (fetched
+    here first with `fetch`), and the Hub itself when no source is on it either."""
+    if scoring is None:
+        return ()
+    import warnings
+
+    from ..errors import CkptavgWarning
+
+    if fetch:
+        from ..api import fetch_task_data
+
+        fetch_task_data(uncached_tasks(s))
+    missing = uncached_tasks(s)
+    if missing:
+        warnings.warn(f"the jobs will download the data of {', '.join(d.task for d in missing)} (not in the cache "
+                      f"here): --fetch-tasks fetches it once, before submitting", CkptavgWarning, stacklevel=3)
+        return ()
+    from ..storage import is_url
+
+    on_hub = any(e.kind != "local" or is_url(e.name) for e in s.sources)
+    return ("HF_DATASETS_OFFLINE",) if on_hub else ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
 @dataclass(frozen=True)
 class StatusRow:
     source: str
@@ -174,7 +215,8 @@ def submit_study(s: StudyFile, options=None) -> dict:
     options = (options or SlurmOptions()).checked()
     _averaging(s).checked(dry_run=True)  # the submitting machine need not have the jobs' GPUs
     scoring = _scoring(s, register=True)
-    totals = collect(s, submit(s, options, plan_study(s)))
+    offline = _offline_jobs(s, scoring, options.fetch_tasks)
+    totals = collect(s, submit(s, options, plan_study(s), offline))
     if scoring is not None and scoring.tracking:
         from ..api import export_scores
 

@@ -30,6 +30,7 @@ class SlurmOptions:
     time_min: int = 240
     array_parallelism: int = 32  # array tasks running at once
     sbatch: tuple[str, ...] = ()  # extra sbatch options, KEY=VALUE (e.g. account=proj, qos=high)
+    fetch_tasks: bool = False  # fetch the tasks' data here first, so that the jobs score offline
 
     def checked(self) -> SlurmOptions:
         for name in ("jobs_per_source", "cpus_per_job", "time_min", "array_parallelism"):
@@ -92,8 +93,9 @@ def run_share(study_path: str, root: str, share: Share, store: str, cache_dir: s
     return {"written": len(run.written), "scored": run.scored, "failed": run.failed}
 
 
-def submit(s, options: SlurmOptions, plans) -> list:
-    """Submit one array of tasks for the study's plans; returns submitit's jobs (with their shares)."""
+def submit(s, options: SlurmOptions, plans, offline: tuple[str, ...] = ()) -> list:
+    """Submit one array of tasks for the study's plans; returns submitit's jobs (with their shares). The
+    `offline` variables (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE) are set to 1 in every job."""
     import submitit
 
     folder = state_folder(s)
@@ -103,7 +105,8 @@ def submit(s, options: SlurmOptions, plans) -> list:
                                gpus_per_node=options.gpus_per_job or None, timeout_min=options.time_min,
                                slurm_array_parallelism=options.array_parallelism, slurm_job_name=Path(s.path).stem,
                                **({"slurm_mem": options.mem} if options.mem else {}),
-                               slurm_additional_parameters=extra)
+                               slurm_additional_parameters=extra,
+                               slurm_setup=[f"export {var}=1" for var in offline])
     needed = _work_left(s)
     shares = [Share(i, g, tuple((j.run.tag, j.window.step) for j in group))
               for i, p in enumerate(plans) for g, group in enumerate(split(p.plan, options.jobs_per_source, needed))]
