@@ -48,8 +48,21 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where a trajectory's checkpoint came from (`Source.describe`): the trajectory fields of its `InputRecord`."""
+
+    source: str  # the trajectory: a local folder, a URL, or hf://ORG/NAME
+    step: int
+    repo: str | None = None  # on the Hub: the repo, the branch and its commit, the step pattern, the cache
+    revision: str | None = None
+    commit: str | None = None
+    pattern: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
 class InputRecord:
-    """One input checkpoint, oldest first; the trajectory fields say where it came from."""
+    """One input checkpoint, oldest first; the trajectory fields (a `Provenance`'s) say where it came from."""
 
     path: str
     format: str  # safetensors | bin (torch.save archives) | dcp

@@ -182,6 +182,8 @@ def savings(
                                              "one line per model."),
 ) -> None:
     """GPU hours saved by averaging: how much earlier the averaged curve reaches the original's final value."""
+    from dataclasses import asdict
+
     from ..api import savings_table
 
     opt.choice(fmt, FORMATS, "--format")
@@ -191,9 +193,10 @@ def savings(
     chosen, table = savings_table(store, models, task, metric=metric, tag=tag,
                                   tolerances=opt.floats(tolerance, "--tolerance"), total_steps=total_steps,
                                   gpu_hours=gpu_hours, usd_per_gpu_hour=usd_per_gpu_hour)
-    runs = ", ".join(dict.fromkeys(r["tag"] for r in table))
-    print_records(table, fmt, f"GPU hours of {runs} on {task} ({chosen}): ahead of the original, and saved "
-                              f"as the paper counts")
+    runs = ", ".join(dict.fromkeys(r.tag for r in table))
+    records = [{k: v for k, v in asdict(r).items() if k != "usd_saved" or usd_per_gpu_hour} for r in table]
+    print_records(records, fmt, f"GPU hours of {runs} on {task} ({chosen}): ahead of the original, and saved "
+                                f"as the paper counts")
     if plot_file:
         from ..report.plots import plot_savings
 

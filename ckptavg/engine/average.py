@@ -12,6 +12,7 @@ import platform
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +27,17 @@ from ..checkpoints.outputs import AUTO, resolve_format
 from ..checkpoints.torchsave import saved_object
 from ..errors import InputError
 from ..hashing import file_sha256, known_sha256
-from ..manifest import DtypePolicy, FileRecord, InputRecord, Manifest, Method, OutputRecord, RunId, ShardRecord
+from ..manifest import (
+    DtypePolicy,
+    FileRecord,
+    InputRecord,
+    Manifest,
+    Method,
+    OutputRecord,
+    Provenance,
+    RunId,
+    ShardRecord,
+)
 from ..storage.base import FileInfo
 from ..storage.paths import RemotePath
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
@@ -104,7 +115,7 @@ def _versions() -> dict[str, str]:
 
 
 def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple[str, str]] | None,
-                     provenance: Sequence[dict] | None, plan: AveragePlan,
+                     provenance: Sequence[Provenance] | None, plan: AveragePlan,
                      remote: dict[RemotePath, FileInfo]) -> tuple[InputRecord, ...]:
     """`remote`: each object's size and ETag as the average found them (asked of the store once)."""
     inputs = []
@@ -113,7 +124,7 @@ def _describe_inputs(checkpoints: Sequence[Checkpoint], hashes: dict[Path, tuple
                                  *(hashes[f] if hashes is not None else (None, None)),
                                  etag=remote[f].identity if f in remote else None) for f in c.files)
         inputs.append(InputRecord(str(c.path.absolute()), c.format, files, plan.absent[i] if plan.absent else (),
-                                  **(provenance[i] if provenance else {}), trainer=c.trainer))
+                                  **(asdict(provenance[i]) if provenance else {}), trainer=c.trainer))
     return tuple(inputs)
 
 
@@ -132,7 +143,7 @@ def average_checkpoints(
     hash_inputs: bool = True,
     copy: Sequence[str] = (),
     method: Method | None = None,
-    provenance: Sequence[dict] | None = None,
+    provenance: Sequence[Provenance] | None = None,
     run: RunId | None = None,
     piece_elements: int = PIECE_ELEMENTS,
     progress: Callable[[AveragePlan], Progress | None] | None = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..atomic import replacing
 from ..errors import InputError
+from .savings import SavingsRecord
 from .store import ORIGINAL, Row
 
 
@@ -65,7 +66,7 @@ def _save(fig, ax, out: Path) -> Path:
     return out
 
 
-def plot_savings(records: Sequence[dict], out: Path) -> Path:
+def plot_savings(records: Sequence[SavingsRecord], out: Path) -> Path:
     """GPU hours against tolerance, one colour per model: solid, the fair credit (how much earlier than
     the original the averaged curve reaches the target); dashed and faint, the paper's Figure 13 figure
     (measured from the original's last step, which above 0% mostly measures the curve's shape)."""
@@ -73,16 +74,16 @@ def plot_savings(records: Sequence[dict], out: Path) -> Path:
 
     fig, ax = _axes()
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, model in enumerate(dict.fromkeys(r["model"] for r in records)):
-        mine = [r for r in records if r["model"] == model]
+    for i, model in enumerate(dict.fromkeys(r.model for r in records)):
+        mine = [r for r in records if r.model == model]
         for key, label, style in (("gpu_hours_ahead", "ahead of the original", dict(marker="o")),
                                   ("gpu_hours_saved", "paper's 'saved'", dict(linestyle="--", alpha=0.45))):
-            points = [(r["tolerance_pct"], r[key]) for r in mine if r[key] is not None]
+            points = [(r.tolerance_pct, getattr(r, key)) for r in mine if getattr(r, key) is not None]
             if points:
                 ax.plot([p for p, _ in points], [h for _, h in points], color=colours[i % len(colours)],
                         label=f"{model}: {label}", **style)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("tolerance (% of the original's final value)")
     ax.set_ylabel("GPU hours")
-    ax.set_title(f"{records[0]['task']} {records[0]['metric']}: GPU hours ahead of the original")
+    ax.set_title(f"{records[0].task} {records[0].metric}: GPU hours ahead of the original")
     return _save(fig, ax, out)

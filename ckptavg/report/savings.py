@@ -99,3 +99,69 @@ def catalogue_gpu_hours(model: str) -> float | None:
     size = model.removeprefix("pythia-").removesuffix("-deduped")
     info = MODELS.get(size) if model.startswith("pythia-") else None
     return info.gpu_hours if info else None
+
+
+@dataclass(frozen=True)
+class SavingsRecord:
+    """One model at one tolerance: where each curve reaches the target, and what that is worth."""
+
+    model: str
+    tag: str  # the averaged run
+    task: str
+    metric: str
+    tolerance_pct: float
+    target: float
+    step_reached: float | None  # by the averaged curve (None: not by its last step)
+    original_reached: float  # by the original itself
+    steps_ahead: float | None  # the fair credit
+    gpu_hours_ahead: float | None
+    steps_saved: float | None  # the paper's figure
+    pct_of_training: float | None
+    gpu_hours_saved: float | None
+    usd_saved: float | None = None  # with a price per GPU hour
+
+
+def savings_records(rows: Sequence, models: Sequence[str], task: str, *, metric: str | None = None,
+                    tag: str | None = None, tolerances: Sequence[float], total_steps: int | None = None,
+                    gpu_hours: float | None = None, usd_per_gpu_hour: float | None = None,
+                    where: str = "the store") -> tuple[str, list[SavingsRecord]]:
+    """(metric, records) from a task's stored rows (`report.store.Row`): each model matched to a stored
+    trajectory, its averaged run chosen (`tag`, or the only one), its GPU hours found (given, or Pythia's
+    published figure), and refused where the two curves were scored with different settings."""
+    from ..trajectory.pythia import TOTAL_STEPS
+    from .store import ORIGINAL
+    from .tables import primary_metric
+
+    chosen = metric or primary_metric(r.metric for r in rows)
+    rows = [r for r in rows if r.metric == chosen]
+    if not rows:
+        raise SavingsError(f"{where}: no {chosen!r} results for task {task!r}")
+    stored = sorted({r.model for r in rows})
+    table = []
+    for name in models:
+        m = match_model(name, stored)
+        mine = [r for r in rows if r.model == m]
+        tags = sorted({r.tag for r in mine if r.tag != ORIGINAL})
+        run = tag or (tags[0] if len(tags) == 1 else None)
+        if run is None or run not in tags:
+            raise SavingsError(f"{m}: choose the averaging run with --tag ({', '.join(tags) or 'none stored'})")
+        hours = gpu_hours or catalogue_gpu_hours(m)
+        if hours is None:
+            raise SavingsError(f"{m}: no published GPU hours; give --gpu-hours")
+        used = [r for r in mine if r.tag in (ORIGINAL, run)]
+        settings = sorted({r.settings for r in used})
+        if len(settings) > 1:  # lm-eval's numbers move with the batch size (lm-eval #704): unlike scores
+            shown = " and ".join(f"batch {b or '?'}, {d or '?'}, {v or '?'}" for b, d, v in settings)
+            raise SavingsError(f"{m}: the original and {run} on {task} were scored with different settings ({shown}); "
+                               f"score them again alike (`ckptavg eval --force` with one --batch-size, --dtype and "
+                               f"--device) before comparing")
+        better = next((r.higher_is_better for r in mine if r.higher_is_better is not None), False)
+        original_curve = [(r.step, r.value) for r in mine if r.tag == ORIGINAL]
+        averaged_curve = [(r.step, r.value) for r in mine if r.tag == run]
+        for s in savings(original_curve, averaged_curve, tolerances, total_steps=total_steps or TOTAL_STEPS,
+                         gpu_hours=hours, higher_is_better=better, usd_per_gpu_hour=usd_per_gpu_hour):
+            table.append(SavingsRecord(m, run, task, chosen, s.tolerance, s.target, s.step, s.original_step,
+                                       s.steps_ahead, s.gpu_hours_ahead, s.steps_saved,
+                                       None if s.fraction is None else 100 * s.fraction, s.gpu_hours,
+                                       s.usd if usd_per_gpu_hour else None))
+    return chosen, table

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..checkpoints.layouts import checkpoint_in, detect_pattern, last_file_missing, unfinished
 from ..errors import CkptavgError, CkptavgWarning, InputError
+from ..manifest import Provenance
 from ..storage.paths import RemotePath, location
 from .events import QUIET, Events
 from .run import RunSpec
@@ -208,8 +209,8 @@ class KeptTrajectory(LocalTrajectory):
         self._names = {step: entry.name for step, entry in entries.items()}
         self._folders = {step: checkpoint_in(entry) for step, entry in entries.items()}
 
-    def describe(self, step: int) -> dict:
-        return {"source": str(self.origin.absolute()), "step": step}
+    def describe(self, step: int) -> Provenance:
+        return Provenance(str(self.origin.absolute()), step)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from ..errors import (
     RevisionNotFoundError,
 )
 from ..hashing import cache_root, hub_blob_sha256, verify_blob
+from ..manifest import Provenance
 from .holds import RevisionLedger
 from .sources import Duplicate, find_duplicates, step_branches
 
@@ -222,11 +223,10 @@ class HubTrajectory:
     def label(self, step: int) -> str:
         return self.branches[step]
 
-    def describe(self, step: int) -> dict:
+    def describe(self, step: int) -> Provenance:
         branch = self.branches[step]
-        return {"source": f"hf://{self.repo_id}", "repo": self.repo_id, "revision": branch,
-                "commit": self.commits[branch], "step": step, "pattern": self.pattern,
-                "cache_dir": str(self.cache_dir.absolute())}
+        return Provenance(f"hf://{self.repo_id}", step, self.repo_id, branch, self.commits[branch], self.pattern,
+                          str(self.cache_dir.absolute()))
 
     def duplicates(self, steps: list[int], read_data: bool = True) -> list[Duplicate]:
         """Revisions among `steps` whose weights are byte-identical to another branch's (any branch of the

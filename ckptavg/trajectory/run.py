@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..errors import MismatchError, MissingStepsError
 from ..layout import RUN_LOG, output_folder, run_folder
-from ..manifest import Method, RunId, is_finished
+from ..manifest import Method, Provenance, RunId, is_finished
 from .events import QUIET, Events
 from .methods import DEFAULT_DECAY_SHAPE, DEFAULT_EMA_ALPHA, method
 from .schedule import FetchPlan, Window, plan_fetches, steps_of
@@ -30,7 +30,7 @@ class Source(Protocol):
     def steps(self) -> list[int]: ...
     def size(self, step: int) -> int: ...
     def label(self, step: int) -> str: ...  # how errors name a step's checkpoint (a revision, a folder)
-    def describe(self, step: int) -> dict: ...  # the manifest's provenance fields (`InputRecord`)
+    def describe(self, step: int) -> Provenance: ...  # where the step's checkpoint came from, for its manifest
     def duplicates(self, steps: list[int], read_data: bool = True) -> list[Duplicate]: ...
     def fetch(self, step: int) -> Path: ...
     def evict(self, step: int) -> None: ...

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..checkpoints.layouts import STEP_PATTERNS, checkpoint_in, detect_pattern, unfinished
 from ..checkpoints.names import weight_files
 from ..errors import CkptavgWarning, InputError
+from ..manifest import Provenance
 from ..storage.paths import RemotePath, location
 
 
@@ -157,8 +158,8 @@ class LocalTrajectory:
     def label(self, step: int) -> str:
         return str(self._folders[step])
 
-    def describe(self, step: int) -> dict:
-        return {"source": str(self.root.absolute()), "step": step}
+    def describe(self, step: int) -> Provenance:
+        return Provenance(str(self.root.absolute()), step)
 
     def fetch(self, step: int) -> Path:
         return self._folders[step]
