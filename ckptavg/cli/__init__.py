@@ -10,7 +10,7 @@ import signal
 # isort: off
 from . import average, trajectory, evaluate, report, study, tasks  # noqa: F401
 # isort: on
-from .common import app
+from .console import app
 
 
 def _sigterm_as_interrupt(signum, frame):

@@ -8,7 +8,9 @@ import typer
 
 from .. import options as opt
 from ..units import format_size
-from .common import Arithmetic, Bars, app, grouped, say, user_errors
+from .console import app, say, user_errors
+from .groups import Arithmetic, grouped
+from .progress import Bars
 
 
 @app.command()

@@ -11,7 +11,9 @@ from .. import options as opt
 from ..errors import OptionError
 from ..evaluation.harness import DEFAULT_TASKS
 from ..units import format_size
-from .common import Bars, Tasks, app, grouped, out, say, scoring, user_errors
+from .console import app, out, say, user_errors
+from .groups import Tasks, grouped, scoring
+from .progress import Bars
 
 
 @app.command("eval")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .. import options as opt
-from .common import app, fail, out, say, user_errors
+from .console import app, fail, out, say, user_errors
 
 FORMATS = ("table", "csv", "json")
 STORE_ARG = typer.Argument(Path("results.sqlite"), help="The results store written by `ckptavg eval`.")

@@ -9,7 +9,9 @@ from typing import Optional
 import typer
 
 from ..units import format_size
-from .common import Bars, Follow, Following, app, fail, following, grouped, out, say, user_errors
+from .console import app, fail, out, say, user_errors
+from .groups import Follow, grouped
+from .progress import Bars, Following, following
 
 study_app = typer.Typer(help="A whole study from one TOML file: every source, every run of a grid, scored as it "
                         "goes, each revision fetched once for all the runs that need it.", no_args_is_help=True)

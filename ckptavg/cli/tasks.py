@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..evaluation.harness import DEFAULT_TASKS
-from .common import app, out, say, user_errors
+from .console import app, out, say, user_errors
 
 tasks_app = typer.Typer(help="Where each task's data comes from, whether it is cached, and fetching it into the "
                         "Hugging Face cache for compute nodes without a network.", no_args_is_help=True)

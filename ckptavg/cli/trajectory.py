@@ -12,24 +12,9 @@ from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
 from ..trajectory.events import Broadcast, Events
 from ..trajectory.pythia import PAPER_END, PAPER_START
 from ..units import format_size, format_tokens
-from .common import (
-    Arithmetic,
-    Bars,
-    Downloads,
-    Follow,
-    Following,
-    Schedule,
-    Study,
-    Tasks,
-    app,
-    fail,
-    following,
-    grouped,
-    out,
-    say,
-    scoring,
-    user_errors,
-)
+from .console import app, fail, out, say, user_errors
+from .groups import Arithmetic, Downloads, Follow, Schedule, Study, Tasks, grouped, scoring
+from .progress import Bars, Following, following
 
 DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, peak disk) and exit; reads no tensor data."
 

@@ -85,8 +85,8 @@ def _one_intra_op_thread() -> None:
     """Run torch's kernels in the calling thread on that thread alone, for the rest of its life.
 
     The pipeline's threads share the cores with each other: torch's own intra-op threads would wait
-    at the end of every kernel for a core the reader, writer or hashers hold (measured 20-35% slower
-    on 2 cores). `torch.set_num_threads` would change the whole process (a caller's model scoring in
+    at the end of every kernel for a core the reader, writer or hashers hold (20-35% slower on 2 cores:
+    docs/how-it-works.md). `torch.set_num_threads` would change the whole process (a caller's model scoring in
     another thread, every thread started meanwhile); OpenMP's thread count, which torch's CPU kernels
     follow, belongs to the thread that sets it, so it is set here, per thread, through threadpoolctl.
     Where torch runs no OpenMP, nothing is changed."""

@@ -110,25 +110,19 @@ class TensorReader:
 
     With `map_files`, a safetensors file that is in the page cache is mapped (private, so torch may
     treat it as writable; it is never written, so no page is copied) and faulted in at once with
-    MADV_POPULATE_READ, in the reader's thread: no copy out of the page cache, which measured 6-8x
-    less CPU than `pread`. Without it (pinned buffers bound for a GPU) a cached range is copied out of
-    the cache with `preadv`. Whether a range is cached is asked of the kernel, page by page (mincore),
-    not guessed from timings, so a reader thread that lost its core for a moment never mistakes the
-    page cache for a disk.
+    MADV_POPULATE_READ, in the reader's thread: no copy out of the page cache. Without it (pinned
+    buffers bound for a GPU) a cached range is copied out of the cache with `preadv`. Whether a range
+    is cached is asked of the kernel, page by page (mincore), not guessed from timings, so a reader
+    thread that lost its core for a moment never mistakes the page cache for a disk.
 
     A file with a range that was not cached is read from there to its end straight from the disk
     into the caller's buffer (O_DIRECT, whole aligned blocks; `DIRECT_SLACK` spare bytes in the buffer
-    make room for the alignment), even where read-ahead has cached what follows. Mapping pages that
-    read-ahead had just brought in cost the arithmetic up to three times the CPU of reading them
-    (cold 1B-shaped k=5 inputs: 8.8-21.7 against 5.4-6.8 s, `bench/stages.py`), and reading through
-    the page cache at all cost the reader thread 25-27 s of CPU for those 10.5 GB against 0.8-1.0 s
-    direct, and the average 27-29 s of wall time against 9.7-10.7 s in three runs of four (20.8 s in
-    the first; hashed or not, alternated). It also leaves a 12B model's 24 GB per checkpoint out of a
-    cache they would only churn. A filesystem that refuses direct I/O, or a buffer without the spare
-    bytes, gets plain `preadv`, and so do `keep_cached` files: a later average reads them again (a
-    sliding window's shared checkpoints), and finding them in the page cache beats reading them again
-    from disk (six k=5 windows 1000 steps apart, `bench/window.sh`: 51-53 s against 67-69 s with
-    every file direct).
+    make room for the alignment), even where read-ahead has cached what follows: the page cache costs
+    this path CPU it does not repay, and a 12B model's checkpoints would only churn it. A filesystem
+    that refuses direct I/O, or a buffer without the spare bytes, gets plain `preadv`, and so do
+    `keep_cached` files: a later average reads them again (a sliding window's shared checkpoints), and
+    finding them in the page cache beats reading them from disk again. (The measurements behind each
+    choice: docs/how-it-works.md, "Why the engine reads and writes as it does".)
     Either way one call per piece, sequential within each file. The rare tensor without a byte range
     of its own (`TensorRef.offset` None) is copied out of `torch.load`'s mapping of its file. A file on an
     object store (`storage.paths.RemotePath`) is read with ranged GETs straight into the caller's buffer.

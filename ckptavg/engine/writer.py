@@ -46,10 +46,9 @@ class ShardFile:
     """One output file, written front to back exactly once: its frames, and between them the bytes of
     its tensors, in order, given to `write` in pieces.
 
-    Written with direct I/O (O_DIRECT) where the filesystem takes it: through the page cache, a hashed
-    average of five 1B-shaped inputs (2.1 GB out) spent 5.4-7.5 s of system CPU against 0.8-1.5 s
-    direct, copying into the cache and then throttled for dirty pages, and took 12.4-13.6 s against
-    8.8-9.0 s (same runs, 2 cores); direct writes leave fsync next to nothing to do. Direct
+    Written with direct I/O (O_DIRECT) where the filesystem takes it: through the page cache, writing
+    costs system CPU for the copy and then waits on dirty-page throttling, where direct writes leave
+    fsync next to nothing to do (measured: docs/how-it-works.md). Direct
     I/O wants aligned memory, offsets and lengths, so bytes are gathered in a page-aligned staging
     buffer and go out in whole blocks; the last block is padded and the file then cut to its length.
     Where O_DIRECT is refused (tmpfs before Linux 6.6, some network filesystems), the same writes go

@@ -1,175 +1,21 @@
-"""What every command shares: the Typer app, the consoles, one-line errors and exit codes, progress
-bars, and the option groups, each declared once and added to the commands that take it."""
+"""The option groups, each declared once and added to the commands that take it (`grouped`): the schedule,
+the arithmetic, downloads, following a run, scoring and its trackers."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import inspect
-import os
-import sys
 import typing
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from ..errors import CkptavgError, CkptavgWarning, describe_os_error
 from ..trajectory import methods
-from ..trajectory.events import Events
-
-TAGLINE = ("Post-hoc checkpoint averaging (LAWA, WMA, decay-shaped merges, EMA, SWA) of language-model training "
-           "trajectories.")
-app = typer.Typer(
-    help=TAGLINE,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-)
-# Piped output (logs, files) gets room for the wide tables; a terminal or $COLUMNS decides otherwise.
-_WIDTH = None if os.environ.get("COLUMNS") or sys.stdout.isatty() else 120
-err = Console(stderr=True, width=_WIDTH)
-out = Console(width=_WIDTH)
-
-
-def say(message: str, **style) -> None:
-    """A line on stderr, where progress and status go (stdout is for tables and data)."""
-    err.print(message, highlight=False, soft_wrap=True, **style)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Library errors become one line on stderr and exit code 2 (bad input) or 3 (the operating
-    system failed mid-run: a full disk, an I/O error, a permission, a vanished file); Ctrl-C 130.
-    ckptavg's own warnings (a step left out, a legacy file loaded whole) are one line each too."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        shown = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, CkptavgWarning):
-                say(f"[yellow]warning:[/] {escape(str(message))}")
-            else:
-                shown(message, category, filename, lineno, file, line)
-
-        try:
-            with warnings.catch_warnings():
-                warnings.showwarning = show
-                return fn(*args, **kwargs)
-        except CkptavgError as e:
-            raise fail(str(e), e.exit_code) from None
-        except OSError as e:
-            raise fail(describe_os_error(e), 3) from None
-        except KeyboardInterrupt:
-            err.print("interrupted: no partial output was left behind")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-class Bars(Events):
-    """What a command shows as it works: one rich progress display, a bar of bytes for every download and
-    every average, a line per output written (unless quiet), one line per failed score, and a progress line
-    over the scores once `count_scores` is called."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.progress, self.quiet, self.score_line = None, quiet, None
-        if not quiet:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
-
-    def __enter__(self) -> Bars:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def __call__(self, description: str, total: int) -> Callable[[int], None]:
-        bars = self.progress
-        if bars is None:
-            return lambda n: None
-        for task in list(bars.tasks):
-            if task.finished:
-                bars.remove_task(task.id)
-        task_id = bars.add_task(description, total=total)
-        return lambda n: bars.advance(task_id, n)
-
-    bar = __call__
-
-    def for_plan(self, description: str):
-        """The progress hook `average_checkpoints` takes: called with the plan, returns the callback."""
-        return lambda plan: self(description, plan.output_bytes)
-
-    def count_scores(self, total: int | None) -> Bars:
-        """Show a progress line over `total` scores (None: not known in advance)."""
-        if self.progress is not None:
-            self.score_line = self.progress.add_task("scoring", total=total)
-        return self
-
-    def averaged(self, job, folder) -> None:
-        if not self.quiet:
-            say(f"wrote {folder}")
-
-    def scored(self, target, task: str, status: str, rows) -> None:
-        if status.startswith("failed"):
-            say(f"[yellow]failed:[/] {target.model} {target.tag} step{target.step} {task}: {status[8:]}")
-        if self.score_line is not None:
-            self.progress.update(self.score_line, advance=1, description=f"score {target.tag} step{target.step} "
-                                 f"{task}")
-
-
-class Following(Bars):
-    """What a follower shows: the outputs it wrote, and each window it had to skip."""
-
-    def __init__(self, quiet: bool) -> None:
-        super().__init__(quiet)
-        self.written: list = []
-
-    def averaged(self, job, folder) -> None:
-        self.written.append(folder)
-        super().averaged(job, folder)
-
-    def lost(self, run: str, window) -> None:
-        warnings.warn(f"{run}: window at step {window.step} skipped: a member was deleted before it could be kept",
-                      CkptavgWarning, stacklevel=2)
-
-
-def following(run: Callable[[Events], object], out_dir, events: Following, *, scores: bool) -> None:
-    """Follow (`run(events)`) until it stops, SIGTERM taken like Ctrl-C (nothing half-written), and say how
-    far it got."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        with events:
-            run(events.count_scores(None) if scores else events)
-    except KeyboardInterrupt:
-        say(f"stopped: {len(events.written)} output(s) written under {out_dir}; run the same command to go on")
-        raise typer.Exit(130) from None
-    say(f"{len(events.written)} output(s) written under {out_dir}")
+from .console import fail
 
 
 def grouped(**groups: type) -> Callable[[Callable], Callable]:
@@ -363,20 +209,3 @@ def scoring(tasks: Optional[str], t: Tasks, *, originals: bool, in_memory: bool,
                    batch_size=t.batch_size, device=device, dtype=dtype, originals=originals, in_memory=in_memory,
                    fresh_model=t.fresh_model, diversity=diversity, register=register,
                    tracking=Tracking(tensorboard=t.tensorboard, mlflow=t.mlflow, wandb=t.wandb))
-
-
-def show_version(value: bool) -> None:
-    if value:
-        from .. import __version__
-
-        out.print(f"ckptavg {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
-                                 help="Print the version and exit."),
-) -> None:
-    """Post-hoc checkpoint averaging (LAWA, WMA, decay-shaped merges, EMA, SWA) of language-model training
-    trajectories."""
