@@ -203,19 +203,25 @@ def test_a_study_follows_its_sources_for_every_run_of_its_grid(quiet_run, tmp_pa
     study = tmp_path / "follow.toml"
     study.write_text(f'out = "{out}"\n[steps]\nstart = 6\ninterval = 4\n[[sources]]\nlocal = "{run}"\n'
                      f'[[sources]]\nlocal = "{quiet_run}"\n[[runs]]\nmethod = "lawa"\nk = [2, 3]\nnu = 2\n')
-    trainer = subprocess.Popen(
-        [sys.executable, str(TRAIN), "--out", str(run), "--steps", "12", "--every", "2", "--width", "32",
-         "--layers", "1", "--ctx", "32", "--batch", "2", "--vocab", "256", "--max-files", "1", "--keep-last", "3",
-         "--retire-to", str(retired), "--pause", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the follower first (the study gives a start, so it needs no checkpoint yet), then the trainer: a busy
+    # machine's slow start must not let the trainer delete a step before the follower has seen it
+    follower = subprocess.Popen([sys.executable, "-m", "ckptavg", "study", "run", str(study), "--follow", "--until",
+                                 "12", "--poll", "1s", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trainer = None
     try:
-        _wait_for(run / "step2", 120, trainer)
-        r = subprocess.run([sys.executable, "-m", "ckptavg", "study", "run", str(study), "--follow", "--until", "12",
-                            "--poll", "1s", "-q"], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
+        assert follower.stderr.readline().startswith("following"), follower.communicate()
+        trainer = subprocess.Popen(
+            [sys.executable, str(TRAIN), "--out", str(run), "--steps", "12", "--every", "2", "--width", "32",
+             "--layers", "1", "--ctx", "32", "--batch", "2", "--vocab", "256", "--max-files", "1", "--keep-last", "3",
+             "--retire-to", str(retired), "--pause", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = follower.communicate(timeout=300)
+        assert follower.returncode == 0, stderr
         assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
     finally:
-        trainer.kill()
-    assert "skipped" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        follower.kill()
+        if trainer is not None:
+            trainer.kill()
+    assert "skipped" not in stderr and "Traceback" not in stderr, stderr
     for source in (run, quiet_run):
         for k in (2, 3):
             outputs = out / source.name / f"lawa-k{k}-nu2"

@@ -47,9 +47,11 @@ def eval_(
     from ..api import evaluate, fetch_summary, find_targets, resolve_device
 
     wanted = opt.ints(steps, "--steps") if steps else None
-    checked = scoring(task_names, tasks, originals=originals, in_memory=False, register=not dry_run,
+    checked = scoring(task_names, tasks, originals=originals, in_memory=False, register=False,
                       device=opt.device(device) if dry_run else resolve_device(device), dtype=dtype)
-    targets = find_targets(run_dir, wanted, originals)
+    targets = find_targets(run_dir, wanted, originals)  # (what is there to score, before the tasks are indexed)
+    if not dry_run:
+        checked = checked.registered()
     outputs, runs, hub, to_fetch = fetch_summary(targets)
     say(f"{outputs} finished output(s) in {runs} run(s) under {run_dir}; {len(targets)} checkpoint(s) x "
         f"{len(checked.tasks)} task(s); originals to fetch from the Hub: {hub} ({format_size(to_fetch)})")
