@@ -23,7 +23,7 @@ saves of Pythia-1B's trained tensors, each row-sharded by two gloo ranks as FSDP
 each; model tensors only; the output is a DCP checkpoint). Warm runs
 read from the page cache, so they are skipped where the inputs do not fit in half the machine's memory;
 cold runs drop it first (root only). Speeds are reported as ratios to the floor taken in the same
-repetition; min and median over repetitions.
+repetition; min, median and max over repetitions.
 Timings are noisy on shared machines: never put them in a test.
 
     python bench/average.py [--reps 3] [--cases 1b,12b,1b-k10] [--cold/--no-cold] [--naive-reps 1]
@@ -434,9 +434,10 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     for case in cases:
         bench_case(case, args, rows)
-    print(f"\n{'measure':40} {'min':>9} {'median':>9}  (n)")
+    # a user gets the median run, not the best: the spread is part of the result
+    print(f"\n{'measure':40} {'min':>9} {'median':>9} {'max':>9}  (n)")
     for key, values in rows.items():
-        print(f"{key:40} {min(values):9.2f} {statistics.median(values):9.2f}  ({len(values)})")
+        print(f"{key:40} {min(values):9.2f} {statistics.median(values):9.2f} {max(values):9.2f}  ({len(values)})")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ coordinating thread, and in checkouts before the engine ran every stage in its o
 on more than 3 cores its helper threads are not counted). Page faults are the process's.
 
     python bench/stages.py [--case 1b] [--modes warm,cold] [--hash both] [--reps 2] [--roots .,/tmp/base]
-                           [--buffered-writes]
+                           [--buffered-writes] [--probe]
 
 It wraps two private methods of the engine (`_Pipeline._guard` and `_Pipeline.run`): a tool for
 engine work, not an API.
@@ -65,6 +65,24 @@ print(f"wall {wall:6.2f} s, cpu {proc:6.2f} s ({stages}); faults {r1.ru_minflt -
 """
 
 
+PROBE = r"""
+import hashlib, os, time
+import numpy as np
+buf = os.urandom(256 << 20)
+t = time.thread_time(); hashlib.sha256(buf).digest(); sha = time.thread_time() - t
+a = np.ones(1 << 27)  # 1 GiB of float64
+t = time.perf_counter(); b = a.copy(); a += b; copy = time.perf_counter() - t
+print(f"probe: sha256 {0.25 / sha:.2f} GiB/s, memory {3 / copy:.1f} GiB/s")
+"""
+
+
+def probe() -> str:
+    """How fast this machine is right now, apart from ckptavg: one core's sha256 and the memory's streaming
+    speed. On a shared machine both move between repetitions; an average's CPU time moves with them."""
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else f"probe failed: {r.stderr[-200:]}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
@@ -74,6 +92,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--roots", default=str(ROOT), help="comma-separated ckptavg checkouts, alternated")
     ap.add_argument("--buffered-writes", action="store_true", help="write through the page cache, not O_DIRECT")
+    ap.add_argument("--probe", action="store_true", help="before each run, time a sha256 and a memory-streaming "
+                    "probe: whether the machine itself was slower in a slow repetition")
     args = ap.parse_args()
     shape = {"1b": "pythia-1b", "12b": "pythia-12b-2-layers"}[args.case]
     folders = [args.data.resolve() / shape / f"step{1000 * (i + 1)}" for i in range(5)]
@@ -86,6 +106,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             for hashed in hashes:
                 for root in roots:
+                    if args.probe:
+                        print(f"rep {rep + 1} {mode} {'hashed' if hashed else 'no hash'} {probe()}", flush=True)
                     # run outside any checkout: the working folder would shadow PYTHONPATH's ckptavg
                     r = subprocess.run([sys.executable, "-c", CHILD, ",".join(map(str, folders)), mode,
                                         str(int(hashed)), str(int(args.buffered_writes)), str(ROOT / "bench")],
