@@ -75,8 +75,9 @@ def scoring(tasks: str | Iterable[str], results: str | Path = "results.sqlite", 
     return checked.registered() if register else checked
 
 
-def _register_tasks(s: Scoring):
-    """lm-eval's task index with our perplexity tasks in it (PILE subsets cut from the Pile file, --ppl-task files)."""
+def task_index(s: Scoring):
+    """lm-eval's task index with our perplexity tasks in it (PILE subsets cut from the Pile file, --ppl-task
+    files), every task of `s` known to it; nothing asked about their data."""
     from ..evaluation.harness import check_tasks, quiet_lm_eval, task_manager
     from ..evaluation.tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
 
@@ -89,9 +90,16 @@ def _register_tasks(s: Scoring):
         paths.append(perplexity_tasks(s.ppl_files))
     manager = task_manager(paths, s.tasks)
     check_tasks(manager, s.tasks)
+    return manager
+
+
+def _register_tasks(s: Scoring):
+    """The task index, and every task's data able to load here: one that cannot fails now, not once per
+    checkpoint."""
     from ..evaluation.taskdata import check
 
-    check(manager, s.tasks)  # a task whose data cannot load here fails now, not once per checkpoint
+    manager = task_index(s)
+    check(manager, s.tasks)
     return manager
 
 

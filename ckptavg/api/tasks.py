@@ -4,26 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .settings import Scoring
+from .settings import Scoring, task_index
 
 
 def task_sources(scoring: Scoring) -> list:
     """Where each task's data comes from (`evaluation.taskdata.TaskData`: repo, config, splits), as lm-eval's
     configs say; the PILE subsets and --ppl-task files are local. Registers the tasks, checking nothing
     about their data (that is what this is for)."""
-    from ..evaluation.harness import check_tasks, quiet_lm_eval, task_manager
     from ..evaluation.taskdata import task_data
-    from ..evaluation.tasks import PILE_SUBSETS, perplexity_tasks, pile_tasks
 
-    quiet_lm_eval()
-    paths = list(scoring.include_path)
-    pile_wanted = [t for t in scoring.tasks if t in PILE_SUBSETS]
-    if pile_wanted:
-        paths.append(pile_tasks(scoring.pile, pile_wanted))
-    if scoring.ppl_files:
-        paths.append(perplexity_tasks(scoring.ppl_files))
-    manager = task_manager(paths, scoring.tasks)
-    check_tasks(manager, scoring.tasks)
+    manager = task_index(scoring)
     return task_data(manager, scoring.tasks)
 
 
