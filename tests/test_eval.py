@@ -540,3 +540,26 @@ def test_task_data_fetched_once_then_scored_offline_with_the_hub_stopped(study, 
     rows = sqlite3.connect(tmp_path / "r.sqlite").execute("SELECT tag, status, value FROM scores").fetchall()
     assert {(tag, status) for tag, status, _ in rows} == {("original", "ok"), ("lawa-k2-nu100", "ok")}
     assert all(0.0 <= value <= 1.0 for _, _, value in rows)
+
+
+def test_a_follower_scores_each_window_as_it_lands_and_logs_it_once(study, tmp_path):
+    """`trajectory --follow --eval`: each window averaged, it and its original scored into the store and
+    logged to TensorBoard; followed again (nothing new), nothing scored or logged twice."""
+    from test_tracking import approx, expected, tensorboard_series
+
+    from ckptavg.report.store import Store
+
+    db, tb = tmp_path / "r.sqlite", tmp_path / "tb"
+    args = ("trajectory", study["traj"], "--follow", "--k", 2, "--nu", 100, "--interval", 100, "--until", 300,
+            "--poll", "1s", "--eval", "pile-enron", "--pile", study["pile"], "--device", "cpu", "--out",
+            tmp_path / "out", "--results", db, "--tensorboard", tb, "-q")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    with Store(db) as s:
+        want = expected(s.rows())
+    assert {(k[1].split("/")[1], step) for k, pts in want.items() for step, _ in pts} == {
+        (tag, step) for tag in ("original", "lawa-k2-nu100") for step in (200, 300)}
+    assert approx(tensorboard_series(tb)) == approx(want)
+    r = cli(*args)
+    assert r.exit_code == 0 and "0 output(s) written" in r.output, r.output
+    assert approx(tensorboard_series(tb)) == approx(want)
