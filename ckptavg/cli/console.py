@@ -85,3 +85,23 @@ def _root(
 ) -> None:
     """Post-hoc checkpoint averaging (LAWA, WMA, decay-shaped merges, EMA, SWA) of language-model training
     trajectories."""
+
+
+def compact_table(title: str, **names) -> tuple:
+    """A table that reads at 80 columns, and a shortener per group of names (`sources=[...]`): what every
+    name of a group shares (`tiny-pythia-`, `-k5-nu50`) is said once in the title, not in every row, and
+    no rules between columns. Returns (table, {group: shorten})."""
+    from rich import box
+    from rich.table import Table
+
+    from ..report.tables import shared_affixes, shortened
+
+    shorten, said = {}, []
+    for group, values in names.items():
+        prefix, suffix = shared_affixes(list(values))
+        shorten[group] = lambda name, p=prefix, s=suffix: shortened(name, p, s)
+        if prefix or suffix:
+            said.append(f"{group} {prefix}*{suffix}")
+    table = Table(title=title + "".join(f"; {x}" for x in said), title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1, 0, 0), pad_edge=False)
+    return table, shorten

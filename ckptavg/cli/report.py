@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .. import options as opt
-from .console import app, fail, out, say, user_errors
+from .console import app, compact_table, fail, out, say, user_errors
 
 FORMATS = ("table", "csv", "json")
 STORE_ARG = typer.Argument(Path("results.sqlite"), help="The results store written by `ckptavg eval`.")
@@ -203,9 +203,9 @@ def savings(
         say(f"wrote {plot_savings(table, plot_file)}")
 
 
-HEADERS = {"tolerance_pct": "tol.", "step_reached": "averaged at", "original_reached": "original at",
-           "steps_ahead": "steps ahead", "gpu_hours_ahead": "GPU h ahead", "steps_saved": "steps saved (paper)",
-           "gpu_hours_saved": "GPU h saved (paper)", "usd_saved": "USD saved (paper)"}
+HEADERS = {"tolerance_pct": "tol.", "step_reached": "averaged\nat", "original_reached": "original\nat",
+           "steps_ahead": "steps\nahead", "gpu_hours_ahead": "GPU h\nahead", "steps_saved": "steps\nsaved\n(paper)",
+           "gpu_hours_saved": "GPU h\nsaved\n(paper)", "usd_saved": "USD\nsaved\n(paper)"}
 HIDDEN = ("task", "metric", "tag", "pct_of_training")  # in the title, or in csv and json only
 
 
@@ -222,9 +222,8 @@ def print_records(records: list[dict], fmt: str, title: str) -> None:
         writer.writeheader()
         writer.writerows(records)
         return
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
+    t, short = compact_table(title, trajectories=[r["model"] for r in records])
+    records = [r | {"model": short["trajectories"](r["model"])} for r in records]
     cols = [c for c in records[0] if c not in HIDDEN]
     for c in cols:
         t.add_column(HEADERS.get(c, c.replace("_", " ")), justify="left" if c == "model" else "right",

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..units import format_size
-from .console import app, fail, out, say, user_errors
+from .console import app, compact_table, fail, out, say, user_errors
 from .groups import Follow, grouped
 from .progress import Bars, Following, following
 
@@ -32,20 +32,20 @@ def plan(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
                                         "seconds.")) -> None:
     """The grid, the revisions, the bytes to download and the peak disk of every source; reads no tensor data
     and writes nothing (Pythia sources plan from the built-in catalogue, offline)."""
-    from rich.table import Table
-
     from ..study import load_study, plan_study
     from ..study.slurm import SlurmOptions, split
 
     SlurmOptions(jobs_per_source=jobs_per_source).checked()
     study = load_study(file, root)
-    table = Table(title=f"{file}: {len(study.grid)} run(s) per source", title_justify="left")
+    plans = plan_study(study)
+    table, short = compact_table(f"{file}: {len(study.grid)} run(s) per source", sources=[p.source for p in plans],
+                                 runs=[s.tag() for p in plans for s in p.specs])
     for col in ("source", "runs", "windows", "to do", "revisions", "to download", "peak disk"):
         table.add_column(col, justify="left" if col in ("source", "runs") else "right")
-    plans = plan_study(study)
     for p in plans:
-        tags = ", ".join(s.tag() for s in p.specs)
-        table.add_row(p.source, tags, str(len(p.plan.jobs)), str(len(p.plan.todo)), str(len(p.plan.fetch.fetches)),
+        tags = "\n".join(short["runs"](s.tag()) for s in p.specs)
+        table.add_row(short["sources"](p.source), tags, str(len(p.plan.jobs)),
+                      str(len(p.plan.todo)), str(len(p.plan.fetch.fetches)),
                       format_size(p.plan.fetch.download_bytes), format_size(p.plan.fetch.peak_disk))
     out.print(table)
     total = sum(p.plan.fetch.download_bytes for p in plans)
@@ -150,12 +150,12 @@ def status(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT) -> None:
 
     study = load_study(file, root)
     rows = study_status(study)
-    table = Table(title_justify="left")
+    table, short = compact_table(f"{file}", sources=[r.source for r in rows], runs=[r.run for r in rows])
     for col in ("source", "run", "windows", "finished", "pending", "scored"):
         table.add_column(col, justify="left" if col in ("source", "run") else "right")
     for r in rows:
-        table.add_row(r.source, r.run, str(r.windows), str(r.finished), str(r.pending),
-                      "-" if r.scored is None else str(r.scored))
+        table.add_row(short["sources"](r.source), short["runs"](r.run), str(r.windows), str(r.finished),
+                      str(r.pending), "-" if r.scored is None else str(r.scored))
     out.print(table)
     jobs = job_status(study)
     if jobs:
