@@ -45,7 +45,7 @@ def test_demo_pipeline(tmp_path):
         data = (out / "figures" / png).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000
     text = " ".join(proc.stdout.split())
-    assert "GPU hours of lawa-k2-nu10 on stdlib-heldout" in text and "steps ahead" in text
+    assert "GPU hours of lawa-k2-nu10 on stdlib-heldout" in text and "ahead" in text and "(paper)" in text
     assert "held-out bits_per_byte, lawa-k2-nu10 vs original" in text
     # the run's own time, recorded (rounded to 0.1 s, so up to 0.05 s above the true time)
     assert 0 < json.loads((out / "demo.json").read_text())["seconds"] <= elapsed + 0.05
