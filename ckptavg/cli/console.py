@@ -1,5 +1,5 @@
 """What every command shares to talk to its user: the Typer app, the consoles (stderr for status, stdout for
-tables and data), one-line errors with their exit codes, and `--version`."""
+tables and data), tables that fit them, one-line errors with their exit codes, and `--version`."""
 
 from __future__ import annotations
 
