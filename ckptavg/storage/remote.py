@@ -101,9 +101,10 @@ class FsspecStorage:
         found = self._call(self.fs.find, prefix.rstrip("/"), detail=True)
         return {path: _file_info(info) for path, info in sorted(found.items()) if info.get("type") != "directory"}
 
-    def download(self, prefix: str, folder: Path) -> None:
-        """Every object under `prefix` (or the object itself) into `folder` (a file's path), names kept."""
-        objects = self.find(prefix) or {prefix: None}
+    def download(self, prefix: str, folder: Path, objects: dict[str, FileInfo] | None = None) -> None:
+        """Every object under `prefix` (or the object itself) into `folder` (a file's path), names kept;
+        `objects`, the prefix's listing when the caller has it already."""
+        objects = (self.find(prefix) if objects is None else objects) or {prefix: None}
         for path in objects:
             target = Path(folder) / posixpath.relpath(path, prefix) if path != prefix else Path(folder)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -129,8 +129,14 @@ def follow_study(s: StudyFile, options: FollowOptions, *, force: bool = False, e
 def uncached_tasks(s: StudyFile) -> list:
     """The study's tasks whose Hub data the datasets cache lacks (`evaluation.taskdata.TaskData`); the PILE
     subsets and --ppl-task files are local. Registers the tasks with lm-eval (seconds)."""
-    from ..api import task_sources
     from ..evaluation.taskdata import cached
+
+    return [d for d in _hub_task_data(s) if not cached(d)]
+
+
+def _hub_task_data(s: StudyFile) -> list:
+    """The study's tasks that read their data from the Hub, as lm-eval's configs name it."""
+    from ..api import task_sources
     from ..evaluation.tasks import PILE_SUBSETS
 
     if not s.scoring.get("tasks"):
@@ -140,7 +146,7 @@ def uncached_tasks(s: StudyFile) -> list:
     if not tasks:
         return []
     checked = checked_scoring(tasks, s.results, register=False, device=s.device, **options)
-    return [d for d in task_sources(checked) if d.on_hub and not cached(d)]
+    return [d for d in task_sources(checked) if d.on_hub]
 
 
 def _offline_jobs(s: StudyFile, scoring, fetch: bool) -> tuple[str, ...]:
@@ -151,12 +157,14 @@ def _offline_jobs(s: StudyFile, scoring, fetch: bool) -> tuple[str, ...]:
     import warnings
 
     from ..errors import CkptavgWarning
+    from ..evaluation.taskdata import cached
 
+    sources = _hub_task_data(s)  # (the task index is built once: it takes seconds)
     if fetch:
         from ..api import fetch_task_data
 
-        fetch_task_data(uncached_tasks(s))
-    missing = uncached_tasks(s)
+        fetch_task_data(sources)
+    missing = [d for d in sources if not cached(d)]
     if missing:
         warnings.warn(f"the jobs will download the data of {', '.join(d.task for d in missing)} (not in the cache "
                       f"here): --fetch-tasks fetches it once, before submitting", CkptavgWarning, stacklevel=3)

@@ -148,7 +148,8 @@ class Keeper:
         remote = isinstance(source, RemotePath)
         if remote and self.budget is None:
             return False
-        if remote and self.cost() + _size(source) > self.budget:
+        objects = source.storage.find(source.path) if remote else None
+        if remote and self.cost() + sum(i.size for i in objects.values()) > self.budget:
             return self._refuse(source)
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / source.name
@@ -156,7 +157,7 @@ class Keeper:
         _remove(tmp)
         try:
             if remote:
-                source.storage.download(source.path, tmp)
+                source.storage.download(source.path, tmp, objects)
             elif source.is_file():
                 _link_or_copy(source, tmp)
             else:
@@ -180,10 +181,6 @@ class Keeper:
 
     def release(self, name: str) -> None:
         _remove(self.folder / name)
-
-
-def _size(source: RemotePath) -> int:
-    return sum(i.size for i in source.storage.find(source.path).values())
 
 
 def _remove(path: Path) -> None:
@@ -224,10 +221,11 @@ class _Following:
     """What following one source shares, whatever the source: the windows still to do and the steps they
     need, each lost window reported once, and the specs due for a round."""
 
+    keep_fetched = False  # whether a round keeps what it fetched (a later round's windows may need it)
+
     def __init__(self, specs: Sequence[RunSpec], run_round: Callable, finished: Callable[[RunSpec, Window], bool],
                  events: Events) -> None:
         self.specs, self.run_round, self.finished, self.events = list(specs), run_round, finished, events
-        self.keep_fetched = False  # a round keeps what it fetched (a later round's windows may need it)
         self.reported: set[tuple[str, int]] = set()
         self.seen: set[int] = set()  # complete steps found so far: a new one, needed or not, means the run goes on
         self.rounds = 0
@@ -305,12 +303,13 @@ class FollowedRepo(_Following):
     are not kept: one deleted before its windows are done loses them. A revision a later window needs stays
     in the Hugging Face cache between rounds; the others are deleted after each round, as without --follow."""
 
+    keep_fetched = True
+
     def __init__(self, source, specs: Sequence[RunSpec], run_round: Callable, finished: Callable[[RunSpec, Window],
                  bool], events: Events = QUIET) -> None:
         super().__init__(specs, run_round, finished, events)
         self.source = source  # a HubTrajectory
         self.root = source.repo_id
-        self.keep_fetched = True
 
     def step(self, until: int | None) -> tuple[bool, bool]:
         self.source.refresh()
