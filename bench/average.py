@@ -8,6 +8,8 @@ for each case and repetition, measures:
   ckptavg   `python -m ckptavg average ... --no-hash` (wall time of the whole command,
             interpreter and torch import included) and its peak RssAnon
   +hash     the same with input sha256 computed (fresh hash cache): the manifest's default
+  floor+hash  the floor of a hashed average: every input read and sha256-hashed on all cores (whole files
+            in turn) while the output is written as above, at once; +hash is also given as a ratio to it
   naive     load every file fully (safetensors.torch.load_file), sum in float32, save_file
   mergekit  with --mergekit PATH: `mergekit-yaml` linear merge of the same inputs (float16 output)
   baseline  with --baseline DIR: the same two commands from another ckptavg checkout (an earlier commit:
@@ -33,6 +35,7 @@ Timings are noisy on shared machines: never put them in a test.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,6 +220,34 @@ def floor_write(path: Path, nbytes: int) -> float:
     return dt
 
 
+def floor_hashed(files: list[Path], path: Path, nbytes: int) -> float:
+    """Every input read and sha256-hashed by as many threads as cores, taking whole files in turn (a file's
+    sha256 is one sequential stream; hashlib lets go of the GIL), while one more thread writes the output
+    as floor_write does: the least a hashed average can take here, its arithmetic aside."""
+    left, lock = list(files), threading.Lock()
+
+    def hasher() -> None:
+        buf = bytearray(BLOCK)
+        while True:
+            with lock:
+                if not left:
+                    return
+                f = left.pop(0)
+            h = hashlib.sha256()
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    h.update(memoryview(buf)[:n])
+
+    threads = [threading.Thread(target=hasher) for _ in range(os.cpu_count() or 1)]
+    threads.append(threading.Thread(target=floor_write, args=(path, nbytes)))
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """Wall time and peak RssAnon (sampled every 5 ms from /proc) of a command. It runs in another folder:
     the working folder comes first on the import path, and would shadow PYTHONPATH's ckptavg."""
@@ -354,7 +386,7 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
     def record(key: str, value: float) -> None:
         rows.setdefault(f"{case} {key}", []).append(value)
 
-    def commands(label: str, cmd_env: dict, mode: str, rep: int, floor: float,
+    def commands(label: str, cmd_env: dict, mode: str, rep: int, floor: float, hash_floor: float,
                  prep: Callable[[], object]) -> tuple[float, float, float]:
         """One checkout's command without and with hashing: their wall times and the engine's seconds."""
         prep()
@@ -367,6 +399,7 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
         cache = str(work / f"hash-cache-{label}-{rep}-{mode}")
         hashed, peak = run_measured(ckptavg, dict(cmd_env, CKPTAVG_CACHE=cache))
         record(f"{mode} {label}+hash/floor", hashed / floor)
+        record(f"{mode} {label}+hash/floor+hash", hashed / hash_floor)
         record(f"{mode} {label}+hash/{label}", hashed / plain)
         record(f"{mode} {label}+hash peak RssAnon MB", peak / 1e6)
         return plain, hashed, engine
@@ -383,12 +416,15 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                 prep()
                 floor = floor_read(files) + floor_write(work / "floor.bin", out_bytes)
                 record(f"{mode} floor s", floor)
-                plain, hashed, engine = commands("ckptavg", env, mode, rep, floor, prep)
-                print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, ckptavg {plain:.2f} s "
-                      f"(engine {engine:.2f} s), +hash {hashed:.2f} s", flush=True)
+                prep()
+                hash_floor = floor_hashed(files, work / "floor.bin", out_bytes)
+                record(f"{mode} floor+hash s", hash_floor)
+                plain, hashed, engine = commands("ckptavg", env, mode, rep, floor, hash_floor, prep)
+                print(f"rep {rep + 1} {mode}: floor {floor:.2f} s, floor+hash {hash_floor:.2f} s, "
+                      f"ckptavg {plain:.2f} s (engine {engine:.2f} s), +hash {hashed:.2f} s", flush=True)
                 if args.baseline:
                     benv = dict(env, PYTHONPATH=str(args.baseline.resolve()))
-                    base_plain, base_hashed, _ = commands("baseline", benv, mode, rep, floor, prep)
+                    base_plain, base_hashed, _ = commands("baseline", benv, mode, rep, floor, hash_floor, prep)
                     record(f"{mode} ckptavg/baseline", plain / base_plain)
                     record(f"{mode} ckptavg+hash/baseline+hash", hashed / base_hashed)
                     print(f"rep {rep + 1} {mode} baseline: {base_plain:.2f} s, +hash {base_hashed:.2f} s", flush=True)

@@ -1,6 +1,6 @@
 """sha256 of input files for the manifest and for checking downloads, computed at most once per file.
 
-Hashing 10 GB costs about 9 s of one core here (1.2 GB/s), more than the averaging itself, so an
+Hashing 10 GB costs 6-9 s of one core here (1.2-1.6 GB/s), more than the averaging itself, so an
 average hashes its inputs from the bytes it reads anyway (`FileHasher`, fed by the engine) and a
 hash is cached by (path, size, mtime, inode): a sliding window reuses each checkpoint k times but
 hashes it once. A file in the Hugging Face cache links to a blob named by the sha256 the server
@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from .storage.paths import RemotePath, location
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 STAGE = 256 * 1024  # fits a core's L2 cache
+TRIAL_BYTES = 64 * 1024 * 1024  # hashed each way (see _Ways) before a process keeps the faster
 
 
 def cache_root() -> Path:
@@ -141,6 +144,40 @@ def file_sha256(path: str | os.PathLike) -> tuple[str, str]:
     return hasher.hexdigest(), "computed"
 
 
+class _Ways:
+    """Whether sha256 runs faster on a range straight from where it lies (the page cache's mapping, a read
+    buffer) or copied, an L2-sized part at a time, into a small buffer and hashed there.
+
+    It depends on the machine: on 512 MiB mapped from the page cache, one machine here hashed 0.85-0.97
+    GB/s straight and 1.15-1.22 GB/s through the buffer, another 1.60 straight and 1.46 through it (whose
+    hashed 1b average then took 5.1-6.0 s of wall straight against 6.2-6.6 s, alternated). So a process
+    hashes its first TRIAL_BYTES each way, alternately, times them in the hashing threads' own CPU time
+    (what another thread's work does not inflate) and from then on uses the faster way for every file."""
+
+    def __init__(self) -> None:
+        self.cpu, self.nbytes = [0.0, 0.0], [0, 0]
+        self.chosen: int | None = None  # 0: straight, 1: through the buffer
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        if self.chosen is not None:
+            return self.chosen
+        with self._lock:
+            return 0 if self.nbytes[0] <= self.nbytes[1] else 1
+
+    def record(self, way: int, nbytes: int, cpu: float) -> None:
+        if self.chosen is not None:
+            return
+        with self._lock:
+            self.cpu[way] += cpu
+            self.nbytes[way] += nbytes
+            if min(self.nbytes) >= TRIAL_BYTES:
+                self.chosen = min((0, 1), key=lambda w: self.cpu[w] / self.nbytes[w])
+
+
+_WAYS = _Ways()
+
+
 class FileHasher:
     """The sha256 of one file, computed from the byte ranges a reader reads anyway, in any order.
 
@@ -166,18 +203,20 @@ class FileHasher:
         return self._stage
 
     def _update(self, data: memoryview) -> None:
-        """sha256 is faster on bytes in a core's cache than on bytes it must fetch from memory, and a copy
-        fetches them faster than sha256 does: so large ranges go through a small buffer, copied in (by
-        numpy, which lets go of the GIL) and hashed from there. Measured here on 512 MiB: 0.85-0.97
-        GB/s straight, 1.15-1.22 GB/s through the buffer (same runs)."""
+        """Ranges larger than the buffer are hashed the way this machine hashes faster (`_Ways`)."""
         if len(data) <= STAGE:
             self._sha.update(data)
             return
-        stage, src = self._staging(), np.frombuffer(data, dtype=np.uint8)
-        for a in range(0, src.size, STAGE):
-            part = stage[: min(STAGE, src.size - a)]
-            np.copyto(part, src[a : a + STAGE])
-            self._sha.update(part)
+        way, cpu = _WAYS.next(), time.thread_time()
+        if way == 0:
+            self._sha.update(data)
+        else:  # copied in by numpy, which lets go of the GIL
+            stage, src = self._staging(), np.frombuffer(data, dtype=np.uint8)
+            for a in range(0, src.size, STAGE):
+                part = stage[: min(STAGE, src.size - a)]
+                np.copyto(part, src[a : a + STAGE])
+                self._sha.update(part)
+        _WAYS.record(way, len(data), time.thread_time() - cpu)
 
     def _read_to(self, end: int | None) -> None:
         """Hash the file's own bytes from the running position up to `end` (None: to the end)."""
