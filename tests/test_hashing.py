@@ -23,12 +23,12 @@ from conftest import (
     write_checkpoint,
 )
 
+from ckptavg import hashing
 from ckptavg.checkpoints.index import DTYPE_NAMES, TensorRef
 from ckptavg.checkpoints.open import open_checkpoint
 from ckptavg.engine import tensors
 from ckptavg.engine.average import average_checkpoints, average_in_memory
 from ckptavg.errors import CorruptCheckpointError
-from ckptavg import hashing
 from ckptavg.hashing import FileHasher
 from ckptavg.manifest import MANIFEST
 from ckptavg.trajectory.run import RunSpec, execute_run, plan_run
