@@ -1,7 +1,10 @@
-"""Trajectories on an object store (a real S3 server, SeaweedFS on 127.0.0.1, tests/s3server.py), read by
-URL with ranged reads and no local copy: each average is bit for bit the same as the average of local copies,
-its manifest names the objects by URL with the sha256 of their bytes, and the credentials (taken the
-standard way, from AWS_* variables) appear nowhere."""
+"""Trajectories on object stores, read by URL with ranged reads and no local copy: a real S3 server
+(SeaweedFS on 127.0.0.1, tests/s3server.py) and a real Google Cloud Storage one (gcp-storage-emulator,
+tests/gcsserver.py). Each average is bit for bit the same as the average of local copies, its manifest names
+the objects by URL with the sha256 of their bytes, and the credentials (taken the standard way, from AWS_*
+variables, or a study file's storage_options) appear nowhere. What differs between stores (listing, ranged
+reads, uploads, deletes, errors) runs on both; what is the same code whichever the store (faults, kills,
+following) on S3, where a proxy can spoil its traffic."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import json
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,36 +26,100 @@ from ckptavg.errors import InputError
 from ckptavg.manifest import MANIFEST
 
 DATA = Path(__file__).parent / "trainers" / "data"
+RUNS = ("olmo-core-fsdp", "hf-trainer", "lightning")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """The server, with three trainers' runs uploaded: OLMo-core 2-rank FSDP (DCP), transformers
-    (safetensors) and Lightning (`torch.save` files); AWS_* variables pointing at it for the whole module."""
-    s3fs = pytest.importorskip("s3fs")
+@dataclass
+class Bucket:
+    """A bucket named BUCKET on a running server, with three trainers' runs uploaded: OLMo-core 2-rank
+    FSDP (DCP), transformers (safetensors) and Lightning (`torch.save` files). `env`: the variables set
+    (for the whole module) that tell a client where the store is and who asks; `options`: the same as
+    fsspec storage options, for a study file."""
+
+    scheme: str
+    server: object
+    env: dict
+    options: dict
+
+    def url(self, path: str) -> str:
+        return f"{self.scheme}://{BUCKET}/{path}"
+
+    def fs(self):
+        """A new client (fsspec keeps one per set of options: one made before a change would be reused)."""
+        import fsspec
+
+        return fsspec.filesystem(self.scheme, skip_instance_cache=True,
+                                 **({} if self.scheme == "s3" else {"token": "anon"}))
+
+    def forget_clients(self) -> None:
+        import fsspec
+
+        fsspec.get_filesystem_class(self.scheme).clear_instance_cache()
+
+    def etag(self, url: str) -> str:
+        info = self.fs().info(url)
+        return info.get("ETag") or info["etag"]
+
+
+def _serve(scheme: str, server, env: dict, options: dict):
     mp = pytest.MonkeyPatch()
     try:
-        with S3Server(tmp_path_factory.mktemp("s3")) as server:
-            mp.setenv("AWS_ACCESS_KEY_ID", KEY)
-            mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-            mp.setenv("AWS_ENDPOINT_URL", server.endpoint)
-            fs = s3fs.S3FileSystem(skip_instance_cache=True)
-            for run in ("olmo-core-fsdp", "hf-trainer", "lightning"):
-                fs.put(str(DATA / run), f"{BUCKET}/{run}", recursive=True)
-            yield server
-    except RuntimeError as e:
-        if "no `weed`" in str(e):
-            pytest.skip(str(e))
-        raise
+        with server:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            bucket = Bucket(scheme, server, env, options)
+            for run in RUNS:
+                bucket.fs().put(str(DATA / run), f"{BUCKET}/{run}", recursive=True)
+            yield bucket
     finally:
         mp.undo()
 
 
-def store_fs():
-    import s3fs
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    pytest.importorskip("s3fs")
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": server.endpoint}
+    try:
+        yield from _serve("s3", server, env, server.options)
+    except RuntimeError as e:
+        if "no `weed`" in str(e):
+            pytest.skip(str(e))
+        raise
 
-    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    import os
+    import sys
+
+    from gcsserver import GCSFS_ENV, GCSServer
+
+    for name, value in GCSFS_ENV.items():  # (read once, as gcsfs is imported)
+        if "gcsfs" in sys.modules and os.environ.get(name) != value:
+            pytest.skip(f"gcsfs was imported without {name}={value}")
+        os.environ[name] = value
+    pytest.importorskip("gcsfs")
+    server = GCSServer(tmp_path_factory.mktemp("gcs"))
+    try:
+        yield from _serve("gs", server, {"STORAGE_EMULATOR_HOST": server.endpoint}, server.options)
+    except RuntimeError as e:
+        if "no `gcp-storage-emulator`" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request) -> Bucket:
+    """Each store in turn, for what differs between them."""
+    return request.getfixturevalue({"s3": "s3", "gs": "gcs"}[request.param])
+
+
+@pytest.fixture
+def store(s3) -> Bucket:
+    """The S3 server, for what is the same code whichever the store."""
+    return s3
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +131,7 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("run,steps", [("olmo-core-fsdp", ("step4", "step6")),
                                        ("hf-trainer", ("checkpoint-4", "checkpoint-6")),
                                        ("lightning", ("epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"))])
-def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monkeypatch, run, steps):
+def test_an_average_by_url_is_the_average_of_local_copies(bucket, tmp_path, monkeypatch, run, steps):
     """...with no local copy: no file in the temporary folder throughout (checked as the first piece is
     written) and after."""
     import tempfile
@@ -79,7 +147,7 @@ def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monke
     def progress(plan):
         return lambda n: during.append(copies())
 
-    out = average_checkpoints([f"s3://{BUCKET}/{run}/{s}" for s in steps], tmp_path / "remote", device="cpu",
+    out = average_checkpoints([bucket.url(f"{run}/{s}") for s in steps], tmp_path / "remote", device="cpu",
                               progress=progress)
     assert during and not any(during) and not copies()
     local = average_checkpoints([DATA / run / s for s in steps], tmp_path / "local", device="cpu")
@@ -88,18 +156,18 @@ def test_an_average_by_url_is_the_average_of_local_copies(store, tmp_path, monke
     text = (out / MANIFEST).read_text()
     assert SECRET not in text and KEY not in text
     manifest = json.loads(text)
-    assert [i["path"] for i in manifest["inputs"]][0].startswith(f"s3://{BUCKET}/{run}/{steps[0]}")
+    assert [i["path"] for i in manifest["inputs"]][0].startswith(bucket.url(f"{run}/{steps[0]}"))
     for i in manifest["inputs"]:
-        local = DATA / run / i["path"].split(f"s3://{BUCKET}/{run}/", 1)[1]
+        local = DATA / run / i["path"].split(bucket.url(f"{run}/"), 1)[1]
         for f in i["files"]:  # hashed from the ranged reads the average made; the object's ETag as read
             file = local if local.is_file() else local / f["name"]
             assert f["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
             url = i["path"] if local.is_file() else f"{i['path']}/{f['name']}"
-            assert f["etag"] == store_fs().info(url)["ETag"]
+            assert f["etag"] == bucket.etag(url)
 
 
-def test_ckptavg_trajectory_reads_a_run_on_the_store_as_its_trainer_laid_it_out(store, tmp_path):
-    r = cli("trajectory", f"s3://{BUCKET}/olmo-core-fsdp", "--k", 2, "--nu", 2, "--interval", 2, "--start", 4,
+def test_ckptavg_trajectory_reads_a_run_on_the_store_as_its_trainer_laid_it_out(bucket, tmp_path):
+    r = cli("trajectory", bucket.url("olmo-core-fsdp"), "--k", 2, "--nu", 2, "--interval", 2, "--start", 4,
             "--out", tmp_path / "out", "-q")
     assert r.exit_code == 0, r.stderr
     outs = sorted((tmp_path / "out").rglob(MANIFEST))
@@ -111,10 +179,15 @@ def test_ckptavg_trajectory_reads_a_run_on_the_store_as_its_trainer_laid_it_out(
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_a_missing_object_or_a_bad_credential_is_one_line(store, tmp_path, monkeypatch):
-    r = cli("average", f"s3://{BUCKET}/hf-trainer/checkpoint-9", f"s3://{BUCKET}/hf-trainer/checkpoint-6",
+def test_a_missing_object_is_one_line(bucket, tmp_path):
+    r = cli("average", bucket.url("hf-trainer/checkpoint-9"), bucket.url("hf-trainer/checkpoint-6"),
             "--out", tmp_path / "avg")
     assert r.exit_code == 2 and "Traceback" not in r.stderr and "checkpoint-9" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "avg").exists()
+
+
+def test_a_bad_credential_is_one_line_without_it(store, tmp_path, monkeypatch):
+    """(The GCS emulator takes any credential: S3's are what is tested.)"""
     import s3fs
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
@@ -126,24 +199,29 @@ def test_a_missing_object_or_a_bad_credential_is_one_line(store, tmp_path, monke
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_study_source_on_the_store_with_its_own_storage_options(store, tmp_path, monkeypatch):
-    """`[[sources]] local = "s3://..."` with `storage_options` (no AWS_* variables at all): the run's windows,
-    each the same as from local copies, and the secret in none of the files the study wrote."""
-    import s3fs
+def _toml(value) -> str:
+    """A value as TOML writes it inline (strings and tables of them are all a study file needs here)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
 
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+
+def test_a_study_source_on_the_store_with_its_own_storage_options(bucket, tmp_path, monkeypatch):
+    """`[[sources]] local = "s3://..."` (or gs://) with `storage_options` and none of the variables that
+    name the store or its credentials: the run's windows, each the same as from local copies, and the
+    secret in none of the files the study wrote."""
+    for name in bucket.env:
         monkeypatch.delenv(name)
-    s3fs.S3FileSystem.clear_instance_cache()
+    bucket.forget_clients()
     study = tmp_path / "s.toml"
     study.write_text(f'out = "o"\n[steps]\ninterval = 2\nstart = 6\n'
-                     f'[[sources]]\nlocal = "s3://{BUCKET}/hf-trainer"\n'
-                     f'storage_options = {{ key = "{KEY}", secret = "{SECRET}", '
-                     f'client_kwargs = {{ endpoint_url = "{store.endpoint}" }} }}\n'
+                     f'[[sources]]\nlocal = "{bucket.url("hf-trainer")}"\n'
+                     f'storage_options = {_toml(bucket.options)}\n'
                      '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 2\n')
     try:
         r = cli("study", "run", study, "--root", tmp_path, "-q")
     finally:
-        s3fs.S3FileSystem.clear_instance_cache()
+        bucket.forget_clients()
     assert r.exit_code == 0, r.stderr
     out = tmp_path / "o" / "hf-trainer" / "lawa-k2-nu2" / "step6"
     local = average_checkpoints([DATA / "hf-trainer" / s for s in ("checkpoint-4", "checkpoint-6")],
@@ -154,10 +232,10 @@ def test_a_study_source_on_the_store_with_its_own_storage_options(store, tmp_pat
     assert written and not any(SECRET.encode() in p.read_bytes() for p in written)
 
 
-def test_an_object_overwritten_while_it_is_read_is_an_error_and_nothing_is_written(store, tmp_path):
+def test_an_object_overwritten_while_it_is_read_is_an_error_and_nothing_is_written(bucket, tmp_path):
     """The newest input's weights replaced on the store as soon as the average has read its first piece
     (from the average's own progress hook): the ETag before and after differ, and no output appears."""
-    fs = store_fs()
+    fs = bucket.fs()
     for s in ("checkpoint-2", "checkpoint-4"):
         fs.put(str(DATA / "hf-trainer" / s), f"{BUCKET}/changing/{s}", recursive=True)
     target = f"{BUCKET}/changing/checkpoint-4/model.safetensors"
@@ -171,8 +249,8 @@ def test_an_object_overwritten_while_it_is_read_is_an_error_and_nothing_is_writt
         return tick
 
     with pytest.raises(InputError, match="changed while it was being read"):
-        average_checkpoints([f"s3://{BUCKET}/changing/checkpoint-2", f"s3://{BUCKET}/changing/checkpoint-4"],
-                            tmp_path / "avg", device="cpu", progress=progress, piece_elements=64)
+        average_checkpoints([bucket.url("changing/checkpoint-2"), bucket.url("changing/checkpoint-4")],
+                            tmp_path / "avg", device="cpu", progress=progress, piece_elements=4096)
     assert not (tmp_path / "avg").exists() and not list(tmp_path.glob(".avg*"))
 
 
@@ -189,20 +267,20 @@ def _fetched(fs, prefix: str, dest: Path) -> Path:
 
 @pytest.mark.parametrize("run,steps", [("hf-trainer", ("checkpoint-4", "checkpoint-6")),
                                        ("olmo-core-fsdp", ("step4", "step6"))])
-def test_an_average_put_on_the_store_is_the_local_average_with_its_manifest_last(store, tmp_path, run, steps):
+def test_an_average_put_on_the_store_is_the_local_average_with_its_manifest_last(bucket, tmp_path, run, steps):
     """From inputs on the store to an output on the store, in shards: every file byte for byte the local
     average's, and while the shards go up no reader takes the output for a finished one."""
     from ckptavg.manifest import is_finished, read_manifest
 
-    fs = store_fs()
-    url = f"s3://{BUCKET}/outputs/{run}"
+    fs = bucket.fs()
+    url = bucket.url(f"outputs/{run}")
     seen = []
 
     def progress(plan):
         return lambda n: seen.append(is_finished(url))
 
     local = average_checkpoints([DATA / run / s for s in steps], tmp_path / "local", device="cpu", shard_bytes=30_000)
-    out = average_checkpoints([f"s3://{BUCKET}/{run}/{s}" for s in steps], url, device="cpu", shard_bytes=30_000,
+    out = average_checkpoints([bucket.url(f"{run}/{s}") for s in steps], url, device="cpu", shard_bytes=30_000,
                               progress=progress, piece_elements=256)
     assert str(out) == url and seen and not any(seen) and is_finished(url)
     back = _fetched(fs, f"outputs/{run}", tmp_path / "back")
@@ -216,10 +294,10 @@ def test_an_average_put_on_the_store_is_the_local_average_with_its_manifest_last
     assert not fs.exists(f"{BUCKET}/outputs/{run}/.ckptavg-writing")
 
 
-def test_an_output_on_the_store_is_replaced_only_with_force(store, tmp_path):
-    fs = store_fs()
+def test_an_output_on_the_store_is_replaced_only_with_force(bucket, tmp_path):
+    fs = bucket.fs()
     srcs = [DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")]
-    url = f"s3://{BUCKET}/outputs/replaced"
+    url = bucket.url("outputs/replaced")
     assert cli("average", *srcs, "--out", url, "-q", "--shard-size", "30KB").exit_code == 0
     r = cli("average", *srcs, "--out", url, "-q")
     assert r.exit_code == 2 and "--force" in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -230,13 +308,13 @@ def test_an_output_on_the_store_is_replaced_only_with_force(store, tmp_path):
         sorted(["ckptavg.json", "model.safetensors", "config.json", "generation_config.json"])
     # objects that no ckptavg run is writing are never replaced without --force
     fs.pipe(f"{BUCKET}/outputs/theirs/notes.txt", b"a researcher's notes")
-    r = cli("average", *srcs, "--out", f"s3://{BUCKET}/outputs/theirs", "-q")
+    r = cli("average", *srcs, "--out", bucket.url("outputs/theirs"), "-q")
     assert r.exit_code == 2 and "no ckptavg run is writing" in r.stderr, r.stderr
     assert fs.cat(f"{BUCKET}/outputs/theirs/notes.txt") == b"a researcher's notes"
 
 
 def test_interpolations_between_objects_on_the_store_put_on_the_store(store, tmp_path):
-    fs = store_fs()
+    fs = store.fs()
     a, b = (f"s3://{BUCKET}/hf-trainer/{s}" for s in ("checkpoint-2", "checkpoint-6"))
     r = cli("interpolate", a, b, "--alphas", "0.25,1", "--out", f"s3://{BUCKET}/outputs/lmc", "-q")
     assert r.exit_code == 0, r.stderr
@@ -249,10 +327,10 @@ def test_interpolations_between_objects_on_the_store_put_on_the_store(store, tmp
     assert r.exit_code == 0 and "skipped" in r.stdout + r.stderr, r.stdout  # finished: its manifest is there
 
 
-def test_a_failed_average_leaves_nothing_on_the_store(store, tmp_path):
+def test_a_failed_average_leaves_nothing_on_the_store(bucket, tmp_path):
     """An error after the first shard was put (raised from the progress hook): that shard, the upload in
     progress and the marker are all gone."""
-    fs = store_fs()
+    fs = bucket.fs()
 
     def progress(plan):
         def tick(n):
@@ -264,11 +342,11 @@ def test_a_failed_average_leaves_nothing_on_the_store(store, tmp_path):
 
     with pytest.raises(RuntimeError, match="stopped by the test"):
         average_checkpoints([DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")],
-                            f"s3://{BUCKET}/outputs/failed", device="cpu", shard_bytes=20_000, piece_elements=64,
+                            bucket.url("outputs/failed"), device="cpu", shard_bytes=20_000, piece_elements=64,
                             progress=progress)
     assert [p for p in fs.find(f"{BUCKET}/outputs/failed") if fs.isfile(p)] == []
     out = average_checkpoints([DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")],
-                              f"s3://{BUCKET}/outputs/failed", device="cpu")  # (the next run, no --force)
+                              bucket.url("outputs/failed"), device="cpu")  # (the next run, no --force)
     assert (out / MANIFEST).is_file()
 
 
@@ -293,7 +371,7 @@ average_checkpoints(sys.argv[2:4], sys.argv[4], device="cpu", shard_bytes=20_000
 
 
 @pytest.mark.parametrize("when", ["mid-upload", "before-manifest"])
-def test_a_killed_average_is_no_output_and_the_next_run_replaces_it(store, tmp_path, when):
+def test_a_killed_average_is_no_output_and_the_next_run_replaces_it(bucket, tmp_path, when):
     """A process killed (os._exit, no cleanup) mid-upload or with every shard put: no manifest, so no reader
     takes it for an output; the next run, without --force, writes the whole average."""
     import subprocess
@@ -301,9 +379,9 @@ def test_a_killed_average_is_no_output_and_the_next_run_replaces_it(store, tmp_p
 
     from ckptavg.manifest import is_finished
 
-    fs = store_fs()
+    fs = bucket.fs()
     srcs = [str(DATA / "hf-trainer" / s) for s in ("checkpoint-2", "checkpoint-4")]
-    url = f"s3://{BUCKET}/outputs/killed-{when}"
+    url = bucket.url(f"outputs/killed-{when}")
     r = subprocess.run([sys.executable, "-c", KILLED, when, *srcs, url], capture_output=True, text=True)
     assert r.returncode == 9, r.stderr
     left = fs.find(url)
@@ -330,7 +408,7 @@ def proxied(store, monkeypatch):
     from faultproxy import FaultProxy
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with FaultProxy(store.endpoint) as proxy:
+    with FaultProxy(store.server.endpoint) as proxy:
         s3fs.S3FileSystem.clear_instance_cache()
         yield proxy
     s3fs.S3FileSystem.clear_instance_cache()
@@ -383,7 +461,7 @@ def test_a_server_restarted_mid_run_is_waited_for(store, tmp_path):
     def progress(plan):
         def tick(n):
             if not restarted:
-                restarted.append(_restart_in_background(store, 1.0))
+                restarted.append(_restart_in_background(store.server, 1.0))
         return tick
 
     try:
@@ -410,7 +488,7 @@ def test_a_server_gone_for_good_is_exit_3_and_nothing_is_written(store, tmp_path
     def progress(plan):
         def tick(n):
             if not stopped:
-                stopped.append(store.__exit__())
+                stopped.append(store.server.__exit__())
         return tick
 
     try:
@@ -418,14 +496,15 @@ def test_a_server_gone_for_good_is_exit_3_and_nothing_is_written(store, tmp_path
             average_checkpoints([f"s3://{BUCKET}/hf-trainer/{s}" for s in ("checkpoint-4", "checkpoint-6")],
                                 tmp_path / "avg", device="cpu", piece_elements=64, progress=progress)
     finally:
-        store.__enter__()  # (up again for the tests after this one)
+        store.server.__enter__()  # (up again for the tests after this one)
         s3fs.S3FileSystem.clear_instance_cache()
     assert e.value.exit_code == 3 and "\n" not in str(e.value) and SECRET not in str(e.value)
     assert not list(tmp_path.iterdir())
 
 
-def test_a_bucket_that_does_not_exist_is_one_line_before_any_work(store, tmp_path):
-    r = cli("average", "s3://no-such-bucket/run/step1", "s3://no-such-bucket/run/step2", "--out", tmp_path / "avg")
+def test_a_bucket_that_does_not_exist_is_one_line_before_any_work(bucket, tmp_path):
+    r = cli("average", f"{bucket.scheme}://no-such-bucket/run/step1", f"{bucket.scheme}://no-such-bucket/run/step2",
+            "--out", tmp_path / "avg")
     assert r.exit_code == 2 and "no-such-bucket" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "avg").exists()
 
@@ -445,7 +524,7 @@ def test_following_a_run_on_the_store_that_deletes_its_checkpoints(store, tmp_pa
     float64 mean of its members; without one it reads steps in place and keeps nothing."""
     from conftest import assert_matches, pythia_state_dict, reference_average, write_checkpoint
 
-    fs = store_fs()
+    fs = store.fs()
     local = tmp_path / "steps"
     for step in range(2, 12, 2):
         write_checkpoint(local / f"step{step}", pythia_state_dict(step, torch.float32), "safetensors")
