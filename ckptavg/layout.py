@@ -1,7 +1,8 @@
 """Where outputs go: the folder layout every command writes and `ckptavg eval` walks, built and read here.
 
     OUT/NAME/TAG/stepN/        one trajectory output (a model folder with ckptavg.json)
-    OUT/NAME/TAG/ckptavg-run.jsonl   the run log of that run
+    OUT/NAME/TAG/ckptavg-run.jsonl   the run log of that run (on an object store, where nothing is
+                               appended: ckptavg-run-HOST-PID.jsonl, each process's own, put whole)
     OUT/alphaA/                one interpolation
     .NAME.ckptavg-tmp-PID@HOST@...  an output being built (hidden, beside its final place)
 
@@ -25,12 +26,20 @@ RUN_LOG = "ckptavg-run.jsonl"
 TMP_MARK = ".ckptavg-tmp-"
 
 
-def run_folder(out: str | Path, run: RunId) -> Path:
-    return Path(out) / run.model / run.tag
+def run_folder(out: str | Path | RemotePath, run: RunId) -> Path | RemotePath:
+    return location(out) / run.model / run.tag
 
 
-def output_folder(out: str | Path, run: RunId, step: int) -> Path:
+def output_folder(out: str | Path | RemotePath, run: RunId, step: int) -> Path | RemotePath:
     return run_folder(out, run) / f"step{step}"
+
+
+def run_log(folder: Path | RemotePath) -> Path | RemotePath:
+    """A process's run log in `folder`: one file every process appends to, or on a store, which cannot
+    append, one object per process, put whole after each action (so that no process puts over another's)."""
+    if isinstance(folder, RemotePath):
+        return folder / f"{RUN_LOG.removesuffix('.jsonl')}-{socket.gethostname()}-{os.getpid()}.jsonl"
+    return folder / RUN_LOG
 
 
 def interpolation_folder(out: str | Path | RemotePath, alpha: float) -> Path | RemotePath:

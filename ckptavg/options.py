@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import OptionError
 from .storage.base import is_url
+from .storage.paths import RemotePath, location
 from .units import parse_size, parse_tokens
 
 # Output dtypes of averaged tensors; "auto" keeps the dtype stored in the newest input.
@@ -87,12 +88,16 @@ def duration(text: str, option: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-def output_tree(text: str | Path, option: str) -> Path:
-    """A folder that a run keeps its outputs, run log and locks under: a filesystem's (local or shared), since
-    a store has no appends or locks. One average goes to a store with `ckptavg average --out URL`."""
-    if is_url(str(text)):
-        raise OptionError(f"{option} {text}: runs of many averages write to a local or shared filesystem; "
-                          f"`ckptavg average --out URL` puts one average on a store")
+def output_tree(text: str | Path | RemotePath, option: str, *, scoring: bool = False, follow: bool = False
+                ) -> Path | RemotePath:
+    """The folder (or a store's prefix) a run puts its outputs and run log under. On a store, for averaging
+    alone: scoring loads each output from a filesystem, and a follower keeps the steps it needs under it."""
+    if isinstance(text, RemotePath) or is_url(str(text)):
+        if scoring or follow:
+            what = "scoring (--eval)" if scoring else "--follow"
+            raise OptionError(f"{option} {text}: {what} needs it on a filesystem (local or shared); averages "
+                              f"alone go to a store")
+        return location(text)
     return Path(text)
 
 

@@ -391,12 +391,49 @@ def test_a_killed_average_is_no_output_and_the_next_run_replaces_it(bucket, tmp_
     assert _files(_fetched(fs, f"outputs/killed-{when}", tmp_path / "back")) == _files(local)
 
 
-@pytest.mark.parametrize("command", [["trajectory", "run"], ["pythia", "--model", "1b"]])
-def test_runs_of_many_averages_refuse_a_store_for_their_tree(tmp_path, command):
-    """Before anything is listed or fetched: a store has no appends (the run log) or locks."""
+def test_a_trajectory_put_on_the_store_is_the_local_one_and_resumes(bucket, tmp_path):
+    """`trajectory SOURCE --out URL`: every window's output on the store byte for byte the local run's, each
+    process's run log beside them (an object put whole: a store has no appends), and a second run finds
+    them finished and writes nothing."""
+    args = ("--k", 2, "--nu", 2, "--interval", 2, "--start", 4, "-q")
+    tree = bucket.url("trees/olmo")
+    r = cli("trajectory", bucket.url("olmo-core-fsdp"), *args, "--out", tree)
+    assert r.exit_code == 0, r.stderr
+    assert cli("trajectory", DATA / "olmo-core-fsdp", *args, "--out", tmp_path / "local").exit_code == 0
+    fs = bucket.fs()
+    back = _fetched(fs, "trees/olmo", tmp_path / "back")
+    for step in ("step4", "step6"):
+        assert _files(back / "olmo-core-fsdp" / "lawa-k2-nu2" / step) == \
+            _files(tmp_path / "local" / "olmo-core-fsdp" / "lawa-k2-nu2" / step)
+    def actions(log: Path) -> list[str]:
+        return [json.loads(line)["action"] for line in log.read_text().splitlines()]
+
+    logs = list((back / "olmo-core-fsdp" / "lawa-k2-nu2").glob("ckptavg-run-*.jsonl"))
+    assert len(logs) == 1 and actions(logs[0]).count("average") == 2
+    assert actions(logs[0]) == actions(tmp_path / "local" / "olmo-core-fsdp" / "lawa-k2-nu2" / "ckptavg-run.jsonl")
+    before = {p: fs.info(p)["size"] for p in fs.find(f"{BUCKET}/trees/olmo")}
+    r = cli("trajectory", bucket.url("olmo-core-fsdp"), *args, "--out", tree)
+    assert r.exit_code == 0 and "0 output(s) written" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert {p: fs.info(p)["size"] for p in fs.find(f"{BUCKET}/trees/olmo") if "ckptavg-run-" not in p} == \
+        {p: n for p, n in before.items() if "ckptavg-run-" not in p}
+
+
+@pytest.mark.parametrize("command", [["trajectory", "run", "--eval", "wikitext"], ["trajectory", "run", "--follow"],
+                                     ["pythia", "--model", "1b", "--eval", "lambada_openai"]])
+def test_scoring_or_following_refuse_a_store_for_their_tree(tmp_path, command):
+    """Before anything is listed or fetched: scoring loads each output from a filesystem, a follower keeps
+    steps under OUT."""
     r = cli(*command, "--out", "s3://bucket/out")
-    assert r.exit_code == 2 and "local or shared filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.exit_code == 2 and "on a filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+
+def test_a_study_refuses_a_store_for_its_tree(tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('out = "s3://bucket/out"\n[steps]\ninterval = 2\n[[sources]]\nlocal = "run"\n'
+                     '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 2\n')
+    r = cli("study", "plan", study)
+    assert r.exit_code == 2 and "a study writes to a filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # -- faults ---------------------------------------------------------------------------------------------

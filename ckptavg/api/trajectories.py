@@ -10,7 +10,8 @@ from pathlib import Path
 from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
 from ..errors import OptionError
 from ..manifest import is_finished
-from ..storage.paths import location
+from ..options import output_tree
+from ..storage.paths import RemotePath, location
 from ..trajectory.catalogue import CatalogueTrajectory
 from ..trajectory.events import QUIET, Broadcast, Events
 from ..trajectory.follow import FollowOptions
@@ -54,7 +55,8 @@ class TrajectoryRun:
     failed: int = 0
 
 
-def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, averaging: Averaging = Averaging(),
+def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path | RemotePath,
+                   averaging: Averaging = Averaging(),
                    scoring: Scoring | None = None, *, dry_run: bool = False, events: Events = QUIET,
                    select: Callable[[Job], bool] | None = None) -> TrajectoryRun:
     """Plan every window of `specs` (one run or several) over `source`, check the revisions for
@@ -64,12 +66,14 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
 
     `events` (`trajectory.events.Events`) hears the plan before anything is fetched, each output
     written, each (checkpoint, task) scored, and gives the progress bars; `select(job)` keeps only some
-    windows (a cluster job's share of a study)."""
+    windows (a cluster job's share of a study). `out` may be a URL: the outputs (and each process's run
+    log) are put on the store, for averaging alone (`options.output_tree`)."""
     specs = [specs] if isinstance(specs, RunSpec) else list(specs)
     averaging = averaging.checked(dry_run)
     for spec in specs:
         check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha, spec.decay_shape)
     scoring = scoring if scoring and scoring.tasks else None
+    out = output_tree(out, "out", scoring=scoring is not None)
     if scoring is not None and not dry_run:
         scoring = scoring.registered()
     store = None
@@ -83,7 +87,7 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path, 
             done = lambda j: all(store.done(j.run.model, j.run.tag, j.window.step, t, scoring.limit or 0)  # noqa: E731
                                  for t in scoring.tasks)
         sizes = source.sizes() if isinstance(source, CatalogueTrajectory) else None
-        plan = plan_runs(source, specs, Path(out), force=averaging.force, keep_downloads=averaging.keep_downloads,
+        plan = plan_runs(source, specs, out, force=averaging.force, keep_downloads=averaging.keep_downloads,
                          disk_budget=averaging.disk_budget, sizes=sizes, done=done, select=select)
         # only the revisions still to be read: a resumed run does not re-check what it is done with
         to_read = steps_of([j.window for j in plan.todo])
@@ -125,7 +129,7 @@ def follow_trajectories(runs: Sequence[tuple[object, RunSpec | Sequence[RunSpec]
 
     if scoring is not None and scoring.in_memory:
         raise OptionError("--follow writes each window's average (scoring in memory keeps none): drop --in-memory")
-    averaging, out = averaging.checked(), Path(out)
+    averaging, out = averaging.checked(), output_tree(out, "out", follow=True)
     first_round: dict[str, bool] = {}
 
     with tracked_events(scoring, events) as (scoring, events):

@@ -36,7 +36,8 @@ def trajectory(
     end: Optional[int] = typer.Option(None, help="Last output step (default: the last step of the trajectory)."),
     skip_incomplete: bool = typer.Option(False, help="Skip windows whose checkpoints are not all present instead "
                                          "of failing."),
-    out_dir: str = typer.Option("out", "--out", "-o", help="Outputs go to OUT/NAME/METHOD-TAG/stepN/."),
+    out_dir: str = typer.Option("out", "--out", "-o", help="Outputs go to OUT/NAME/METHOD-TAG/stepN/ (OUT may be "
+                                 "a URL, s3://bucket/tree, for averages without --eval or --follow)."),
     disk_budget: Optional[str] = typer.Option(None, help="Refuse plans whose peak disk use (downloads plus one "
                                               "output) exceeds this, e.g. 200GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help=DRY_HELP),
@@ -55,9 +56,9 @@ def trajectory(
     from ..api import open_trajectory
 
     schedule = _in_steps(schedule, schedule.tokens_per_step)
-    out_dir = opt.output_tree(out_dir, "--out")
-    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     options = watching.options()
+    out_dir = opt.output_tree(out_dir, "--out", scoring=bool(study.study_tasks), follow=options is not None)
+    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     if options is not None:
         return _follow(source, schedule, start, end, options, steps_from, out_dir, checks,
                        cache_dir=downloads.cache_dir, dry_run=dry_run, quiet=quiet)
@@ -97,10 +98,10 @@ def pythia(
     from ..trajectory import pythia as catalogue
 
     catalogue.model(model)  # an unknown size, before anything else
-    out_dir = opt.output_tree(out_dir, "--out")
     schedule = _in_steps(schedule, schedule.tokens_per_step or catalogue.TOKENS_PER_STEP)
     spec = _spec(schedule, start, end, False)
     spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
+    out_dir = opt.output_tree(out_dir, "--out", scoring=bool(study.study_tasks))
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     bars = Bars(quiet)
     src = (CatalogueTrajectory(model, deduped) if dry_run else

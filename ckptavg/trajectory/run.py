@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import MismatchError, MissingStepsError
-from ..layout import RUN_LOG, output_folder, run_folder
+from ..layout import output_folder, run_folder, run_log
 from ..manifest import Method, Provenance, RunId, is_finished
+from ..storage.paths import RemotePath, location
 from .events import QUIET, Events
 from .methods import DEFAULT_DECAY_SHAPE, DEFAULT_EMA_ALPHA, method
 from .schedule import FetchPlan, Window, plan_fetches, steps_of
@@ -76,7 +77,7 @@ class Job:
     run: RunId
     spec: RunSpec
     window: Window
-    out_dir: Path
+    out_dir: Path | RemotePath
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ class RunPlan:
     todo: tuple[Job, ...]  # those without a finished output, in the order they are done
     fetch: FetchPlan  # its "average" actions index into `todo`
     read_bytes: int  # of the checkpoints `todo` reads (downloaded first, unless local)
-    roots: dict[RunId, Path]  # each run's folder: its outputs
-    log_dir: Path  # where the run log goes: the run's folder, or the trajectory's for several runs
+    roots: dict[RunId, Path | RemotePath]  # each run's folder: its outputs
+    log_dir: Path | RemotePath  # where the run log goes: the run's folder, or the trajectory's for several runs
 
     @property
     def windows(self) -> tuple[Window, ...]:
@@ -100,7 +101,7 @@ def run_id(source: Source, spec: RunSpec) -> RunId:
     return RunId(source.name, spec.tag())
 
 
-def plan_runs(source: Source, specs: Sequence[RunSpec], out: Path, *, force: bool = False,
+def plan_runs(source: Source, specs: Sequence[RunSpec], out: Path | RemotePath, *, force: bool = False,
               keep_downloads: bool = False, disk_budget: int | None = None, sizes: dict[int, int] | None = None,
               done: Callable[[Job], bool] | None = None, select: Callable[[Job], bool] | None = None) -> RunPlan:
     """Plan `specs` over `source` together. `done(job)` says a window needs no work (default: its output
@@ -127,12 +128,12 @@ def plan_runs(source: Source, specs: Sequence[RunSpec], out: Path, *, force: boo
     on_disk = {s: 0 for s in sizes} if getattr(source, "local", False) else sizes
     fetch = plan_fetches([j.window for j in todo], on_disk, output_bytes, keep_downloads, disk_budget)
     roots = {j.run: run_folder(out, j.run) for j in jobs}
-    log_dir = next(iter(roots.values())) if len(roots) == 1 else Path(out) / source.name
+    log_dir = next(iter(roots.values())) if len(roots) == 1 else location(out) / source.name
     return RunPlan(tuple(jobs), tuple(todo), fetch, sum(sizes[s] for s in steps_of([j.window for j in todo])), roots,
                    log_dir)
 
 
-def plan_run(source: Source, spec: RunSpec, out: Path, **options) -> RunPlan:
+def plan_run(source: Source, spec: RunSpec, out: Path | RemotePath, **options) -> RunPlan:
     return plan_runs(source, [spec], out, **options)
 
 
@@ -147,8 +148,8 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
     the window's members that a later window reads too, is what `average_checkpoints` is given for the
     average it makes: those inputs are kept in the page cache.
 
-    Every action is appended to RUN_LOG, with the bytes the source holds on disk after it: the record
-    of a long run, and of its disk budget.
+    Every action is appended to the run log (`layout.run_log`), with the bytes the source holds on disk
+    after it: the record of a long run, and of its disk budget.
     """
     on_disk: dict[int, Path] = {}
     written = []
@@ -207,14 +208,19 @@ def _average(source: Source, job: Job, folders: list[Path], force: bool, events:
 
 
 class _RunLog:
-    def __init__(self, root: Path | None, source: Source) -> None:
-        self.path = root / RUN_LOG if root is not None else None
+    def __init__(self, root: Path | RemotePath | None, source: Source) -> None:
+        self.path = run_log(root) if root is not None else None
         self.source = source
+        self.lines: list[str] = []  # on a store: this process's log so far, put whole after each action
 
     def write(self, action: str, step: int | None, **extra) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": time.time(), "action": action, "step": step, "source_disk": self.source.disk_usage()} | extra
+        if isinstance(self.path, RemotePath):
+            self.lines.append(json.dumps(record) + "\n")
+            self.path.write_text("".join(self.lines))
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
