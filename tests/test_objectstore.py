@@ -350,6 +350,60 @@ def test_a_failed_average_leaves_nothing_on_the_store(bucket, tmp_path):
     assert (out / MANIFEST).is_file()
 
 
+def test_an_output_a_live_run_is_writing_is_left_to_it(store, tmp_path):
+    """A marker whose writer may be alive (a live process of this host; another host's, put within STALE)
+    is refused, exit 2, with nothing of it deleted; one whose writer is gone (a dead process here, another
+    host's marker older than STALE) marks a killed run's leftovers, replaced without --force."""
+    import socket
+    import subprocess
+    import sys
+
+    from ckptavg.engine.upload import STALE
+    from ckptavg.manifest import is_finished
+
+    fs = store.fs()
+    srcs = [DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")]
+    url, prefix = store.url("outputs/busy"), f"{BUCKET}/outputs/busy"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    here = socket.gethostname()
+    try:
+        for marker, alive in [({"pid": live.pid, "host": here}, True),
+                              ({"pid": 1, "host": "another-host", "beat": time.time()}, True),
+                              ({"pid": gone.pid, "host": here}, False),
+                              ({"pid": 1, "host": "another-host", "beat": time.time() - STALE - 1}, False)]:
+            fs.pipe(f"{prefix}/.ckptavg-writing", json.dumps(marker).encode())
+            fs.pipe(f"{prefix}/model.safetensors", b"half of a live run's upload")
+            r = cli("average", *srcs, "--out", url, "-q")
+            if alive:
+                assert r.exit_code == 2 and f"being written by process {marker['pid']}" in r.stderr, r.stderr
+                assert fs.cat(f"{prefix}/model.safetensors") == b"half of a live run's upload"
+            else:
+                assert r.exit_code == 0 and is_finished(url), r.stderr
+            fs.rm(prefix, recursive=True)
+    finally:
+        live.kill()
+
+
+def test_a_writer_puts_its_marker_again_while_it_writes(store, tmp_path, monkeypatch):
+    """(So that another host knows it for alive however long the output takes.)"""
+    monkeypatch.setattr("ckptavg.engine.upload.HEARTBEAT", 0.1)
+    fs = store.fs()
+    marker = f"{BUCKET}/outputs/beating/.ckptavg-writing"
+    beats = []
+
+    def progress(plan):
+        def tick(n):
+            time.sleep(0.05)
+            beats.append(json.loads(fs.cat(marker))["beat"])
+        return tick
+
+    average_checkpoints([DATA / "hf-trainer" / s for s in ("checkpoint-2", "checkpoint-4")],
+                        store.url("outputs/beating"), device="cpu", piece_elements=4096, progress=progress)
+    assert len(set(beats)) >= 3 and beats == sorted(beats) and not fs.exists(marker)
+
+
 KILLED = """
 import os, sys
 from ckptavg.engine import upload

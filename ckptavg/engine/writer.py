@@ -209,7 +209,7 @@ def check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -230,7 +230,7 @@ def remove_stale_temporaries(final: Path) -> None:
         if not entry.name.startswith(prefix):
             continue
         owner = temporary_owner(entry.name, prefix)  # None: a name no run of ours made, so no run owns it
-        if owner is None or owner[1] in (here, None) and not _pid_alive(owner[0]):
+        if owner is None or owner[1] in (here, None) and not pid_alive(owner[0]):
             shutil.rmtree(entry, ignore_errors=True)
 
 
