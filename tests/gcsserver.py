@@ -9,12 +9,12 @@ bucket's layout over gRPC, which an emulator does not answer, and asks again on 
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from serverprocess import ServerProcess, free_port
 
 BUCKET = "runs"
 PROJECT = "ckptavg-test"
@@ -22,19 +22,12 @@ PROJECT = "ckptavg-test"
 GCSFS_ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class GCSServer:
+class GCSServer(ServerProcess):
     """`with GCSServer(folder) as gcs:` a running server; `gcs.options` are fsspec's storage options for it."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
+        self.port = free_port()
 
     @property
     def endpoint(self) -> str:
@@ -49,14 +42,11 @@ class GCSServer:
         if emulator is None:
             raise RuntimeError("no `gcp-storage-emulator` on PATH (pip install gcp-storage-emulator)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.folder / "gcs.log", "wb")  # (closed in __exit__)
-        self.proc = subprocess.Popen([emulator, "start", "--host=127.0.0.1", f"--port={self.port}", "--in-memory",
-                                      f"--default-bucket={BUCKET}"], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self._spawn([emulator, "start", "--host=127.0.0.1", f"--port={self.port}", "--in-memory",
+                     f"--default-bucket={BUCKET}"], "gcs.log")
         deadline = time.time() + 30
         while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gcp-storage-emulator exited: {(self.folder / 'gcs.log').read_text()[-2000:]}")
+            self._check_running()
             try:
                 urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{BUCKET}", timeout=1)
                 return self
@@ -65,13 +55,3 @@ class GCSServer:
                     self.__exit__(None, None, None)
                     raise RuntimeError("gcp-storage-emulator did not answer within 30 s") from None
                 time.sleep(0.05)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()

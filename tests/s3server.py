@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from serverprocess import ServerProcess, free_port
 
 KEY, SECRET = "ckptavg-test", "ckptavg-test-secret"
 BUCKET = "runs"
@@ -20,19 +20,12 @@ PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "
          "webdav.port", "debug.port", "metricsPort")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
+class S3Server(ServerProcess):
     """`with S3Server(folder) as s3:` a running server; `s3.options` are fsspec's storage options for it."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.ports = {name: _free_port() for name in PORTS}
-        self.proc: subprocess.Popen | None = None
+        self.ports = {name: free_port() for name in PORTS}
 
     @property
     def endpoint(self) -> str:
@@ -50,13 +43,10 @@ class S3Server:
         args = [weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-bucket={BUCKET}", *(f"-{name}={port}" for name, port in self.ports.items())]
         env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
-        self.log = open(self.folder / "weed.log", "wb")  # (closed in __exit__)
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self._spawn(args, "weed.log", env)
         deadline = time.time() + 60
         while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited: {(self.folder / 'weed.log').read_text()[-2000:]}")
+            self._check_running()
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1)
             except urllib.error.HTTPError:
@@ -84,13 +74,3 @@ class S3Server:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
