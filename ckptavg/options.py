@@ -88,15 +88,16 @@ def duration(text: str, option: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-def output_tree(text: str | Path | RemotePath, option: str, *, scoring: bool = False, follow: bool = False
+def output_tree(text: str | Path | RemotePath, option: str, *, needs_filesystem: str | None = None
                 ) -> Path | RemotePath:
-    """The folder (or a store's prefix) a run puts its outputs and run log under. On a store, for averaging
-    alone: scoring loads each output from a filesystem, and a follower keeps the steps it needs under it."""
+    """The folder (or a store's prefix) a run puts its outputs and run log under. A store takes averages
+    alone; `needs_filesystem` names what else the run keeps there, which a store cannot hold (scoring loads
+    each output from a filesystem, a follower keeps the steps it needs, a study its results store, locks
+    and job logs): then a URL is an `OptionError`."""
     if isinstance(text, RemotePath) or is_url(str(text)):
-        if scoring or follow:
-            what = "scoring (--eval)" if scoring else "--follow"
-            raise OptionError(f"{option} {text}: {what} needs it on a filesystem (local or shared); averages "
-                              f"alone go to a store")
+        if needs_filesystem:
+            raise OptionError(f"{option} {text}: {needs_filesystem} writes to a filesystem (local or shared); "
+                              f"averages alone go to a store")
         return location(text)
     return Path(text)
 

@@ -478,7 +478,7 @@ def test_scoring_or_following_refuse_a_store_for_their_tree(tmp_path, command):
     """Before anything is listed or fetched: scoring loads each output from a filesystem, a follower keeps
     steps under OUT."""
     r = cli(*command, "--out", "s3://bucket/out")
-    assert r.exit_code == 2 and "on a filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.exit_code == 2 and "writes to a filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
 
 
@@ -487,7 +487,8 @@ def test_a_study_refuses_a_store_for_its_tree(tmp_path):
     study.write_text('out = "s3://bucket/out"\n[steps]\ninterval = 2\n[[sources]]\nlocal = "run"\n'
                      '[[runs]]\nmethod = "lawa"\nk = 2\nnu = 2\n')
     r = cli("study", "plan", study)
-    assert r.exit_code == 2 and "a study writes to a filesystem" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.exit_code == 2 and "a study (its results store, locks and job logs) writes to a filesystem" in r.stderr \
+        and "Traceback" not in r.stderr, r.stderr
 
 
 # -- faults ---------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path |
     for spec in specs:
         check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha, spec.decay_shape)
     scoring = scoring if scoring and scoring.tasks else None
-    out = output_tree(out, "out", scoring=scoring is not None)
+    out = output_tree(out, "out", needs_filesystem="scoring" if scoring is not None else None)
     if scoring is not None and not dry_run:
         scoring = scoring.registered()
     store = None
@@ -129,7 +129,7 @@ def follow_trajectories(runs: Sequence[tuple[object, RunSpec | Sequence[RunSpec]
 
     if scoring is not None and scoring.in_memory:
         raise OptionError("--follow writes each window's average (scoring in memory keeps none): drop --in-memory")
-    averaging, out = averaging.checked(), output_tree(out, "out", follow=True)
+    averaging, out = averaging.checked(), output_tree(out, "out", needs_filesystem="following a run")
     first_round: dict[str, bool] = {}
 
     with tracked_events(scoring, events) as (scoring, events):

@@ -57,7 +57,8 @@ def trajectory(
 
     schedule = _in_steps(schedule, schedule.tokens_per_step)
     options = watching.options()
-    out_dir = opt.output_tree(out_dir, "--out", scoring=bool(study.study_tasks), follow=options is not None)
+    out_dir = opt.output_tree(out_dir, "--out", needs_filesystem="scoring (--eval)" if study.study_tasks else
+                              "--follow" if options is not None else None)
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     if options is not None:
         return _follow(source, schedule, start, end, options, steps_from, out_dir, checks,
@@ -101,7 +102,7 @@ def pythia(
     schedule = _in_steps(schedule, schedule.tokens_per_step or catalogue.TOKENS_PER_STEP)
     spec = _spec(schedule, start, end, False)
     spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
-    out_dir = opt.output_tree(out_dir, "--out", scoring=bool(study.study_tasks))
+    out_dir = opt.output_tree(out_dir, "--out", needs_filesystem="scoring (--eval)" if study.study_tasks else None)
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
     bars = Bars(quiet)
     src = (CatalogueTrajectory(model, deduped) if dry_run else

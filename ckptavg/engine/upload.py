@@ -94,10 +94,12 @@ class RemoteOutputDir:
         if (self.final / MANIFEST).exists():
             raise OutputExistsError(f"{self.final} exists (pass --force to replace it)")
         objects = self._objects()
-        if objects and (self.final / WRITING).path not in objects:
+        if not objects:
+            return
+        if (self.final / WRITING).path not in objects:
             raise OutputExistsError(f"{self.final} holds objects that no ckptavg run is writing "
                                     f"(pass --force to replace them)")
-        writer = self._writer()
+        writer = self._writer()  # (the listing shows a marker: whose is it?)
         if writer is not None and writer.get("token") != self._token and _alive(writer):
             raise OutputExistsError(f"{self.final} is being written by process {writer.get('pid')} on "
                                     f"{writer.get('host')}: run again once it is done (or pass --force)")

@@ -207,10 +207,8 @@ def load_study(path: str | Path, root: str | Path | None = None) -> StudyFile:
     scoring["include_path"] = [resolve(p) for p in scoring.get("include_path", [])]
     scoring["ppl_task"] = [f"{n}={resolve(f)}" if f else t
                            for t, (n, _, f) in ((t, t.partition("=")) for t in scoring.get("ppl_task", []))]
-    if is_url(str(raw.get("out", "out"))):  # a study keeps its results store, locks and job logs under it
-        raise OptionError(f"{where} out = {raw['out']}: a study writes to a filesystem (local or shared); "
-                          f"`ckptavg trajectory SOURCE --out URL` puts one run's averages on a store")
-    out = output_tree(raw.get("out", "out"), f"{where} out =")
+    out = output_tree(raw.get("out", "out"), f"{where} out =",
+                      needs_filesystem="a study (its results store, locks and job logs)")
     try:
         tracking = tracking_from(dict(raw.get("tracking", {})))
     except CkptavgError as e:
