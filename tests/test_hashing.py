@@ -160,25 +160,30 @@ def _fadvise_evicts(folder: Path) -> bool:
             os.fsync(fd)
             for _ in range(5):  # pages still in a CPU's LRU batch are left until it is drained
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                if not tensors._cached(fd, 0, 1):
+                if not tensors.cached_share(fd, 0, 1) == 1:
                     break
                 time.sleep(0.01)
-            _EVICTS[dev] = not tensors._cached(fd, 0, 1)
+            _EVICTS[dev] = not tensors.cached_share(fd, 0, 1) == 1
         finally:
             os.close(fd)
             probe.unlink()
     return _EVICTS[dev]
 
 
-def evict(path) -> None:
-    """Out of the page cache, as after a reboot (pages still mapped stay). Where the filesystem keeps the
-    pages anyway, the test that asked is skipped: it needs a disk."""
+def evict(path, pos: int = 0, nbytes: int = 0) -> None:
+    """Out of the page cache, as after a reboot (pages still mapped stay): the whole file, or `nbytes` of it
+    from `pos`. Where the filesystem keeps the pages anyway, the test that asked is skipped: it needs a disk."""
     if not _fadvise_evicts(Path(path).parent):
         pytest.skip(f"posix_fadvise(DONTNEED) leaves files cached on {Path(path).parent}'s filesystem (tmpfs?)")
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        span = nbytes or os.fstat(fd).st_size - pos
+        for _ in range(5):  # pages still in a CPU's LRU batch (a read just now) are left until it is drained
+            os.posix_fadvise(fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
+            if tensors.cached_share(fd, pos, span) == 0:
+                break
+            time.sleep(0.01)
     finally:
         os.close(fd)
 
@@ -186,7 +191,7 @@ def evict(path) -> None:
 def cached(path, pos: int, nbytes: int) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return tensors._cached(fd, pos, nbytes)
+        return tensors.cached_share(fd, pos, nbytes) == 1
     finally:
         os.close(fd)
 
@@ -226,6 +231,7 @@ def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
     with tensors.TensorReader(map_files=True) as reader:
         first = reader.read(ref, 0, n, out)
         assert not inside_out(first) and torch.equal(first, t[:n])  # cached: mapped
+        del first  # unmapped: a mapped page (and the large folio it is part of) cannot be evicted
         evict(path)
         second = reader.read(ref, n, n, out)
         assert inside_out(second) and torch.equal(second, t[n:])  # from disk: read
@@ -235,6 +241,48 @@ def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
         assert not inside_out(reader.read(ref, n, n, out))  # the next average maps it again
     with tensors.TensorReader() as reader:
         assert inside_out(reader.read(ref, 0, n, out))  # without map_files: always read
+
+
+def test_a_range_missing_a_few_pages_is_mapped_as_cached(tmp_path):
+    """A warm file that lost a few pages (the kernel takes some back here and there, within seconds of a
+    read) is still mapped, the missing pages faulted in, not read from disk from there on; a file whose
+    range is mostly gone is read from disk from there on."""
+    t = torch.arange(1 << 20, dtype=torch.float32)
+    n = 1 << 19  # 2 MiB: 512 pages
+    out = torch.empty(n * 4 + tensors.DIRECT_SLACK, dtype=torch.uint8)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def inside_out(x):
+        return out.data_ptr() <= x.data_ptr() < out.data_ptr() + out.numel()
+
+    def cached_but(name, missing):
+        """A checkpoint of `t` evicted, then read back a page at a time without read-ahead (in pages, not in
+        the large folios read-ahead caches, which go whole) but for the pages of its data in `missing`."""
+        folder = write_checkpoint(tmp_path / name, {"w": t}, "safetensors")
+        path, ref = folder / "model.safetensors", open_checkpoint(folder).tensors["w"]
+        evict(path)
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for i in range(t.numel() * 4 // page):
+            if i not in missing:
+                os.pread(fd, page, ref.offset // page * page + i * page)
+        shares = [tensors.cached_share(fd, ref.offset + a * 4, n * 4) for a in (0, n)]
+        os.close(fd)
+        return ref, shares
+
+    ref, shares = cached_but("holes", {*range(100, 108), *range(600, 608)})  # 8 pages of each range
+    assert all(tensors.MOSTLY_CACHED < s < 1 for s in shares)
+    with tensors.TensorReader(map_files=True) as reader:
+        for start in (0, n):
+            got = reader.read(ref, start, n, out)
+            assert not inside_out(got) and torch.equal(got, t[start : start + n])  # mapped
+
+    ref, shares = cached_but("gone", {*range(0, 400), *range(512, 1024)})  # a fifth of the first range
+    assert 0 < shares[0] < tensors.MOSTLY_CACHED and shares[1] < 0.01
+    with tensors.TensorReader(map_files=True) as reader:
+        for start in (0, n):
+            got = reader.read(ref, start, n, out)
+            assert inside_out(got) and torch.equal(got, t[start : start + n])  # from disk: read
 
 
 def test_bin_tensors_are_indexed_at_their_byte_offsets(tmp_path):

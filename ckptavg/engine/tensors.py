@@ -28,6 +28,7 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 if _libc is not None:
     _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_RESIDENT = bytes(i & 1 for i in range(256))  # mincore's bit 0: the page is resident (the others are reserved)
 # Direct I/O moves whole blocks from aligned memory: 4096 covers 512-byte and 4K-sector devices.
 DIRECT_ALIGN = 4096
 # Spare bytes a buffer needs beyond a range's own for `TensorReader` to read it direct: the distance to
@@ -40,28 +41,40 @@ def whole_blocks(nbytes: int) -> int:
     return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
-def _cached(fd: int, pos: int, nbytes: int) -> bool:
-    """Whether every page of a range is in the page cache, as mincore(2) reports for a mapping of it,
-    which reads nothing. (A one-byte read that may not wait, RWF_NOWAIT, tried before, starts
-    read-ahead where it misses: the next average of a sliding window then found the ends of its ranges
-    cached and mapped whole ranges that were on disk.) Anything unexpected counts as not cached: the
-    range is then read, which is always right."""
+# A range with at least this share of its pages in the page cache is read as cached (mapped, its few
+# missing pages faulted in from disk). A page cache that is "warm" still loses pages here and there (on
+# these machines a few hundred to a few thousand pages of each 2 GB file, in a dozen runs, within
+# seconds of the file being read): taking such a range for one on disk sent the rest of its file past
+# the cache to the disk, and a warm average took a cold one's time in some repetitions and not others.
+MOSTLY_CACHED = 0.75
+
+
+def cached_share(fd: int, pos: int, nbytes: int) -> float:
+    """The share of a range's pages in the page cache, as mincore(2) reports for a mapping of it, which
+    reads nothing. (A one-byte read that may not wait, RWF_NOWAIT, tried before, starts read-ahead
+    where it misses: the next average of a sliding window then found the ends of its ranges cached and
+    mapped whole ranges that were on disk.) Anything unexpected counts as none cached: the range is
+    then read, which is always right."""
     if _libc is None or nbytes <= 0:
-        return False
+        return 0.0
     base = pos - pos % mmap.ALLOCATIONGRANULARITY
     length = pos + nbytes - base
     try:
         mapping = mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=base)
     except (OSError, ValueError):
-        return False
+        return 0.0
     try:
-        pages = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
+        first, count = (pos - base) // mmap.PAGESIZE, -(-length // mmap.PAGESIZE)
+        pages = (ctypes.c_ubyte * count)()
         start = ctypes.c_char.from_buffer(mapping)
         try:
             status = _libc.mincore(ctypes.addressof(start), length, pages)
         finally:
             del start  # the mapping cannot close while a ctypes object points into it
-        return status == 0 and all(page & 1 for page in bytes(pages))
+        if status != 0:
+            return 0.0
+        ours = bytes(pages)[first:]  # (the pages before `pos` that the mapping's alignment took in are not)
+        return ours.translate(_RESIDENT).count(1) / len(ours)
     finally:
         mapping.close()
 
@@ -113,7 +126,8 @@ class TensorReader:
     MADV_POPULATE_READ, in the reader's thread: no copy out of the page cache. Without it (pinned
     buffers bound for a GPU) a cached range is copied out of the cache with `preadv`. Whether a range
     is cached is asked of the kernel, page by page (mincore), not guessed from timings, so a reader
-    thread that lost its core for a moment never mistakes the page cache for a disk.
+    thread that lost its core for a moment never mistakes the page cache for a disk; a range with a few
+    pages missing (`MOSTLY_CACHED`) counts as cached.
 
     A file with a range that was not cached is read from there to its end straight from the disk
     into the caller's buffer (O_DIRECT, whole aligned blocks; `DIRECT_SLACK` spare bytes in the buffer
@@ -183,7 +197,7 @@ class TensorReader:
         if fd is None:
             fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY)
         pos = ref.offset + start * ref.dtype.itemsize
-        if nbytes and ref.file not in self._from_disk and not _cached(fd, pos, nbytes):
+        if nbytes and ref.file not in self._from_disk and cached_share(fd, pos, nbytes) < MOSTLY_CACHED:
             self._from_disk.add(ref.file)
         from_disk = ref.file in self._from_disk
         if from_disk and ref.file not in self.keep_cached:
