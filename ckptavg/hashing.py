@@ -27,9 +27,6 @@ from .storage.paths import RemotePath, location
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 STAGE = 256 * 1024  # fits a core's L2 cache
 TRIAL_BYTES = 64 * 1024 * 1024  # hashed each way (see _Ways) before a process keeps the faster
-# what an early hash (`hash_early`) reads at once: few enough reads that waiting for the GIL, which
-# `import torch` holds most of the time, costs little, each read's copy still in the L3 cache
-EARLY_READ = 32 * 1024 * 1024
 
 
 def cache_root() -> Path:
@@ -38,17 +35,12 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptavg"))
 
 
-def _identity(path) -> tuple[str, int]:
-    """(the cache key, the size) of a file as it is now."""
+def _key(path) -> str:
     if isinstance(path, RemotePath):  # an object: its URL, size and ETag
         info = path.info()
-        return f"{path}|{info.size}|{info.identity}", info.size
+        return f"{path}|{info.size}|{info.identity}"
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}", st.st_size
-
-
-def _key(path) -> str:
-    return _identity(path)[0]
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
 def _entry(key: str) -> Path:
@@ -199,7 +191,7 @@ class FileHasher:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = location(path)
-        self._key, self.size = _identity(self.path)
+        self._key = _key(self.path)
         self._sha = hashlib.sha256()
         self._pos = 0
         self._digest: str | None = None
@@ -248,24 +240,6 @@ class FileHasher:
                 self._sha.update(view[:n])
                 self._pos += n
 
-    @property
-    def left(self) -> int:
-        """Bytes not hashed yet."""
-        return max(0, self.size - self._pos)
-
-    def hash_ahead(self, stop: threading.Event) -> None:
-        """Hash the file on from the running position, in large reads of its own, until it ends or `stop`
-        is set: work begun before any reader shares its bytes (`hash_early`). A short read only stops it;
-        whatever is wrong with the file, the average meets it and says so."""
-        buf = memoryview(bytearray(EARLY_READ))
-        with open(self.path, "rb", buffering=0) as f:
-            while not stop.is_set() and self._pos < self.size:
-                n = os.preadv(f.fileno(), [buf], self._pos)
-                if n <= 0:
-                    return
-                self._sha.update(buf[:n])
-                self._pos += n
-
     def update(self, offset: int, data: memoryview) -> None:
         """The bytes at `offset` in the file, as just read from it."""
         end = offset + len(data)
@@ -285,73 +259,3 @@ class FileHasher:
 
     def remember(self) -> None:
         _store(self._key, self.hexdigest())
-
-
-class _EarlyHashing:
-    """The hashes `hash_early` began, in a thread of their own, until an average claims them (`take`)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._hashers: dict[str, FileHasher] = {}  # by cache key
-
-    def start(self, paths: list[Path]) -> None:
-        with self._lock:
-            self._halt()
-            hashers = []
-            for path in paths:
-                try:
-                    if known_sha256(path) is None:
-                        hashers.append(FileHasher(path))
-                except OSError:
-                    continue  # (the average names a file it cannot read)
-            self._hashers, self._stop = {h._key: h for h in hashers}, threading.Event()
-            self._thread = threading.Thread(target=self._run, args=(hashers, self._stop), daemon=True,
-                                            name="ckptavg-early-hash")
-            self._thread.start()
-
-    @staticmethod
-    def _run(hashers: list[FileHasher], stop: threading.Event) -> None:
-        for h in hashers:
-            try:
-                h.hash_ahead(stop)
-            except OSError:
-                continue
-
-    def _halt(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-
-    def take(self, path) -> FileHasher | None:
-        """`path`'s early hasher, if it began on the file as it is now. The first call stops the thread:
-        the engine hashes from here on."""
-        with self._lock:
-            self._halt()
-            path = location(path)
-            if not self._hashers or isinstance(path, RemotePath):
-                return None
-            return self._hashers.pop(_key(path), None)
-
-
-_EARLY = _EarlyHashing()
-
-
-def hash_early(paths: list[Path]) -> None:
-    """Begin hashing local files that an average about to be planned will read, in a thread of their
-    own, before anything else is ready: the command line calls it before it imports torch, which takes
-    1-2 s of one core while the other has nothing to do (measured here: 1.0 GB of sha256 meanwhile,
-    with no slowdown of the import). The average takes each file's hash on where it stopped (`hasher`);
-    a file it does not read costs only that CPU. Files whose hash is known are skipped; a call stops
-    and forgets the hashing an earlier one began."""
-    _EARLY.start(paths)
-
-
-def hasher(path) -> FileHasher:
-    """A hasher of `path` for the engine to feed: the one `hash_early` began, stopped where it got to,
-    if it hashed this same file (its size, mtime and inode unchanged), else a new one. The first call
-    stops early hashing altogether, so no two threads ever feed one hasher."""
-    early = _EARLY.take(path)
-    return early if early is not None else FileHasher(path)

@@ -113,62 +113,6 @@ def test_manifest_hashes_are_right_for_every_layout_and_order(ckpts, tmp_path, m
             assert (f["sha256"], f["sha256_source"]) == (sha256(folder / f["name"]), "computed"), f["name"]
 
 
-class _StopAfter:
-    """A stop signal that comes after `reads` reads (asked once before each)."""
-
-    def __init__(self, reads: int) -> None:
-        self.left = reads
-
-    def is_set(self) -> bool:
-        self.left -= 1
-        return self.left < 0
-
-
-@pytest.mark.parametrize("reads", [0, 1, 3, 100])
-def test_a_hash_begun_early_is_carried_on_from_where_it_stopped(tmp_path, monkeypatch, reads):
-    """Hashed ahead in reads of its own until told to stop (before the first read, mid-file, or at the
-    end), then fed the engine's ranges from the start of the file: the digest is the file's."""
-    monkeypatch.setattr(hashing, "EARLY_READ", 4096)
-    data = random.Random(reads).randbytes(50_001)
-    path = tmp_path / "f.bin"
-    path.write_bytes(data)
-    hasher = FileHasher(path)
-    hasher.hash_ahead(_StopAfter(reads))
-    assert hasher.left == max(0, len(data) - reads * 4096)
-    for a in range(0, len(data), 7000):
-        hasher.update(a, memoryview(data)[a : a + 7000])
-    assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
-
-
-def test_the_command_line_hashes_its_inputs_early_and_the_average_takes_them_on(ckpts, tmp_path, monkeypatch):
-    """`ckptavg average` begins hashing its inputs' weight files before it imports torch; the average takes
-    each hash on (none is left over) and every recorded digest is the file's. A file that changed since its
-    early hash began is hashed anew, and one whose hash is known is not hashed early at all."""
-    monkeypatch.setenv("CKPTAVG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hashing, "EARLY_READ", 4096)  # many reads per file: taken on mid-file or at its end
-    inputs = [*ckpts("float16", "safetensors-sharded")[:2], ckpts("float16", "safetensors")[2]]
-    begun, hash_ahead = [], FileHasher.hash_ahead
-    monkeypatch.setattr(FileHasher, "hash_ahead", lambda self, stop: (begun.append(self.path), hash_ahead(self, stop)))
-    result = cli("average", *map(str, inputs), "--out", str(tmp_path / "avg"), "-q")
-    assert result.exit_code == 0, result.output
-    records = json.loads((tmp_path / "avg" / MANIFEST).read_text())["inputs"]
-    assert sum(len(r["files"]) for r in records) >= 4
-    for folder, record in zip(inputs, records, strict=True):
-        for f in record["files"]:
-            assert (f["sha256"], f["sha256_source"]) == (sha256(folder / f["name"]), "computed"), f["name"]
-    assert not hashing._EARLY._hashers
-    weight_files = [f for folder in inputs for f in sorted(folder.glob("*.safetensors"))]
-    assert begun and begun == weight_files[: len(begun)]  # in order, maybe stopped before the last ones
-
-    changed = tmp_path / "changed.bin"
-    changed.write_bytes(b"a" * 100_000)
-    known = inputs[2] / "model.safetensors"  # hashed by the average above
-    hashing.hash_early([changed, known])
-    assert [h.path for h in hashing._EARLY._hashers.values()] == [changed]
-    changed.write_bytes(b"b" * 100_001)
-    assert hashing.hasher(changed).hexdigest() == sha256(changed)  # (the early one hashed the a's)
-
-
 def _read_bytes() -> int:
     """Bytes this process has read through system calls (page cache or disk alike)."""
     for line in open("/proc/self/io"):

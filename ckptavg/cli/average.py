@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -51,12 +50,6 @@ def average(
     buffers are copied from the newest input. The output is written under a temporary name and
     appears only when complete, with ckptavg.json last.
     """
-    if hash_inputs:  # while torch is imported, on the core the import leaves idle
-        from ..checkpoints.layouts import likely_weight_files
-        from ..hashing import hash_early
-        from ..storage.base import is_url
-
-        hash_early([f for s in srcs if not is_url(s) for f in likely_weight_files(Path(s))])
     from ..api import output_summary, resolve_device, torch_dtype
     from ..engine.average import average_checkpoints
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CkptavgError
-from ..hashing import FileHasher, hasher
+from ..hashing import FileHasher
 from ..storage.base import finish_reads
 from ..storage.paths import RemotePath
 from .plan import AveragePlan, TensorJob
@@ -201,17 +201,11 @@ class _Pipeline:
         self.plan, self.sink, self.device = plan, sink, device
         self.keep_cached = _worth_caching(sorted(plan.reread))
         self.progress = progress
-        self.hashers = {f: hasher(f) for f in hash_files}
-        # each file's bytes go to one thread, in order; files are dealt out so that the threads have about
-        # as many bytes left to hash each (files hashed early, `hashing.hash_early`, have fewer)
+        self.hashers = {f: FileHasher(f) for f in hash_files}
+        # each file's bytes go to one thread, in order; files are dealt out to threads in turn
         n_hash = min(len(self.hashers), available_cores())
         self.hash_qs: list[queue.Queue] = [queue.Queue() for _ in range(n_hash)]
-        self.hash_owner: dict[Path, queue.Queue] = {}
-        loads = [0] * n_hash
-        for f in sorted(self.hashers, key=lambda f: -self.hashers[f].left):
-            least = loads.index(min(loads))
-            loads[least] += self.hashers[f].left
-            self.hash_owner[f] = self.hash_qs[least]
+        self.hash_owner = {f: self.hash_qs[i % n_hash] for i, f in enumerate(self.hashers)}
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         wanted = getattr(sink, "wanted", None)
