@@ -43,7 +43,7 @@ def whole_blocks(nbytes: int) -> int:
 
 # A range with at least this share of its pages in the page cache is read as cached (mapped, its few
 # missing pages faulted in from disk). A page cache that is "warm" still loses pages here and there (on
-# these machines a few hundred to a few thousand pages of each 2 GB file, in a dozen runs, within
+# these machines a few hundred to a few thousand pages of each 2 GB file, in a dozen stretches, within
 # seconds of the file being read): taking such a range for one on disk sent the rest of its file past
 # the cache to the disk, and a warm average took a cold one's time in some repetitions and not others.
 MOSTLY_CACHED = 0.75
@@ -129,7 +129,7 @@ class TensorReader:
     thread that lost its core for a moment never mistakes the page cache for a disk; a range with a few
     pages missing (`MOSTLY_CACHED`) counts as cached.
 
-    A file with a range that was not cached is read from there to its end straight from the disk
+    A file with a range that was mostly not cached is read from there to its end straight from the disk
     into the caller's buffer (O_DIRECT, whole aligned blocks; `DIRECT_SLACK` spare bytes in the buffer
     make room for the alignment), even where read-ahead has cached what follows: the page cache costs
     this path CPU it does not repay, and a 12B model's checkpoints would only churn it. A filesystem
