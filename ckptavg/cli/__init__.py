@@ -3,6 +3,7 @@ options, call `ckptavg.api`, and print."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 
@@ -23,7 +24,13 @@ def main() -> None:
     # scroll past ours (ckptavg draws its own progress with rich)
     os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    app(prog_name="ckptavg")
+    try:
+        app(prog_name="ckptavg")
+    finally:
+        # The interpreter's last garbage collection walks every object torch's import made: 0.25-0.4 s
+        # of every command here (1.17-1.42 s against 0.94-1.12 s for an import and exit). Frozen, they
+        # are left to the process's end; atexit handlers and module teardown still run.
+        gc.freeze()
 
 
 __all__ = ["app", "main"]
