@@ -196,6 +196,11 @@ def cached(path, pos: int, nbytes: int) -> bool:
         os.close(fd)
 
 
+def read_into(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the reader gave `x` in the caller's buffer `out` (read), not as a view of the file (mapped)."""
+    return out.data_ptr() <= x.data_ptr() < out.data_ptr() + out.numel()
+
+
 def test_asking_whether_a_range_is_cached_reads_none_of_it(tmp_path):
     """Every page must be cached for a range to count as cached, and asking brings none in: the ranges
     of a file that the next average of a sliding window reads are not taken for cached because this one
@@ -224,23 +229,20 @@ def test_reader_maps_cached_files_and_reads_files_that_come_from_disk(tmp_path):
     n = 1 << 19
     out = torch.empty(n * 4, dtype=torch.uint8)
 
-    def inside_out(x):
-        return out.data_ptr() <= x.data_ptr() < out.data_ptr() + out.numel()
-
     path.read_bytes()
     with tensors.TensorReader(map_files=True) as reader:
         first = reader.read(ref, 0, n, out)
-        assert not inside_out(first) and torch.equal(first, t[:n])  # cached: mapped
+        assert not read_into(first, out) and torch.equal(first, t[:n])  # cached: mapped
         del first  # unmapped: a mapped page (and the large folio it is part of) cannot be evicted
         evict(path)
         second = reader.read(ref, n, n, out)
-        assert inside_out(second) and torch.equal(second, t[n:])  # from disk: read
+        assert read_into(second, out) and torch.equal(second, t[n:])  # from disk: read
         path.read_bytes()
-        assert inside_out(reader.read(ref, 0, n, out))  # cached again, but this file is read to the end
+        assert read_into(reader.read(ref, 0, n, out), out)  # cached again, but this file is read to the end
     with tensors.TensorReader(map_files=True) as reader:
-        assert not inside_out(reader.read(ref, n, n, out))  # the next average maps it again
+        assert not read_into(reader.read(ref, n, n, out), out)  # the next average maps it again
     with tensors.TensorReader() as reader:
-        assert inside_out(reader.read(ref, 0, n, out))  # without map_files: always read
+        assert read_into(reader.read(ref, 0, n, out), out)  # without map_files: always read
 
 
 def test_a_range_missing_a_few_pages_is_mapped_as_cached(tmp_path):
@@ -251,9 +253,6 @@ def test_a_range_missing_a_few_pages_is_mapped_as_cached(tmp_path):
     n = 1 << 19  # 2 MiB: 512 pages
     out = torch.empty(n * 4 + tensors.DIRECT_SLACK, dtype=torch.uint8)
     page = os.sysconf("SC_PAGE_SIZE")
-
-    def inside_out(x):
-        return out.data_ptr() <= x.data_ptr() < out.data_ptr() + out.numel()
 
     def cached_but(name, missing):
         """A checkpoint of `t` evicted, then read back a page at a time without read-ahead (in pages, not in
@@ -275,14 +274,14 @@ def test_a_range_missing_a_few_pages_is_mapped_as_cached(tmp_path):
     with tensors.TensorReader(map_files=True) as reader:
         for start in (0, n):
             got = reader.read(ref, start, n, out)
-            assert not inside_out(got) and torch.equal(got, t[start : start + n])  # mapped
+            assert not read_into(got, out) and torch.equal(got, t[start : start + n])  # mapped
 
     ref, shares = cached_but("gone", {*range(0, 400), *range(512, 1024)})  # a fifth of the first range
     assert 0 < shares[0] < tensors.MOSTLY_CACHED and shares[1] < 0.01
     with tensors.TensorReader(map_files=True) as reader:
         for start in (0, n):
             got = reader.read(ref, start, n, out)
-            assert inside_out(got) and torch.equal(got, t[start : start + n])  # from disk: read
+            assert read_into(got, out) and torch.equal(got, t[start : start + n])  # from disk: read
 
 
 def test_bin_tensors_are_indexed_at_their_byte_offsets(tmp_path):
@@ -368,7 +367,7 @@ def test_files_kept_for_a_later_average_are_read_through_the_page_cache(tmp_path
     with tensors.TensorReader(map_files=True, keep_cached=[path]) as reader:
         for start in range(0, t.numel(), 300_000):
             got = reader.read(ref, start, min(300_000, t.numel() - start), out)
-            assert out.data_ptr() <= got.data_ptr() < out.data_ptr() + out.numel()
+            assert read_into(got, out)
             assert torch.equal(got, t[start : start + 300_000])
     assert cached(path, ref.offset, ref.nbytes)
 
