@@ -35,7 +35,8 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptavg"))
 
 
-def _key(path) -> str:
+def cache_key(path) -> str:
+    """The hash cache's name for a file as it is now: a changed file gets another."""
     if isinstance(path, RemotePath):  # an object: its URL, size and ETag
         info = path.info()
         return f"{path}|{info.size}|{info.identity}"
@@ -112,7 +113,7 @@ def verify_blob(path: str | os.PathLike, expected: str) -> str:
     """The sha256 of a downloaded file, hashed once and remembered: huggingface_hub names a blob by
     the hash the server announced, not by the bytes that arrived, so only this proves them right.
     Returns the actual digest; a caller compares it with `expected` (the Hub's LFS listing)."""
-    cached = _lookup(_key(Path(path)))
+    cached = _lookup(cache_key(Path(path)))
     if cached:
         return cached
     hasher = FileHasher(path)
@@ -126,7 +127,7 @@ def known_sha256(path: str | os.PathLike) -> tuple[str, str] | None:
     "cache" (hashed before), "verified" (a Hub cache blob whose bytes ckptavg hashed when it fetched
     them), "hub-blob" (a Hub cache blob's name, taken on trust: ckptavg did not download or check it)."""
     path = location(path)
-    cached = _lookup(_key(path))
+    cached = _lookup(cache_key(path))
     blob = None if isinstance(path, RemotePath) else hub_blob_sha256(path)
     if blob is not None:
         return (blob, "verified") if cached == blob else (blob, "hub-blob")
@@ -191,7 +192,7 @@ class FileHasher:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = location(path)
-        self._key = _key(self.path)
+        self._key = cache_key(self.path)
         self._sha = hashlib.sha256()
         self._pos = 0
         self._digest: str | None = None
@@ -249,6 +250,15 @@ class FileHasher:
             self._read_to(offset)
         self._update(data[self._pos - offset :])
         self._pos = end
+
+    def hash_more(self, nbytes: int) -> bool:
+        """Read and hash up to `nbytes` more of a local file, for a hasher that reads it alone
+        (`hash_ahead`) and looks up between steps; False once the whole file is hashed."""
+        end = min(os.path.getsize(self.path), self._pos + nbytes)
+        if end <= self._pos:
+            return False
+        self._read_to(end)
+        return True
 
     def hexdigest(self) -> str:
         if self._digest is None:

@@ -20,6 +20,8 @@ import torch
 from conftest import cli, load_reference
 from safetensors.torch import load_file
 
+from ckptavg.checkpoints.layouts import likely_weight_files
+from ckptavg.checkpoints.open import open_checkpoint
 from ckptavg.engine.average import average_checkpoints
 from ckptavg.errors import InputError, MismatchError
 from ckptavg.manifest import MANIFEST
@@ -154,6 +156,9 @@ def test_each_trainer_s_run_is_found_without_flags_and_averages_to_the_float64_m
     source = LocalTrajectory(DATA / run.name, run.pattern)
     assert source.steps() == list(run.steps)
     members = list(run.steps[-3:])
+    # the files the command line hashes before it imports torch, from names alone, are the ones opening reads
+    for s in members:
+        assert likely_weight_files(source.fetch(s)) == sorted(open_checkpoint(source.fetch(s)).files), s
     out = average_checkpoints([source.fetch(s) for s in members], tmp_path / "avg", device="cpu")
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["output"]["format"] == run.output

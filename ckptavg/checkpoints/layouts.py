@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .names import BIN_INDEX, DCP_SUBFOLDERS, SAFETENSORS_INDEX, dcp_metadata
+from .names import BIN_INDEX, DCP_SUBFOLDERS, SAFETENSORS_INDEX, dcp_metadata, weight_files
 
 DEFAULT_STEP_PATTERN = r"step(\d+)"
 # (whose, a pattern whose group 1 is the step), tried on the names in a run's folder
@@ -49,6 +49,19 @@ def checkpoint_in(entry: Path) -> Path:
             if _has_metadata(entry / sub):
                 return entry / sub
     return entry
+
+
+def likely_weight_files(entry: Path) -> list[Path]:
+    """The weight files that opening `entry` as a checkpoint will most likely read, from names alone: for
+    work begun before torch is imported to open it (`hash_ahead`), which a wrong guess only wastes. []
+    for a path that is not there or cannot be listed."""
+    try:
+        checkpoint = checkpoint_in(entry)
+        if checkpoint.is_file():
+            return [checkpoint]
+        return [checkpoint / n for n in sorted(weight_files(e.name for e in checkpoint.iterdir()))]
+    except OSError:
+        return []
 
 
 def unfinished(checkpoint: Path) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -50,6 +51,12 @@ def average(
     buffers are copied from the newest input. The output is written under a temporary name and
     appears only when complete, with ckptavg.json last.
     """
+    if hash_inputs:  # before torch is imported, while one core would be idle (see hash_ahead.py)
+        from .. import hash_ahead
+        from ..checkpoints.layouts import likely_weight_files
+        from ..storage.base import is_url
+
+        hash_ahead.start([f for s in srcs if not is_url(s) for f in likely_weight_files(Path(s))])
     from ..api import output_summary, resolve_device, torch_dtype
     from ..engine.average import average_checkpoints
 

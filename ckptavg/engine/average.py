@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, hash_ahead
 from ..checkpoints.dcp import model_bytes
 from ..checkpoints.index import Checkpoint
 from ..checkpoints.names import DCP_SIDE_FILES
@@ -175,12 +175,15 @@ def average_checkpoints(
     started = time.time()
     with output, ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
         files = sorted({f for c in checkpoints for f in c.files}, key=str) if hash_inputs else []
-        hashes = {f: known for f in files if (known := known_sha256(f)) is not None}
+        # what the command line's child hashed while torch was imported (and the file it is finishing)
+        ahead = hash_ahead.claim(files)
+        hashes = {f: (digest, "computed") for f, digest in ahead.done.items()}
+        hashes.update((f, known) for f in files if f not in hashes and (known := known_sha256(f)) is not None)
         # files whose every tensor has a byte offset are hashed from the bytes the engine reads; the
         # others (tensors copied out of torch's mapping of a `.bin`) in a pass of their own alongside it
         mapped = {r.file for c in checkpoints for r in c.tensors.values() if r.offset is None}
         streamed = {f for c in checkpoints for f in c.files if f not in mapped}
-        unknown = [f for f in files if f not in hashes]
+        unknown = [f for f in files if f not in hashes and f != ahead.pending]
         in_pass = [f for f in unknown if f in streamed]
         apart = {f: pool.submit(file_sha256, f) for f in unknown if f not in streamed}
         # an object on a store may be overwritten while it is read: its version before and after must agree
@@ -200,6 +203,7 @@ def average_checkpoints(
             hasher.remember()
             hashes[f] = (hasher.hexdigest(), "computed")
         hashes.update((f, fut.result()) for f, fut in apart.items())
+        hashes.update((f, (digest, "computed")) for f, digest in ahead.finish().items())
         manifest = Manifest(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             method=method or Method("weighted_average"),
