@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from conftest import pythia_state_dict, write_checkpoint
 
+from ckptavg.checkpoints.layouts import likely_weight_files
 from ckptavg.manifest import MANIFEST
 
 MiB = 1024 * 1024
@@ -36,9 +37,10 @@ def write_files(folder: Path, sizes_mib: list[int]) -> list[Path]:
     return files
 
 
-def run(code: str, tmp_path: Path) -> dict:
-    """`code` in a fresh interpreter with its own hash cache; what it printed last, as JSON."""
-    script = textwrap.dedent("""
+def run(code: str, tmp_path: Path, files: list[Path] = ()) -> dict:
+    """`code` in a fresh interpreter with its own hash cache, after a child was forked to hash `files`;
+    what it printed last, as JSON."""
+    script = textwrap.dedent(f"""
         import json, os, sys, time
         from pathlib import Path
         from ckptavg import hash_ahead
@@ -48,6 +50,11 @@ def run(code: str, tmp_path: Path) -> dict:
             while not all(known_sha256(f) for f in files):
                 assert time.time() < deadline, "the child hashed nothing"
                 time.sleep(0.01)
+        def named(hashes):
+            return {{str(f): d for f, d in hashes.items()}}
+        files = [Path(f) for f in {[str(f) for f in files]}]
+        if files:
+            hash_ahead.start(files)
     """) + textwrap.dedent(code)
     env = dict(os.environ, CKPTAVG_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
@@ -57,14 +64,11 @@ def run(code: str, tmp_path: Path) -> dict:
 
 def test_the_claim_takes_every_file_the_child_finished(tmp_path):
     files = write_files(tmp_path / "in", [3, 20, 1])
-    got = run(f"""
-        files = [Path(f) for f in {[str(f) for f in files]}]
-        hash_ahead.start(files)
+    got = run("""
         wait_until_hashed(files)
         claim = hash_ahead.claim(files)
-        print(json.dumps({{"done": {{str(f): d for f, d in claim.done.items()}}, "pending": claim.pending,
-                          "finish": claim.finish()}}))
-    """, tmp_path)
+        print(json.dumps({"done": named(claim.done), "pending": claim.pending, "finish": claim.finish()}))
+    """, tmp_path, files)
     assert got == {"done": {str(f): sha256(f) for f in files}, "pending": None, "finish": {}}
 
 
@@ -72,17 +76,15 @@ def test_a_claim_mid_file_leaves_that_file_to_the_child_and_stops_it_there(tmp_p
     """Claimed once the child has read part of its first file: it finishes that one (the engine waits for
     it) and hashes none after it."""
     files = write_files(tmp_path / "in", [128, 128, 128])
-    got = run(f"""
-        files = [Path(f) for f in {[str(f) for f in files]}]
-        hash_ahead.start(files)
-        io = Path(f"/proc/{{hash_ahead._running.pid}}/io")
+    got = run("""
+        io = Path(f"/proc/{hash_ahead._running.pid}/io")
         while int(io.read_text().split()[1]) < 4 * 1024 * 1024:  # rchar: what it has read
             time.sleep(0.001)
         claim = hash_ahead.claim(files)
-        finished = {{str(f): d for f, d in claim.finish().items()}}
-        print(json.dumps({{"done": {{str(f): d for f, d in claim.done.items()}}, "pending": str(claim.pending),
-                          "finish": finished, "cached": [bool(known_sha256(f)) for f in files]}}))
-    """, tmp_path)
+        finished = named(claim.finish())
+        print(json.dumps({"done": named(claim.done), "pending": str(claim.pending), "finish": finished,
+                          "cached": [bool(known_sha256(f)) for f in files]}))
+    """, tmp_path, files)
     pending = Path(got["pending"])
     assert pending in files
     assert got["finish"] == {str(pending): sha256(pending)}
@@ -93,14 +95,12 @@ def test_a_claim_mid_file_leaves_that_file_to_the_child_and_stops_it_there(tmp_p
 
 def test_a_file_changed_since_the_child_hashed_it_is_not_taken(tmp_path):
     files = write_files(tmp_path / "in", [2, 2, 2])
-    got = run(f"""
-        files = [Path(f) for f in {[str(f) for f in files]}]
-        hash_ahead.start(files)
+    got = run("""
         wait_until_hashed(files)
         files[1].write_bytes(os.urandom(2 * 1024 * 1024))  # rewritten in place: the same size, a new mtime
         claim = hash_ahead.claim(files)
         print(json.dumps(sorted(str(f) for f in claim.done)))
-    """, tmp_path)
+    """, tmp_path, files)
     assert got == [str(files[0]), str(files[2])]
 
 
@@ -110,12 +110,10 @@ def test_the_child_exits_when_its_parent_does_without_a_claim(tmp_path):
     for sizes in ([1], [512]):
         files = write_files(tmp_path / f"in{sizes[0]}", sizes)
         got = run(f"""
-            files = [Path(f) for f in {[str(f) for f in files]}]
-            hash_ahead.start(files)
             if {sizes[0]} == 1:
                 wait_until_hashed(files)
             print(json.dumps(hash_ahead._running.pid))
-        """, tmp_path)
+        """, tmp_path, files)
         deadline = time.time() + 30
         while _alive(got):
             assert time.time() < deadline, f"child {got} still runs"
@@ -141,15 +139,12 @@ def test_ckptavg_average_records_the_child_s_digests(tmp_path):
     assert done.returncode == 0, done.stderr
     api_out = tmp_path / "api"
     api = run(f"""
-        from ckptavg.checkpoints.layouts import likely_weight_files
         folders = [Path(f) for f in {[str(f) for f in folders]}]
-        files = [f for d in folders for f in likely_weight_files(d)]
-        hash_ahead.start(files)
         wait_until_hashed(files)
         assert "torch" not in sys.modules
         from ckptavg.engine.average import average_checkpoints
         print(json.dumps(str(average_checkpoints(folders, Path("{api_out}"), device="cpu"))))
-    """, tmp_path / "second")
+    """, tmp_path / "second", [f for d in folders for f in likely_weight_files(d)])
     for out in (tmp_path / "avg", Path(api)):
         inputs = json.loads((out / MANIFEST).read_text())["inputs"]
         recorded = {(i["path"], f["name"]): (f["sha256"], f["sha256_source"]) for i in inputs for f in i["files"]}
