@@ -22,6 +22,7 @@ import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from .hashing import FileHasher, cache_key, file_sha256, known_sha256
 from .storage.paths import RemotePath
@@ -35,7 +36,7 @@ class _Child:
     files: list[Path]  # resolved, in the order the child hashes them
     keys: list[str]  # each file's (path, size, mtime, inode) at the fork
     stop: int  # the pipe the parent writes to: one byte to stop, closed when it is gone
-    results: object  # the child's lines: "done I SHA256", then "own I" or "own -" once told
+    results: TextIO  # the child's lines: "done I SHA256", then "own I" or "own -" once told
 
 
 _running: _Child | None = None
