@@ -8,8 +8,9 @@ after the file it is in and says which files it finished; the engine hashes the 
 it reads, as always, and takes the child's last file at the end (`Claim.finish`). A process, not a
 thread: a thread shares the interpreter's lock with the import, and hashed 0.86 GB in the import's time.
 
-A child hashes only what the engine would, and nothing it hashed is taken unless the file is still the
-one it hashed (same size, mtime and inode). It stops when told, and at once when its parent is gone.
+A child hashes only files in the page cache (one on disk is the engine's, to read once, direct), and
+nothing it hashed is taken unless the file is still the one it hashed (same size, mtime and inode). It
+stops when told, and at once when its parent is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .hashing import FileHasher, cache_key, file_sha256, known_sha256
+from .storage.pagecache import MOSTLY_CACHED, cached_share
 from .storage.paths import RemotePath
 
 STEP = 16 * 1024 * 1024  # hashed between two looks at the stop pipe (about 10 ms)
@@ -85,6 +87,8 @@ def _hash_until_told(files: list[Path], stop: int, results: int) -> None:
         if told():
             os.write(results, b"own -\n")
             return
+        if not _in_page_cache(f):  # from disk, it is the engine's to read, once and direct
+            continue
         hasher, owned = FileHasher(f), False
         while hasher.hash_more(STEP):
             if not owned and told():
@@ -96,6 +100,17 @@ def _hash_until_told(files: list[Path], stop: int, results: int) -> None:
             return
     if told(wait=True):
         os.write(results, b"own -\n")
+
+
+def _in_page_cache(path: Path) -> bool:
+    """Whether `path` is (mostly) in the page cache. Reading a file that is not would compete with the
+    engine's direct reads of the same disk, and read twice where the engine overtook it: five cold
+    1B-shaped inputs took 0.99-1.33x as long, hashed, with a child that read them (median 1.18)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return cached_share(f.fileno(), 0, os.fstat(f.fileno()).st_size) >= MOSTLY_CACHED
+    except OSError:
+        return False
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("DISABLE_SAFETENSORS_CONVERSION", "1")
@@ -16,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+
+from ckptavg.storage import pagecache  # noqa: E402
 
 LAYERS = 2
 CTX = 64
@@ -274,3 +277,46 @@ def refuse_direct_io(monkeypatch, call: str) -> list[int]:
 
     monkeypatch.setattr(os, call, refusing)
     return refused
+
+
+_EVICTS: dict[int, bool] = {}  # by filesystem (st_dev)
+
+
+def _fadvise_evicts(folder: Path) -> bool:
+    """Whether posix_fadvise(DONTNEED) takes a file on this filesystem out of the page cache, tried on a
+    probe file of its own (tmpfs has nowhere else to keep the pages, so it keeps them)."""
+    dev = folder.stat().st_dev
+    if dev not in _EVICTS:
+        probe = folder / ".evict-probe"
+        probe.write_bytes(os.urandom(1 << 16))
+        fd = os.open(probe, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            for _ in range(5):  # pages still in a CPU's LRU batch are left until it is drained
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                if pagecache.cached_share(fd, 0, 1) < 1:
+                    break
+                time.sleep(0.01)
+            _EVICTS[dev] = pagecache.cached_share(fd, 0, 1) < 1
+        finally:
+            os.close(fd)
+            probe.unlink()
+    return _EVICTS[dev]
+
+
+def evict(path, pos: int = 0, nbytes: int = 0) -> None:
+    """Out of the page cache, as after a reboot (pages still mapped stay): the whole file, or `nbytes` of it
+    from `pos`. Where the filesystem keeps the pages anyway, the test that asked is skipped: it needs a disk."""
+    if not _fadvise_evicts(Path(path).parent):
+        pytest.skip(f"posix_fadvise(DONTNEED) leaves files cached on {Path(path).parent}'s filesystem (tmpfs?)")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        span = nbytes or os.fstat(fd).st_size - pos
+        for _ in range(5):  # pages still in a CPU's LRU batch (a read just now) are left until it is drained
+            os.posix_fadvise(fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
+            if pagecache.cached_share(fd, pos, span) == 0:
+                break
+            time.sleep(0.01)
+    finally:
+        os.close(fd)

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import pythia_state_dict, write_checkpoint
+from conftest import evict, pythia_state_dict, write_checkpoint
 
 from ckptavg.checkpoints.layouts import likely_weight_files
 from ckptavg.manifest import MANIFEST
+from ckptavg.storage import pagecache
 
 MiB = 1024 * 1024
 
@@ -91,6 +92,25 @@ def test_a_claim_mid_file_leaves_that_file_to_the_child_and_stops_it_there(tmp_p
     assert got["done"] == {str(f): sha256(f) for f in files[: files.index(pending)]}
     # it stopped after the file it was in: nothing later was hashed, or remembered
     assert got["cached"] == [i <= files.index(pending) for i in range(len(files))]
+
+
+def test_a_file_on_disk_is_left_to_the_engine_unread(tmp_path):
+    """The child hashes only what is in the page cache: a cold file is the engine's, read once, direct."""
+    files = write_files(tmp_path / "in", [4, 4, 4])
+    evict(files[1])
+    got = run("""
+        wait_until_hashed([files[0], files[2]])
+        claim = hash_ahead.claim(files)
+        print(json.dumps({"done": named(claim.done), "pending": claim.pending, "finish": claim.finish(),
+                          "cached": bool(known_sha256(files[1]))}))
+    """, tmp_path, files)
+    assert got == {"done": {str(files[0]): sha256(files[0]), str(files[2]): sha256(files[2])}, "pending": None,
+                   "finish": {}, "cached": False}
+    fd = os.open(files[1], os.O_RDONLY)
+    try:
+        assert pagecache.cached_share(fd, 0, 4 * MiB) < 0.01  # not read
+    finally:
+        os.close(fd)
 
 
 def test_a_file_changed_since_the_child_hashed_it_is_not_taken(tmp_path):

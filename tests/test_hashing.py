@@ -9,14 +9,13 @@ import json
 import os
 import random
 import struct
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
     assert_matches,
     cli,
+    evict,
     pythia_state_dict,
     reference_average,
     refuse_direct_io,
@@ -31,6 +30,7 @@ from ckptavg.engine.average import average_checkpoints, average_in_memory
 from ckptavg.errors import CorruptCheckpointError
 from ckptavg.hashing import FileHasher
 from ckptavg.manifest import MANIFEST
+from ckptavg.storage import pagecache
 from ckptavg.trajectory.run import RunSpec, execute_run, plan_run
 from ckptavg.trajectory.sources import LocalTrajectory
 
@@ -145,53 +145,10 @@ def test_hashing_reads_no_input_twice(tmp_path, monkeypatch, fmt):
     assert [f["sha256"] for f in files] == [sha256(f / weights) for f in inputs]
 
 
-_EVICTS: dict[int, bool] = {}  # by filesystem (st_dev)
-
-
-def _fadvise_evicts(folder: Path) -> bool:
-    """Whether posix_fadvise(DONTNEED) takes a file on this filesystem out of the page cache, tried on a
-    probe file of its own (tmpfs has nowhere else to keep the pages, so it keeps them)."""
-    dev = folder.stat().st_dev
-    if dev not in _EVICTS:
-        probe = folder / ".evict-probe"
-        probe.write_bytes(os.urandom(1 << 16))
-        fd = os.open(probe, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            for _ in range(5):  # pages still in a CPU's LRU batch are left until it is drained
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                if tensors.cached_share(fd, 0, 1) < 1:
-                    break
-                time.sleep(0.01)
-            _EVICTS[dev] = tensors.cached_share(fd, 0, 1) < 1
-        finally:
-            os.close(fd)
-            probe.unlink()
-    return _EVICTS[dev]
-
-
-def evict(path, pos: int = 0, nbytes: int = 0) -> None:
-    """Out of the page cache, as after a reboot (pages still mapped stay): the whole file, or `nbytes` of it
-    from `pos`. Where the filesystem keeps the pages anyway, the test that asked is skipped: it needs a disk."""
-    if not _fadvise_evicts(Path(path).parent):
-        pytest.skip(f"posix_fadvise(DONTNEED) leaves files cached on {Path(path).parent}'s filesystem (tmpfs?)")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        span = nbytes or os.fstat(fd).st_size - pos
-        for _ in range(5):  # pages still in a CPU's LRU batch (a read just now) are left until it is drained
-            os.posix_fadvise(fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
-            if tensors.cached_share(fd, pos, span) == 0:
-                break
-            time.sleep(0.01)
-    finally:
-        os.close(fd)
-
-
 def cached(path, pos: int, nbytes: int) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return tensors.cached_share(fd, pos, nbytes) == 1
+        return pagecache.cached_share(fd, pos, nbytes) == 1
     finally:
         os.close(fd)
 
@@ -265,19 +222,19 @@ def test_a_range_missing_a_few_pages_is_mapped_as_cached(tmp_path):
         for i in range(t.numel() * 4 // page):
             if i not in missing:
                 os.pread(fd, page, ref.offset // page * page + i * page)
-        shares = [tensors.cached_share(fd, ref.offset + a * 4, n * 4) for a in (0, n)]
+        shares = [pagecache.cached_share(fd, ref.offset + a * 4, n * 4) for a in (0, n)]
         os.close(fd)
         return ref, shares
 
     ref, shares = cached_but("holes", {*range(100, 108), *range(600, 608)})  # 8 pages of each range
-    assert all(tensors.MOSTLY_CACHED < s < 1 for s in shares)
+    assert all(pagecache.MOSTLY_CACHED < s < 1 for s in shares)
     with tensors.TensorReader(map_files=True) as reader:
         for start in (0, n):
             got = reader.read(ref, start, n, out)
             assert not read_into(got, out) and torch.equal(got, t[start : start + n])  # mapped
 
     ref, shares = cached_but("gone", {*range(0, 400), *range(512, 1024)})  # a fifth of the first range
-    assert 0 < shares[0] < tensors.MOSTLY_CACHED and shares[1] < 0.01
+    assert 0 < shares[0] < pagecache.MOSTLY_CACHED and shares[1] < 0.01
     with tensors.TensorReader(map_files=True) as reader:
         for start in (0, n):
             got = reader.read(ref, start, n, out)

@@ -7,8 +7,9 @@ prefix, and reads a byte range into a buffer the caller owns.
                 where they stopped, one-line errors
     paths.py    `RemotePath`, a store's file as the formats speak to a `Path`; `location(x)`, a path or URL
                 as a `Path` or a `RemotePath`
+    pagecache.py  how much of a local file's range is in the page cache (mincore), reading none of it
 
-Local files are read by the engine's `TensorReader` itself (direct I/O, mapping, mincore). No torch here.
+Local files are read by the engine's `TensorReader` itself (direct I/O, mapping). No torch here.
 """
 
 from __future__ import annotations
