@@ -36,9 +36,17 @@ STEP = 16 * 1024 * 1024  # hashed between two looks at the stop pipe (about 10 m
 class _Child:
     pid: int
     files: list[Path]  # resolved, in the order the child hashes them
-    keys: list[str]  # each file's (path, size, mtime, inode) at the fork
+    keys: dict[Path, str]  # each file's (path, size, mtime, inode) at the fork
     stop: int  # the pipe the parent writes to: one byte to stop, closed when it is gone
     results: TextIO  # the child's lines: "done I SHA256", then "own I" or "own -" once told
+
+    def unchanged(self, path: Path) -> bool:
+        """Whether `path` is still the file the child was given: what it hashed of another is not taken."""
+        return cache_key(path) == self.keys[path.resolve()]
+
+    def end(self) -> None:
+        self.results.close()
+        os.waitpid(self.pid, 0)
 
 
 _running: _Child | None = None
@@ -53,7 +61,7 @@ def start(files: Sequence[Path]) -> None:
     todo = list(dict.fromkeys(f.resolve() for f in files if f.is_file() and known_sha256(f) is None))
     if not todo:
         return
-    keys = [cache_key(f) for f in todo]
+    keys = {f: cache_key(f) for f in todo}
     stop_r, stop_w = os.pipe()
     results_r, results_w = os.pipe()
     pid = os.fork()
@@ -130,15 +138,11 @@ class Claim:
             return {}
         if self.pending is None:  # the child is finishing a file the engine did not read, or nothing
             os.kill(child.pid, signal.SIGTERM)
-            line = []
-        else:
-            line = child.results.readline().split()
-        child.results.close()
-        os.waitpid(child.pid, 0)
-        if self.pending is None:
+            child.end()
             return {}
-        i = child.files.index(self.pending.resolve())
-        if line[:2] == ["done", str(i)] and cache_key(self.pending) == child.keys[i]:
+        line = child.results.readline().split()
+        child.end()
+        if line[:2] == ["done", str(child.files.index(self.pending.resolve()))] and child.unchanged(self.pending):
             return {self.pending: line[2]}
         return {self.pending: file_sha256(self.pending)[0]}
 
@@ -164,7 +168,6 @@ def claim(files: Collection[Path]) -> Claim:
     os.close(child.stop)
     by_real = {f.resolve(): f for f in files if not isinstance(f, RemotePath)}
     # a file changed since the fork is hashed again, by the engine
-    done = {by_real[f]: d for f, d in hashed.items()
-            if f in by_real and cache_key(f) == child.keys[child.files.index(f)]}
+    done = {by_real[f]: d for f, d in hashed.items() if f in by_real and child.unchanged(f)}
     pending = by_real.get(owned) if owned is not None else None
     return Claim(done, pending, child)
