@@ -141,6 +141,19 @@ def test_the_child_exits_when_its_parent_does_without_a_claim(tmp_path):
         assert run(f"print(json.dumps(bool(known_sha256(Path('{files[0]}')))))", tmp_path) is (sizes == [1])
 
 
+def test_a_bad_option_forks_no_child(tmp_path):
+    """`ckptavg average` checks its options before it forks: one that fails on a typo hashes nothing."""
+    folder = write_checkpoint(tmp_path / "step1", pythia_state_dict(1, torch.float16), "safetensors")
+    env = dict(os.environ, CKPTAVG_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-m", "ckptavg", "average", str(folder), "-o", str(tmp_path / "avg"),
+                           "--accumulate", "float8"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--accumulate" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    time.sleep(0.5)  # what a child would have had to hash the file
+    files = [str(f) for f in likely_weight_files(folder)]
+    assert run(f"print(json.dumps([f for f in {files} if known_sha256(Path(f))]))", tmp_path) == []
+    assert not (tmp_path / "avg").exists()
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"

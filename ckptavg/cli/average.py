@@ -51,7 +51,13 @@ def average(
     buffers are copied from the newest input. The output is written under a temporary name and
     appears only when complete, with ckptavg.json last.
     """
-    if hash_inputs:  # before torch is imported, while one core would be idle (see hash_ahead.py)
+    dtype = opt.choice(arith.dtype, opt.AVERAGE_DTYPES, "--dtype")
+    acc = opt.choice(accumulate, opt.ACCUMULATE_DTYPES, "--accumulate")
+    w = opt.floats(weights, "--weights") if weights else None
+    shard_bytes, patterns = opt.size(shard_size, "--shard-size"), opt.copy_patterns(arith.copy)
+    output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
+    opt.device(arith.device)
+    if hash_inputs:  # checked options first, then, before torch is imported, while one core would be idle
         from .. import hash_ahead
         from ..checkpoints.layouts import likely_weight_files
         from ..storage.base import is_url
@@ -60,15 +66,10 @@ def average(
     from ..api import output_summary, resolve_device, torch_dtype
     from ..engine.average import average_checkpoints
 
-    out_dtype = torch_dtype(opt.choice(arith.dtype, opt.AVERAGE_DTYPES, "--dtype"))
-    acc = torch_dtype(opt.choice(accumulate, opt.ACCUMULATE_DTYPES, "--accumulate"))
-    w = opt.floats(weights, "--weights") if weights else None
-    shard_bytes, patterns = opt.size(shard_size, "--shard-size"), opt.copy_patterns(arith.copy)
-    output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
-    device = resolve_device(arith.device)
+    out_dtype, acc_dtype, device = torch_dtype(dtype), torch_dtype(acc), resolve_device(arith.device)
     with Bars(quiet) as bars:
         result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
-                                     accumulate=acc, device=device, shard_bytes=shard_bytes, force=force,
+                                     accumulate=acc_dtype, device=device, shard_bytes=shard_bytes, force=force,
                                      hash_inputs=hash_inputs, copy=patterns, output_format=output_format,
                                      progress=bars.for_plan("averaging"))
     size, seconds = output_summary(result)
