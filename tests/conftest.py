@@ -304,6 +304,15 @@ def _fadvise_evicts(folder: Path) -> bool:
     return _EVICTS[dev]
 
 
+def cached_share_of(path, pos: int, nbytes: int) -> float:
+    """The share of `nbytes` of `path` from `pos` in the page cache (mincore: reads nothing)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return pagecache.cached_share(fd, pos, nbytes)
+    finally:
+        os.close(fd)
+
+
 def evict(path, pos: int = 0, nbytes: int = 0) -> None:
     """Out of the page cache, as after a reboot (pages still mapped stay): the whole file, or `nbytes` of it
     from `pos`. Where the filesystem keeps the pages anyway, the test that asked is skipped: it needs a disk."""

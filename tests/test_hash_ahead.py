@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import evict, pythia_state_dict, write_checkpoint
+from conftest import cached_share_of, evict, pythia_state_dict, write_checkpoint
 
 from ckptavg.checkpoints.layouts import likely_weight_files
 from ckptavg.manifest import MANIFEST
-from ckptavg.storage import pagecache
 
 MiB = 1024 * 1024
 
@@ -36,6 +35,11 @@ def write_files(folder: Path, sizes_mib: list[int]) -> list[Path]:
         files.append(folder / f"f{i}.bin")
         files[-1].write_bytes(os.urandom(MiB) * size)
     return files
+
+
+def own_cache(tmp_path: Path) -> dict[str, str]:
+    """The environment of a process with a hash cache of its own under `tmp_path`, importing this ckptavg."""
+    return dict(os.environ, CKPTAVG_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(sys.path))
 
 
 def run(code: str, tmp_path: Path, files: list[Path] = ()) -> dict:
@@ -57,7 +61,7 @@ def run(code: str, tmp_path: Path, files: list[Path] = ()) -> dict:
         if files:
             hash_ahead.start(files)
     """) + textwrap.dedent(code)
-    env = dict(os.environ, CKPTAVG_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(sys.path))
+    env = own_cache(tmp_path)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -106,11 +110,7 @@ def test_a_file_on_disk_is_left_to_the_engine_unread(tmp_path):
     """, tmp_path, files)
     assert got == {"done": {str(files[0]): sha256(files[0]), str(files[2]): sha256(files[2])}, "pending": None,
                    "finish": {}, "cached": False}
-    fd = os.open(files[1], os.O_RDONLY)
-    try:
-        assert pagecache.cached_share(fd, 0, 4 * MiB) < 0.01  # not read
-    finally:
-        os.close(fd)
+    assert cached_share_of(files[1], 0, 4 * MiB) < 0.01  # not read
 
 
 def test_a_file_changed_since_the_child_hashed_it_is_not_taken(tmp_path):
@@ -144,7 +144,7 @@ def test_the_child_exits_when_its_parent_does_without_a_claim(tmp_path):
 def test_a_bad_option_forks_no_child(tmp_path):
     """`ckptavg average` checks its options before it forks: one that fails on a typo hashes nothing."""
     folder = write_checkpoint(tmp_path / "step1", pythia_state_dict(1, torch.float16), "safetensors")
-    env = dict(os.environ, CKPTAVG_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(sys.path))
+    env = own_cache(tmp_path)
     done = subprocess.run([sys.executable, "-m", "ckptavg", "average", str(folder), "-o", str(tmp_path / "avg"),
                            "--accumulate", "float8"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--accumulate" in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -166,7 +166,7 @@ def test_ckptavg_average_records_the_child_s_digests(tmp_path):
     the Python API after a child finished every file: each input's sha256 right, computed in this run."""
     folders = [write_checkpoint(tmp_path / f"step{i}", pythia_state_dict(i, torch.float16), fmt)
                for i, fmt in enumerate(["safetensors", "safetensors-sharded", "bin"])]
-    env = dict(os.environ, CKPTAVG_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(sys.path))
+    env = own_cache(tmp_path)
     done = subprocess.run([sys.executable, "-m", "ckptavg", "average", *map(str, folders), "-o",
                            str(tmp_path / "avg"), "-q"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

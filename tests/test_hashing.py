@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import (
     assert_matches,
+    cached_share_of,
     cli,
     evict,
     pythia_state_dict,
@@ -146,11 +147,7 @@ def test_hashing_reads_no_input_twice(tmp_path, monkeypatch, fmt):
 
 
 def cached(path, pos: int, nbytes: int) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return pagecache.cached_share(fd, pos, nbytes) == 1
-    finally:
-        os.close(fd)
+    return cached_share_of(path, pos, nbytes) == 1
 
 
 def read_into(x: torch.Tensor, out: torch.Tensor) -> bool:
