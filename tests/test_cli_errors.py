@@ -133,7 +133,9 @@ def test_non_zip_pickle_needing_unsafe_unpickling(pair, tmp_path):
     with open(bad / "pytorch_model.bin", "wb") as f:
         pickle.dump({"w": Payload()}, f)
     out = tmp_path / "avg"
-    assert_user_error(cli("average", bad, pair[1], "--out", out), "refusing to unpickle", out=out)
+    assert_user_error(cli("average", bad, pair[1], "--out", out), "not a torch.save file", out=out)
+    torch.save({"w": Payload()}, bad / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # a legacy file
+    assert_user_error(cli("average", bad, pair[1], "--out", out), "refusing to unpickle posix.system", out=out)
 
 
 def test_zip_pickle_needing_unsafe_unpickling(pair, tmp_path):

@@ -6,9 +6,10 @@ record lies: a byte range of a `__R_K.distcp` file) and the `.distcp` files. Eac
 plain byte range of the `.distcp` file: found from the record's zip directory and its small `data.pkl`,
 never by loading the record, and then read, hashed and cached like a safetensors tensor's.
 
-Both pickles are input from elsewhere, so they are read by unpicklers that know a fixed list of classes
-(torch's DCP metadata classes; tensor rebuilds and storage types) and refuse every other one
-(`UnsafeCheckpointError`, exit 2) before it is imported, let alone called.
+Both pickles are input from elsewhere. They are read into records (`pickles.py`, which executes nothing)
+that may name only a fixed list of classes (torch's DCP metadata classes; tensor rebuilds and storage types),
+and the metadata's records are then read into this module's own typed ones (`Metadata`, `TensorEntry`,
+`Chunk`, `StorageInfo`), checking every type, size and count, and that every file named lies in the folder.
 
 Whole tensors and sharded ones are read: a row shard (FSDP's `Shard(0)`, megatron's per-layer chunks) is
 one range of the flattened tensor, a column shard (tensor parallelism's `Shard(1)`) one range per row;
@@ -21,22 +22,31 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
 from . import torchsave
+from .confine import inside
 from .index import Extent, TensorRef
 from .names import dcp_metadata
+from .pickles import Call, Name, read_pickle
 
 METADATA = ".metadata"
+MAX_METADATA_BYTES = 1 << 30
+# pieces of tensors one checkpoint may be read in (a column shard is a piece a row): each holds at least one
+# element of a record that is there, and this bounds what their index costs (about 150 bytes each)
+MAX_EXTENTS = 1 << 24
+MAX_DIMS = 64
 # entries that are training state, not model weights, by the prefixes the trainers give them
 NOT_MODEL = ("optim.", "optimizer.", "optim_", "optimizer_", "train_state.", "lr_scheduler.", "dataloader.",
              "scheduler.", "rng_state.", "trainer.")
 _DCP = "torch.distributed.checkpoint.metadata"
+_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
 _METADATA_CLASSES = {
     (_DCP, name) for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                               "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
@@ -44,13 +54,48 @@ _METADATA_CLASSES = {
     # megatron-core keeps its save plans in the metadata (`planner_data`): torch's planner dataclasses
     ("torch.distributed.checkpoint.planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType",
                                                                 "TensorWriteData", "BytesIOWriteData")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-     ("collections", "OrderedDict")}
-# classes that trainers pickle in place of torch's own, read as torch's (so no trainer need be installed):
-# OLMo-core's writer records its `_StorageInfo` (relative_path, offset, length), torch's less one field
-_STAND_INS = {("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"):
-              ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+} | {(_FILESYSTEM, "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+     # OLMo-core's writer records its own `_StorageInfo` (relative_path, offset, length): torch's less a field
+     ("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo")
+} | {("torch", n) for n in torchsave.DTYPES}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class BytesEntry:
+    """An entry saved as bytes (megatron-core's `_extra_state`, torchtitan's data loader state)."""
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    """Where one chunk's (or bytes entry's) record lies: a byte range of a file of the folder."""
+
+    file: str
+    offset: int
+    length: int
+    transformed: bool = False  # saved through a transform (compression) ckptavg does not read
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """A DCP folder's metadata, as ckptavg reads it: each entry, and where each chunk's record lies, by (fqn,
+    the chunk's offsets; None for a bytes entry)."""
+
+    entries: dict[str, TensorEntry | BytesEntry]
+    storage: dict[tuple[str, tuple[int, ...] | None], StorageInfo]
 
 
 def _training_state(fqn: str) -> bool:
@@ -63,14 +108,150 @@ def is_dcp(folder: Path) -> bool:
     return bool(dcp_metadata(e.name for e in folder.iterdir()))
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        module, name = _STAND_INS.get((module, name), (module, name))
-        if (module, name) in _METADATA_CLASSES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(f"refusing to unpickle {module}.{name}: not one of DCP's metadata classes")
+class _Schema:
+    """Reads the records of one `.metadata` pickle into typed ones, refusing anything else."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def bad(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.where}: not a DCP metadata file ({what})")
+
+    def state(self, value: Any, cls: str, module: str = _DCP) -> dict:
+        """The state (a dataclass's fields) of a record of `module.cls`."""
+        if not isinstance(value, Call) or value.func != Name(module, cls) and not (
+                cls == "_StorageInfo" and value.func.name == cls):
+            raise self.bad(f"a {cls} expected")
+        state = value.state if value.built else {}
+        if isinstance(state, tuple) and len(state) == 2 and state[0] is None:  # (no dict, slot state)
+            state = state[1]
+        if not isinstance(state, dict) or value.args not in ((), ) or value.items or value.values:
+            raise self.bad(f"a malformed {cls}")
+        return state
+
+    def ints(self, value: Any, what: str) -> tuple[int, ...]:
+        if isinstance(value, Call) and value.func == Name("torch", "Size") and len(value.args) == 1:
+            value = value.args[0]
+        if not isinstance(value, (tuple, list)) or len(value) > MAX_DIMS or \
+                not all(type(v) is int and 0 <= v < 1 << 62 for v in value):
+            raise self.bad(f"a {what} that is not a list of non-negative integers")
+        return tuple(value)
+
+    def number(self, value: Any, what: str) -> int:
+        if type(value) is not int or not 0 <= value < 1 << 62:
+            raise self.bad(f"a {what} that is not a non-negative integer")
+        return value
+
+    def dtype(self, properties: Any) -> torch.dtype:
+        if not isinstance(properties, Call) or properties.func != Name(_DCP, "TensorProperties"):
+            raise self.bad("a TensorProperties expected")
+        state = properties.state
+        name = state[0] if isinstance(state, tuple) and state else state.get("dtype") if isinstance(state, dict) \
+            else None
+        if not isinstance(name, Name) or name.module != "torch" or name.name not in torchsave.DTYPES:
+            raise self.bad("a tensor without a dtype")
+        return torchsave.DTYPES[name.name]
+
+    def entry(self, value: Any) -> TensorEntry | BytesEntry:
+        if isinstance(value, Call) and value.func == Name(_DCP, "BytesStorageMetadata"):
+            return BytesEntry()
+        state = self.state(value, "TensorStorageMetadata")
+        size = self.ints(state.get("size"), "tensor size")
+        chunks = state.get("chunks")
+        if not isinstance(chunks, list):
+            raise self.bad("a tensor without a list of chunks")
+        read = []
+        for c in chunks:
+            fields = self.state(c, "ChunkStorageMetadata")
+            read.append(Chunk(self.ints(fields.get("offsets"), "chunk offset"),
+                              self.ints(fields.get("sizes"), "chunk size")))
+        return TensorEntry(self.dtype(state.get("properties")), size, tuple(read))
+
+    def storage(self, key: Any, value: Any) -> tuple[tuple[str, tuple[int, ...] | None], StorageInfo]:
+        index = self.state(key, "MetadataIndex")
+        fqn, offset = index.get("fqn"), index.get("offset")
+        if not isinstance(fqn, str):
+            raise self.bad("an entry whose name is not a string")
+        info = self.state(value, "_StorageInfo", _FILESYSTEM)
+        path = info.get("relative_path")
+        if isinstance(path, Call) and path.func.module == "pathlib" and all(isinstance(a, str) for a in path.args):
+            path = "/".join(path.args)
+        if not isinstance(path, str):
+            raise self.bad(f"the file of {fqn!r} is not named by a string")
+        return ((fqn, None if offset is None else self.ints(offset, "chunk offset")),
+                StorageInfo(path, self.number(info.get("offset"), "record offset"),
+                            self.number(info.get("length"), "record length"),
+                            bool(info.get("transform_descriptors"))))
+
+    def metadata(self, value: Any) -> Metadata:
+        state = self.state(value, "Metadata")
+        entries, storage = state.get("state_dict_metadata"), state.get("storage_data")
+        if not isinstance(entries, dict) or not isinstance(storage, dict):
+            raise self.bad("no entries or no storage records")
+        read = {}
+        for fqn, entry in entries.items():
+            if not isinstance(fqn, str):
+                raise self.bad("an entry whose name is not a string")
+            read[fqn] = self.entry(entry)
+        where = {}
+        for key, info in storage.items():
+            k, v = self.storage(key, info)
+            if k in where:
+                raise self.bad(f"two storage records for one chunk of {k[0]!r}")
+            where[k] = v
+        return Metadata(read, where)
+
+
+def read_metadata(folder: Path) -> Metadata:
+    """The folder's DCP metadata, read into typed records: its `.metadata`, or, for a save made without
+    collectives, every rank's `__R.metadata` merged (ranks 0 to N-1, none missing)."""
+    names = dcp_metadata(e.name for e in folder.iterdir())
+    if names == [METADATA]:
+        return _read_one(inside(folder, METADATA, str(folder)))
+    ranks = [int(n[2:-len(".metadata")]) for n in names]
+    missing = next((i for i, r in enumerate(ranks) if r != i), None)
+    if missing is not None:
+        raise CorruptCheckpointError(f"{folder}: a save without a global .metadata, whose rank {missing} left no "
+                                     f"__{missing}.metadata (not finished, or lost)")
+    return _merged([_read_one(inside(folder, n, str(folder))) for n in names])
+
+
+def _merged(parts: list[Metadata]) -> Metadata:
+    """One `Metadata` of every rank's: each tensor's chunks from all of them (a replicated tensor's, which
+    every rank saves, once), and where each chunk's record lies."""
+    entries: dict[str, TensorEntry | BytesEntry] = {}
+    storage: dict = {}
+    for part in parts:
+        for fqn, entry in part.entries.items():
+            known = entries.get(fqn)
+            if known is None:
+                entries[fqn] = entry
+            elif isinstance(entry, TensorEntry) and isinstance(known, TensorEntry):
+                if (entry.dtype, entry.size) != (known.dtype, known.size):
+                    raise CorruptCheckpointError(f"{fqn!r} has another dtype or size in one rank's metadata")
+                seen = {c.offsets for c in known.chunks}
+                entries[fqn] = TensorEntry(known.dtype, known.size,
+                                           known.chunks + tuple(c for c in entry.chunks if c.offsets not in seen))
+        for key, info in part.storage.items():
+            storage.setdefault(key, info)
+    return Metadata(entries, storage)
+
+
+def _read_one(path: Path) -> Metadata:
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path}: not a file")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+    except OSError as e:
+        raise with_path(e, path) from None
+    if len(data) > MAX_METADATA_BYTES:
+        raise CorruptCheckpointError(f"{path}: more than {MAX_METADATA_BYTES} bytes, more than ckptavg reads")
+    try:
+        records = read_pickle(data, str(path), names=_METADATA_CLASSES)
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{e} (not one of DCP's metadata classes)") from None
+    return _Schema(str(path)).metadata(records)
 
 
 def _record_tensor(f, file: Path, offset: int, length: int, fqn: str) -> tuple[torch.dtype, tuple[int, ...], int]:
@@ -80,130 +261,91 @@ def _record_tensor(f, file: Path, offset: int, length: int, fqn: str) -> tuple[t
         archive = torchsave.read_archive(f, where, offset, length, strict=True)
     except OSError as e:
         raise CorruptCheckpointError(f"{file}: cannot read the record of {fqn!r} ({e})") from None
-    t = archive.obj
-    if not isinstance(t, torchsave.Rebuilt):
+    t = torchsave.tensor_of(archive.obj, where)
+    if t is None:
         raise CorruptCheckpointError(f"{where}: not a tensor")
     at = archive.locate(t, where)
     if at is None:
-        raise CorruptCheckpointError(f"{where}: not one plain byte range (strided or compressed)")
-    return t.storage.dtype, t.size, at
+        raise CorruptCheckpointError(f"{where}: not one plain byte range (strided)")
+    return t.dtype, t.size, at
 
 
-def read_metadata(folder: Path):
-    """The folder's DCP `Metadata`, unpickled with the allow-list: its `.metadata`, or, for a save made
-    without collectives, every rank's `__R.metadata` merged (ranks 0 to N-1, none missing)."""
-    names = dcp_metadata(e.name for e in folder.iterdir())
-    if names == [METADATA]:
-        return _read_one(folder / METADATA)
-    ranks = [int(n[2:-len(".metadata")]) for n in names]
-    if ranks != list(range(len(ranks))):
-        missing = min(set(range(max(ranks) + 1)) - set(ranks))
-        raise CorruptCheckpointError(f"{folder}: a save without a global .metadata, whose rank {missing} left no "
-                                     f"__{missing}.metadata (not finished, or lost)")
-    return _merged([_read_one(folder / n) for n in names])
+def _check_chunk(fqn: str, shape: tuple[int, ...], chunk: Chunk, where: str) -> None:
+    if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape) or \
+            any(o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, shape, strict=True)):
+        raise CorruptCheckpointError(f"{where}: a chunk of {fqn!r} lies outside its {list(shape)}")
 
 
-def _merged(parts: list):
-    """One `Metadata` of every rank's: each tensor's chunks from all of them (a replicated tensor's, which
-    every rank saves, once), and where each chunk's record lies."""
-    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-
-    entries: dict = {}
-    storage: dict = {}
-    for part in parts:
-        for fqn, entry in part.state_dict_metadata.items():
-            if fqn not in entries:
-                entries[fqn] = entry
-            elif isinstance(entry, TensorStorageMetadata):
-                known = {tuple(c.offsets) for c in entries[fqn].chunks}
-                entries[fqn].chunks.extend(c for c in entry.chunks if tuple(c.offsets) not in known)
-        for key, info in part.storage_data.items():
-            storage.setdefault(key, info)
-    return Metadata(state_dict_metadata=entries, storage_data=storage)
-
-
-def _read_one(path: Path):
-    try:
-        with path.open("rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise CorruptCheckpointError(f"{path}: not a DCP metadata file ({type(e).__name__}: {e})") from None
-    if type(metadata).__name__ != "Metadata" or not hasattr(metadata, "state_dict_metadata"):
-        raise CorruptCheckpointError(f"{path}: not a DCP metadata file")
-    return metadata
-
-
-def _flat_runs(fqn: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
-               folder: Path) -> list[tuple[int, int]]:
-    """A chunk as the runs of the flattened tensor it holds, in the chunk's own (row-major) order:
-    (first element, count) each. A row shard (FSDP's, megatron's per-layer chunks) is one run; a column
-    shard (tensor parallelism) is one run per row of it."""
-    if len(offsets) != len(shape) or len(sizes) != len(shape) or \
-            any(o < 0 or o + n > d for o, n, d in zip(offsets, sizes, shape, strict=True)):
-        raise CorruptCheckpointError(f"{folder / METADATA}: a chunk of {fqn!r} lies outside its {list(shape)}")
+def _run_layout(shape: tuple[int, ...], chunk: Chunk) -> tuple[int, int, int]:
+    """(k, how many runs of the flattened tensor a chunk is, how long each is), where the chunk's dimensions
+    from k on span the tensor's but for k itself: a row shard (FSDP's, megatron's per-layer chunks) is one
+    run; a column shard (tensor parallelism) is one run per row of it."""
     if not shape:
-        return [(0, 1)]
-    if not math.prod(sizes):
-        return []
-    # the run: the chunk's last dimensions that span the tensor's, and the one before them
+        return 0, 1, 1
     k = len(shape) - 1
-    while k > 0 and sizes[k] == shape[k]:
+    while k > 0 and chunk.sizes[k] == shape[k]:
         k -= 1
+    return k, math.prod(chunk.sizes[:k]), chunk.sizes[k] * math.prod(shape[k + 1:])
+
+
+def _flat_runs(shape: tuple[int, ...], chunk: Chunk) -> Iterator[tuple[int, int]]:
+    """The chunk's runs, in the chunk's own (row-major) order: (first element, count) each."""
+    k, _, run = _run_layout(shape, chunk)
+    if not shape:
+        yield 0, 1
+        return
     stride = [math.prod(shape[j + 1:]) for j in range(len(shape))]
-    run = sizes[k] * stride[k]
-    runs = []
-    for outer in itertools.product(*(range(o, o + n) for o, n in zip(offsets[:k], sizes[:k], strict=True))):
-        runs.append((sum(i * st for i, st in zip(outer, stride, strict=False)) + offsets[k] * stride[k], run))
-    return runs
+    for outer in itertools.product(*(range(o, o + n) for o, n in zip(chunk.offsets[:k], chunk.sizes[:k],
+                                                                      strict=True))):
+        yield sum(i * st for i, st in zip(outer, stride, strict=False)) + chunk.offsets[k] * stride[k], run
 
 
 def index(folder: Path) -> dict[str, TensorRef]:
     """Each model tensor (named as saved) with the extents that hold it, in element order, each a byte
     range of a `.distcp` file. A sharded tensor's chunks must cover it exactly once. Every check happens
     here, before a byte of tensor data is read."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     metadata = read_metadata(folder)
-    storage = {(k.fqn, tuple(k.offset) if k.offset is not None else None): v
-               for k, v in metadata.storage_data.items()}
+    where = str(folder / METADATA)
     tensors: dict[str, TensorRef] = {}
+    n_extents = 0
     with contextlib.ExitStack() as opened:
         files: dict[Path, Any] = {}
-        for fqn, entry in metadata.state_dict_metadata.items():
-            if not isinstance(entry, TensorStorageMetadata) or _training_state(fqn):
+        for fqn, entry in metadata.entries.items():
+            if not isinstance(entry, TensorEntry) or _training_state(fqn):
                 continue
-            shape = tuple(entry.size)
             pieces: list[Extent] = []
             for chunk in entry.chunks:
-                offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-                runs = _flat_runs(fqn, shape, offsets, sizes, folder)
-                if not runs:
+                _check_chunk(fqn, entry.size, chunk, where)
+                if not math.prod(chunk.sizes):
                     continue
-                info = storage.get((fqn, offsets))
+                info = metadata.storage.get((fqn, chunk.offsets))
                 if info is None:
-                    raise CorruptCheckpointError(f"{folder / METADATA}: no storage recorded for a chunk of {fqn!r}")
-                if getattr(info, "transform_descriptors", None):
-                    raise InputError(f"{folder}: tensor {fqn!r} is stored transformed "
-                                     f"({info.transform_descriptors}): not read by ckptavg")
-                file = folder / str(info.relative_path)
+                    raise CorruptCheckpointError(f"{where}: no storage recorded for a chunk of {fqn!r}")
+                if info.transformed:
+                    raise InputError(f"{folder}: tensor {fqn!r} is stored transformed (compressed): not read by "
+                                     f"ckptavg")
+                file = inside(folder, info.file, f"{where}: the record of {fqn!r}")
                 if file not in files:
                     if not file.is_file():
                         raise CorruptCheckpointError(f"{folder}: {file.name} is missing (it holds tensor {fqn!r})")
                     files[file] = opened.enter_context(file.open("rb"))
-                dtype, size, at = _record_tensor(files[file], file, int(info.offset), int(info.length), fqn)
-                if dtype != entry.properties.dtype or size != sizes:
+                dtype, size, at = _record_tensor(files[file], file, info.offset, info.length, fqn)
+                if dtype != entry.dtype or size != chunk.sizes:
                     raise CorruptCheckpointError(f"{file}: a record of {fqn!r} holds {dtype} {list(size)}, the "
-                                                 f"metadata says {entry.properties.dtype} {list(sizes)}")
+                                                 f"metadata says {entry.dtype} {list(chunk.sizes)}")
+                # (the record holds the chunk's elements: so its runs are no more than the bytes that are there)
+                n_extents += _run_layout(entry.size, chunk)[1]
+                if n_extents > MAX_EXTENTS:
+                    raise CorruptCheckpointError(f"{folder}: its tensors are stored in more than {MAX_EXTENTS} "
+                                                 f"pieces, more than ckptavg indexes")
                 done = 0
-                for first, count in runs:
+                for first, count in _flat_runs(entry.size, chunk):
                     pieces.append(Extent(file, at + done * dtype.itemsize, first, count))
                     done += count
             pieces.sort(key=lambda e: e.first)
-            _check_cover(folder, fqn, shape, pieces)
+            _check_cover(folder, fqn, entry.size, pieces)
             head = pieces[0] if pieces else Extent(folder / METADATA, 0, 0, 0)  # (an empty tensor reads no bytes)
-            tensors[fqn] = TensorRef(fqn, entry.properties.dtype, shape, head.file, head.offset,
+            tensors[fqn] = TensorRef(fqn, entry.dtype, entry.size, head.file, head.offset,
                                      tuple(pieces) if len(pieces) > 1 else ())
     if not tensors:
         raise InputError(f"{folder}: a DCP checkpoint without model tensors")
@@ -228,22 +370,27 @@ def model_bytes(folder: Path) -> list[tuple[str, bytes]]:
     """The model's entries that are not tensors (megatron-core's `_extra_state` objects, saved as bytes),
     each as its saved bytes: small, and copied into an average from the newest input, for the trainer's
     loader to find every entry it saved."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     metadata = read_metadata(folder)
-    where = {k.fqn: v for k, v in metadata.storage_data.items()}
+    where = {fqn: info for (fqn, _), info in metadata.storage.items()}
     found = []
-    for fqn, entry in metadata.state_dict_metadata.items():
-        if not isinstance(entry, BytesStorageMetadata) or _training_state(fqn) or fqn not in where:
+    for fqn, entry in metadata.entries.items():
+        if not isinstance(entry, BytesEntry) or _training_state(fqn) or fqn not in where:
             continue
         info = where[fqn]
+        if info.length > MAX_BYTES_ENTRY:
+            raise CorruptCheckpointError(f"{folder / METADATA}: entry {fqn!r} is {info.length} bytes, more than "
+                                         f"ckptavg copies ({MAX_BYTES_ENTRY})")
+        file = inside(folder, info.file, f"{folder / METADATA}: entry {fqn!r}")
         try:
-            with (folder / str(info.relative_path)).open("rb") as f:
-                f.seek(int(info.offset))
-                data = f.read(int(info.length))
+            with file.open("rb") as f:
+                f.seek(info.offset)
+                data = f.read(info.length)
         except OSError as e:
             raise CorruptCheckpointError(f"{folder}: cannot read entry {fqn!r} ({e})") from None
-        if len(data) != int(info.length):
-            raise CorruptCheckpointError(f"{folder / str(info.relative_path)}: truncated (entry {fqn!r})")
+        if len(data) != info.length:
+            raise CorruptCheckpointError(f"{file}: truncated (entry {fqn!r})")
         found.append((fqn, data))
     return found
+
+
+MAX_BYTES_ENTRY = 1 << 30

@@ -80,7 +80,7 @@ def unfinished(checkpoint: Path) -> str | None:
             return f"{checkpoint} has shards ({shard_names[0]}, ...) but no {index} (a save still being written?)"
         try:
             shards = set(json.loads((checkpoint / index).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue  # no index (or one that opening the checkpoint will call corrupt)
         missing = sorted(s for s in shards if not (checkpoint / str(s)).is_file())
         if missing:

@@ -41,7 +41,7 @@ _BIN = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 DCP_METADATA = ".metadata"  # a torch.distributed.checkpoint folder: written last, it marks the save finished
 _DCP = re.compile(r"__\d+_\d+\.distcp")
 # a save without collectives (`dcp.save(..., use_collectives=False)`) leaves one metadata file per rank instead
-DCP_RANK_METADATA = re.compile(r"__(\d+)\.metadata")
+DCP_RANK_METADATA = re.compile(r"__(\d{1,6})\.metadata")  # (a million ranks: the name bounds the count)
 
 
 def dcp_metadata(names: Iterable[str]) -> list[str]:

@@ -5,25 +5,26 @@ turns into.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError, InputError
+from ..errors import CorruptCheckpointError, InputError, with_path
 from ..storage.paths import location
 from . import dcp, torchsave
+from .confine import inside
 from .index import Checkpoint, TensorRef
 from .layouts import checkpoint_in
 from .names import DCP_SUBFOLDER_OF, DEEPSPEED_MODEL, TORCH_SAVE_SUFFIXES, WEIGHT_LAYOUTS
-from .safetensors_header import read_safetensors_header
+from .safetensors_header import read_safetensors_header, strict_json
 
 
 def _dcp_trainer(folder: Path) -> str:
     """Whose DCP folder this is, by the files each trainer saves beside (or around) it."""
     try:
-        if json.loads((folder / "metadata.json").read_text()).get("sharded_backend") == "torch_dist":
+        megatron = strict_json((folder / "metadata.json").read_bytes(), "")
+        if isinstance(megatron, dict) and megatron.get("sharded_backend") == "torch_dist":
             return "megatron"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, CorruptCheckpointError):
         pass
     if (folder / "meta.pt").is_file():
         return "lightning"
@@ -43,17 +44,20 @@ def _folder_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
     if name == DEEPSPEED_MODEL and any(path.glob("mp_rank_0[1-9]_model_states.pt")):
         raise InputError(f"{path}: a DeepSpeed checkpoint of several model-parallel ranks: ckptavg reads one")
     if not name.endswith(".index.json"):
-        return fmt, [path / name], None
+        return fmt, [inside(path, name, str(path))], None
+    index = inside(path, name, str(path))
     try:
-        weight_map = json.loads((path / name).read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CorruptCheckpointError(f"{path / name}: not a valid weight index") from None
-    files = [path / s for s in sorted(set(weight_map.values()))]
+        raw = index.read_bytes()
+    except OSError as e:
+        raise with_path(e, index) from None
+    weight_map = strict_json(raw, f"{index}: not a valid weight index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError(f"{index}: not a valid weight index (no weight_map of file names)")
+    files = [inside(path, s, str(index)) for s in sorted(set(weight_map.values()))]
     for f in files:
         if not f.is_file():
-            raise CorruptCheckpointError(f"{path / name}: names missing shard {f.name}")
+            raise CorruptCheckpointError(f"{index}: names missing shard {f.name}")
     return fmt, files, weight_map
 
 

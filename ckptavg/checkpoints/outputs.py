@@ -224,31 +224,40 @@ def dcp_layout(specs: Sequence[Spec], subfolder: str = "", raw: Sequence[tuple[s
 
 
 def _holds_tensors(obj: object) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return True
-    if isinstance(obj, dict):
-        return any(_holds_tensors(v) for v in obj.values())
-    if isinstance(obj, (list, tuple, set)):
-        return any(_holds_tensors(v) for v in obj)
+    """Whether a loaded entry holds a tensor at any depth (walked without recursion: a checkpoint's
+    hyper-parameters nest as deep as its pickle allows)."""
+    seen, todo = set(), [obj]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, torch.Tensor):
+            return True
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            todo.extend(value)
     return False
 
 
 def torch_save_layout(saved: dict, model_key: str, specs: Sequence[Spec], filename: str) -> OutputLayout:
     """`saved` (the newest input's object, as torch loads it) with `saved[model_key]` holding `specs`, its
     other entries that hold tensors left out, as one `torch.save` file whose tensors' bytes are holes."""
-    from .torchsave import read_archive
+    from .torchsave import as_dict, read_archive, tensor_of
 
     obj = {k: v for k, v in saved.items() if k == model_key or not _holds_tensors(v)}
     obj[model_key] = {s[0]: _fake(s) for s in specs}
     file = _saved_without_data(obj)
     file.seek(0)
     archive = read_archive(file, filename)
+    model = as_dict(as_dict(archive.obj)[model_key])
     parts, holes = file.split()
     where = {at: i for i, (at, _) in enumerate(holes)}
     order: list[str | None] = [None] * len(holes)
     empty = []
     for s in specs:
-        t = archive.obj[model_key][s[0]]
+        t = tensor_of(model[s[0]], s[0])
         at = archive.locate(t, s[0])
         if not _nbytes(s):
             empty.append(s[0])

@@ -28,26 +28,25 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorRef], dict[str,
             raw = f.read(n)
     except OSError as e:  # unreadable (permissions, EIO): the CLI's one line for the operating system's errors
         raise with_path(e, file) from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise CorruptCheckpointError(f"{file}: corrupt safetensors header (not JSON)") from None
+    header = strict_json(raw, f"{file}: corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"{file}: corrupt safetensors header (__metadata__ is not strings by name)")
     data_start = 8 + n
     refs: dict[str, TensorRef] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{file}: bad header entry for tensor {name!r}") from None
-        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-            raise CorruptCheckpointError(f"{file}: tensor {name!r} has inconsistent data offsets")
-        refs[name] = TensorRef(name, dtype, shape, file, data_start + begin)
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) and isinstance(
+            entry.get("dtype"), str) else None
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        if dtype is None or not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
+            raise CorruptCheckpointError(f"{file}: bad header entry for tensor {name[:200]!r}")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CorruptCheckpointError(f"{file}: tensor {name[:200]!r} has inconsistent data offsets")
+        refs[name] = TensorRef(name, dtype, tuple(shape), file, data_start + begin)
         spans.append((begin, end))
     spans.sort()
     covered = 0
@@ -61,3 +60,33 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorRef], dict[str,
             f"{file}: {what} (header needs {data_start + covered} bytes, file has {size})"
         )
     return refs, metadata
+
+
+def _naturals(value: object) -> bool:
+    """A JSON list of non-negative integers (a shape, offsets): no floats, bools, strings or negatives."""
+    return isinstance(value, list) and len(value) <= 64 and all(type(v) is int and 0 <= v < 1 << 62 for v in value)
+
+
+def strict_json(raw: bytes | str, what: str) -> object:
+    """JSON as a checkpoint's header or index must be: no key twice (parsers disagree on which one wins), no
+    NaN or infinity, nesting Python can parse; else a `CorruptCheckpointError` saying `what`."""
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        found = dict(items)
+        if len(found) != len(items):
+            raise ValueError("a key appears twice")
+        return found
+
+    def constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON number")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text[:50]} is out of range")
+        return value
+
+    try:
+        return json.loads(raw, object_pairs_hook=pairs, parse_constant=constant, parse_float=number)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        detail = "nested too deep" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise CorruptCheckpointError(f"{what} ({detail})") from None

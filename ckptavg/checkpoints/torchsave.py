@@ -4,11 +4,17 @@ found without loading the archive.
 Since torch 1.6 an archive is a zip: a pickle (`data.pkl`) of the saved object, whose tensors point at
 storages, each stored as an uncompressed member `data/<key>`. So a tensor's bytes are a plain byte range of
 the file: found from the zip directory and the pickle, then read, hashed and cached like a safetensors
-tensor's. The pickle is input from elsewhere. It is read by an unpickler that builds tensors as records
-of where their bytes are, plain containers as themselves, and every other class as an inert stand-in
-that is never imported and runs nothing: a Lightning checkpoint's hyper-parameters or nanoGPT's config
-need no code of theirs to be skipped, and no code of theirs can run. DCP records, which hold one tensor
-each, are read strictly: any other class is refused.
+tensor's.
+
+The archive is input from elsewhere, and is read as torch reads it or refused. The zip: one archive
+folder, no name twice (torch would read the first, zipfile the last), no encrypted member, every storage
+stored uncompressed and lying inside the archive, its local header agreeing with the directory, a
+little-endian `byteorder` (or none, which torch reads as little). The pickle: read into records by
+`pickles.py`, which executes nothing, and then by this module's schema: a tensor is a `Rebuilt`
+record (which storage, from which element, in what shape), every other object stays a `Call` record of
+what it asked for. A Lightning checkpoint's hyper-parameters or nanoGPT's config need no code of theirs
+to be skipped, and no code of theirs can run. DCP records, which hold one tensor each, are read
+strictly: any other class is refused.
 
 Which entry of the saved object is the model is the trainer's convention (`TRAINER_KEYS`): a plain
 state dict (`.bin`), Lightning's `state_dict`, nanoGPT's `model` (names as its own loader gives them,
@@ -17,7 +23,6 @@ less `torch.compile`'s `_orig_mod.`), DeepSpeed's `module`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import io
 import math
@@ -33,12 +38,44 @@ import torch
 from ..errors import CkptavgWarning, CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
 from ..storage.paths import RemotePath
 from .index import TensorRef
+from .pickles import Call, Name, read_pickle, read_pickle_at, walk
+
+# the largest `data.pkl` read (a state dict's pickle is about 200 bytes a tensor: 10**6 tensors fit)
+MAX_PICKLE_BYTES = 1 << 30
+# dtypes by the names a pickle gives them: `torch.float16` (a `Name`), `torch.HalfStorage` (a storage type)
+DTYPES: dict[str, torch.dtype] = {n: v for n in dir(torch) if isinstance(v := getattr(torch, n), torch.dtype)}
+STORAGE_DTYPES: dict[str, torch.dtype] = {n: d for d, n in torch.storage._dtype_to_storage_type_map().items()}
+_REBUILD_V2, _REBUILD_V3 = Name("torch._utils", "_rebuild_tensor_v2"), Name("torch._utils", "_rebuild_tensor_v3")
+_PARAMETERS = (Name("torch._utils", "_rebuild_parameter"), Name("torch._utils", "_rebuild_parameter_with_state"))
+_FROM_TYPE = Name("torch._tensor", "_rebuild_from_type_v2")
+_ORDERED_DICT = Name("collections", "OrderedDict")
+# What a tensor's record may name: what a DCP record (one tensor) is read with, strictly.
+TENSOR_NAMES = frozenset({(n.module, n.name) for n in (_REBUILD_V2, _REBUILD_V3, *_PARAMETERS, _ORDERED_DICT)}
+                         | {("torch", n) for n in STORAGE_DTYPES} | {("torch", n) for n in DTYPES}
+                         | {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")})
+# What torch's own `weights_only` loader may be given to call, with the arguments each may take: checked
+# before `load_whole` hands it a file, since it calls them as the pickle says (`bytearray(3 * 10**9)`,
+# `torch.Tensor(10**9)` are on its list).
+_BOUNDED_CALLS = {
+    ("collections", "OrderedDict"): lambda args: args == () or isinstance(args[0], list) and len(args) == 1,
+    ("torch", "Size"): lambda args: len(args) == 1 and isinstance(args[0], tuple),
+    ("_codecs", "encode"): lambda args: len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1",
+                                                                                                  "latin-1"),
+    ("builtins", "bytearray"): lambda args: args == () or len(args) == 2 and isinstance(args[0], str),
+    ("builtins", "set"): lambda args: args == () or len(args) == 1 and isinstance(args[0], list),
+    ("torch.serialization", "_get_layout"): lambda args: args in (("torch.strided",), ("torch.sparse_coo",)),
+    ("torch", "device"): lambda args: all(isinstance(a, (str, int)) for a in args),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Storage:
-    dtype: torch.dtype
+    """A storage as its persistent id describes it: `dtype` None for an untyped one (whose tensor names its
+    dtype), `numel` in elements of `dtype` (in bytes when untyped)."""
+
+    dtype: torch.dtype | None
     key: str
+    numel: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +86,7 @@ class Rebuilt:
     storage_offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
+    dtype: torch.dtype
 
     @property
     def contiguous(self) -> bool:
@@ -56,89 +94,100 @@ class Rebuilt:
         return all(st == c for st, c, d in zip(self.stride, dense, self.size, strict=True) if d > 1)
 
 
-class Inert:
-    """Stands in for a class outside the allow-list: keeps what the pickle gives it, runs nothing."""
-
-    qualname = "?"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:  # a dict subclass's items (Lightning's AttributeDict)
-        self.__dict__.setdefault("items", {})[key] = value
-
-    def append(self, value: Any) -> None:  # a list subclass's
-        self.__dict__.setdefault("values", []).append(value)
-
-    def extend(self, values: Any) -> None:
-        for value in values:
-            self.append(value)
-
-    def __repr__(self) -> str:
-        return f"<{self.qualname}, not loaded>"
+def _ints(value: Any, what: str, where: str) -> tuple[int, ...]:
+    """A tuple of non-negative ints (a size, a stride), or a corrupt checkpoint."""
+    if isinstance(value, Call) and value.func == Name("torch", "Size") and len(value.args) == 1:
+        value = value.args[0]
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v < 1 << 62 for v in value):
+        raise CorruptCheckpointError(f"{where}: a tensor's {what} is not a tuple of non-negative integers")
+    return tuple(value)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_):
-    return Rebuilt(storage, int(storage_offset), tuple(size), tuple(stride))
+def _storage(pid: Any, where: str) -> Storage:
+    """The record of a persistent id: ("storage", storage type, key, location, numel)."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        raise UnsafeCheckpointError(f"{where}: unexpected persistent id (a {type(pid).__name__})")
+    kind, key, numel = pid[1], pid[2], pid[4]
+    if not isinstance(kind, Name) or not isinstance(key, str) or type(numel) is not int or not 0 <= numel < 1 << 62:
+        raise CorruptCheckpointError(f"{where}: a malformed storage record")
+    if kind.module == "torch" and kind.name in STORAGE_DTYPES:
+        return Storage(STORAGE_DTYPES[kind.name], key, numel)
+    if kind.name == "UntypedStorage" and kind.module in ("torch", "torch.storage"):
+        return Storage(None, key, numel)
+    raise CorruptCheckpointError(f"{where}: a storage of unknown type {kind}")
 
 
-def _rebuild_parameter(data, *_):  # nn.Parameter(data, requires_grad, hooks[, state]): the data is the tensor
-    return data
+def tensor_of(value: Any, where: str) -> Rebuilt | None:
+    """The tensor a record describes (a rebuilt tensor, a parameter, a tensor subclass's tensor); None for
+    anything else. Every argument is checked: a negative or non-integer size, a dtype that disagrees with its
+    storage, are corrupt."""
+    for _ in range(3):  # a parameter of a subclass of a tensor, at most
+        if not isinstance(value, Call):
+            return None
+        if value.func in _PARAMETERS and value.args:
+            value = value.args[0]
+        elif value.func == _FROM_TYPE and len(value.args) >= 3 and isinstance(value.args[2], tuple):
+            value = Call(value.args[0], value.args[2]) if isinstance(value.args[0], Name) else None
+        else:
+            break
+    if not isinstance(value, Call) or value.func not in (_REBUILD_V2, _REBUILD_V3) or len(value.args) < 4:
+        return None
+    storage, offset = value.args[0], value.args[1]
+    if not isinstance(storage, Storage) or type(offset) is not int or not 0 <= offset < 1 << 62:
+        raise CorruptCheckpointError(f"{where}: a tensor with a malformed storage or offset")
+    size, stride = _ints(value.args[2], "size", where), _ints(value.args[3], "stride", where)
+    if len(size) != len(stride):
+        raise CorruptCheckpointError(f"{where}: a tensor whose size and stride differ in length")
+    dtype = storage.dtype
+    if value.func == _REBUILD_V3:
+        named = value.args[6] if len(value.args) > 6 else None
+        named = DTYPES.get(named.name) if isinstance(named, Name) and named.module == "torch" else None
+        if named is None or dtype not in (None, named):
+            raise CorruptCheckpointError(f"{where}: a tensor whose dtype is missing or disagrees with its storage")
+        if dtype is None:  # an untyped storage counts bytes
+            if storage.numel % named.itemsize:
+                raise CorruptCheckpointError(f"{where}: a storage of {storage.numel} bytes for {named} elements")
+            storage = Storage(named, storage.key, storage.numel // named.itemsize)
+        dtype = named
+    if dtype is None:
+        raise CorruptCheckpointError(f"{where}: a tensor of an untyped storage without a dtype")
+    if math.prod(size):  # every element it views lies in its storage
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+        if last >= storage.numel:
+            raise CorruptCheckpointError(f"{where}: a tensor whose elements lie outside its storage")
+    return Rebuilt(storage, offset, size, stride, dtype)
 
 
-def _rebuild_from_type(func, _type, args, _state):  # a tensor subclass: the tensor it wraps
-    return func(*args)
-
-
-_TORCH_REBUILDS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-                   ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-                   ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-                   ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type}
-_CONTAINERS = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): tuple,
-               ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
-               ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray}
-
-
-def _storage_type(module: str, name: str):
-    if module == "torch" and name.endswith("Storage"):
-        with warnings.catch_warnings():  # (torch's typed storages are deprecated, and still what it pickles)
-            warnings.simplefilter("ignore")
-            storage = getattr(torch, name, None)
-            if isinstance(getattr(storage, "dtype", None), torch.dtype):
-                return storage
+def as_dict(value: Any) -> dict | None:
+    """A dict, or an `OrderedDict` record as the dict it holds; None for anything else."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, Call) and value.func == _ORDERED_DICT and not value.values:
+        if not value.args:
+            return value.items
+        if len(value.args) == 1 and isinstance(value.args[0], list) and not value.items \
+                and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value.args[0]):
+            try:
+                return dict(value.args[0])
+            except TypeError:
+                return None
     return None
 
 
-class _Unpickler(pickle.Unpickler):
-    """Reads an archive's `data.pkl` into `Rebuilt` records for its tensors (`strict`: tensors and plain
-    containers only; otherwise `Inert` stand-ins for every other class)."""
-
-    def __init__(self, data: bytes, strict: bool, where: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self.strict, self.where = strict, where
-
-    def find_class(self, module: str, name: str):
-        found = _TORCH_REBUILDS.get((module, name)) or _CONTAINERS.get((module, name)) or _storage_type(module, name)
-        if found is not None:
-            return found
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) == ("_codecs", "encode"):  # how protocol 2 pickles bytes
-            return lambda text, encoding="latin1": text.encode(encoding)
-        if self.strict:
-            raise UnsafeCheckpointError(f"{self.where}: refusing to unpickle {module}.{name} (only tensors expected)")
-        return type(name, (Inert,), {"qualname": f"{module}.{name}"})
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsafeCheckpointError(f"{self.where}: unexpected persistent id {pid!r}")
-        dtype = getattr(pid[1], "dtype", None)
-        if not isinstance(dtype, torch.dtype):
-            raise CorruptCheckpointError(f"{self.where}: a storage of unknown type {pid[1]!r}")
-        return Storage(dtype, str(pid[2]))
+def _check_loadable(obj: Any, where: str) -> None:
+    """Refuse a pickle that asks torch's `weights_only` loader for a call that allocates on its say-so, or for
+    an object this module does not know (which that loader refuses too, less clearly)."""
+    for value in walk(obj):
+        if isinstance(value, Call):
+            key = (value.func.module, value.func.name)
+            if key in _BOUNDED_CALLS:
+                if not _BOUNDED_CALLS[key](value.args):
+                    raise UnsafeCheckpointError(f"{where}: refusing to load a call of {value.func} with arguments "
+                                                f"it does not take in a checkpoint")
+            elif tensor_of(value, where) is None and value.func not in (_REBUILD_V2, _REBUILD_V3, *_PARAMETERS,
+                                                                         _FROM_TYPE):
+                raise UnsafeCheckpointError(f"{where}: refusing to unpickle {value.func}: not a tensor or a plain "
+                                            f"container")
 
 
 class _Slice(io.RawIOBase):
@@ -169,39 +218,42 @@ class _Slice(io.RawIOBase):
 
 
 def member_data_offset(f, member: zipfile.ZipInfo, base: int = 0) -> int | None:
-    """Where the bytes of an uncompressed zip member start in the open file `f`, for a zip that starts at
-    `base`: past its local header, whose own name and extra lengths decide; None for a compressed member
-    or a header that is not one."""
-    if member.compress_type != zipfile.ZIP_STORED:
-        return None
+    """Where the bytes of a zip member start in the open file `f`, for a zip that starts at `base`: past
+    its local header, whose own name and extra lengths decide (as torch's reader takes them); None for a
+    local header that is not one or disagrees with the directory (another name, another compression)."""
     f.seek(base + member.header_offset)
     local = f.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
         return None
+    method, = struct.unpack("<H", local[8:10])
     name_len, extra_len = struct.unpack("<HH", local[26:30])
+    name = f.read(name_len)
+    if method != member.compress_type or name != member.orig_filename.encode("utf-8" if member.flag_bits & 0x800
+                                                                             else "cp437", "replace"):
+        return None
     return base + member.header_offset + 30 + name_len + extra_len
 
 
 @dataclasses.dataclass(frozen=True)
 class Archive:
-    """One `torch.save` archive, read: the saved object (tensors as `Rebuilt`), and where each storage's
-    bytes start in the file, with their length."""
+    """One `torch.save` archive, read: the saved object (tensors as `Rebuilt` records), and where each
+    storage's bytes lie in the file, with their length."""
 
     obj: Any
-    storages: dict[str, tuple[int, int] | None]  # key -> (absolute offset, bytes); None: compressed
+    storages: dict[str, tuple[int, int]]  # key -> (absolute offset, bytes)
 
     def locate(self, t: Rebuilt, what: str) -> int | None:
         """The absolute byte offset of a contiguous tensor's elements; None where they are not one plain
-        range (a strided view, a compressed member)."""
-        where = self.storages.get(t.storage.key, ...)
-        if where is ...:
+        range (a strided view)."""
+        where = self.storages.get(t.storage.key)
+        if where is None:
             raise CorruptCheckpointError(f"{what}: its storage {t.storage.key!r} is missing from the archive")
-        if where is None or not t.contiguous:
+        if where[1] != t.storage.numel * t.dtype.itemsize:
+            raise CorruptCheckpointError(f"{what}: its storage holds {where[1]} bytes, its record says "
+                                         f"{t.storage.numel} {str(t.dtype).removeprefix('torch.')} elements")
+        if not t.contiguous:
             return None
-        at = where[0] + t.storage_offset * t.storage.dtype.itemsize
-        if t.storage_offset < 0 or at + math.prod(t.size) * t.storage.dtype.itemsize > where[0] + where[1]:
-            raise CorruptCheckpointError(f"{what}: its bytes lie outside its storage")
-        return at
+        return where[0] + t.storage_offset * t.dtype.itemsize
 
 
 def is_archive(file: Path) -> bool:
@@ -209,29 +261,79 @@ def is_archive(file: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+# what zipfile raises for a directory it cannot parse (a lying ZIP64 record, an unknown compression)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, OverflowError,
+               struct.error, UnicodeDecodeError, KeyError, IndexError, RuntimeError)
+
+
+def _members(z: zipfile.ZipFile, f, where: str, base: int, length: int) -> dict[str, tuple[zipfile.ZipInfo, int]]:
+    """Each member of the archive by its name within the archive's one folder, with where its data starts:
+    every check on the zip's structure, before anything in it is read."""
+    members: dict[str, tuple[zipfile.ZipInfo, int]] = {}
+    folder = None
+    for info in z.infolist():
+        top, _, name = info.filename.partition("/")
+        folder = top if folder is None else folder
+        if top != folder or not name:
+            raise CorruptCheckpointError(f"{where}: a torch.save archive with members outside its one folder "
+                                         f"({info.filename!r})")
+        if name in members:
+            raise CorruptCheckpointError(f"{where}: two members named {info.filename!r} (torch would read one, "
+                                         f"zipfile another)")
+        if info.flag_bits & 0x1:
+            raise UnsafeCheckpointError(f"{where}: an encrypted member {info.filename!r}")
+        at = member_data_offset(f, info, base)
+        if at is None or at + info.compress_size > base + length:
+            raise CorruptCheckpointError(f"{where}: member {info.filename!r} has a bad local header or lies "
+                                         f"outside the archive")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CorruptCheckpointError(f"{where}: member {info.filename!r} is compressed (torch.save stores "
+                                         f"every record uncompressed, and its storages are read in place)")
+        if info.file_size != info.compress_size:
+            raise CorruptCheckpointError(f"{where}: member {info.filename!r} is stored with two sizes")
+        members[name] = (info, at)
+    return members
+
+
+def _byteorder(z: zipfile.ZipFile, members: dict, where: str) -> None:
+    """Refuse an archive saved big-endian (torch would swap its bytes; ckptavg reads them in place). No
+    record is little-endian, as torch reads it."""
+    if "byteorder" not in members:
+        return
+    info = members["byteorder"][0]
+    order = z.read(info) if info.file_size <= 16 else b""
+    if order == b"big":
+        raise CorruptCheckpointError(f"{where}: a big-endian archive (byteorder 'big'): ckptavg reads "
+                                     f"little-endian ones only")
+    if order != b"little":
+        raise CorruptCheckpointError(f"{where}: an unknown byteorder record")
+
+
 def read_archive(f, where: str, base: int = 0, length: int | None = None, strict: bool = False) -> Archive:
-    """The archive at `base` of the open file `f` (the whole file by default)."""
+    """The archive at `base` of the open file `f` (the whole file by default). `strict`: a record that
+    holds one tensor and nothing else (DCP's)."""
     size = f.seek(0, 2)
     length = size - base if length is None else length
-    if size < base + length:
+    if length < 0 or base < 0 or size < base + length:
         raise CorruptCheckpointError(f"{where}: truncated (needs bytes up to {base + length}, has {size})")
     try:
         with zipfile.ZipFile(_Slice(f, base, length)) as z:
-            members = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
+            members = _members(z, f, where, base, length)
             if "data.pkl" not in members:
                 raise CorruptCheckpointError(f"{where}: not a torch.save archive (no data.pkl)")
-            data = z.read(members["data.pkl"])
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+            _byteorder(z, members, where)
+            info = members["data.pkl"][0]
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise CorruptCheckpointError(f"{where}: its pickle is {info.file_size} bytes, more than ckptavg "
+                                             f"reads ({MAX_PICKLE_BYTES})")
+            with z.open(info) as member:
+                data = member.read(MAX_PICKLE_BYTES + 1)
+    except _ZIP_ERRORS as e:
         raise CorruptCheckpointError(f"{where}: truncated or corrupt torch.save archive ({e})") from None
-    try:
-        obj = _Unpickler(data, strict, where).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise CorruptCheckpointError(f"{where}: its pickle does not parse ({type(e).__name__}: {e})") from None
-    storages: dict[str, tuple[int, int] | None] = {}
-    for name, member in members.items():
-        if name.startswith("data/"):
-            at = member_data_offset(f, member, base)
-            storages[name[len("data/"):]] = None if at is None else (at, member.file_size)
+    obj = read_pickle(data, where, names=TENSOR_NAMES if strict else None,
+                      persistent=lambda pid: _storage(pid, where))
+    storages = {name[len("data/"):]: (at, info.file_size) for name, (info, at) in members.items()
+                if name.startswith("data/")}
     return Archive(obj, storages)
 
 
@@ -242,24 +344,33 @@ COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts before every name of a
 
 
 def model_entries(obj: Any, where: str) -> tuple[str, dict[str, Any]]:
-    """(trainer, the model's state dict) of a saved object: a plain state dict (trainer "torch"), or the
-    model entry of a Lightning, nanoGPT or DeepSpeed checkpoint. Non-tensor entries are left out."""
-    trainer, sd = "torch", obj
-    if isinstance(obj, dict):
+    """(trainer, the model's state dict) of a saved object, read into records (tensors as `Rebuilt`) or
+    loaded by torch (tensors as tensors): a plain state dict (trainer "torch"), or the model entry of a
+    Lightning, nanoGPT or DeepSpeed checkpoint. Non-tensor entries are left out."""
+    trainer, sd = "torch", as_dict(obj)
+    if sd is not None:
         for name, key, marker in TRAINER_KEYS:
-            if marker in obj and isinstance(obj.get(key), dict):
-                trainer, sd = name, obj[key]
+            if marker in sd and as_dict(sd.get(key)) is not None:
+                trainer, sd = name, as_dict(sd[key])
                 break
         else:
-            if isinstance(obj.get("state_dict"), dict):  # a plain {"state_dict": ...} wrapper
-                sd = obj["state_dict"]
-    inert = next((v for v in (sd, *(sd.values() if isinstance(sd, dict) else ())) if isinstance(v, Inert)), None)
-    if inert is not None:  # where weights should be, an object of some class: refused, as weights_only would
-        raise UnsafeCheckpointError(f"{where}: refusing to unpickle {inert.qualname}: its state dict should hold "
-                                    f"tensors")
-    if not isinstance(sd, dict):
-        raise InputError(f"{where}: not a state dict (a saved {type(sd).__name__})")
-    tensors = {str(k): v for k, v in sd.items() if isinstance(v, (Rebuilt, torch.Tensor))}
+            if as_dict(sd.get("state_dict")) is not None:  # a plain {"state_dict": ...} wrapper
+                sd = as_dict(sd["state_dict"])
+    if sd is None:
+        what = obj.func if isinstance(obj, Call) else type(obj).__name__
+        raise InputError(f"{where}: not a state dict (a saved {what})")
+    tensors: dict[str, Any] = {}
+    for key, value in sd.items():
+        t = value if isinstance(value, torch.Tensor) else tensor_of(value, f"{where}: entry {key!r}"[:500])
+        if t is None:
+            if isinstance(value, Call) and tensor_of(value, where) is None and as_dict(value) is None:
+                # where weights should be, an object of some class: refused, as weights_only would
+                raise UnsafeCheckpointError(f"{where}: refusing to unpickle {value.func}: its state dict should "
+                                            f"hold tensors")
+            continue
+        if not isinstance(key, str):
+            raise CorruptCheckpointError(f"{where}: a tensor whose name is a {type(key).__name__}, not a string")
+        tensors[key] = t
     if trainer == "nanogpt":
         tensors = {k.removeprefix(COMPILED_PREFIX): v for k, v in tensors.items()}
     return trainer, tensors
@@ -280,7 +391,10 @@ def index_file(file: Path) -> tuple[str, dict[str, TensorRef]]:
         _refuse_zero3(file, entries)
     refs = {}
     for name, t in entries.items():
-        refs[name] = TensorRef(name, t.storage.dtype, t.size, file, archive.locate(t, f"{file}: tensor {name!r}"))
+        at = archive.locate(t, f"{file}: tensor {name!r}")
+        if at is None:  # (copied out of torch's own loading of the file, which must then be safe to ask for)
+            _check_loadable(archive.obj, str(file))
+        refs[name] = TensorRef(name, t.dtype, t.size, file, at)
     return trainer, refs
 
 
@@ -292,7 +406,7 @@ def zero3_refused(where: Path) -> InputError:
 
 def _refuse_zero3(file: Path, entries: dict[str, Any]) -> None:
     """ZeRO-3 partitions every parameter across ranks and keeps only placeholders in `module`."""
-    if file.name.startswith("zero_pp_rank_") or any(not math.prod(t.size) for t in entries.values()):
+    if file.name.startswith("zero_pp_rank_") or entries and not any(math.prod(t.size) for t in entries.values()):
         raise zero3_refused(file)
 
 
@@ -301,10 +415,45 @@ def _index_legacy(file: Path) -> tuple[str, dict[str, TensorRef]]:
     return trainer, {k: TensorRef(k, v.dtype, tuple(v.shape), file, None) for k, v in sd.items()}
 
 
+LEGACY_HEAD_BYTES = 64 << 20  # a legacy file's pickles come before its storages' bytes, in this much
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy torch.save file
+
+
+def _legacy_object(file: Path) -> Any:
+    """The saved object of a legacy (pre-1.6, non-zip) file, read into records: its fourth pickle, after a
+    magic number, a protocol version and a description of the saving system."""
+    with file.open("rb") as f:
+        head = f.read(LEGACY_HEAD_BYTES)
+    magic, at = read_pickle_at(head, 0, str(file))
+    if magic != LEGACY_MAGIC:
+        raise CorruptCheckpointError(f"{file}: not a torch.save file (neither a zip archive nor a legacy one)")
+    obj = None
+    for _ in range(3):
+        obj, at = read_pickle_at(head, at, str(file), persistent=lambda pid: _legacy_storage(pid, str(file)))
+    return obj
+
+
+def _legacy_storage(pid: Any, where: str) -> Storage:
+    """A legacy file's persistent id: ("storage", storage type, key, location, numel, view metadata)."""
+    if isinstance(pid, tuple) and len(pid) == 6:
+        return _storage(pid[:5], where)
+    raise CorruptCheckpointError(f"{where}: a malformed storage record")
+
+
 def load_whole(file: Path) -> Any:
     """The saved object, loaded by torch with `weights_only=True` (zip archives mapped, so their tensors
-    cost no anonymous memory; legacy ones loaded whole, saying so)."""
-    zipped = is_archive(file)
+    cost no anonymous memory; legacy ones loaded whole, saying so), once its pickle has been read into
+    records and found to ask torch for nothing that allocates on its say-so."""
+    try:
+        zipped = is_archive(file)
+        if zipped:
+            with file.open("rb") as f:
+                obj = read_archive(f, str(file)).obj
+        else:
+            obj = _legacy_object(file)
+    except OSError as e:
+        raise with_path(e, file) from None
+    _check_loadable(obj, str(file))
     try:
         obj = torch.load(file, map_location="cpu", mmap=zipped, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -312,8 +461,11 @@ def load_whole(file: Path) -> Any:
         raise UnsafeCheckpointError(
             f"{file}: refusing to unpickle: it needs more than weights_only=True allows ({first})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CorruptCheckpointError(f"{file}: cannot load ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise with_path(e, file) from None
+    except Exception as e:  # (torch's loader fails on bad input in many ways: RuntimeError, IndexError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CorruptCheckpointError(f"{file}: torch cannot load it ({type(e).__name__}: {first[:200]})") from None
     if not zipped:
         warnings.warn(f"{file} is a legacy (non-zip) checkpoint: it was loaded whole into memory", CkptavgWarning,
                       stacklevel=2)

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__, hash_ahead
+from ..checkpoints.confine import check_side_files
 from ..checkpoints.dcp import model_bytes
 from ..checkpoints.index import Checkpoint
-from ..checkpoints.names import DCP_SIDE_FILES
+from ..checkpoints.names import DCP_SIDE_FILES, SIDE_FILES
 from ..checkpoints.open import open_checkpoint
 from ..checkpoints.outputs import AUTO, resolve_format
 from ..checkpoints.torchsave import saved_object
@@ -54,6 +55,8 @@ def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: b
     weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
     patterns = tuple(dict.fromkeys((*DEFAULT_COPY_PATTERNS, *copy)))
     newest = checkpoints[-1]
+    check_side_files(newest.step_folder, SIDE_FILES)
+    check_side_files(newest.folder, DCP_SIDE_FILES)
     output_format = resolve_format(output_format, [c.format for c in checkpoints], newest.trainer)
     saved = saved_object(newest.files[0], newest.trainer) if output_format == "torch" else None
     raw = model_bytes(newest.folder) if output_format == "dcp" and newest.format == "dcp" else ()

@@ -354,6 +354,8 @@ class _Pipeline:
         scratch = [(a[: a.numel() // dtype.itemsize * dtype.itemsize].view(dtype),
                     t[: t.numel() // dtype.itemsize * dtype.itemsize].view(dtype)) for a, t in self.scratch]
         n, step = out.numel(), scratch[0][0].numel()
+        if not n:  # a tensor of no elements (safetensors and torch.save write them): nothing to add
+            return
         chunks = -(-n // step)
         per = -(-chunks // min(self.workers, chunks)) * step
         slices = [(a, min(n, a + per)) for a in range(0, n, per)]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text
+from ..checkpoints.confine import check_local
 from ..checkpoints.names import SIDE_FILES
 from ..errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
 from ..layout import temporary_name, temporary_owner, temporary_prefix
@@ -192,6 +193,8 @@ def copy_side_files(src, dst, names: Iterable[str] = SIDE_FILES) -> list[str]:
     copied = []
     for name in names:
         if (src / name).is_file():
+            if isinstance(src, Path):  # a link out of the checkpoint's folder is refused, not followed
+                check_local(src, src / name, str(src))
             dst.mkdir(parents=True, exist_ok=True)
             if isinstance(src, Path) and isinstance(dst, Path):
                 shutil.copyfile(src / name, dst / name)
