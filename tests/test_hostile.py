@@ -171,16 +171,18 @@ def test_a_call_that_allocates_on_the_pickle_s_say_so_is_a_record_never_made(tmp
 def test_a_memo_index_of_2_to_the_32_costs_nothing(tmp_path, clean):
     """A 247-byte pickle whose LONG_BINPUT 0xFFFFFFFF made the C unpickler allocate a 32 GiB memo."""
     good = saved(clean_state_dict(2))
-    body = state_dict_pickle(good)
-    attack = PROTO2 + b"Nr\xff\xff\xff\xff0" + body
+    attack = PROTO2 + b"}(X\x04\x00\x00\x00junkNr\xff\xff\xff\xffX\x0a\x00\x00\x00state_dict" + \
+        state_dict_pickle(good)[:-1] + b"u."  # {"junk": None (memo entry 2**32 - 1), "state_dict": ...}
     bad = checkpoint(tmp_path / "bad", with_pickle(good, attack))
-    assert_average_is_exact([bad, clean], [clean_state_dict(2), clean_state_dict(1)])
+    loaded = torch.load(bad / "pytorch_model.bin", weights_only=True)  # (torch reads it too)
+    assert_average_is_exact([bad, clean], [loaded["state_dict"], clean_state_dict(1)])
 
 
 def test_tuples_nested_past_what_hashing_survives_are_refused(tmp_path):
     """A dict key of tuples nested 100,000 deep crashed the interpreter when hashed."""
     good = saved(clean_state_dict(2))
-    attack = PROTO2 + b"}" + b")" + b"\x85" * 100_000 + b"Ns" + b"0" + state_dict_pickle(good)
+    attack = PROTO2 + b"}(X\x04\x00\x00\x00junk}" + b")" + b"\x85" * 100_000 + b"NsX\x0a\x00\x00\x00state_dict" + \
+        state_dict_pickle(good)[:-1] + b"u."
     bad = checkpoint(tmp_path / "bad", with_pickle(good, attack))
     with pytest.raises(CorruptCheckpointError, match="nests tuples deeper"):
         open_checkpoint(bad)
@@ -414,6 +416,15 @@ def test_a_malformed_weight_index_is_one_line(tmp_path, index):
     assert_user_error(cli("average", folder, folder, "--out", out), "index", out=out)
 
 
+def test_an_opcode_torch_s_loader_does_not_read_is_refused(tmp_path):
+    good = saved(clean_state_dict(2))
+    popped = checkpoint(tmp_path / "pop", with_pickle(good, PROTO2 + b"N0" + state_dict_pickle(good)))
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported operand 48"):
+        torch.load(popped / "pytorch_model.bin", weights_only=True)
+    with pytest.raises(CorruptCheckpointError, match="uses POP, which this format does not read"):
+        open_checkpoint(popped)
+
+
 def test_unknown_codecs_and_layouts_are_records_never_looked_up(tmp_path, clean):
     good = saved(clean_state_dict(2))
     body = state_dict_pickle(good)
@@ -441,3 +452,41 @@ def test_a_dcp_metadata_that_is_a_folder_is_a_corrupt_checkpoint(tmp_path):
     (folder / ".metadata").mkdir(parents=True)
     with pytest.raises((CorruptCheckpointError, InputError)):
         open_checkpoint(folder)
+
+
+def _no_version(files: dict[str, bytes]) -> bytes:
+    return rezip([(n, d) for n, d in files.items() if not n.endswith("/version")])
+
+
+def _several_disks(files: dict[str, bytes]) -> bytes:
+    raw = bytearray(rezip(list(files.items())))
+    at = raw.rfind(b"PK\x05\x06")
+    raw[at + 4:at + 6] = b"\x01\x00"  # the number of this disk
+    return bytes(raw)
+
+
+def _prepended(files: dict[str, bytes]) -> bytes:
+    return b"\0" * 64 + rezip(list(files.items()))  # (zipfile shifts every offset past them)
+
+
+def _marked_as_folder(files: dict[str, bytes]) -> bytes:
+    raw = bytearray(rezip(list(files.items())))
+    at = next(i for i in range(len(raw)) if raw.startswith(b"PK\x01\x02", i) and raw[i + 46:].startswith(
+        next(n for n in files if n.endswith("/data/0")).encode()))
+    raw[at + 38] = 0x10  # external attributes: a DOS folder
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("craft", [_no_version, _several_disks, _prepended, _marked_as_folder])
+def test_a_zip_torch_does_not_read_as_zipfile_does_is_refused(tmp_path, craft):
+    """Found by the fuzz suite: zips that Python's zipfile reads one way and torch's reader refuses or reads
+    another way (a member marked as a folder: torch gives other bytes for it)."""
+    sd = clean_state_dict(2)
+    bad = checkpoint(tmp_path / "bad", craft(members(saved(sd))))
+    try:
+        loaded = torch.load(bad / "pytorch_model.bin", weights_only=True)
+        assert not all(torch.equal(loaded[k], sd[k]) for k in sd)
+    except (RuntimeError, pickle.UnpicklingError):
+        pass  # (torch refuses it)
+    with pytest.raises(CorruptCheckpointError):
+        open_checkpoint(bad)

@@ -61,6 +61,15 @@ _METADATA_CLASSES = {
 } | {("torch", n) for n in torchsave.DTYPES}
 
 
+# the metadata classes that are hashable (frozen dataclasses, enums, paths): the only records a key may be
+_HASHABLE = {(_DCP, "MetadataIndex"), (_DCP, "_MEM_FORMAT_ENCODING"), ("torch", "Size"), ("pathlib", "PosixPath"),
+             ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.planner", "WriteItemType")}
+
+
+_GET_LAYOUT = Name("torch.serialization", "_get_layout")
+_STRIDED = object()  # (a dict state without a layout: torch's default, strided)
+
+
 @dataclass(frozen=True)
 class Chunk:
     offsets: tuple[int, ...]
@@ -145,11 +154,15 @@ class _Schema:
     def dtype(self, properties: Any) -> torch.dtype:
         if not isinstance(properties, Call) or properties.func != Name(_DCP, "TensorProperties"):
             raise self.bad("a TensorProperties expected")
-        state = properties.state
-        name = state[0] if isinstance(state, tuple) and state else state.get("dtype") if isinstance(state, dict) \
-            else None
+        state = properties.state  # (torch's __setstate__ takes five fields; older versions pickled a dict)
+        name = state[0] if isinstance(state, tuple) and len(state) == 5 else state.get("dtype") \
+            if isinstance(state, dict) else None
         if not isinstance(name, Name) or name.module != "torch" or name.name not in torchsave.DTYPES:
             raise self.bad("a tensor without a dtype")
+        layout = state[1] if isinstance(state, tuple) else state.get("layout", _STRIDED)
+        if not (isinstance(layout, Call) and layout.func == _GET_LAYOUT and layout.args == ("torch.strided",)) \
+                and layout is not _STRIDED:
+            raise self.bad("a tensor whose layout is not torch.strided (sparse tensors are not averaged)")
         return torchsave.DTYPES[name.name]
 
     def entry(self, value: Any) -> TensorEntry | BytesEntry:
@@ -248,7 +261,7 @@ def _read_one(path: Path) -> Metadata:
     if len(data) > MAX_METADATA_BYTES:
         raise CorruptCheckpointError(f"{path}: more than {MAX_METADATA_BYTES} bytes, more than ckptavg reads")
     try:
-        records = read_pickle(data, str(path), names=_METADATA_CLASSES)
+        records = read_pickle(data, str(path), names=_METADATA_CLASSES, hashable=_HASHABLE)
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{e} (not one of DCP's metadata classes)") from None
     return _Schema(str(path)).metadata(records)

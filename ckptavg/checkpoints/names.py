@@ -61,19 +61,28 @@ TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # a single weight file: 
 DCP_SIDE_FILES = ("meta.pt", "metadata.json", "common.pt")
 
 
-def weight_files(names: Iterable[str]) -> set[str]:
-    """The weight files among `names`: safetensors when there are any, else `.bin` (never
-    `training_args.bin` or optimizer states)."""
+def weight_layout(names: Iterable[str]) -> tuple[str, str] | None:
+    """(the file that decides, its format) for a folder holding `names`: the first of `WEIGHT_LAYOUTS`
+    there. The one detector: opening a checkpoint and choosing a branch's files both ask it."""
     names = set(names)
-    for pattern in (_SAFETENSORS, _BIN):
+    return next(((n, fmt) for n, fmt in WEIGHT_LAYOUTS if n in names), None)
+
+
+def weight_files(names: Iterable[str]) -> set[str]:
+    """The weight files among `names`: a DCP folder's data files; else the files of the first of
+    `WEIGHT_LAYOUTS` there (an index's shards by their names); else shards whose index is not there yet.
+    Never `training_args.bin` or optimizer states."""
+    names = set(names)
+    if dcp_metadata(names):
+        return {n for n in names if _DCP.fullmatch(n)}
+    found = weight_layout(names)
+    if found is not None and not found[0].endswith(".index.json"):
+        return {found[0]}
+    patterns = [_SAFETENSORS if found[1] == "safetensors" else _BIN] if found else [_SAFETENSORS, _BIN]
+    for pattern in patterns:
         weights = {n for n in names if pattern.fullmatch(n)}
         if weights:
             return weights
-    if dcp_metadata(names):
-        return {n for n in names if _DCP.fullmatch(n)}
-    for name in (DEEPSPEED_MODEL, NANOGPT_CHECKPOINT):
-        if name in names:
-            return {name}
     return set()
 
 

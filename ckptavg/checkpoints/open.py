@@ -14,7 +14,7 @@ from . import dcp, torchsave
 from .confine import inside
 from .index import Checkpoint, TensorRef
 from .layouts import checkpoint_in
-from .names import DCP_SUBFOLDER_OF, DEEPSPEED_MODEL, TORCH_SAVE_SUFFIXES, WEIGHT_LAYOUTS
+from .names import DCP_SUBFOLDER_OF, DEEPSPEED_MODEL, TORCH_SAVE_SUFFIXES, WEIGHT_LAYOUTS, weight_layout
 from .safetensors_header import read_safetensors_header, strict_json
 
 
@@ -33,14 +33,13 @@ def _dcp_trainer(folder: Path) -> str:
 
 def _folder_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
     """(format, weight files, the index's weight map) of a model folder."""
-    for name, fmt in WEIGHT_LAYOUTS:  # noqa: B007  (the one found is used below)
-        if (path / name).is_file():
-            break
-    else:
+    found = weight_layout(e.name for e in path.iterdir() if e.is_file())
+    if found is None:
         if any(path.glob("zero_pp_rank_*_model_states.pt")):
             raise torchsave.zero3_refused(path)
         wanted = ", ".join(n for n, _ in WEIGHT_LAYOUTS)
         raise InputError(f"{path}: no weights found (looked for {wanted}, and a DCP .metadata)")
+    name, fmt = found
     if name == DEEPSPEED_MODEL and any(path.glob("mp_rank_0[1-9]_model_states.pt")):
         raise InputError(f"{path}: a DeepSpeed checkpoint of several model-parallel ranks: ckptavg reads one")
     if not name.endswith(".index.json"):
@@ -94,7 +93,9 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
             trainer, refs = torchsave.index_file(f)
         for key, ref in refs.items():
             if weight_map is not None and weight_map.get(key) != f.name:
-                continue  # a shard may hold stray copies; the index decides
+                # (loaders differ: transformers takes every tensor of every shard, others only what the index says)
+                raise CorruptCheckpointError(f"{f}: holds tensor {key[:200]!r}, which its index "
+                                             f"{'puts in another shard' if key in weight_map else 'does not list'}")
             if key in tensors:
                 raise CorruptCheckpointError(f"{path}: tensor {key!r} appears in two files")
             tensors[key] = ref

@@ -24,14 +24,21 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
-from .index import DTYPE_NAMES
-from .names import DEEPSPEED_MODEL, NANOGPT_CHECKPOINT, SAFETENSORS_INDEX
+from .index import DTYPE_NAMES, Checkpoint
+from .names import (
+    DCP_SIDE_FILES,
+    DCP_SUBFOLDER_OF,
+    DEEPSPEED_MODEL,
+    NANOGPT_CHECKPOINT,
+    SAFETENSORS_INDEX,
+    SIDE_FILES,
+)
 
 DCP_FILE = "__0_0.distcp"
 OUTPUT_FORMATS = ("safetensors", "dcp", "torch")
@@ -268,3 +275,76 @@ def torch_save_layout(saved: dict, model_key: str, specs: Sequence[Spec], filena
     if None in order:
         raise RuntimeError("torch.save left a range unwritten that holds no tensor")
     return OutputLayout("torch", (OutputFile(filename, (*order, *empty), (*parts, *(b"" for _ in empty))),))
+
+
+# -- the registry: each format ckptavg writes, declared once --
+
+
+@dataclass(frozen=True)
+class Newest:
+    """What an output format takes from the newest input besides its tensors' names, read before planning
+    (so that the plan stays pure): its trainer, and the format's own `source` of it."""
+
+    trainer: str
+    source: object = None
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One format ckptavg writes. `source`: what it needs of the newest input (read once, before planning);
+    `layout`: its files for tensors of `specs`, at most `shard_bytes` a file where it shards; `side_files`:
+    (folder of the newest input, names to copy, where in the output) for what a loader needs beside the
+    tensors."""
+
+    name: str
+    layout: Callable[[Sequence[Spec], int, Newest], OutputLayout]
+    source: Callable[[Checkpoint], object] = lambda newest: None
+    side_files: Callable[[Checkpoint], list[tuple[object, tuple[str, ...], str]]] = \
+        lambda newest: [(newest.step_folder, SIDE_FILES, "")]
+
+
+def split_specs(specs: Sequence[Spec], shard_bytes: int) -> list[list[Spec]]:
+    """Greedy, order-preserving split into groups of at most `shard_bytes` (a bigger tensor gets its own)."""
+    if shard_bytes <= 0:
+        raise ValueError("shard size must be positive")
+    groups: list[list[Spec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + _nbytes(spec) > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += _nbytes(spec)
+    return groups
+
+
+def _dcp_source(newest: Checkpoint) -> tuple[tuple[str, bytes], ...]:
+    from .dcp import model_bytes
+
+    return tuple(model_bytes(newest.folder)) if newest.format == "dcp" else ()
+
+
+def _dcp_side_files(newest: Checkpoint) -> list[tuple[object, tuple[str, ...], str]]:
+    """A trainer's config beside its step's folder, and (for a DCP input) what it keeps beside its DCP data, in
+    the folder the output's DCP data goes to."""
+    files = [(newest.step_folder, SIDE_FILES, "")]
+    if newest.format == "dcp":
+        files.append((newest.folder, DCP_SIDE_FILES, DCP_SUBFOLDER_OF.get(newest.trainer, "")))
+    return files
+
+
+def _torch_source(newest: Checkpoint) -> tuple[dict, str]:
+    from .torchsave import saved_object
+
+    return saved_object(newest.files[0], newest.trainer)
+
+
+OUTPUTS: dict[str, OutputFormat] = {f.name: f for f in (
+    OutputFormat("safetensors", lambda specs, shard_bytes, newest: safetensors_layout(split_specs(specs, shard_bytes))),
+    OutputFormat("dcp", lambda specs, shard_bytes, newest: dcp_layout(specs, DCP_SUBFOLDER_OF.get(newest.trainer, ""),
+                                                                      newest.source or ()),
+                 _dcp_source, _dcp_side_files),
+    OutputFormat("torch", lambda specs, shard_bytes, newest: torch_save_layout(
+        *newest.source, specs, TORCH_SAVE_FILES[newest.trainer]), _torch_source),
+)}
+assert tuple(OUTPUTS) == OUTPUT_FORMATS

@@ -73,9 +73,12 @@ _MARK = _Mark()
 
 class _Reader:
     def __init__(self, data: bytes, where: str, names: Collection[tuple[str, str]] | None,
-                 persistent: Callable[[Any], Any] | None) -> None:
+                 persistent: Callable[[Any], Any] | None, opcodes: Collection[str] | None = None,
+                 hashable: Collection[tuple[str, str]] = ()) -> None:
         self.data, self.pos, self.where, self.persistent = bytes(data), 0, where, persistent
         self.names = names  # None: any name becomes a record; else the only ones allowed
+        self.opcodes = opcodes  # None: every opcode this reader knows; else the only ones allowed
+        self.hashable_names = hashable  # the names whose records may be dict keys or set items
         self.stack: list[Any] = []
         self.marks: list[int] = []
         self.memo: dict[int, Any] = {}
@@ -149,6 +152,18 @@ class _Reader:
                                          f"tuple")
         return Call(func, args)
 
+    def hashable(self, key: Any) -> None:
+        """Refuse a key that the object it stands for could not be: a record of anything but the names
+        `hashable_names` allows (pickle would fail on an unhashable dataclass, where a record hashes by
+        identity), looked for inside tuples too."""
+        todo = [key]
+        while todo:
+            k = todo.pop()
+            if isinstance(k, Call) and (k.func.module, k.func.name) not in self.hashable_names:
+                raise CorruptCheckpointError(f"{self.where}: its pickle uses a {k.func} as a key")
+            if type(k) is tuple:
+                todo.extend(k)
+
     def setitems(self, target: Any, items: list[Any]) -> None:
         if len(items) % 2:
             raise CorruptCheckpointError(f"{self.where}: its pickle sets a key without a value")
@@ -157,6 +172,8 @@ class _Reader:
             raise CorruptCheckpointError(f"{self.where}: its pickle sets items of a {type(target).__name__}")
         try:
             for k, v in zip(items[::2], items[1::2], strict=True):
+                if not isinstance(k, (str, int)):
+                    self.hashable(k)
                 into[k] = v
         except TypeError:  # an unhashable key
             raise CorruptCheckpointError(f"{self.where}: its pickle uses an unhashable dict key") from None
@@ -168,6 +185,8 @@ class _Reader:
         into.extend(values)
 
     def setlike(self, items: list[Any], kind: type) -> Any:
+        for item in items:
+            self.hashable(item)
         try:
             return kind(items)
         except TypeError:
@@ -181,9 +200,13 @@ class _Reader:
 
     # -- the opcodes (each a method named as in `pickletools`) --
     def PROTO(self) -> None:
-        self.take(1)
+        if self.u1() > 5:
+            raise CorruptCheckpointError(f"{self.where}: its pickle says protocol {self.data[self.pos - 1]}, which "
+                                         f"no pickle reader knows")
 
-    def FRAME(self) -> None:  # a buffering hint: the data is all in memory
+    def FRAME(self) -> None:  # a buffering hint (the data is all in memory), but one that must fit, as pickle says
+        if self.pos + 8 + _U8.unpack_from(self.data, self.pos)[0] > len(self.data):
+            raise CorruptCheckpointError(f"{self.where}: its pickle is truncated (a frame runs past its end)")
         self.take(8)
 
     def BININT(self) -> None:
@@ -373,7 +396,8 @@ class _Reader:
 
     def run(self) -> Any:
         """The object, at the first STOP opcode (`self.pos` is then just past it)."""
-        data, ops = self.data, {code: getattr(self, name) for code, name in _OPS.items()}
+        data = self.data
+        ops = {code: getattr(self, name) for code, name in _OPS.items() if self.opcodes is None or name in self.opcodes}
         try:
             while self.pos < len(data):
                 code = data[self.pos]
@@ -386,10 +410,9 @@ class _Reader:
                         raise CorruptCheckpointError(f"{self.where}: its pickle stops with {len(self.stack)} items "
                                                      f"on its stack")
                     return self.stack[0]
-                elif code in _REFUSED:
-                    raise CorruptCheckpointError(f"{self.where}: its pickle uses {_REFUSED[code]}, which ckptavg "
-                                                 f"does not read (only the binary opcodes torch.save and pickle.dump "
-                                                 f"write)")
+                elif code in _REFUSED or code in _OPS:
+                    raise CorruptCheckpointError(f"{self.where}: its pickle uses {_REFUSED.get(code) or _OPS[code]}, "
+                                                 f"which {'this format' if code in _OPS else 'ckptavg'} does not read")
                 else:
                     raise CorruptCheckpointError(f"{self.where}: its pickle holds an unknown opcode 0x{code:02x} "
                                                  f"at byte {self.pos - 1}")
@@ -406,19 +429,22 @@ STOP = ord(".")
 # the opcodes read, by their byte (pickletools' table): every method above named as one
 _OPS: dict[int, str] = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes
                         if hasattr(_Reader, op.name)}
-_U4 = struct.Struct("<I")
+_U4, _U8 = struct.Struct("<I"), struct.Struct("<Q")
 # the ones refused: text opcodes (protocols 0-1), the extension registry, out-of-band buffers
 _REFUSED = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes
             if op.name not in ("STOP",) and not hasattr(_Reader, op.name)}
 
 
 def read_pickle(data: bytes, where: str, *, names: Collection[tuple[str, str]] | None = None,
-                persistent: Callable[[Any], Any] | None = None) -> Any:
+                persistent: Callable[[Any], Any] | None = None, opcodes: Collection[str] | None = None,
+                hashable: Collection[tuple[str, str]] = ()) -> Any:
     """The object `data` describes, as plain values and records (`Name`, `Call`, and what `persistent`
     makes of each persistent id). `names`: the only globals allowed (any other is refused,
-    `UnsafeCheckpointError`); None allows any, as a record. Every malformed pickle is a
+    `UnsafeCheckpointError`); None allows any, as a record. `opcodes`: the only opcodes allowed (by
+    `pickletools`' names), where the format's own reader knows fewer. `hashable`: the names whose records may
+    be dict keys or set items (the classes that are hashable). Every malformed pickle is a
     `CorruptCheckpointError` naming `where`."""
-    reader = _Reader(data, where, names, persistent)
+    reader = _Reader(data, where, names, persistent, opcodes, hashable)
     obj = reader.run()
     if reader.pos != len(reader.data):
         raise CorruptCheckpointError(f"{where}: its pickle has {len(reader.data) - reader.pos} bytes after its end")
@@ -426,10 +452,11 @@ def read_pickle(data: bytes, where: str, *, names: Collection[tuple[str, str]] |
 
 
 def read_pickle_at(data: bytes, start: int, where: str, *, names: Collection[tuple[str, str]] | None = None,
-                   persistent: Callable[[Any], Any] | None = None) -> tuple[Any, int]:
+                   persistent: Callable[[Any], Any] | None = None,
+                   opcodes: Collection[str] | None = None) -> tuple[Any, int]:
     """The object of the pickle that starts at `start` of `data` (one of several back to back), and where
     it ends."""
-    reader = _Reader(data, where, names, persistent)
+    reader = _Reader(data, where, names, persistent, opcodes)
     reader.pos = start
     return reader.run(), reader.pos
 

@@ -31,7 +31,7 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorRef], dict[str,
     header = strict_json(raw, f"{file}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptCheckpointError(f"{file}: corrupt safetensors header (__metadata__ is not strings by name)")
     data_start = 8 + n

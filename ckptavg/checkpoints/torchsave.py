@@ -40,6 +40,14 @@ from ..storage.paths import RemotePath
 from .index import TensorRef
 from .pickles import Call, Name, read_pickle, read_pickle_at, walk
 
+# The opcodes torch's own loader of these files (`weights_only`) reads: a pickle that uses another is one torch
+# refuses, and so is refused here too.
+TORCH_OPCODES = frozenset({
+    "PROTO", "STOP", "MARK", "GLOBAL", "REDUCE", "NEWOBJ", "BUILD", "BINPERSID", "NONE", "NEWTRUE", "NEWFALSE",
+    "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING", "EMPTY_TUPLE", "TUPLE",
+    "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_LIST", "APPEND", "APPENDS", "EMPTY_DICT", "SETITEM", "SETITEMS",
+    "EMPTY_SET", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT",
+})
 # the largest `data.pkl` read (a state dict's pickle is about 200 bytes a tensor: 10**6 tensors fit)
 MAX_PICKLE_BYTES = 1 << 30
 # dtypes by the names a pickle gives them: `torch.float16` (a `Name`), `torch.HalfStorage` (a storage type)
@@ -49,6 +57,7 @@ _REBUILD_V2, _REBUILD_V3 = Name("torch._utils", "_rebuild_tensor_v2"), Name("tor
 _PARAMETERS = (Name("torch._utils", "_rebuild_parameter"), Name("torch._utils", "_rebuild_parameter_with_state"))
 _FROM_TYPE = Name("torch._tensor", "_rebuild_from_type_v2")
 _ORDERED_DICT = Name("collections", "OrderedDict")
+_TENSOR_TYPES = (Name("torch", "Tensor"), Name("torch._tensor", "Tensor"), Name("torch.nn.parameter", "Parameter"))
 # What a tensor's record may name: what a DCP record (one tensor) is read with, strictly.
 TENSOR_NAMES = frozenset({(n.module, n.name) for n in (_REBUILD_V2, _REBUILD_V3, *_PARAMETERS, _ORDERED_DICT)}
                          | {("torch", n) for n in STORAGE_DTYPES} | {("torch", n) for n in DTYPES}
@@ -119,29 +128,40 @@ def _storage(pid: Any, where: str) -> Storage:
 
 def tensor_of(value: Any, where: str) -> Rebuilt | None:
     """The tensor a record describes (a rebuilt tensor, a parameter, a tensor subclass's tensor); None for
-    anything else. Every argument is checked: a negative or non-integer size, a dtype that disagrees with its
-    storage, are corrupt."""
+    anything else. Every argument is checked as torch's rebuild functions take it: a negative or non-integer
+    size, a dtype that disagrees with its storage, a flag that is not a bool, arguments too many or too few,
+    are corrupt."""
     for _ in range(3):  # a parameter of a subclass of a tensor, at most
         if not isinstance(value, Call):
             return None
-        if value.func in _PARAMETERS and value.args:
-            value = value.args[0]
-        elif value.func == _FROM_TYPE and len(value.args) >= 3 and isinstance(value.args[2], tuple):
-            value = Call(value.args[0], value.args[2]) if isinstance(value.args[0], Name) else None
+        args = value.args
+        if value.func in _PARAMETERS:
+            if len(args) != (3 if value.func == _PARAMETERS[0] else 4) or type(args[1]) is not bool \
+                    or as_dict(args[2]) is None:
+                raise CorruptCheckpointError(f"{where}: a parameter rebuilt with arguments torch does not take")
+            value = args[0]
+        elif value.func == _FROM_TYPE:
+            if len(args) != 4 or not isinstance(args[0], Name) or args[1] not in _TENSOR_TYPES \
+                    or not isinstance(args[2], tuple):
+                return None
+            value = Call(args[0], args[2])
         else:
             break
-    if not isinstance(value, Call) or value.func not in (_REBUILD_V2, _REBUILD_V3) or len(value.args) < 4:
+    if not isinstance(value, Call) or value.func not in (_REBUILD_V2, _REBUILD_V3):
         return None
-    storage, offset = value.args[0], value.args[1]
+    args, v3 = value.args, value.func == _REBUILD_V3
+    if len(args) not in ((7, 8) if v3 else (6, 7)) or type(args[4]) is not bool or as_dict(args[5]) is None \
+            or len(args) == (8 if v3 else 7) and args[-1] is not None and as_dict(args[-1]) is None:
+        raise CorruptCheckpointError(f"{where}: a tensor rebuilt with arguments torch does not take")
+    storage, offset = args[0], args[1]
     if not isinstance(storage, Storage) or type(offset) is not int or not 0 <= offset < 1 << 62:
         raise CorruptCheckpointError(f"{where}: a tensor with a malformed storage or offset")
-    size, stride = _ints(value.args[2], "size", where), _ints(value.args[3], "stride", where)
+    size, stride = _ints(args[2], "size", where), _ints(args[3], "stride", where)
     if len(size) != len(stride):
         raise CorruptCheckpointError(f"{where}: a tensor whose size and stride differ in length")
     dtype = storage.dtype
-    if value.func == _REBUILD_V3:
-        named = value.args[6] if len(value.args) > 6 else None
-        named = DTYPES.get(named.name) if isinstance(named, Name) and named.module == "torch" else None
+    if v3:
+        named = DTYPES.get(args[6].name) if isinstance(args[6], Name) and args[6].module == "torch" else None
         if named is None or dtype not in (None, named):
             raise CorruptCheckpointError(f"{where}: a tensor whose dtype is missing or disagrees with its storage")
         if dtype is None:  # an untyped storage counts bytes
@@ -162,7 +182,8 @@ def as_dict(value: Any) -> dict | None:
     """A dict, or an `OrderedDict` record as the dict it holds; None for anything else."""
     if isinstance(value, dict):
         return value
-    if isinstance(value, Call) and value.func == _ORDERED_DICT and not value.values:
+    if isinstance(value, Call) and value.func == _ORDERED_DICT and not value.values and (
+            value.state is None or isinstance(value.state, dict)):  # (its attributes, such as a state dict's _metadata)
         if not value.args:
             return value.items
         if len(value.args) == 1 and isinstance(value.args[0], list) and not value.items \
@@ -225,11 +246,11 @@ def member_data_offset(f, member: zipfile.ZipInfo, base: int = 0) -> int | None:
     local = f.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
         return None
-    method, = struct.unpack("<H", local[8:10])
+    flags, method = struct.unpack("<HH", local[6:10])
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     name = f.read(name_len)
-    if method != member.compress_type or name != member.orig_filename.encode("utf-8" if member.flag_bits & 0x800
-                                                                             else "cp437", "replace"):
+    named = member.orig_filename.encode("utf-8" if member.flag_bits & 0x800 else "cp437", "replace")
+    if flags & 0x61 or method != member.compress_type or name != named:
         return None
     return base + member.header_offset + 30 + name_len + extra_len
 
@@ -280,9 +301,13 @@ def _members(z: zipfile.ZipFile, f, where: str, base: int, length: int) -> dict[
         if name in members:
             raise CorruptCheckpointError(f"{where}: two members named {info.filename!r} (torch would read one, "
                                          f"zipfile another)")
-        if info.flag_bits & 0x1:
-            raise UnsafeCheckpointError(f"{where}: an encrypted member {info.filename!r}")
-        at = member_data_offset(f, info, base)
+        if info.flag_bits & 0x61:  # encrypted, strongly encrypted, a patch: what torch's reader refuses
+            raise UnsafeCheckpointError(f"{where}: an encrypted or patched member {info.filename!r}")
+        if info.volume:
+            raise CorruptCheckpointError(f"{where}: member {info.filename!r} is said to be on another disk")
+        if info.external_attr & 0x10:  # (torch's reader takes such a member for a folder, and reads other bytes)
+            raise CorruptCheckpointError(f"{where}: member {info.filename!r} is marked as a folder")
+        at = member_data_offset(f, info, base) if 0 <= info.header_offset < length else None
         if at is None or at + info.compress_size > base + length:
             raise CorruptCheckpointError(f"{where}: member {info.filename!r} has a bad local header or lies "
                                          f"outside the archive")
@@ -293,6 +318,53 @@ def _members(z: zipfile.ZipFile, f, where: str, base: int, length: int) -> dict[
             raise CorruptCheckpointError(f"{where}: member {info.filename!r} is stored with two sizes")
         members[name] = (info, at)
     return members
+
+
+def _check_end_record(f, where: str, base: int, length: int) -> None:
+    """Refuse what zipfile reads and torch's reader does not: a directory said to span several disks, or
+    bytes before the archive or between its directory and its end record (zipfile shifts every offset past
+    them; torch reads none of it)."""
+    tail = min(length, 22 + 0xFFFF)
+    f.seek(base + length - tail)
+    data = f.read(tail)
+    at = data.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(data):
+        return  # (zipfile says what is wrong)
+    disk, cd_disk, on_disk, total, cd_size, cd_offset = struct.unpack("<HHHHII", data[at + 4:at + 20])
+    several = disk or cd_disk or on_disk != total
+    end = length - len(data) + at  # where the end record is, in the archive
+    locator = at - 20  # a ZIP64 end record's locator, just before: the disk that holds it, how many disks
+    if locator >= 0 and data[locator:locator + 4] == b"PK\x06\x07":
+        z64_disk, _, disks = struct.unpack("<IQI", data[locator + 4:locator + 20])
+        several = several or z64_disk or disks > 1
+        start = locator - 56
+        if start >= 0 and data[start:start + 4] == b"PK\x06\x06":
+            disk, cd_disk, on_disk, total, cd_size, cd_offset = struct.unpack("<IIQQQQ", data[start + 16:start + 56])
+            several = several or disk or cd_disk or on_disk != total
+            end = length - len(data) + start
+    if several:
+        raise CorruptCheckpointError(f"{where}: a zip said to span several disks")
+    if cd_offset + cd_size != end:
+        raise CorruptCheckpointError(f"{where}: bytes before the archive or after its directory (torch reads an "
+                                     f"archive that starts at its first byte)")
+
+
+# the small records torch reads and parses, each as torch takes it
+_SMALL_RECORDS = {"version": int, ".data/version": int, ".format_version": int, ".storage_alignment": int,
+                  ".data/serialization_id": lambda raw: raw.decode("utf-8")}
+
+
+def _small_records(z: zipfile.ZipFile, members: dict, where: str) -> None:
+    """Refuse an archive whose version, alignment or serialization id torch could not parse."""
+    for name, parse in _SMALL_RECORDS.items():
+        if name in members:
+            info = members[name][0]
+            try:
+                if info.file_size > 64:
+                    raise ValueError
+                parse(z.read(info))
+            except (ValueError, UnicodeDecodeError):
+                raise CorruptCheckpointError(f"{where}: its {name} record is not what torch reads") from None
 
 
 def _byteorder(z: zipfile.ZipFile, members: dict, where: str) -> None:
@@ -319,9 +391,14 @@ def read_archive(f, where: str, base: int = 0, length: int | None = None, strict
     try:
         with zipfile.ZipFile(_Slice(f, base, length)) as z:
             members = _members(z, f, where, base, length)
+            _check_end_record(f, where, base, length)
             if "data.pkl" not in members:
                 raise CorruptCheckpointError(f"{where}: not a torch.save archive (no data.pkl)")
+            if "version" not in members and ".data/version" not in members:
+                raise CorruptCheckpointError(f"{where}: not a torch.save archive (no version record, which torch "
+                                             f"requires)")
             _byteorder(z, members, where)
+            _small_records(z, members, where)
             info = members["data.pkl"][0]
             if info.file_size > MAX_PICKLE_BYTES:
                 raise CorruptCheckpointError(f"{where}: its pickle is {info.file_size} bytes, more than ckptavg "
@@ -331,7 +408,7 @@ def read_archive(f, where: str, base: int = 0, length: int | None = None, strict
     except _ZIP_ERRORS as e:
         raise CorruptCheckpointError(f"{where}: truncated or corrupt torch.save archive ({e})") from None
     obj = read_pickle(data, where, names=TENSOR_NAMES if strict else None,
-                      persistent=lambda pid: _storage(pid, where))
+                      persistent=lambda pid: _storage(pid, where), opcodes=TORCH_OPCODES)
     storages = {name[len("data/"):]: (at, info.file_size) for name, (info, at) in members.items()
                 if name.startswith("data/")}
     return Archive(obj, storages)
@@ -424,12 +501,13 @@ def _legacy_object(file: Path) -> Any:
     magic number, a protocol version and a description of the saving system."""
     with file.open("rb") as f:
         head = f.read(LEGACY_HEAD_BYTES)
-    magic, at = read_pickle_at(head, 0, str(file))
+    magic, at = read_pickle_at(head, 0, str(file))  # (any pickle, to say plainly when it is no torch.save file)
     if magic != LEGACY_MAGIC:
         raise CorruptCheckpointError(f"{file}: not a torch.save file (neither a zip archive nor a legacy one)")
     obj = None
     for _ in range(3):
-        obj, at = read_pickle_at(head, at, str(file), persistent=lambda pid: _legacy_storage(pid, str(file)))
+        obj, at = read_pickle_at(head, at, str(file), persistent=lambda pid: _legacy_storage(pid, str(file)),
+                                 opcodes=TORCH_OPCODES)
     return obj
 
 

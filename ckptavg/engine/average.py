@@ -20,12 +20,9 @@ import torch
 
 from .. import __version__, hash_ahead
 from ..checkpoints.confine import check_side_files
-from ..checkpoints.dcp import model_bytes
 from ..checkpoints.index import Checkpoint
-from ..checkpoints.names import DCP_SIDE_FILES, SIDE_FILES
 from ..checkpoints.open import open_checkpoint
-from ..checkpoints.outputs import AUTO, resolve_format
-from ..checkpoints.torchsave import saved_object
+from ..checkpoints.outputs import AUTO, OUTPUTS, resolve_format
 from ..errors import InputError
 from ..hashing import file_sha256, known_sha256
 from ..manifest import (
@@ -55,13 +52,11 @@ def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: b
     weights = check_weights(weights or uniform_weights(len(checkpoints)), len(checkpoints), normalize)
     patterns = tuple(dict.fromkeys((*DEFAULT_COPY_PATTERNS, *copy)))
     newest = checkpoints[-1]
-    check_side_files(newest.step_folder, SIDE_FILES)
-    check_side_files(newest.folder, DCP_SIDE_FILES)
-    output_format = resolve_format(output_format, [c.format for c in checkpoints], newest.trainer)
-    saved = saved_object(newest.files[0], newest.trainer) if output_format == "torch" else None
-    raw = model_bytes(newest.folder) if output_format == "dcp" and newest.format == "dcp" else ()
-    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, output_format=output_format,
-                                     saved=saved, raw=raw, **plan_options)
+    output = OUTPUTS[resolve_format(output_format, [c.format for c in checkpoints], newest.trainer)]
+    for folder, names, _ in output.side_files(newest):  # (a link out of the checkpoint: refused before any write)
+        check_side_files(folder, names)
+    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, output_format=output.name,
+                                     source=output.source(newest), **plan_options)
 
 
 def average_in_memory(inputs: Inputs, *, weights: Sequence[float] | None = None, normalize: bool = True,
@@ -198,10 +193,9 @@ def average_checkpoints(
             raise InputError(f"{changed[0]} changed while it was being read (its ETag differs): nothing was "
                              f"written; run again once the run has finished writing it")
         newest = checkpoints[-1]
-        side = copy_side_files(newest.step_folder, output.path)
-        if plan.format == "dcp" and newest.format == "dcp":  # what the trainer keeps beside its DCP data
-            inside = Path(plan.shards[0].filename).parent
-            side += [str(inside / n) for n in copy_side_files(newest.folder, output.path / inside, DCP_SIDE_FILES)]
+        side = []
+        for folder, names, inside in OUTPUTS[plan.format].side_files(newest):
+            side += [str(Path(inside) / n) for n in copy_side_files(folder, output.path / inside, names)]
         for f, hasher in hashers.items():
             hasher.remember()
             hashes[f] = (hasher.hexdigest(), "computed")

@@ -16,7 +16,6 @@ import torch
 
 from ..checkpoints import outputs
 from ..checkpoints.index import Checkpoint, TensorRef
-from ..checkpoints.names import DCP_SUBFOLDER_OF
 from ..errors import MismatchError, WeightsError
 
 # Buffers that ride along in real Pythia checkpoints but are not trained weights: averaging
@@ -138,8 +137,7 @@ def plan_average(
     copy_patterns: Sequence[str] = DEFAULT_COPY_PATTERNS,
     reread: Collection[int] = (),
     output_format: str = "safetensors",
-    saved: tuple[dict, str] | None = None,
-    raw: Sequence[tuple[str, bytes]] = (),
+    source: object = None,
 ) -> AveragePlan:
     """Plan `sum_i weights[i] * checkpoints[i]`; the last checkpoint is the newest. `reread` (positions)
     names the checkpoints a later average will read again (a sliding window's shared members).
@@ -149,9 +147,9 @@ def plan_average(
     checkpoint, and may be absent from some inputs (see `_check_names`). Output tensors follow
     the newest checkpoint's on-disk order (grouped by item size, so every tensor stays aligned),
     which keeps all reads sequential when the inputs share a layout, as consecutive checkpoints
-    of one run do. `output_format` is one of `OUTPUT_FORMATS` ("dcp": one file, whatever `shard_bytes`;
-    "torch": the newest input's `saved` object and the key of its model entry, `torchsave.saved_object`;
-    `raw`: for "dcp", the newest DCP input's non-tensor model entries, `dcp.model_bytes`).
+    of one run do. `output_format` is one of `outputs.OUTPUTS` ("dcp": one file, whatever `shard_bytes`),
+    and `source` what that format's `source` read of the newest input (the "torch" format's saved object, the
+    "dcp" format's non-tensor entries): read by the caller, so that planning reads nothing.
     """
     if not checkpoints:
         raise MismatchError("no checkpoints to average")
@@ -188,29 +186,20 @@ def plan_average(
     # Itemsize-descending order keeps every tensor aligned in the contiguous safetensors layout,
     # also after a dtype change.
     jobs.sort(key=lambda j: -j.out_dtype.itemsize)
-    shards, extra = lay_out(jobs, shard_bytes, output_format, saved, newest.trainer, raw)
+    shards, extra = lay_out(jobs, shard_bytes, output_format, outputs.Newest(newest.trainer, source))
     return AveragePlan(check_weights(weights, len(checkpoints), normalized=False), shards, copied, absent,
                        tuple(copy_patterns), frozenset(f for i in reread for f in checkpoints[i].files),
                        output_format, extra)
 
 
-def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str, saved: tuple[dict, str] | None = None,
-            trainer: str = "transformers", raw: Sequence[tuple[str, bytes]] = ()
+def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str, newest: outputs.Newest
             ) -> tuple[tuple[Shard, ...], tuple[tuple[str, bytes], ...]]:
     """The output files for `jobs` in `output_format`: their jobs in the order the format writes them,
     the frames between, and the small files that describe them."""
-    specs = [(j.name, j.out_dtype, j.shape) for j in jobs]
-    if output_format == "dcp":
-        layout = outputs.dcp_layout(specs, DCP_SUBFOLDER_OF.get(trainer, ""), raw)
-    elif output_format == "torch":
-        if saved is None:
-            raise ValueError("a torch.save output is made from the newest input's saved object")
-        layout = outputs.torch_save_layout(saved[0], saved[1], specs, outputs.TORCH_SAVE_FILES[trainer])
-    elif output_format == "safetensors":
-        groups = split_by_size(jobs, shard_bytes)
-        layout = outputs.safetensors_layout([[(j.name, j.out_dtype, j.shape) for j in g] for g in groups])
-    else:
+    if output_format not in outputs.OUTPUTS:
         raise ValueError(f"output format {output_format!r} is not one of {outputs.OUTPUT_FORMATS}")
+    layout = outputs.OUTPUTS[output_format].layout([(j.name, j.out_dtype, j.shape) for j in jobs], shard_bytes,
+                                                   newest)
     by_name = {j.name: j for j in jobs}
     shards = tuple(Shard(f.filename, tuple(by_name[n] for n in f.names), f.frames) for f in layout.files)
     return shards, layout.extra
@@ -270,18 +259,3 @@ def _check_names(checkpoints: Sequence[Checkpoint], copy_patterns: Sequence[str]
         raise MismatchError(f"tensor names differ ({len(trained_gaps)} trained tensor(s)): {name!r} {where} "
                             f"(only buffers that are never averaged may be absent; --copy PATTERN names more)")
     return tuple(tuple(sorted(a)) for a in absent)
-
-
-def split_by_size(jobs: Sequence[TensorJob], shard_bytes: int) -> list[list[TensorJob]]:
-    """Greedy, order-preserving split into groups of at most `shard_bytes` (a bigger tensor gets its own)."""
-    if shard_bytes <= 0:
-        raise ValueError("shard size must be positive")
-    groups: list[list[TensorJob]] = [[]]
-    size = 0
-    for job in jobs:
-        if groups[-1] and size + job.nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(job)
-        size += job.nbytes
-    return groups
