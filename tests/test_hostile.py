@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -490,3 +491,28 @@ def test_a_zip_torch_does_not_read_as_zipfile_does_is_refused(tmp_path, craft):
         pass  # (torch refuses it)
     with pytest.raises(CorruptCheckpointError):
         open_checkpoint(bad)
+
+
+def test_hyper_parameters_nested_too_deep_to_save_again_are_one_line(tmp_path):
+    """A Lightning checkpoint whose hyper-parameters torch loads but pickle cannot write back (3,000 deep):
+    a traceback (RecursionError) where the output is the trainer's own file."""
+    deep: dict = {}
+    level = deep
+    for _ in range(3000):
+        level["x"] = {}
+        level = level["x"]
+    sd = {"w": torch.ones(2)}
+    for step, hparams in ((2, {"lr": 0.1}), (4, deep)):
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(20_000)  # (the test's own pickler writes it)
+        try:
+            torch.save({"state_dict": sd, "pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams,
+                        "global_step": step}, tmp_path / f"epoch=0-step={step}.ckpt")
+        finally:
+            sys.setrecursionlimit(limit)
+    out = tmp_path / "avg"
+    assert_user_error(cli("average", tmp_path / "epoch=0-step=2.ckpt", tmp_path / "epoch=0-step=4.ckpt", "--out",
+                          out), "nest too deep", "--output-format safetensors", out=out)
+    out = average_checkpoints([tmp_path / "epoch=0-step=2.ckpt", tmp_path / "epoch=0-step=4.ckpt"], tmp_path / "st",
+                              output_format="safetensors")
+    assert (out / "model.safetensors").is_file()

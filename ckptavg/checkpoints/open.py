@@ -33,7 +33,9 @@ def _dcp_trainer(folder: Path) -> str:
 
 def _folder_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
     """(format, weight files, the index's weight map) of a model folder."""
-    found = weight_layout(e.name for e in path.iterdir() if e.is_file())
+    found = weight_layout(e.name for e in path.iterdir())
+    if found is not None and not (path / found[0]).is_file():  # (one stat, not one for each entry listed)
+        raise CorruptCheckpointError(f"{path / found[0]}: not a file")
     if found is None:
         if any(path.glob("zero_pp_rank_*_model_states.pt")):
             raise torchsave.zero3_refused(path)

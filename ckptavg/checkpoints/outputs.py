@@ -255,7 +255,11 @@ def torch_save_layout(saved: dict, model_key: str, specs: Sequence[Spec], filena
 
     obj = {k: v for k, v in saved.items() if k == model_key or not _holds_tensors(v)}
     obj[model_key] = {s[0]: _fake(s) for s in specs}
-    file = _saved_without_data(obj)
+    try:
+        file = _saved_without_data(obj)
+    except RecursionError:  # (hyper-parameters that torch loads but pickle cannot write back, nested so deep)
+        raise InputError(f"{filename}: the newest input's entries beside the model nest too deep to be saved "
+                         f"again; write the average as safetensors (--output-format safetensors)") from None
     file.seek(0)
     archive = read_archive(file, filename)
     model = as_dict(as_dict(archive.obj)[model_key])

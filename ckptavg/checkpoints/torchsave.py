@@ -48,8 +48,9 @@ TORCH_OPCODES = frozenset({
     "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_LIST", "APPEND", "APPENDS", "EMPTY_DICT", "SETITEM", "SETITEMS",
     "EMPTY_SET", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT",
 })
-# the largest `data.pkl` read (a state dict's pickle is about 200 bytes a tensor: 10**6 tensors fit)
-MAX_PICKLE_BYTES = 1 << 30
+# the largest `data.pkl` read (a state dict's pickle is about 100 bytes a tensor: 10**6 tensors fit), which
+# bounds the time its reading takes too (about 10 MB/s here)
+MAX_PICKLE_BYTES = 256 << 20
 # dtypes by the names a pickle gives them: `torch.float16` (a `Name`), `torch.HalfStorage` (a storage type)
 DTYPES: dict[str, torch.dtype] = {n: v for n in dir(torch) if isinstance(v := getattr(torch, n), torch.dtype)}
 STORAGE_DTYPES: dict[str, torch.dtype] = {n: d for d, n in torch.storage._dtype_to_storage_type_map().items()}
