@@ -139,7 +139,7 @@ class OutputRecord:
     files: tuple[ShardRecord, ...]
     tensor_bytes: int
     side_files_from_newest_input: tuple[str, ...] = ()
-    format: str = "safetensors"  # one of checkpoints.outputs.OUTPUT_FORMATS
+    format: str = "safetensors"  # one of checkpoints.formats.OUTPUT_FORMATS
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from .units import parse_size, parse_tokens
 
 # Output dtypes of averaged tensors; "auto" keeps the dtype stored in the newest input.
 AVERAGE_DTYPES = ("auto", "float16", "bfloat16", "float32", "float64")
-# Output formats (checkpoints/outputs.py); "auto": the inputs' own where ckptavg writes it (DCP), else safetensors.
+# Output formats (checkpoints/formats.py; a test holds the two lists equal);
+# "auto": the inputs' own where ckptavg writes it (DCP), else safetensors.
 OUTPUT_FORMATS = ("auto", "safetensors", "dcp", "torch")
 # Accumulation; "auto": float32 for 16-bit inputs, float64 for float32 ones (the sum exact either way).
 ACCUMULATE_DTYPES = ("auto", "float32", "float64")

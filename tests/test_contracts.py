@@ -428,3 +428,12 @@ def test_a_store_on_a_read_only_filesystem_says_so(tmp_path):
             Store(folder / "r.sqlite")
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_the_output_formats_options_offer_are_the_ones_the_registry_declares():
+    """`options` imports no torch, so it lists the names; the registry (`checkpoints.formats`) is the truth."""
+    from ckptavg import options
+    from ckptavg.checkpoints import formats
+
+    assert set(options.OUTPUT_FORMATS) == {formats.AUTO, *formats.OUTPUT_FORMATS}
+    assert len(formats.OUTPUTS) == len(formats.FORMATS)  # (each format writes an output of its own)

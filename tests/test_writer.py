@@ -13,7 +13,7 @@ import torch
 from conftest import o_direct_set, refuse_direct_io
 from safetensors.torch import load_file
 
-from ckptavg.checkpoints.outputs import safetensors_header
+from ckptavg.checkpoints.safetensors_header import safetensors_header
 from ckptavg.engine import writer
 from ckptavg.engine.plan import Shard, TensorJob
 from ckptavg.engine.tensors import DIRECT_ALIGN

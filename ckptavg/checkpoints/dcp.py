@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator
+import pickle
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,13 @@ import torch
 from ..errors import CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
 from . import torchsave
 from .confine import inside
-from .index import Extent, TensorRef
-from .names import dcp_metadata
+from .index import Checkpoint, Extent, TensorRef
+from .names import DCP_SIDE_FILES, DCP_SUBFOLDER_OF, SIDE_FILES, dcp_metadata
+from .outputs import Format, OutputFile, OutputLayout, SideFiles, Spec, fake, saved_without_data, spec_nbytes
 from .pickles import Call, Name, read_pickle
 
 METADATA = ".metadata"
+DCP_FILE = "__0_0.distcp"  # an output's one data file
 MAX_METADATA_BYTES = 1 << 30
 # pieces of tensors one checkpoint may be read in (a column shard is a piece a row): each holds at least one
 # element of a record that is there, and this bounds what their index costs (about 150 bytes each)
@@ -407,3 +410,60 @@ def model_bytes(folder: Path) -> list[tuple[str, bytes]]:
 
 
 MAX_BYTES_ENTRY = 1 << 30
+
+
+def dcp_layout(specs: Sequence[Spec], subfolder: str = "", raw: Sequence[tuple[str, bytes]] = ()) -> OutputLayout:
+    """One `.distcp` file of a record per tensor, then the `raw` entries (name, saved bytes: the model's
+    non-tensor entries, `dcp.model_bytes`), and the `.metadata` that says where each lies; in `subfolder`
+    of the output where the trainer keeps its DCP folder inside a step's (OLMo-core)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    frames, entries, storage, at = [b""], {}, {}, 0
+    for spec in specs:
+        saved = saved_without_data(fake(spec))
+        parts, holes = saved.split()
+        if [n for _, n in holes] != ([spec_nbytes(spec)] if spec_nbytes(spec) else []):
+            raise RuntimeError(f"torch.save left {holes} unwritten for {spec}: not a record ckptavg can frame")
+        frames[-1] += parts[0]
+        frames.extend(parts[1:] or [b""])  # (an empty tensor: its no bytes go after its record)
+        origin = torch.Size([0] * len(spec[2]))
+        entries[spec[0]] = TensorStorageMetadata(TensorProperties(dtype=spec[1]), torch.Size(spec[2]),
+                                                 [ChunkStorageMetadata(origin, torch.Size(spec[2]))])
+        storage[MetadataIndex(spec[0], origin)] = _StorageInfo(DCP_FILE, at, saved.size)
+        at += saved.size
+    for name, data in raw:
+        frames[-1] += data
+        entries[name] = BytesStorageMetadata()
+        storage[MetadataIndex(name)] = _StorageInfo(DCP_FILE, at, len(data))
+        at += len(data)
+    metadata = pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage))
+    inside = f"{subfolder}/" if subfolder else ""
+    return OutputLayout("dcp", (OutputFile(inside + DCP_FILE, tuple(s[0] for s in specs), tuple(frames)),),
+                        ((inside + ".metadata", metadata),))
+
+
+def _dcp_source(newest: Checkpoint) -> tuple[tuple[str, bytes], ...]:
+    return tuple(model_bytes(newest.folder)) if newest.format == "dcp" else ()
+
+
+def _dcp_side_files(newest: Checkpoint) -> SideFiles:
+    """A trainer's config beside its step's folder, and (for a DCP input) what it keeps beside its DCP data, in
+    the folder the output's DCP data goes to."""
+    files = [(newest.step_folder, SIDE_FILES, "")]
+    if newest.format == "dcp":
+        files.append((newest.folder, DCP_SIDE_FILES, DCP_SUBFOLDER_OF.get(newest.trainer, "")))
+    return files
+
+
+FORMAT = Format("dcp", "dcp",
+                lambda specs, shard_bytes, newest: dcp_layout(specs, DCP_SUBFOLDER_OF.get(newest.trainer, ""),
+                                                              newest.source or ()),
+                source=_dcp_source, side_files=_dcp_side_files)

@@ -12,10 +12,11 @@ from ..errors import CorruptCheckpointError, InputError, with_path
 from ..storage.paths import location
 from . import dcp, torchsave
 from .confine import inside
+from .formats import FORMATS, of_file
 from .index import Checkpoint, TensorRef
 from .layouts import checkpoint_in
-from .names import DCP_SUBFOLDER_OF, DEEPSPEED_MODEL, TORCH_SAVE_SUFFIXES, WEIGHT_LAYOUTS, weight_layout
-from .safetensors_header import read_safetensors_header, strict_json
+from .names import DCP_SUBFOLDER_OF, DEEPSPEED_MODEL, WEIGHT_LAYOUTS, weight_layout
+from .safetensors_header import strict_json
 
 
 def _dcp_trainer(folder: Path) -> str:
@@ -77,22 +78,18 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
         files = sorted({e.file for r in tensors.values() for e in r.extents or [r] if r.numel})
         return Checkpoint(path, "dcp", tuple(files), tensors, label, _dcp_trainer(path))
     if path.is_file():
-        if path.suffix == ".safetensors":
-            fmt, files, weight_map = "safetensors", [path], None
-        elif path.suffix in TORCH_SAVE_SUFFIXES:
-            fmt, files, weight_map = "bin", [path], None
-        else:
-            raise InputError(f"{path}: unknown checkpoint format (expected .safetensors, "
-                             f"{', '.join(TORCH_SAVE_SUFFIXES)} or a folder)")
+        fmt = of_file(path.suffix)
+        if fmt is None:
+            raise InputError(f"{path}: unknown checkpoint format (expected "
+                             f"{', '.join(s for f in FORMATS.values() for s in f.suffixes)} or a folder)")
+        files, weight_map = [path], None
     else:
-        fmt, files, weight_map = _folder_files(path)
+        name, files, weight_map = _folder_files(path)
+        fmt = FORMATS[name]
     tensors: dict[str, TensorRef] = {}
     trainer = "transformers"
     for f in files:
-        if fmt == "safetensors":
-            refs = read_safetensors_header(f)[0]
-        else:
-            trainer, refs = torchsave.index_file(f)
+        trainer, refs = fmt.index_file(f)
         for key, ref in refs.items():
             if weight_map is not None and weight_map.get(key) != f.name:
                 # (loaders differ: transformers takes every tensor of every shard, others only what the index says)
@@ -111,4 +108,4 @@ def open_checkpoint(path: str | os.PathLike, label: str | None = None) -> Checkp
         raise InputError(f"{path}: checkpoint holds no tensors")
     if trainer == "torch":
         trainer = "transformers" if path.is_dir() else "torch"
-    return Checkpoint(path, fmt, tuple(files), tensors, label, trainer)
+    return Checkpoint(path, fmt.name, tuple(files), tensors, label, trainer)

@@ -1,15 +1,19 @@
 """safetensors files: the header parsed and checked here, because the engine needs each tensor's byte offset
-to read it with large `pread` calls (or map it) instead of through the safetensors library."""
+to read it with large `pread` calls (or map it) instead of through the safetensors library; and written
+(a header, then the tensors back to back; shards and an index past a size)."""
 
 from __future__ import annotations
 
 import json
 import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import CorruptCheckpointError, with_path
-from .index import SAFETENSORS_DTYPES, TensorRef
+from .index import DTYPE_NAMES, SAFETENSORS_DTYPES, TensorRef
+from .names import SAFETENSORS_INDEX
+from .outputs import Format, OutputFile, OutputLayout, Spec, spec_nbytes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
 
@@ -90,3 +94,50 @@ def strict_json(raw: bytes | str, what: str) -> object:
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         detail = "nested too deep" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
         raise CorruptCheckpointError(f"{what} ({detail})") from None
+
+
+def safetensors_header(specs: Sequence[Spec], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header of a file holding `specs` back to back, in order."""
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for spec in specs:
+        header[spec[0]] = {"dtype": DTYPE_NAMES[spec[1]], "shape": list(spec[2]),
+                           "data_offsets": [offset, offset + spec_nbytes(spec)]}
+        offset += spec_nbytes(spec)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps the data section 8-byte aligned
+    return (len(raw)).to_bytes(8, "little") + raw
+
+
+def safetensors_layout(groups: Sequence[Sequence[Spec]]) -> OutputLayout:
+    """One file per group (`model.safetensors`, or `model-0000i-of-0000n.safetensors` and an index)."""
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    files = tuple(OutputFile(name, tuple(s[0] for s in g), (safetensors_header(g), *(b"" for _ in g)))
+                  for name, g in zip(names, groups, strict=True))
+    extra = ()
+    if n > 1:
+        index = {"metadata": {"total_size": sum(spec_nbytes(s) for g in groups for s in g)},
+                 "weight_map": {s[0]: f.filename for f, g in zip(files, groups, strict=True) for s in g}}
+        extra = ((SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode()),)
+    return OutputLayout("safetensors", files, extra)
+
+
+def split_specs(specs: Sequence[Spec], shard_bytes: int) -> list[list[Spec]]:
+    """Greedy, order-preserving split into groups of at most `shard_bytes` (a bigger tensor gets its own)."""
+    if shard_bytes <= 0:
+        raise ValueError("shard size must be positive")
+    groups: list[list[Spec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec_nbytes(spec) > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec_nbytes(spec)
+    return groups
+
+
+FORMAT = Format("safetensors", "safetensors",
+                lambda specs, shard_bytes, newest: safetensors_layout(split_specs(specs, shard_bytes)),
+                lambda file: ("transformers", read_safetensors_header(file)[0]), (".safetensors",))

@@ -30,6 +30,7 @@ import pickle
 import struct
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ import torch
 
 from ..errors import CkptavgWarning, CorruptCheckpointError, InputError, UnsafeCheckpointError, with_path
 from ..storage.paths import RemotePath
-from .index import TensorRef
+from .index import Checkpoint, TensorRef
+from .names import DEEPSPEED_MODEL, NANOGPT_CHECKPOINT, TORCH_SAVE_SUFFIXES
+from .outputs import Format, OutputFile, OutputLayout, Spec, fake, saved_without_data, spec_nbytes
 from .pickles import Call, Name, read_pickle, read_pickle_at, walk
 
 # The opcodes torch's own loader of these files (`weights_only`) reads: a pickle that uses another is one torch
@@ -419,6 +422,8 @@ def read_archive(f, where: str, base: int = 0, length: int | None = None, strict
 TRAINER_KEYS = (("lightning", "state_dict", "pytorch-lightning_version"), ("nanogpt", "model", "model_args"),
                 ("deepspeed", "module", "ds_version"))
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts before every name of a compiled module
+# the file a trainer's torch.save output is called, by trainer
+TORCH_SAVE_FILES = {"lightning": "model.ckpt", "nanogpt": NANOGPT_CHECKPOINT, "deepspeed": DEEPSPEED_MODEL}
 
 
 def model_entries(obj: Any, where: str) -> tuple[str, dict[str, Any]]:
@@ -572,3 +577,62 @@ def saved_object(file: Path | RemotePath, trainer: str) -> tuple[dict, str]:
     if key is None or not isinstance(obj, dict) or not isinstance(obj.get(key), dict):
         raise InputError(f"{file}: not a {trainer} checkpoint ckptavg can write again")
     return obj, key
+
+
+def _holds_tensors(obj: object) -> bool:
+    """Whether a loaded entry holds a tensor at any depth (walked without recursion: a checkpoint's
+    hyper-parameters nest as deep as its pickle allows)."""
+    seen, todo = set(), [obj]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, torch.Tensor):
+            return True
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            todo.extend(value)
+    return False
+
+
+def torch_save_layout(saved: dict, model_key: str, specs: Sequence[Spec], filename: str) -> OutputLayout:
+    """`saved` (the newest input's object, as torch loads it) with `saved[model_key]` holding `specs`, its
+    other entries that hold tensors left out, as one `torch.save` file whose tensors' bytes are holes."""
+    obj = {k: v for k, v in saved.items() if k == model_key or not _holds_tensors(v)}
+    obj[model_key] = {s[0]: fake(s) for s in specs}
+    try:
+        file = saved_without_data(obj)
+    except RecursionError:  # (hyper-parameters that torch loads but pickle cannot write back, nested so deep)
+        raise InputError(f"{filename}: the newest input's entries beside the model nest too deep to be saved "
+                         f"again; write the average as safetensors (--output-format safetensors)") from None
+    file.seek(0)
+    archive = read_archive(file, filename)
+    model = as_dict(as_dict(archive.obj)[model_key])
+    parts, holes = file.split()
+    where = {at: i for i, (at, _) in enumerate(holes)}
+    order: list[str | None] = [None] * len(holes)
+    empty = []
+    for s in specs:
+        t = tensor_of(model[s[0]], s[0])
+        at = archive.locate(t, s[0])
+        if not spec_nbytes(s):
+            empty.append(s[0])
+        elif at not in where or holes[where[at]][1] != spec_nbytes(s) or order[where[at]] is not None:
+            raise RuntimeError(f"torch.save did not leave {s[0]!r} a range of its own: not a file ckptavg can frame")
+        else:
+            order[where[at]] = s[0]
+    if None in order:
+        raise RuntimeError("torch.save left a range unwritten that holds no tensor")
+    return OutputLayout("torch", (OutputFile(filename, (*order, *empty), (*parts, *(b"" for _ in empty))),))
+
+
+def _torch_source(newest: Checkpoint) -> tuple[dict, str]:
+    return saved_object(newest.files[0], newest.trainer)
+
+
+FORMAT = Format("bin", "torch",
+                lambda specs, shard_bytes, newest: torch_save_layout(*newest.source, specs,
+                                                                     TORCH_SAVE_FILES[newest.trainer]),
+                index_file, TORCH_SAVE_SUFFIXES, _torch_source)

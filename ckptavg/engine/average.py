@@ -20,9 +20,9 @@ import torch
 
 from .. import __version__, hash_ahead
 from ..checkpoints.confine import check_side_files
+from ..checkpoints.formats import AUTO, OUTPUTS, resolve_format
 from ..checkpoints.index import Checkpoint
 from ..checkpoints.open import open_checkpoint
-from ..checkpoints.outputs import AUTO, OUTPUTS, resolve_format
 from ..errors import InputError
 from ..hashing import file_sha256, known_sha256
 from ..manifest import (
@@ -55,7 +55,7 @@ def _open_and_plan(inputs: Inputs, weights: Sequence[float] | None, normalize: b
     output = OUTPUTS[resolve_format(output_format, [c.format for c in checkpoints], newest.trainer)]
     for folder, names, _ in output.side_files(newest):  # (a link out of the checkpoint: refused before any write)
         check_side_files(folder, names)
-    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, output_format=output.name,
+    return checkpoints, plan_average(checkpoints, weights, copy_patterns=patterns, output_format=output.output,
                                      source=output.source(newest), **plan_options)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import outputs
+from ..checkpoints import formats, outputs
 from ..checkpoints.index import Checkpoint, TensorRef
 from ..errors import MismatchError, WeightsError
 
@@ -73,7 +73,7 @@ class AveragePlan:
     copy_patterns: tuple[str, ...] = ()
     # input files that a later average reads again: the engine keeps them in the page cache if they fit
     reread: frozenset[Path] = frozenset()
-    format: str = "safetensors"  # the output's (`checkpoints.outputs.OUTPUT_FORMATS`)
+    format: str = "safetensors"  # the output's (`checkpoints.formats.OUTPUT_FORMATS`)
     extra_files: tuple[tuple[str, bytes], ...] = ()  # small files written whole: an index, DCP's .metadata
 
     @property
@@ -147,7 +147,7 @@ def plan_average(
     checkpoint, and may be absent from some inputs (see `_check_names`). Output tensors follow
     the newest checkpoint's on-disk order (grouped by item size, so every tensor stays aligned),
     which keeps all reads sequential when the inputs share a layout, as consecutive checkpoints
-    of one run do. `output_format` is one of `outputs.OUTPUTS` ("dcp": one file, whatever `shard_bytes`),
+    of one run do. `output_format` is one of `formats.OUTPUTS` ("dcp": one file, whatever `shard_bytes`),
     and `source` what that format's `source` read of the newest input (the "torch" format's saved object, the
     "dcp" format's non-tensor entries): read by the caller, so that planning reads nothing.
     """
@@ -196,9 +196,9 @@ def lay_out(jobs: Sequence[TensorJob], shard_bytes: int, output_format: str, new
             ) -> tuple[tuple[Shard, ...], tuple[tuple[str, bytes], ...]]:
     """The output files for `jobs` in `output_format`: their jobs in the order the format writes them,
     the frames between, and the small files that describe them."""
-    if output_format not in outputs.OUTPUTS:
-        raise ValueError(f"output format {output_format!r} is not one of {outputs.OUTPUT_FORMATS}")
-    layout = outputs.OUTPUTS[output_format].layout([(j.name, j.out_dtype, j.shape) for j in jobs], shard_bytes,
+    if output_format not in formats.OUTPUTS:
+        raise ValueError(f"output format {output_format!r} is not one of {formats.OUTPUT_FORMATS}")
+    layout = formats.OUTPUTS[output_format].layout([(j.name, j.out_dtype, j.shape) for j in jobs], shard_bytes,
                                                    newest)
     by_name = {j.name: j for j in jobs}
     shards = tuple(Shard(f.filename, tuple(by_name[n] for n in f.names), f.frames) for f in layout.files)
