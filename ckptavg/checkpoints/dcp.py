@@ -326,6 +326,7 @@ def index(folder: Path) -> dict[str, TensorRef]:
     n_extents = 0
     with contextlib.ExitStack() as opened:
         files: dict[Path, Any] = {}
+        paths: dict[str, Path] = {}  # each file a record names, checked once
         for fqn, entry in metadata.entries.items():
             if not isinstance(entry, TensorEntry) or _training_state(fqn):
                 continue
@@ -340,7 +341,8 @@ def index(folder: Path) -> dict[str, TensorRef]:
                 if info.transformed:
                     raise InputError(f"{folder}: tensor {fqn!r} is stored transformed (compressed): not read by "
                                      f"ckptavg")
-                file = inside(folder, info.file, f"{where}: the record of {fqn!r}")
+                file = paths.get(info.file) or paths.setdefault(
+                    info.file, inside(folder, info.file, f"{where}: the record of {fqn!r}"))
                 if file not in files:
                     if not file.is_file():
                         raise CorruptCheckpointError(f"{folder}: {file.name} is missing (it holds tensor {fqn!r})")

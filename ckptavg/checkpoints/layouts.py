@@ -59,7 +59,9 @@ def likely_weight_files(entry: Path) -> list[Path]:
         checkpoint = checkpoint_in(entry)
         if checkpoint.is_file():
             return [checkpoint]
-        return [checkpoint / n for n in sorted(weight_files(e.name for e in checkpoint.iterdir()))]
+        files = [checkpoint / n for n in sorted(weight_files(e.name for e in checkpoint.iterdir()))]
+        root = checkpoint.resolve()
+        return [f for f in files if root in f.resolve().parents]  # (a link out of it is refused, never read)
     except OSError:
         return []
 

@@ -19,6 +19,7 @@ text opcodes of protocols 0-1, the extension registry (`EXT*`) and out-of-band b
 
 from __future__ import annotations
 
+import functools
 import pickletools
 import struct
 from collections.abc import Callable, Collection, Iterator
@@ -128,9 +129,12 @@ class _Reader:
 
     def tuple_of(self, items: list[Any]) -> tuple:
         t = tuple(items)
-        inner = [i for i in t if type(i) is tuple]
-        if inner:  # (a tuple not in `depth` holds no tuple: it is 1 deep)
-            depth = 1 + max(self.depth.get(id(i), (1,))[0] for i in inner)
+        depth = 0
+        for i in t:
+            if type(i) is tuple:  # (a tuple not in `depth` holds no tuple: it is 1 deep)
+                depth = max(depth, self.depth.get(id(i), (1,))[0])
+        if depth:
+            depth += 1
             if depth > MAX_TUPLE_DEPTH:
                 raise CorruptCheckpointError(f"{self.where}: its pickle nests tuples deeper than {MAX_TUPLE_DEPTH}")
             self.depth[id(t)] = (depth, t)  # (kept alive, so that its id is never another's)
@@ -396,15 +400,24 @@ class _Reader:
 
     def run(self) -> Any:
         """The object, at the first STOP opcode (`self.pos` is then just past it)."""
-        data = self.data
-        ops = {code: getattr(self, name) for code, name in _OPS.items() if self.opcodes is None or name in self.opcodes}
+        data, end, stack, memo = self.data, len(self.data), self.stack, self.memo
+        ops = _methods(None if self.opcodes is None else frozenset(self.opcodes))
+        # the commonest opcodes, done here rather than called (a DCP metadata file is half memo traffic)
+        memoize, binget, binput = (code if code in ops else -1 for code in (0x94, 0x68, 0x71))
         try:
-            while self.pos < len(data):
+            while self.pos < end:
                 code = data[self.pos]
                 self.pos += 1
-                op = ops.get(code)
-                if op is not None:
-                    op()
+                if code == memoize:
+                    memo[len(memo)] = stack[-1]
+                elif code == binget:
+                    stack.append(memo[data[self.pos]])
+                    self.pos += 1
+                elif code == binput:
+                    memo[data[self.pos]] = stack[-1]
+                    self.pos += 1
+                elif (op := ops.get(code)) is not None:
+                    op(self)
                 elif code == STOP:
                     if len(self.stack) != 1 or self.marks:
                         raise CorruptCheckpointError(f"{self.where}: its pickle stops with {len(self.stack)} items "
@@ -430,6 +443,12 @@ STOP = ord(".")
 _OPS: dict[int, str] = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes
                         if hasattr(_Reader, op.name)}
 _U4, _U8 = struct.Struct("<I"), struct.Struct("<Q")
+
+
+@functools.lru_cache(maxsize=8)
+def _methods(opcodes: frozenset[str] | None) -> dict[int, Callable[[_Reader], None]]:
+    """The reader's method for each opcode allowed (None: every one it knows), by the opcode's byte."""
+    return {code: getattr(_Reader, name) for code, name in _OPS.items() if opcodes is None or name in opcodes}
 # the ones refused: text opcodes (protocols 0-1), the extension registry, out-of-band buffers
 _REFUSED = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes
             if op.name not in ("STOP",) and not hasattr(_Reader, op.name)}

@@ -358,26 +358,32 @@ _SMALL_RECORDS = {"version": int, ".data/version": int, ".format_version": int, 
                   ".data/serialization_id": lambda raw: raw.decode("utf-8")}
 
 
-def _small_records(z: zipfile.ZipFile, members: dict, where: str) -> None:
+def _member(f, members: dict, name: str) -> bytes:
+    """A member's bytes, read where its local header says (every member is stored: `_members`); like
+    torch's reader, no CRC-32 is checked."""
+    info, at = members[name]
+    f.seek(at)
+    return f.read(info.file_size)
+
+
+def _small_records(f, members: dict, where: str) -> None:
     """Refuse an archive whose version, alignment or serialization id torch could not parse."""
     for name, parse in _SMALL_RECORDS.items():
         if name in members:
-            info = members[name][0]
             try:
-                if info.file_size > 64:
+                if members[name][0].file_size > 64:
                     raise ValueError
-                parse(z.read(info))
+                parse(_member(f, members, name))
             except (ValueError, UnicodeDecodeError):
                 raise CorruptCheckpointError(f"{where}: its {name} record is not what torch reads") from None
 
 
-def _byteorder(z: zipfile.ZipFile, members: dict, where: str) -> None:
+def _byteorder(f, members: dict, where: str) -> None:
     """Refuse an archive saved big-endian (torch would swap its bytes; ckptavg reads them in place). No
     record is little-endian, as torch reads it."""
     if "byteorder" not in members:
         return
-    info = members["byteorder"][0]
-    order = z.read(info) if info.file_size <= 16 else b""
+    order = _member(f, members, "byteorder") if members["byteorder"][0].file_size <= 16 else b""
     if order == b"big":
         raise CorruptCheckpointError(f"{where}: a big-endian archive (byteorder 'big'): ckptavg reads "
                                      f"little-endian ones only")
@@ -401,14 +407,13 @@ def read_archive(f, where: str, base: int = 0, length: int | None = None, strict
             if "version" not in members and ".data/version" not in members:
                 raise CorruptCheckpointError(f"{where}: not a torch.save archive (no version record, which torch "
                                              f"requires)")
-            _byteorder(z, members, where)
-            _small_records(z, members, where)
+            _byteorder(f, members, where)
+            _small_records(f, members, where)
             info = members["data.pkl"][0]
             if info.file_size > MAX_PICKLE_BYTES:
                 raise CorruptCheckpointError(f"{where}: its pickle is {info.file_size} bytes, more than ckptavg "
                                              f"reads ({MAX_PICKLE_BYTES})")
-            with z.open(info) as member:
-                data = member.read(MAX_PICKLE_BYTES + 1)
+            data = _member(f, members, "data.pkl")
     except _ZIP_ERRORS as e:
         raise CorruptCheckpointError(f"{where}: truncated or corrupt torch.save archive ({e})") from None
     obj = read_pickle(data, where, names=TENSOR_NAMES if strict else None,
