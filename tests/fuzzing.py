@@ -103,7 +103,8 @@ def torch_loads(fmt: str, folder: Path) -> dict:
     if fmt in ("bin", "lightning"):
         file = folder / ("pytorch_model.bin" if fmt == "bin" else "epoch=0-step=2.ckpt")
         obj = torch.load(file, weights_only=True, map_location="cpu")
-        return dict(obj["state_dict"] if fmt == "lightning" else obj)
+        sd = obj["state_dict"] if fmt == "lightning" else obj
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}  # (the rest is never averaged)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -417,7 +418,7 @@ def run_case(fmt: str, corpus: Path, base: Path, case: int, rng: random.Random, 
         if problem:
             result["failure"] = problem
     keep = os.environ.get("CKPTAVG_FUZZ_KEEP")  # a folder to keep each failing case's checkpoints in
-    if keep and "failure" in result:
+    if keep and ("failure" in result or result["outcome"] == "beside the model"):
         shutil.copytree(work, Path(keep) / f"{fmt}-{case}", symlinks=True, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return result

@@ -58,20 +58,6 @@ class Call:
     values: list = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Persistent:
-    """A persistent id (`BINPERSID`): in a `torch.save` archive, the storage a tensor's bytes are in."""
-
-    pid: Any
-
-
-class _Mark:
-    """Where a `MARK` opcode was: the stack's items above it are one opcode's arguments."""
-
-
-_MARK = _Mark()
-
-
 class _Reader:
     def __init__(self, data: bytes, where: str, names: Collection[tuple[str, str]] | None,
                  persistent: Callable[[Any], Any] | None, opcodes: Collection[str] | None = None,
@@ -82,6 +68,7 @@ class _Reader:
         self.hashable_names = hashable  # the names whose records may be dict keys or set items
         self.stack: list[Any] = []
         self.marks: list[int] = []
+        self.fence = 0  # the stack's items below the last MARK are out of reach, as pickle's own reader has it
         self.memo: dict[int, Any] = {}
         self.depth: dict[int, tuple[int, tuple]] = {}  # id of each tuple built -> (how deep it nests, it)
 
@@ -114,17 +101,22 @@ class _Reader:
             raise CorruptCheckpointError(f"{self.where}: its pickle holds a string that is not UTF-8") from None
 
     def pop(self) -> Any:
+        if len(self.stack) <= self.fence:
+            raise CorruptCheckpointError(f"{self.where}: its pickle reaches below a MARK")
         return self.stack.pop()  # (an empty stack: an IndexError, reported by `run`)
 
     def pop_mark(self) -> list[Any]:
         if not self.marks:
             raise CorruptCheckpointError(f"{self.where}: its pickle closes a MARK it never opened")
         at = self.marks.pop()
+        self.fence = self.marks[-1] if self.marks else 0
         items = self.stack[at:]
         del self.stack[at:]
         return items
 
     def top(self) -> Any:
+        if len(self.stack) <= self.fence:
+            raise CorruptCheckpointError(f"{self.where}: its pickle reaches below a MARK")
         return self.stack[-1]
 
     def tuple_of(self, items: list[Any]) -> tuple:
@@ -197,7 +189,7 @@ class _Reader:
             raise CorruptCheckpointError(f"{self.where}: its pickle puts an unhashable item in a set") from None
 
     def memo_put(self, index: int) -> None:
-        self.memo[index] = self.stack[-1]
+        self.memo[index] = self.top()
 
     def memo_get(self, index: int) -> None:
         self.stack.append(self.memo[index])  # (never stored: a KeyError, reported by `run`)
@@ -281,6 +273,7 @@ class _Reader:
 
     def MARK(self) -> None:
         self.marks.append(len(self.stack))
+        self.fence = len(self.stack)
 
     def POP_MARK(self) -> None:
         self.pop_mark()
@@ -409,12 +402,12 @@ class _Reader:
                 code = data[self.pos]
                 self.pos += 1
                 if code == memoize:
-                    memo[len(memo)] = stack[-1]
+                    memo[len(memo)] = stack[-1] if len(stack) > self.fence else self.top()
                 elif code == binget:
                     stack.append(memo[data[self.pos]])
                     self.pos += 1
                 elif code == binput:
-                    memo[data[self.pos]] = stack[-1]
+                    memo[data[self.pos]] = stack[-1] if len(stack) > self.fence else self.top()
                     self.pos += 1
                 elif (op := ops.get(code)) is not None:
                     op(self)
@@ -498,5 +491,3 @@ def walk(obj: Any) -> Iterator[Any]:
             todo.extend(value)
         elif isinstance(value, Call):
             todo.extend((value.args, value.state, value.items, value.values))
-        elif isinstance(value, Persistent):
-            todo.append(value.pid)

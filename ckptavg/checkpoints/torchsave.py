@@ -254,7 +254,7 @@ def member_data_offset(f, member: zipfile.ZipInfo, base: int = 0) -> int | None:
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     name = f.read(name_len)
     named = member.orig_filename.encode("utf-8" if member.flag_bits & 0x800 else "cp437", "replace")
-    if flags & 0x61 or method != member.compress_type or name != named:
+    if flags & 0x2061 or method != member.compress_type or name != named:
         return None
     return base + member.header_offset + 30 + name_len + extra_len
 
@@ -305,7 +305,7 @@ def _members(z: zipfile.ZipFile, f, where: str, base: int, length: int) -> dict[
         if name in members:
             raise CorruptCheckpointError(f"{where}: two members named {info.filename!r} (torch would read one, "
                                          f"zipfile another)")
-        if info.flag_bits & 0x61:  # encrypted, strongly encrypted, a patch: what torch's reader refuses
+        if info.flag_bits & 0x2061:  # encrypted, strongly encrypted, a patch, a masked header: torch refuses them
             raise UnsafeCheckpointError(f"{where}: an encrypted or patched member {info.filename!r}")
         if info.volume:
             raise CorruptCheckpointError(f"{where}: member {info.filename!r} is said to be on another disk")
@@ -324,10 +324,11 @@ def _members(z: zipfile.ZipFile, f, where: str, base: int, length: int) -> dict[
     return members
 
 
-def _check_end_record(f, where: str, base: int, length: int) -> None:
+def _check_end_record(f, where: str, base: int, length: int, count: int) -> None:
     """Refuse what zipfile reads and torch's reader does not: a directory said to span several disks, or
     bytes before the archive or between its directory and its end record (zipfile shifts every offset past
-    them; torch reads none of it)."""
+    them; torch reads none of it), or a count of members other than the directory holds (`count`, which
+    zipfile reads by the directory's size and torch by that count)."""
     tail = min(length, 22 + 0xFFFF)
     f.seek(base + length - tail)
     data = f.read(tail)
@@ -348,6 +349,8 @@ def _check_end_record(f, where: str, base: int, length: int) -> None:
             end = length - len(data) + start
     if several:
         raise CorruptCheckpointError(f"{where}: a zip said to span several disks")
+    if total != count:
+        raise CorruptCheckpointError(f"{where}: its end record counts {total} members, its directory holds {count}")
     if cd_offset + cd_size != end:
         raise CorruptCheckpointError(f"{where}: bytes before the archive or after its directory (torch reads an "
                                      f"archive that starts at its first byte)")
@@ -401,7 +404,7 @@ def read_archive(f, where: str, base: int = 0, length: int | None = None, strict
     try:
         with zipfile.ZipFile(_Slice(f, base, length)) as z:
             members = _members(z, f, where, base, length)
-            _check_end_record(f, where, base, length)
+            _check_end_record(f, where, base, length, len(z.infolist()))
             if "data.pkl" not in members:
                 raise CorruptCheckpointError(f"{where}: not a torch.save archive (no data.pkl)")
             if "version" not in members and ".data/version" not in members:
