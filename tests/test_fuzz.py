@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CASES = 300  # per format: about 20 s in all here
 
 
+@pytest.mark.slow
 def test_mutated_checkpoints_are_refused_or_averaged_exactly():
     script = Path(__file__).with_name("fuzzing.py")
     r = subprocess.run([sys.executable, str(script), "--cases", str(CASES), "--seed", "0", "--memory-gib", "4"],

@@ -137,7 +137,7 @@ class _Schema:
         state = value.state if value.built else {}
         if isinstance(state, tuple) and len(state) == 2 and state[0] is None:  # (no dict, slot state)
             state = state[1]
-        if not isinstance(state, dict) or value.args not in ((), ) or value.items or value.values:
+        if not isinstance(state, dict) or value.args != () or value.items or value.values:
             raise self.bad(f"a malformed {cls}")
         return state
 
@@ -163,8 +163,9 @@ class _Schema:
         if not isinstance(name, Name) or name.module != "torch" or name.name not in torchsave.DTYPES:
             raise self.bad("a tensor without a dtype")
         layout = state[1] if isinstance(state, tuple) else state.get("layout", _STRIDED)
-        if not (isinstance(layout, Call) and layout.func == _GET_LAYOUT and layout.args == ("torch.strided",)) \
-                and layout is not _STRIDED:
+        strided = layout is _STRIDED or layout == Name("torch", "strided") or isinstance(layout, Call) and \
+            layout.func == _GET_LAYOUT and layout.args == ("torch.strided",)
+        if not strided:
             raise self.bad("a tensor whose layout is not torch.strided (sparse tensors are not averaged)")
         return torchsave.DTYPES[name.name]
 

@@ -59,6 +59,8 @@ class Call:
 
 
 class _Reader:
+    """One pickle's interpreter: a stack, marks and a memo, as pickle's own, holding only values and records."""
+
     def __init__(self, data: bytes, where: str, names: Collection[tuple[str, str]] | None,
                  persistent: Callable[[Any], Any] | None, opcodes: Collection[str] | None = None,
                  hashable: Collection[tuple[str, str]] = ()) -> None:
