@@ -345,15 +345,20 @@ def torch_state() -> dict:
             value = getattr(owner, name, None)
             if isinstance(value, type) and (owner is not torch or name.endswith("Storage") or name == "Tensor"):
                 found[f"{owner.__name__}.{name}"] = {k: repr(v) for k, v in vars(value).items()}
-    for module in (torch, torch._utils, metadata, filesystem, collections):
-        found[module.__name__] = {k: id(v) for k, v in vars(module).items()}
-    return found
+    modules = {m.__name__: {k: id(v) for k, v in vars(m).items()}
+               for m in (torch, torch._utils, metadata, filesystem, collections)}
+    return {"classes": found, "modules": modules}
 
 
 def changed(before: dict, after: dict) -> list[str]:
-    """What of `before` differs in `after` (a module may gain attributes as torch imports its parts lazily)."""
-    return [f"{owner}.{k}" for owner, attrs in before.items() for k, v in attrs.items()
-            if after.get(owner, {}).get(k, v) != v or k not in after.get(owner, {})]
+    """What differs: any attribute of a class, added, removed or changed; an attribute a module had, now
+    another object or gone (a module may gain attributes, as torch imports its parts lazily)."""
+    classes = [f"{c}.{k}" for c in set(before["classes"]) | set(after["classes"])
+               for k in set(before["classes"].get(c, {})) | set(after["classes"].get(c, {}))
+               if before["classes"].get(c, {}).get(k) != after["classes"].get(c, {}).get(k)]
+    modules = [f"{m}.{k}" for m, attrs in before["modules"].items() for k, v in attrs.items()
+               if after["modules"][m].get(k) != v]
+    return classes + modules
 
 
 class Opened:
