@@ -96,7 +96,10 @@ class _Reader:
         self.pos += 4
         return value
 
-    def text(self, n: int) -> str:
+    def text(self, n: int, at: int | None = None) -> str:
+        """The UTF-8 string of the next `n` bytes (from `at`, where the caller has read the length itself)."""
+        if at is not None:
+            self.pos = at
         try:
             return str(self.take(n), "utf-8")
         except UnicodeDecodeError:
@@ -397,20 +400,30 @@ class _Reader:
         """The object, at the first STOP opcode (`self.pos` is then just past it)."""
         data, end, stack, memo = self.data, len(self.data), self.stack, self.memo
         ops = _methods(None if self.opcodes is None else frozenset(self.opcodes))
-        # the commonest opcodes, done here rather than called (a DCP metadata file is half memo traffic)
-        memoize, binget, binput = (code if code in ops else -1 for code in (0x94, 0x68, 0x71))
+        # the commonest opcodes are done here rather than called (half of a DCP metadata file is memo traffic)
+        memoize, binget, long_binget, binput, binint1, short_binunicode = (
+            code if code in ops else -1 for code in (0x94, 0x68, 0x6A, 0x71, 0x4B, 0x8C))
         try:
             while self.pos < end:
-                code = data[self.pos]
-                self.pos += 1
+                pos = self.pos
+                code = data[pos]
+                self.pos = pos + 1
                 if code == memoize:
                     memo[len(memo)] = stack[-1] if len(stack) > self.fence else self.top()
                 elif code == binget:
-                    stack.append(memo[data[self.pos]])
-                    self.pos += 1
+                    stack.append(memo[data[pos + 1]])
+                    self.pos = pos + 2
+                elif code == long_binget:
+                    stack.append(memo[_U4.unpack_from(data, pos + 1)[0]])
+                    self.pos = pos + 5
                 elif code == binput:
-                    memo[data[self.pos]] = stack[-1] if len(stack) > self.fence else self.top()
-                    self.pos += 1
+                    memo[data[pos + 1]] = stack[-1] if len(stack) > self.fence else self.top()
+                    self.pos = pos + 2
+                elif code == binint1:
+                    stack.append(data[pos + 1])
+                    self.pos = pos + 2
+                elif code == short_binunicode:
+                    stack.append(self.text(data[pos + 1], pos + 2))
                 elif (op := ops.get(code)) is not None:
                     op(self)
                 elif code == STOP:
