@@ -74,6 +74,11 @@ def write_corpus(fmt: str, folder: Path, seed: int) -> Path:
             warnings.simplefilter("ignore")
             dcp.save({**sd, "optim.state.layer.0.weight.exp_avg": torch.zeros(4, 4), "train_state": {"step": seed}},
                      checkpoint_id=str(folder), no_dist=True)
+        import pickle
+
+        metadata = pickle.loads((folder / ".metadata").read_bytes())  # (this corpus's own file)
+        metadata.storage_meta = None  # (its save id is random: without it, a seed gives the same cases every run)
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     else:
         raise ValueError(fmt)
     return folder
@@ -136,7 +141,7 @@ def _bytes_mutation(rng: random.Random, data: bytes) -> bytes:
     if kind == 1:
         return data[:pos]
     if kind == 2:
-        return data[:pos] + os.urandom(rng.randrange(1, 16)) + data[pos:]
+        return data[:pos] + rng.randbytes(rng.randrange(1, 16)) + data[pos:]
     if kind == 3:
         return data[:pos] + data[pos + rng.randrange(1, 16):]
     width = rng.choice((1, 2, 4, 8))
