@@ -107,6 +107,11 @@ class JobsFailedError(CkptavgError):
     exit_code = 4
 
 
+class RankError(CkptavgError):
+    """Another rank of an average shared by several (torchrun, srun) failed: this one stopped too, with
+    nothing written; the failing rank's own line says why."""
+
+
 class IOFailure(CkptavgError):
     """The operating system failed a read or write mid-run: ENOSPC, EIO, EACCES, a vanished file."""
 

@@ -515,4 +515,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (this checkout's ckptavg, not an installed one)
     sys.exit(main())

@@ -57,7 +57,11 @@ def average(
     shard_bytes, patterns = opt.size(shard_size, "--shard-size"), opt.copy_patterns(arith.copy)
     output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
     opt.device(arith.device)
-    if hash_inputs:  # checked options first, then, before torch is imported, while one core would be idle
+    from ..engine.ranks import from_environment
+
+    ranks = from_environment()  # launched by torchrun or srun: one of several ranks sharing the average
+    quiet = quiet or bool(ranks and ranks.rank)
+    if hash_inputs and ranks is None:  # checked options first, then, before torch is imported, while a core idles
         from .. import hash_ahead
         from ..checkpoints.layouts import likely_weight_files
         from ..storage.base import is_url
@@ -71,9 +75,11 @@ def average(
         result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
                                      accumulate=acc_dtype, device=device, shard_bytes=shard_bytes, force=force,
                                      hash_inputs=hash_inputs, copy=patterns, output_format=output_format,
-                                     progress=bars.for_plan("averaging"))
-    size, seconds = output_summary(result)
-    say(f"wrote {result} ({format_size(size)}, {len(srcs)} inputs, {seconds:.1f} s)")
+                                     progress=bars.for_plan("averaging"), ranks=ranks)
+    if ranks is None or ranks.rank == 0:
+        size, seconds = output_summary(result)
+        shared = f", {ranks.world} ranks" if ranks else ""
+        say(f"wrote {result} ({format_size(size)}, {len(srcs)} inputs{shared}, {seconds:.1f} s)")
 
 
 @app.command()

@@ -56,8 +56,13 @@ class _Piece:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (a Slurm job's allocation, not the whole node's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on (a Slurm job's allocation, not the whole node's), shared with the
+    other ranks torchrun started on this node where they all may run on every core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if local.isdigit() and int(local) > 1 and cores == os.cpu_count():
+        return max(1, cores // int(local))
+    return cores
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -1,0 +1,106 @@
+"""One average on several ranks (issue 41, first part): `torchrun` launches ckptavg like a trainer, each rank
+writes its share of the output files, rank 0 commits; the ranks check they planned the same average, and a
+failure on one stops all with nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_matches, reference_average
+from safetensors.torch import save_file
+
+from ckptavg.engine.ranks import Ranks, first_host, from_environment
+
+
+def test_the_rank_comes_from_torchrun_or_srun_and_alone_is_none():
+    torchrun = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
+                "MASTER_PORT": "29400"}
+    assert from_environment(torchrun) == Ranks(2, 4, 0, 2, "n1", 29400)
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_STEP_TASKS_PER_NODE": "2(x4)", "SLURM_JOB_ID": "1234"}
+    assert from_environment(srun) == Ranks(5, 8, 1, 2, "gpu07", 21234)
+    assert from_environment({}) is None
+    assert from_environment({**torchrun, "WORLD_SIZE": "1"}) is None
+    assert from_environment({k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}) is None  # sbatch, no srun
+    assert first_host("node1,node2") == "node1" and first_host("a[3,5-9]") == "a3"
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("ranks")
+    folders = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        folder = root / f"step{i}"
+        folder.mkdir()
+        save_file({**{f"layer.{j}.weight": torch.randn(64, 64 + j, generator=g).half() for j in range(10)},
+                   "steps": torch.tensor([i])}, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"step": i}))
+        folders.append(folder)
+    return folders
+
+
+def torchrun(ranks: int, *args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(ranks), "--no-python", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+
+
+def errors(r: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_three_ranks_write_the_same_average_as_one_process(three, tmp_path):
+    out = tmp_path / "avg"
+    r = torchrun(3, sys.executable, "-m", "ckptavg", "average", *three, "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout + r.stderr
+    assert "3 ranks" in said and said.count("wrote") == 1  # (rank 0 says it)
+    manifest = json.loads((out / "ckptavg.json").read_text())
+    files = [f["name"] for f in manifest["output"]["files"]]
+    assert len(files) >= 3 and sorted(files) == sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert manifest["device"] == "cpu x 3 ranks"
+    assert all(f["sha256"] for i in manifest["inputs"] for f in i["files"])  # (each file hashed by one rank)
+    assert (out / "config.json").read_text() == json.dumps({"step": 2})
+    assert_matches(out, reference_average(three), max_ulp=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".avg")]
+
+
+@pytest.mark.slow
+def test_ranks_given_other_inputs_or_failing_stop_together_with_nothing_written(three, tmp_path):
+    odd = tmp_path / "odd.sh"
+    odd.write_text(f"""#!/bin/sh
+if [ "$RANK" = 1 ]; then set -- {three[0]} {three[2]} {three[1]}; else set -- {' '.join(map(str, three))}; fi
+exec {sys.executable} -m ckptavg average "$@" --out avg
+""")
+    odd.chmod(0o755)
+    r = torchrun(2, odd, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stdout
+    said = errors(r)
+    assert len(said) == 2 and all("rank 1 planned another average than rank 0" in line for line in said), said
+    missing = tmp_path / "missing.sh"
+    missing.write_text(f"""#!/bin/sh
+if [ "$RANK" = 1 ]; then first=/nonexistent/step0; else first={three[0]}; fi
+exec {sys.executable} -m ckptavg average $first {three[1]} --out avg
+""")
+    missing.chmod(0o755)
+    r = torchrun(2, missing, cwd=tmp_path)
+    said = sorted(errors(r))
+    assert len(said) == 2 and "no such file or folder" in said[0] and "rank 1 of 2 failed" in said[1], said
+    assert not [p for p in tmp_path.iterdir() if "avg" in p.name]
+
+
+@pytest.mark.slow
+def test_a_dcp_output_on_ranks_is_refused_before_anything_is_written(three, tmp_path):
+    r = torchrun(2, sys.executable, "-m", "ckptavg", "average", *three, "--out", "avg", "--output-format", "dcp",
+                 cwd=tmp_path)
+    said = errors(r)
+    assert len(said) == 2 and all("writes safetensors" in line for line in said), said
+    assert not [p for p in tmp_path.iterdir() if "avg" in p.name]
