@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -329,3 +330,25 @@ def evict(path, pos: int = 0, nbytes: int = 0) -> None:
             time.sleep(0.01)
     finally:
         os.close(fd)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """Debian's slurmctld, slurmd, munge, slurmdbd and MariaDB, started here; skipped, with the reason, where
+    they cannot be."""
+    import tempfile
+
+    from slurmcluster import Cluster, Unavailable
+
+    base = Path(tempfile.mkdtemp(prefix="ckptavg-slurm-"))  # pytest's folders are 0700: munged could not enter
+    base.chmod(0o755)
+    cluster = Cluster(base)
+    try:
+        cluster.start()
+    except (Unavailable, OSError, subprocess.SubprocessError) as e:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"no Slurm on this machine: {e}")
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(base, ignore_errors=True)

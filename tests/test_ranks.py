@@ -104,3 +104,17 @@ def test_a_dcp_output_on_ranks_is_refused_before_anything_is_written(three, tmp_
     said = errors(r)
     assert len(said) == 2 and all("writes safetensors" in line for line in said), said
     assert not [p for p in tmp_path.iterdir() if "avg" in p.name]
+
+
+@pytest.mark.slow
+def test_srun_launches_the_ranks_of_one_average(three, tmp_path, slurm):
+    """A real Slurm (Debian's daemons, started here): `srun -n 2` gives each task its SLURM_PROCID, and the step's
+    first host is the group's address. (The node declares this machine's 2 CPUs; --overcommit is srun's.)"""
+    out = tmp_path / "avg"
+    r = subprocess.run(["srun", "-n", "2", "--overcommit", sys.executable, "-m", "ckptavg", "average", *map(str, three),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, SLURM_CONF=str(slurm.conf), PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks" in r.stdout + r.stderr
+    assert json.loads((out / "ckptavg.json").read_text())["device"] == "cpu x 2 ranks"
+    assert_matches(out, reference_average(three), max_ulp=0)

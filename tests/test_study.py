@@ -158,28 +158,6 @@ SLURM_ARGS = ("--executor", "slurm", "--partition", "debug", "--cpus-per-job", "
               "--time-min", "10")
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    """Debian's slurmctld, slurmd, munge, slurmdbd and MariaDB, started here; skipped, with the reason, where
-    they cannot be."""
-    import tempfile
-
-    from slurmcluster import Cluster, Unavailable
-
-    base = Path(tempfile.mkdtemp(prefix="ckptavg-slurm-"))  # pytest's folders are 0700: munged could not enter
-    base.chmod(0o755)
-    cluster = Cluster(base)
-    try:
-        cluster.start()
-    except (Unavailable, OSError, subprocess.SubprocessError) as e:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.skip(f"no Slurm on this machine: {e}")
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(base, ignore_errors=True)
-
-
 def conf(cluster) -> dict:
     return {"SLURM_CONF": str(cluster.conf)}  # what sbatch, squeue and sacct need; the jobs inherit the rest
 
