@@ -118,3 +118,17 @@ def test_srun_launches_the_ranks_of_one_average(three, tmp_path, slurm):
     assert "2 ranks" in r.stdout + r.stderr
     assert json.loads((out / "ckptavg.json").read_text())["device"] == "cpu x 2 ranks"
     assert_matches(out, reference_average(three), max_ulp=0)
+
+
+@pytest.mark.slow
+def test_more_ranks_than_output_files_leave_some_idle_and_all_finish(tmp_path):
+    folders = []
+    for i in range(2):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        save_file({"w": torch.full((8, 8), float(i)), "b": torch.full((8,), float(i))}, folder / "model.safetensors")
+        folders.append(folder)
+    r = torchrun(3, sys.executable, "-m", "ckptavg", "average", *folders, "--out", "avg", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "avg").glob("*.safetensors"))) == 2  # (one tensor a file at most: rank 2 idle)
+    assert_matches(tmp_path / "avg", reference_average(folders), max_ulp=0)
