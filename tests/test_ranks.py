@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_matches, reference_average
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ckptavg.engine.ranks import Ranks, first_host, from_environment
 
@@ -132,3 +132,25 @@ def test_more_ranks_than_output_files_leave_some_idle_and_all_finish(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((tmp_path / "avg").glob("*.safetensors"))) == 2  # (one tensor a file at most: rank 2 idle)
     assert_matches(tmp_path / "avg", reference_average(folders), max_ulp=0)
+
+
+@pytest.mark.slow
+def test_a_dcp_save_of_three_ranks_is_merged_by_two(tmp_path):
+    """The split is by output file: each rank reads whatever pieces of the inputs its tensors need, however many
+    ranks saved them."""
+    saver = Path(__file__).with_name("dcpsave.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, str(saver), str(tmp_path), "3", "1", "2"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [tmp_path / "step1", tmp_path / "step2"]
+    r = torchrun(2, sys.executable, "-m", "ckptavg", "average", *steps, "--out", "two", "--output-format",
+                 "safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from ckptavg.engine.average import average_in_memory
+
+    one = average_in_memory(steps)
+    got = {}
+    for f in (tmp_path / "two").glob("*.safetensors"):
+        got.update(load_file(f))
+    assert got.keys() == one.keys() and all(torch.equal(got[k], one[k]) for k in one)
