@@ -363,9 +363,7 @@ class _Reader:
         args, func = self.pop(), self.pop()
         self.stack.append(self.call(func, args))
 
-    def NEWOBJ(self) -> None:
-        args, cls = self.pop(), self.pop()
-        self.stack.append(self.call(cls, args))
+    NEWOBJ = REDUCE  # (`cls.__new__(cls, *args)` and `func(*args)` are the same record: a name and its arguments)
 
     def NEWOBJ_EX(self) -> None:
         kwargs, args, cls = self.pop(), self.pop(), self.pop()
