@@ -12,6 +12,10 @@ for each case and repetition, measures:
             in turn) while the output is written as above, at once; +hash is also given as a ratio to it
   naive     load every file fully (safetensors.torch.load_file), sum in float32, save_file
   mergekit  with --mergekit PATH: `mergekit-yaml` linear merge of the same inputs (float16 output)
+  ranks=N   with --ranks 2,3: the same command (--no-hash) launched as N ranks sharing the average (the
+            variables srun or torchrun give each rank), on the same cores; its time as a ratio to the floor
+            and to the one-process command of the same repetition, the largest per-rank peak RssAnon, and the
+            same launch hashing its inputs (each file hashed whole by one rank) as a ratio to it
   baseline  with --baseline DIR: the same two commands from another ckptavg checkout (an earlier commit:
             `git worktree add /tmp/base HEAD~1`), so that a change is measured before and after in
             the same repetitions
@@ -29,7 +33,7 @@ repetition; min, median and max over repetitions.
 Timings are noisy on shared machines: never put them in a test.
 
     python bench/average.py [--reps 3] [--cases 1b,12b,1b-k10] [--cold/--no-cold] [--naive-reps 1]
-                            [--mergekit PATH] [--baseline DIR]
+                            [--mergekit PATH] [--baseline DIR] [--ranks 2,3]
 """
 
 from __future__ import annotations
@@ -271,6 +275,37 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     return dt, peak
 
 
+def run_ranks_measured(cmd: list[str], ranks: int, env: dict) -> tuple[float, int]:
+    """Wall time of `ranks` processes of `cmd` sharing one average (launched as srun launches tasks: each with
+    its RANK), and the largest peak RssAnon of any of them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shared = dict(env, WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(port))
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        procs = [subprocess.Popen(cmd, env=dict(shared, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
+                                  stderr=err, cwd=tempfile.gettempdir()) for r in range(ranks)]
+        peaks = [0] * ranks
+        while any(p.poll() is None for p in procs):
+            for i, p in enumerate(procs):
+                try:
+                    for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                        if line.startswith("RssAnon:"):
+                            peaks[i] = max(peaks[i], int(line.split()[1]) * 1024)
+                except OSError:
+                    pass
+            time.sleep(0.005)
+        dt = time.perf_counter() - t
+        if any(p.returncode for p in procs):
+            err.seek(0)
+            raise SystemExit(f"{ranks} ranks of {cmd[:4]} failed:\n{err.read().decode()[-3000:]}")
+    return dt, max(peaks)
+
+
 NAIVE = r"""
 import sys, torch
 from safetensors.torch import load_file, save_file
@@ -433,6 +468,18 @@ def bench_case(case: str, args: argparse.Namespace, rows: dict[str, list[float]]
                     record(f"{mode} ckptavg/baseline", plain / base_plain)
                     record(f"{mode} ckptavg+hash/baseline+hash", hashed / base_hashed)
                     print(f"rep {rep + 1} {mode} baseline: {base_plain:.2f} s, +hash {base_hashed:.2f} s", flush=True)
+                for n in args.ranks:
+                    prep()
+                    t, peak = run_ranks_measured(ckptavg + ["--no-hash"], n, env)
+                    record(f"{mode} ranks={n}/floor", t / floor)
+                    record(f"{mode} ranks={n}/ckptavg", t / plain)
+                    record(f"{mode} ranks={n} peak RssAnon MB a rank", peak / 1e6)
+                    prep()
+                    hashed_t, _ = run_ranks_measured(ckptavg, n, dict(env, CKPTAVG_CACHE=str(
+                        work / f"hash-cache-ranks{n}-{rep}-{mode}")))
+                    record(f"{mode} ranks={n}+hash/ranks={n}", hashed_t / t)
+                    print(f"rep {rep + 1} {mode} {n} ranks: {t:.2f} s, +hash {hashed_t:.2f} s, peak RssAnon "
+                          f"{peak / 1e9:.2f} GB a rank", flush=True)
                 if args.mergekit and not case.endswith("-dcp"):
                     prep()
                     cfg = mergekit_config(folders, work / "mergekit.yml")
@@ -466,7 +513,10 @@ def main() -> None:
                     "this one in every repetition: ratios of this one's time to its")
     ap.add_argument("--mergekit", help="path of a `mergekit-yaml` executable: also time mergekit's linear merge "
                     "of the same inputs (pip install mergekit, ideally in its own venv)")
+    ap.add_argument("--ranks", default="", help="comma-separated rank counts (2,3): also time the command "
+                    "launched as that many ranks sharing one average")
     args = ap.parse_args()
+    args.ranks = [int(n) for n in args.ranks.split(",") if n]
     args.data = args.data.resolve()
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))

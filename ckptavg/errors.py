@@ -108,8 +108,8 @@ class JobsFailedError(CkptavgError):
 
 
 class RankError(CkptavgError):
-    """Another rank of an average shared by several (torchrun, srun) failed: this one stopped too, with
-    nothing written; the failing rank's own line says why."""
+    """Another rank of an average shared by several (torchrun, srun) failed or fell silent: this one stopped
+    too, with nothing committed; the failing rank's own line says why."""
 
 
 class IOFailure(CkptavgError):

@@ -5,6 +5,8 @@
                                appended: ckptavg-run-HOST-PID.jsonl, each process's own, put whole)
     OUT/alphaA/                one interpolation
     .NAME.ckptavg-tmp-PID@HOST@...  an output being built (hidden, beside its final place)
+    .NAME.ckptavg-tmp-plan@DIGEST   an output being built by several ranks, named by what it holds
+    .NAME.ckptavg-lock              held (flock) by rank 0 of the ranks building NAME
 
 Identity (which trajectory, which run) is read from each output's manifest, not from these
 names, so a tree can be moved or renamed; `position_identity` reads old outputs whose manifests
@@ -24,6 +26,7 @@ from .storage.paths import RemotePath, location
 
 RUN_LOG = "ckptavg-run.jsonl"
 TMP_MARK = ".ckptavg-tmp-"
+PLAN_MARK = "plan@"
 
 
 def run_folder(out: str | Path | RemotePath, run: RunId) -> Path | RemotePath:
@@ -52,6 +55,20 @@ def temporary_name(final: Path, kind: str = "") -> Path:
     process and host, so that a run reaping the temporaries of dead runs (`temporary_owner`) never takes
     a live run on another host of a shared filesystem for a dead one."""
     return final.parent / f".{final.name}{TMP_MARK}{os.getpid()}@{socket.gethostname()}@{kind}{uuid.uuid4().hex[:8]}"
+
+
+def ranked_temporary_name(final: Path, digest: str) -> Path:
+    """The hidden sibling that the ranks of one average build it in, named by the plan (`digest`) rather than
+    by a process: the same command run again finds the files a failed attempt finished."""
+    return final.parent / f".{final.name}{TMP_MARK}{PLAN_MARK}{digest[:16]}"
+
+
+def is_ranked_temporary(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + PLAN_MARK)
+
+
+def lock_name(final: Path) -> Path:
+    return final.parent / f".{final.name}.ckptavg-lock"
 
 
 def temporary_prefix(final: Path) -> str:

@@ -157,6 +157,7 @@ class Manifest:
     versions: dict[str, str]
     run: RunId | None = None
     version: int = VERSION
+    ranks: int = 1  # processes that shared the average (torchrun, srun); `seconds` is the whole run's
 
     @property
     def newest(self) -> InputRecord:
@@ -176,6 +177,7 @@ class Manifest:
             "output": _compact(self.output),
             "device": self.device,
             "seconds": self.seconds,
+            **({"ranks": self.ranks} if self.ranks > 1 else {}),
             "versions": self.versions,
         }
 
@@ -197,7 +199,7 @@ class Manifest:
                                     tuple(out.get("side_files_from_newest_input", ())),
                                     out.get("format", "safetensors")),
                 device=d["device"], seconds=d["seconds"], versions=dict(d["versions"]),
-                run=RunId(**d["run"]) if "run" in d else None, version=version)
+                run=RunId(**d["run"]) if "run" in d else None, version=version, ranks=int(d.get("ranks", 1)))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{where}: malformed ckptavg manifest ({type(e).__name__}: {e})") from None
 

@@ -20,6 +20,7 @@ other entries are left out.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import math
 import pickle
@@ -35,11 +36,20 @@ from . import torchsave
 from .confine import inside
 from .index import Checkpoint, Extent, TensorRef
 from .names import DCP_SIDE_FILES, DCP_SUBFOLDER_OF, SIDE_FILES, dcp_metadata
-from .outputs import Format, OutputFile, OutputLayout, SideFiles, Spec, fake, saved_without_data, spec_nbytes
+from .outputs import (
+    Format,
+    OutputFile,
+    OutputLayout,
+    SideFiles,
+    Spec,
+    fake,
+    saved_without_data,
+    spec_nbytes,
+    split_sizes,
+)
 from .pickles import Call, Name, read_pickle
 
 METADATA = ".metadata"
-DCP_FILE = "__0_0.distcp"  # an output's one data file
 MAX_METADATA_BYTES = 1 << 30
 # pieces of tensors one checkpoint may be read in (a column shard is a piece a row): each holds at least one
 # element of a record that is there, and this bounds what their index costs (about 150 bytes each)
@@ -254,7 +264,14 @@ def _merged(parts: list[Metadata]) -> Metadata:
     return Metadata(entries, storage)
 
 
+_last_read: tuple[tuple, Metadata] | None = None  # the newest input's, read again for its non-tensor entries
+
+
 def _read_one(path: Path) -> Metadata:
+    """One `.metadata` file's records; the file parsed last is not parsed again while its bytes are the same (an
+    average reads the newest input's twice: for its tensors, then for the entries copied from it; parsing is
+    the cost, about 2 MB/s, reading is not)."""
+    global _last_read
     if not path.is_file():
         raise CorruptCheckpointError(f"{path}: not a file")
     try:
@@ -264,11 +281,16 @@ def _read_one(path: Path) -> Metadata:
         raise with_path(e, path) from None
     if len(data) > MAX_METADATA_BYTES:
         raise CorruptCheckpointError(f"{path}: more than {MAX_METADATA_BYTES} bytes, more than ckptavg reads")
+    key = (str(path), hashlib.blake2b(data, digest_size=16).digest())  # (what it holds, not when it changed)
+    if _last_read is not None and _last_read[0] == key:
+        return _last_read[1]
     try:
         records = read_pickle(data, str(path), names=_METADATA_CLASSES, hashable=_HASHABLE)
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{e} (not one of DCP's metadata classes)") from None
-    return _Schema(str(path)).metadata(records)
+    metadata = _Schema(str(path)).metadata(records)
+    _last_read = (key, metadata)
+    return metadata
 
 
 def _record_tensor(f, file: Path, offset: int, length: int, fqn: str) -> tuple[torch.dtype, tuple[int, ...], int]:
@@ -415,10 +437,12 @@ def model_bytes(folder: Path) -> list[tuple[str, bytes]]:
 MAX_BYTES_ENTRY = 1 << 30
 
 
-def dcp_layout(specs: Sequence[Spec], subfolder: str = "", raw: Sequence[tuple[str, bytes]] = ()) -> OutputLayout:
-    """One `.distcp` file of a record per tensor, then the `raw` entries (name, saved bytes: the model's
-    non-tensor entries, `dcp.model_bytes`), and the `.metadata` that says where each lies; in `subfolder`
-    of the output where the trainer keeps its DCP folder inside a step's (OLMo-core)."""
+def dcp_layout(specs: Sequence[Spec], shard_bytes: int, subfolder: str = "", raw: Sequence[tuple[str, bytes]] = ()
+               ) -> OutputLayout:
+    """A record per tensor, in files of at most `shard_bytes` (`__0_0.distcp`, `__1_0.distcp`, ...: DCP's names
+    for the files of ranks 0, 1, ..., so that ranks can write one each), the `raw` entries (name, saved bytes: the
+    model's non-tensor entries, `dcp.model_bytes`) after the last, and the `.metadata` that says where each lies;
+    in `subfolder` of the output where the trainer keeps its DCP folder inside a step's (OLMo-core)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -429,28 +453,35 @@ def dcp_layout(specs: Sequence[Spec], subfolder: str = "", raw: Sequence[tuple[s
         TensorStorageMetadata,
     )
 
-    frames, entries, storage, at = [b""], {}, {}, 0
+    records = []
     for spec in specs:
         saved = saved_without_data(fake(spec))
         parts, holes = saved.split()
         if [n for _, n in holes] != ([spec_nbytes(spec)] if spec_nbytes(spec) else []):
             raise RuntimeError(f"torch.save left {holes} unwritten for {spec}: not a record ckptavg can frame")
-        frames[-1] += parts[0]
-        frames.extend(parts[1:] or [b""])  # (an empty tensor: its no bytes go after its record)
-        origin = torch.Size([0] * len(spec[2]))
-        entries[spec[0]] = TensorStorageMetadata(TensorProperties(dtype=spec[1]), torch.Size(spec[2]),
-                                                 [ChunkStorageMetadata(origin, torch.Size(spec[2]))])
-        storage[MetadataIndex(spec[0], origin)] = _StorageInfo(DCP_FILE, at, saved.size)
-        at += saved.size
-    for name, data in raw:
-        frames[-1] += data
-        entries[name] = BytesStorageMetadata()
-        storage[MetadataIndex(name)] = _StorageInfo(DCP_FILE, at, len(data))
-        at += len(data)
-    metadata = pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage))
+        records.append((spec, saved.size, parts))
+    groups = split_sizes([size for _, size, _ in records], shard_bytes)
     inside = f"{subfolder}/" if subfolder else ""
-    return OutputLayout("dcp", (OutputFile(inside + DCP_FILE, tuple(s[0] for s in specs), tuple(frames)),),
-                        ((inside + ".metadata", metadata),))
+    entries, storage, files = {}, {}, []
+    for i, group in enumerate(groups):
+        name, frames, at = f"__{i}_0.distcp", [b""], 0
+        for spec, size, parts in (records[j] for j in group):
+            frames[-1] += parts[0]
+            frames.extend(parts[1:] or [b""])  # (an empty tensor: its no bytes go after its record)
+            origin = torch.Size([0] * len(spec[2]))
+            entries[spec[0]] = TensorStorageMetadata(TensorProperties(dtype=spec[1]), torch.Size(spec[2]),
+                                                     [ChunkStorageMetadata(origin, torch.Size(spec[2]))])
+            storage[MetadataIndex(spec[0], origin)] = _StorageInfo(name, at, size)
+            at += size
+        if i == len(groups) - 1:
+            for key, data in raw:
+                frames[-1] += data
+                entries[key] = BytesStorageMetadata()
+                storage[MetadataIndex(key)] = _StorageInfo(name, at, len(data))
+                at += len(data)
+        files.append(OutputFile(inside + name, tuple(records[j][0][0] for j in group), tuple(frames)))
+    metadata = pickle.dumps(Metadata(state_dict_metadata=entries, storage_data=storage))
+    return OutputLayout("dcp", tuple(files), ((inside + ".metadata", metadata),))
 
 
 def _dcp_source(newest: Checkpoint) -> tuple[tuple[str, bytes], ...]:
@@ -467,6 +498,7 @@ def _dcp_side_files(newest: Checkpoint) -> SideFiles:
 
 
 FORMAT = Format("dcp", "dcp",
-                lambda specs, shard_bytes, newest: dcp_layout(specs, DCP_SUBFOLDER_OF.get(newest.trainer, ""),
+                lambda specs, shard_bytes, newest: dcp_layout(specs, shard_bytes,
+                                                              DCP_SUBFOLDER_OF.get(newest.trainer, ""),
                                                               newest.source or ()),
                 source=_dcp_source, side_files=_dcp_side_files)

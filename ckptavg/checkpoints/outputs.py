@@ -13,8 +13,9 @@ others (a safetensors index, DCP's `.metadata`) are given whole.
   average, and its other entries that hold tensors (optimizer state, a best score) left out, so
   that the trainer's loader takes it as a model (`load_from_checkpoint`, nanoGPT's sample.py,
   DeepSpeed's `load_module_only`), not as a run to resume. Framed like DCP's records.
-- DCP: one `__0_0.distcp` of `torch.save` records, one per tensor (one chunk each, as a single-process
-  `dcp.save` would write them), and a `.metadata` that torch's own reader and the trainers' loaders
+- DCP: `__0_0.distcp` (and `__1_0.distcp`, ... where the tensors are more than a shard's bytes: DCP's
+  names for the files of ranks 0, 1, ...) of `torch.save` records, one per tensor (one chunk each, as
+  `dcp.save` writes an unsharded tensor), and a `.metadata` that torch's own reader and the trainers' loaders
   read. Each record is framed by `torch.save` itself, told to skip the tensor's bytes
   (`torch.serialization.skip_data`, on a fake tensor that owns no memory), which leaves the space the
   engine fills. As with `torch.serialization.set_crc32_options(False)`, the records carry no CRC-32 of
@@ -129,6 +130,26 @@ def saved_without_data(obj: object) -> _Holes:
     return f
 
 
+def split_sizes(sizes: Sequence[int], shard_bytes: int) -> list[list[int]]:
+    """Greedy, order-preserving split of items of `sizes` into groups (of their indices) of at most
+    `shard_bytes` (a bigger item gets its own)."""
+    if shard_bytes <= 0:
+        raise ValueError("shard size must be positive")
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, n in enumerate(sizes):
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def split_specs(specs: Sequence[Spec], shard_bytes: int) -> list[list[Spec]]:
+    return [[specs[i] for i in group] for group in split_sizes([spec_nbytes(s) for s in specs], shard_bytes)]
+
+
 def fake(spec: Spec) -> torch.Tensor:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -164,8 +185,8 @@ class Format:
     name), how a file of it is indexed (`index_file`: (trainer, tensors), every check made; a folder format,
     DCP, is indexed by its module), which files named alone are of it (`suffixes`), and how an output of it
     is made: what it needs of the newest input (`source`, read once before planning), its files for tensors
-    of given specs at most so many bytes a file where it shards (`layout`), and what a loader needs beside
-    the tensors (`side_files`)."""
+    of given specs at most so many bytes a file where it `shards` (`layout`: one file otherwise, which one
+    rank of several writes alone), and what a loader needs beside the tensors (`side_files`)."""
 
     name: str
     output: str
@@ -174,3 +195,4 @@ class Format:
     suffixes: tuple[str, ...] = ()
     source: Callable[[Checkpoint], object] = lambda newest: None
     side_files: Callable[[Checkpoint], SideFiles] = config_files
+    shards: bool = True

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import CorruptCheckpointError, with_path
 from .index import DTYPE_NAMES, SAFETENSORS_DTYPES, TensorRef
 from .names import SAFETENSORS_INDEX
-from .outputs import Format, OutputFile, OutputLayout, Spec, spec_nbytes
+from .outputs import Format, OutputFile, OutputLayout, Spec, spec_nbytes, split_specs
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
 
@@ -121,21 +121,6 @@ def safetensors_layout(groups: Sequence[Sequence[Spec]]) -> OutputLayout:
                  "weight_map": {s[0]: f.filename for f, g in zip(files, groups, strict=True) for s in g}}
         extra = ((SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode()),)
     return OutputLayout("safetensors", files, extra)
-
-
-def split_specs(specs: Sequence[Spec], shard_bytes: int) -> list[list[Spec]]:
-    """Greedy, order-preserving split into groups of at most `shard_bytes` (a bigger tensor gets its own)."""
-    if shard_bytes <= 0:
-        raise ValueError("shard size must be positive")
-    groups: list[list[Spec]] = [[]]
-    size = 0
-    for spec in specs:
-        if groups[-1] and size + spec_nbytes(spec) > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(spec)
-        size += spec_nbytes(spec)
-    return groups
 
 
 FORMAT = Format("safetensors", "safetensors",

@@ -643,4 +643,4 @@ def _torch_source(newest: Checkpoint) -> tuple[dict, str]:
 FORMAT = Format("bin", "torch",
                 lambda specs, shard_bytes, newest: torch_save_layout(*newest.source, specs,
                                                                      TORCH_SAVE_FILES[newest.trainer]),
-                index_file, TORCH_SAVE_SUFFIXES, _torch_source)
+                index_file, TORCH_SAVE_SUFFIXES, _torch_source, shards=False)

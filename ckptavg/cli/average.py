@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .. import options as opt
+from ..errors import OptionError
 from ..units import format_size
 from .console import app, say, user_errors
 from .groups import Arithmetic, grouped
@@ -40,6 +41,9 @@ def average(
                                      "the manifest: computed from the bytes the average reads anyway, "
                                      "cached per file, free for Hugging Face cache files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    timeout: float = typer.Option(300.0, help="Launched on several ranks (torchrun, srun): seconds a rank may be "
+                                  "silent (killed, its node lost) before the others stop; a rank busy with a long "
+                                  "share is never silent."),
     arith: Arithmetic = None,
 ) -> None:
     """Average local checkpoints tensor by tensor into a new model folder.
@@ -50,6 +54,10 @@ def average(
     exact (float32 for 16-bit inputs, float64 for float32 ones) and cast once; integer and boolean
     buffers are copied from the newest input. The output is written under a temporary name and
     appears only when complete, with ckptavg.json last.
+
+    Launched by torchrun or srun (`torchrun --nproc-per-node 8 -m ckptavg average ...`, `srun -n 8 ckptavg
+    average ...`), the ranks share one average: each writes some of the output files, rank 0 commits. Run the
+    same command again after a failure: the files that were finished are kept.
     """
     dtype = opt.choice(arith.dtype, opt.AVERAGE_DTYPES, "--dtype")
     acc = opt.choice(accumulate, opt.ACCUMULATE_DTYPES, "--accumulate")
@@ -57,6 +65,8 @@ def average(
     shard_bytes, patterns = opt.size(shard_size, "--shard-size"), opt.copy_patterns(arith.copy)
     output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
     opt.device(arith.device)
+    if not timeout > 0:
+        raise OptionError(f"--timeout must be a positive number of seconds, not {timeout:g}")
     from ..engine.ranks import from_environment
 
     ranks = from_environment()  # launched by torchrun or srun: one of several ranks sharing the average
@@ -75,7 +85,7 @@ def average(
         result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
                                      accumulate=acc_dtype, device=device, shard_bytes=shard_bytes, force=force,
                                      hash_inputs=hash_inputs, copy=patterns, output_format=output_format,
-                                     progress=bars.for_plan("averaging"), ranks=ranks)
+                                     progress=bars.for_plan("averaging"), ranks=ranks, timeout=timeout)
     if ranks is None or ranks.rank == 0:
         size, seconds = output_summary(result)
         shared = f", {ranks.world} ranks" if ranks else ""

@@ -12,7 +12,7 @@ import platform
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from ..checkpoints.confine import check_side_files
 from ..checkpoints.formats import AUTO, OUTPUTS, resolve_format
 from ..checkpoints.index import Checkpoint
 from ..checkpoints.open import open_checkpoint
-from ..errors import CkptavgError, InputError, RankError
+from ..errors import InputError
 from ..hashing import file_sha256, known_sha256
 from ..manifest import (
     DtypePolicy,
@@ -40,7 +40,7 @@ from ..storage.base import FileInfo
 from ..storage.paths import RemotePath
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
-from .ranks import Group, Ranks
+from .ranks import TIMEOUT_S, Ranks
 from .upload import open_output
 from .writer import copy_side_files
 
@@ -148,6 +148,7 @@ def average_checkpoints(
     progress: Callable[[AveragePlan], Progress | None] | None = None,
     reread: Collection[int] = (),
     ranks: Ranks | None = None,
+    timeout: float = TIMEOUT_S,
 ) -> Path | RemotePath:
     """Average checkpoints (oldest first, newest last) into the folder `out`: a Hugging Face model folder
     of safetensors; or (`output_format` "dcp", the default for DCP inputs) a DCP checkpoint of the model
@@ -164,11 +165,13 @@ def average_checkpoints(
     memory available they are read through the page cache, for that average to find them there, while
     the others are read past it. `out` may be a URL (`s3://bucket/avg`): the files are put there as they
     are computed, the manifest last (`upload.py`). `ranks` (`ranks.from_environment()`: launched by
-    torchrun or srun): this process is one of several that share the average (`_average_on_ranks`). Returns
-    the output folder.
+    torchrun or srun): this process is one of several that share the average (`on_ranks.py`), and gives up
+    `timeout` seconds after another falls silent. Returns the output folder.
     """
     if ranks is not None:
-        return _average_on_ranks(ranks, inputs, out, weights=weights, normalize=normalize, out_dtype=out_dtype,
+        from .on_ranks import average_on_ranks
+
+        return average_on_ranks(ranks, inputs, out, timeout=timeout, weights=weights, normalize=normalize, out_dtype=out_dtype,
                                  accumulate=accumulate, device=device, shard_bytes=shard_bytes,
                                  output_format=output_format, force=force, hash_inputs=hash_inputs, copy=copy,
                                  method=method, provenance=provenance, run=run, piece_elements=piece_elements,
@@ -226,7 +229,7 @@ def _copy_side_files(plan: AveragePlan, newest: Checkpoint, folder: Path) -> lis
 def _manifest(plan: AveragePlan, checkpoints: Sequence[Checkpoint], hashes: dict | None,
               remote: dict[RemotePath, FileInfo], side: Sequence[str], device: str, seconds: float, *,
               normalize: bool, out_dtype: torch.dtype | None, method: Method | None,
-              provenance: Sequence[Provenance] | None, run: RunId | None) -> Manifest:
+              provenance: Sequence[Provenance] | None, run: RunId | None, ranks: int = 1) -> Manifest:
     return Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         method=method or Method("weighted_average"),
@@ -245,127 +248,5 @@ def _manifest(plan: AveragePlan, checkpoints: Sequence[Checkpoint], hashes: dict
         seconds=round(seconds, 3),
         versions=_versions(),
         run=run,
+        ranks=ranks,
     )
-
-
-def _together(group: Group, step: Callable[[], object]) -> object:
-    """`step` on this rank, then, if it failed on any rank, an error on every one (on a rank where it failed,
-    its own error; elsewhere a `RankError` naming the rank and what it said), so that no rank goes on alone."""
-    try:
-        result, error = step(), None
-    except (CkptavgError, OSError) as e:
-        result, error = None, e
-    said = group.gather(None if error is None else str(error).splitlines()[0])
-    if error is not None:
-        raise error
-    failed = next(((r, line) for r, line in enumerate(said) if line is not None), None)
-    if failed is not None:
-        raise RankError(f"rank {failed[0]} of {len(said)} failed: {failed[1]}")
-    return result
-
-
-def _shares(plan: AveragePlan, world: int) -> list[list[int]]:
-    """The output files each rank writes (indices into `plan.shards`): the largest first, each to the rank
-    with the fewest bytes so far, so that the ranks' shares differ by at most one file."""
-    shares: list[list[int]] = [[] for _ in range(world)]
-    load = [0] * world
-    for i in sorted(range(len(plan.shards)), key=lambda i: -plan.shards[i].nbytes):
-        r = min(range(world), key=lambda r: (load[r], r))
-        shares[r].append(i)
-        load[r] += plan.shards[i].nbytes
-    return [sorted(s) for s in shares]
-
-
-def _plan_digest(plan: AveragePlan, checkpoints: Sequence[Checkpoint]) -> str:
-    """What every rank must agree on: the inputs (paths and sizes), the weights and every output tensor."""
-    import hashlib
-
-    h = hashlib.sha256(repr((plan.weights, plan.format, plan.copy_patterns,
-                             [(str(c.path.absolute()), [(str(f), f.stat().st_size) for f in c.files])
-                              for c in checkpoints],
-                             [(s.filename, [(j.name, j.shape, str(j.out_dtype), j.action, str(j.accumulate))
-                                            for j in s.jobs]) for s in plan.shards])).encode())
-    return h.hexdigest()
-
-
-def _average_on_ranks(ranks: Ranks, inputs: Inputs, out: str | os.PathLike | RemotePath, *,
-                      weights: Sequence[float] | None, normalize: bool, out_dtype: torch.dtype | None,
-                      accumulate: torch.dtype | None, device: str | torch.device, shard_bytes: int,
-                      output_format: str, force: bool, hash_inputs: bool, copy: Sequence[str],
-                      method: Method | None, provenance: Sequence[Provenance] | None, run: RunId | None,
-                      piece_elements: int, progress: Callable[[AveragePlan], Progress | None] | None) -> Path:
-    """One average shared by the ranks of a `torchrun` or `srun` launch: every rank plans it (and they check
-    they planned the same), the output files are dealt out by bytes and each rank writes its own into rank
-    0's temporary folder, each input file is hashed by one rank, and rank 0 commits once every rank is done
-    (index, side files, manifest last). A failure on any rank fails them all, and nothing is left."""
-    group = Group(ranks)
-    first = ranks.rank == 0
-    output = None
-    try:
-        def plan_it() -> tuple[list[Checkpoint], AveragePlan]:
-            if isinstance(out, RemotePath) or "://" in str(out):
-                raise InputError(f"{out}: an average on several ranks is written to a shared filesystem, not yet "
-                                 f"to an object store")
-            checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
-                                               accumulate=accumulate, shard_bytes=shard_bytes,
-                                               output_format=output_format)
-            if plan.format != "safetensors":
-                raise InputError(f"an average on several ranks writes safetensors (--output-format safetensors); "
-                                 f"{plan.format} outputs are written by one process")
-            per_rank = -(-plan.output_bytes // ranks.world)  # (files small enough for every rank to have one)
-            if per_rank < shard_bytes:
-                checkpoints, plan = _open_and_plan(checkpoints, weights, normalize, copy, out_dtype=out_dtype,
-                                                   accumulate=accumulate, shard_bytes=max(per_rank, 1),
-                                                   output_format=output_format)
-            return checkpoints, plan
-
-        checkpoints, plan = _together(group, plan_it)
-        digests = group.gather(_plan_digest(plan, checkpoints))
-        if len(set(digests)) > 1:
-            odd = next(r for r, d in enumerate(digests) if d != digests[0])
-            raise InputError(f"rank {odd} planned another average than rank 0 (other inputs, options or files): "
-                             f"every rank must run the same command on the same files")
-
-        def open_it() -> str | None:
-            nonlocal output
-            if not first:
-                return None
-            output = open_output(out, force=force)
-            output.check()
-            output.check_space(plan.output_bytes)
-            return str(output.__enter__().path)
-
-        folder = Path(group.from_first(_together(group, open_it)))
-        mine = [plan.shards[i] for i in _shares(plan, ranks.world)[ranks.rank]]
-        files = sorted({f for c in checkpoints for f in c.files}, key=str)
-        hashed = files[ranks.rank::ranks.world] if hash_inputs else []  # (each file hashed whole, by one rank)
-        share = replace(plan, shards=tuple(mine), extra_files=plan.extra_files if first else ())
-        started = time.time()
-
-        def average_it() -> dict:
-            with ThreadPoolExecutor(1, thread_name_prefix="ckptavg-hash") as pool:
-                digests = {f: pool.submit(lambda f=f: known_sha256(f) or file_sha256(f)) for f in hashed}
-                if mine:
-                    execute_plan(share, folder, device=resolve_device(device), piece_elements=piece_elements,
-                                 progress=progress(share) if progress else None)
-                return {str(f): d.result() for f, d in digests.items()}
-
-        hashes = {Path(f): d for part in group.gather(_together(group, average_it)) for f, d in part.items()}
-
-        def commit_it() -> Path | None:
-            if not first:
-                return None
-            side = _copy_side_files(plan, checkpoints[-1], folder)
-            manifest = _manifest(plan, checkpoints, hashes if hash_inputs else None, {}, side,
-                                 f"{resolve_device(device)} x {ranks.world} ranks", time.time() - started,
-                                 normalize=normalize, out_dtype=out_dtype, method=method, provenance=provenance,
-                                 run=run)
-            return output.commit(manifest, fsync_files=[folder / n for n in side])
-
-        return Path(group.from_first(str(_together(group, commit_it))))
-    except BaseException as e:
-        if output is not None:
-            output.__exit__(type(e), e, e.__traceback__)  # (the temporary folder removed; its one line)
-        raise
-    finally:
-        group.close()

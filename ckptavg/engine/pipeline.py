@@ -32,7 +32,7 @@ from ..errors import CkptavgError
 from ..hashing import FileHasher
 from ..storage.base import finish_reads
 from ..storage.paths import RemotePath
-from .plan import AveragePlan, TensorJob
+from .plan import AveragePlan, Shard, TensorJob
 from .tensors import DIRECT_SLACK, TensorReader
 from .upload import open_shard
 from .writer import ShardFile, write_extra_files
@@ -134,8 +134,9 @@ class _Stopped(Exception):
 class _FileSink:
     """Streams finished pieces into the plan's output files, one file at a time."""
 
-    def __init__(self, plan: AveragePlan, folder: Path | RemotePath) -> None:
-        self.plan, self.folder = plan, folder
+    def __init__(self, plan: AveragePlan, folder: Path | RemotePath,
+                 on_file: Callable[[Shard], None] | None = None) -> None:
+        self.plan, self.folder, self.on_file = plan, folder, on_file
         self.file: ShardFile | None = None
         self.current = -1
 
@@ -150,6 +151,8 @@ class _FileSink:
         if self.file is not None:
             self.file.finish()
             self.file = None
+            if self.on_file is not None:
+                self.on_file(self.plan.shards[self.current])
 
     def abort(self) -> None:
         if self.file is not None:
@@ -457,12 +460,13 @@ class _Pipeline:
 
 def execute_plan(plan: AveragePlan, folder: str | os.PathLike | RemotePath, *, device: str | torch.device = "cpu",
                  piece_elements: int = PIECE_ELEMENTS, progress: Progress | None = None,
-                 hash_files: Collection[Path] = ()) -> dict[Path, FileHasher]:
-    """Write the plan's output files (and its index or metadata) into an existing folder. Returns a
-    finished hasher of each of `hash_files` (input files), fed the bytes the reader read: each file is
-    read once."""
+                 hash_files: Collection[Path] = (), on_file: Callable[[Shard], None] | None = None
+                 ) -> dict[Path, FileHasher]:
+    """Write the plan's output files (and its index or metadata) into an existing folder, calling `on_file`
+    with each once it is whole and durable. Returns a finished hasher of each of `hash_files` (input files),
+    fed the bytes the reader read: each file is read once."""
     folder = folder if isinstance(folder, RemotePath) else Path(folder)
-    pipeline = _Pipeline(plan, _FileSink(plan, folder), resolve_device(device), piece_elements, progress,
+    pipeline = _Pipeline(plan, _FileSink(plan, folder, on_file), resolve_device(device), piece_elements, progress,
                          hash_files)
     pipeline.run()
     write_extra_files(folder, plan.extra_files)

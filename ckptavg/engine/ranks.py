@@ -14,13 +14,15 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import OptionError
+from ..errors import OptionError, RankError
 
-TIMEOUT = datetime.timedelta(minutes=30)  # a rank waits this long for the others (a slow node, a big share)
+TIMEOUT_S = 300.0  # how long a rank may be silent (no heartbeat) before the others give up on it
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class Ranks:
     local_world: int  # ranks on this node: they share its cores
     master_addr: str
     master_port: int
+    # torchrun's agent already serves a store at MASTER_ADDR:PORT (TORCHELASTIC_USE_AGENT_STORE): join it, under
+    # a prefix of this attempt's own, instead of serving one from rank 0
+    agent_store: str | None = None
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
@@ -57,9 +62,11 @@ def from_environment(env: Mapping[str, str] = os.environ) -> Ranks | None:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in env:
                 raise OptionError(f"RANK and WORLD_SIZE are set but {name} is not: launch with torchrun")
+        agent = (f"ckptavg/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+                 if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None)
         return Ranks(_int(env, "RANK"), world, _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
                      _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1, env["MASTER_ADDR"],
-                     _int(env, "MASTER_PORT"))
+                     _int(env, "MASTER_PORT"), agent)
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:  # a task of an srun step
         world = _int(env, "SLURM_NTASKS")
         if world <= 1:
@@ -75,32 +82,113 @@ def from_environment(env: Mapping[str, str] = os.environ) -> Ranks | None:
 
 
 class Group:
-    """The ranks of one average, joined (gloo) for its few small collectives."""
+    """The ranks of one average, joined (gloo) for its few small collectives, each rank beating a heartbeat
+    into rank 0's store.
 
-    def __init__(self, ranks: Ranks) -> None:
+    A rank waits for the others (`wait`) as long as they live, however long their shares take, and no longer
+    than `timeout` seconds after one falls silent: a SIGKILLed process or a lost node is noticed in bounded
+    time, where a collective alone would wait its whole timeout, which would have to cover the longest share."""
+
+    def __init__(self, ranks: Ranks, timeout: float = TIMEOUT_S) -> None:
         import torch.distributed as dist
 
-        self.ranks, self.dist = ranks, dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method=f"tcp://{ranks.master_addr}:{ranks.master_port}",
-                                    rank=ranks.rank, world_size=ranks.world, timeout=TIMEOUT)
+        self.ranks, self.dist, self.timeout = ranks, dist, timeout
+        self.beat = min(max(timeout / 6, 0.2), 10.0)
+        self._steps = 0
+        self._stop = threading.Event()
+        wait = datetime.timedelta(seconds=timeout)
+        try:
+            self.store = self._connect(ranks.rank == 0)
+            self._beats = [f"beat/{r}" for r in range(ranks.world)]
+            self.store.add(self._beats[ranks.rank], 1)
+            self.store.wait(self._beats)  # every rank has joined (each beat exists, for multi_get)
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", store=dist.PrefixStore("gloo/", self.store), rank=ranks.rank,
+                                        world_size=ranks.world, timeout=wait)
+        except RuntimeError as e:  # (torch's DistError and its kinds)
+            raise RankError(f"rank {ranks.rank} could not join the other {ranks.world - 1} at "
+                            f"{ranks.master_addr}:{ranks.master_port} within {timeout:g} s: {_first_line(e)}") from None
+        self._beater = threading.Thread(target=self._beat_on, name="ckptavg-heartbeat", daemon=True)
+        self._beater.start()
+
+    def _connect(self, serve: bool) -> Any:
+        """The ranks' store: served by rank 0 (`serve`), or torchrun's agent's, under this attempt's prefix."""
+        ranks, wait = self.ranks, datetime.timedelta(seconds=self.timeout)
+        if ranks.agent_store is None:
+            return self.dist.TCPStore(ranks.master_addr, ranks.master_port, ranks.world if serve else None, serve,
+                                      timeout=wait, wait_for_workers=serve)
+        agent = self.dist.TCPStore(ranks.master_addr, ranks.master_port, None, False, timeout=wait,
+                                   wait_for_workers=False)
+        return self.dist.PrefixStore(ranks.agent_store, agent)
+
+    def _beat_on(self) -> None:
+        store = self._connect(False)
+        while not self._stop.wait(self.beat):
+            try:
+                store.add(self._beats[self.ranks.rank], 1)
+            except RuntimeError:
+                return  # rank 0's store is gone: the main thread finds out at its next step
 
     @property
     def rank(self) -> int:
         return self.ranks.rank
 
+    def wait(self) -> None:
+        """Until every rank has come this far; a `RankError` once one has been silent for `timeout` seconds."""
+        self._steps += 1
+        key, world = f"arrived/{self._steps}", self.ranks.world
+        heard: dict[int, tuple[bytes, float]] = {}
+        try:
+            self.store.add(key, 1)
+            while self.store.add(key, 0) < world:
+                now = time.monotonic()
+                for r, beat in enumerate(self.store.multi_get(self._beats)):
+                    if r not in heard or heard[r][0] != beat:
+                        heard[r] = (beat, now)
+                    elif now - heard[r][1] > self.timeout:
+                        raise RankError(f"rank {r} of {world} has been silent for {self.timeout:g} s (killed, or "
+                                        f"its node lost): the others stopped")
+                time.sleep(min(self.beat, 1.0))
+        except RuntimeError as e:
+            raise RankError(f"lost rank 0 (which holds the ranks' store): {_first_line(e)}") from None
+
     def gather(self, value: Any) -> list[Any]:
-        """Every rank's `value`, in rank order, on every rank."""
+        """Every rank's `value`, in rank order, on every rank (once all are there: `wait`)."""
+        self.wait()
         out: list[Any] = [None] * self.ranks.world
-        self.dist.all_gather_object(out, value)
+        try:
+            self.dist.all_gather_object(out, value)
+        except RuntimeError as e:
+            raise RankError(f"lost a rank while exchanging results: {_first_line(e)}") from None
         return out
 
     def from_first(self, value: Any) -> Any:
         """Rank 0's `value`, on every rank."""
+        self.wait()
         box = [value]
-        self.dist.broadcast_object_list(box, src=0)
+        try:
+            self.dist.broadcast_object_list(box, src=0)
+        except RuntimeError as e:
+            raise RankError(f"lost a rank while hearing from rank 0: {_first_line(e)}") from None
         return box[0]
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the group. Rank 0 holds the store the others still touch on their way out, so after a
+        `finished` run it waits for every rank to say it is leaving (after a failure, briefly: a dead rank
+        never says so, and the live ones are on their way out with their own errors)."""
+        try:
+            self.store.add("leaving", 1)
+            if self.rank == 0:
+                deadline = time.monotonic() + (self.timeout if finished else 2 * self.beat)
+                while self.store.add("leaving", 0) < self.ranks.world and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        except RuntimeError:
+            pass  # (rank 0 gone: nothing left to tell it)
+        self._stop.set()
+        self._beater.join()
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -26,7 +26,7 @@ from ..atomic import write_text
 from ..checkpoints.confine import check_local
 from ..checkpoints.names import SIDE_FILES
 from ..errors import DiskSpaceError, IOFailure, OutputExistsError, describe_os_error, with_path
-from ..layout import temporary_name, temporary_owner, temporary_prefix
+from ..layout import is_ranked_temporary, lock_name, temporary_name, temporary_owner, temporary_prefix
 from ..manifest import MANIFEST, Manifest, manifest_json
 from .plan import Shard
 from .tensors import whole_blocks
@@ -222,19 +222,77 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(final: Path) -> None:
+def try_lock(final: Path) -> int | None:
+    """A descriptor holding the lock of the output `final` (`layout.lock_name`), or None while another process,
+    here or on another host of the shared filesystem, holds it. The lock file is removed by its holder on its
+    way out; a lock taken on a file so removed is let go and the new file's taken."""
+    path = lock_name(final)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)
+
+
+def unlock(final: Path, fd: int) -> None:
+    lock_name(final).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def remove_stale_temporaries(final: Path, *, locked: bool = False, keep: Path | None = None) -> None:
     """Delete temporary folders that killed runs on this host left beside `final`; another host's are
-    left alone (its processes cannot be asked after from here)."""
+    left alone (its processes cannot be asked after from here). The folder of an average on ranks (named by
+    its plan, not a process) is stale when no rank 0 holds the output's lock (`locked`: this process does);
+    `keep` is the one this run goes on with."""
     prefix = temporary_prefix(final)
     if not final.parent.is_dir():
         return
     here = socket.gethostname()
-    for entry in final.parent.iterdir():
-        if not entry.name.startswith(prefix):
-            continue
-        owner = temporary_owner(entry.name, prefix)  # None: a name no run of ours made, so no run owns it
-        if owner is None or owner[1] in (here, None) and not pid_alive(owner[0]):
-            shutil.rmtree(entry, ignore_errors=True)
+    held = None
+    try:
+        for entry in final.parent.iterdir():
+            if not entry.name.startswith(prefix) or entry == keep:
+                continue
+            if is_ranked_temporary(entry.name, prefix):
+                if not locked and held is None and (held := try_lock(final)) is None:
+                    continue  # a launch on ranks is building it now
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            owner = temporary_owner(entry.name, prefix)  # None: a name no run of ours made, so no run owns it
+            if owner is None or owner[1] in (here, None) and not pid_alive(owner[0]):
+                shutil.rmtree(entry, ignore_errors=True)
+    finally:
+        if held is not None:
+            unlock(final, held)
+
+
+def commit_folder(path: Path, final: Path, manifest: Manifest, fsync_files: Iterable[Path] = (), *,
+                  force: bool = False) -> None:
+    """Make the temporary folder `path` the output `final`: its files durable, the manifest last, one rename."""
+    for f in fsync_files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    write_text(path / MANIFEST, manifest_json(manifest), fsync=True)  # last: it marks the output finished
+    fsync_dir(path)
+    old = None
+    if final.exists():
+        if not force:
+            raise OutputExistsError(f"{final} appeared while writing (pass --force to replace it)")
+        old = temporary_name(final, "old-")
+        os.rename(final, old)
+    os.rename(path, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class OutputDir:
@@ -265,22 +323,8 @@ class OutputDir:
         check_free_space(self.final.parent, nbytes)
 
     def commit(self, manifest: Manifest, fsync_files: Iterable[Path] = ()) -> Path:
-        for f in fsync_files:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        write_text(self.path / MANIFEST, manifest_json(manifest), fsync=True)  # last: it marks the output finished
-        fsync_dir(self.path)
-        old = None
-        if self.final.exists():
-            if not self.force:
-                raise OutputExistsError(f"{self.final} appeared while writing (pass --force to replace it)")
-            old = temporary_name(self.final, "old-")
-            os.rename(self.final, old)
-        os.rename(self.path, self.final)
-        fsync_dir(self.final.parent)
+        commit_folder(self.path, self.final, manifest, fsync_files, force=self.force)
         self._committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return self.final
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
