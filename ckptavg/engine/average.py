@@ -171,11 +171,11 @@ def average_checkpoints(
     if ranks is not None:
         from .on_ranks import average_on_ranks
 
-        return average_on_ranks(ranks, inputs, out, timeout=timeout, weights=weights, normalize=normalize, out_dtype=out_dtype,
-                                 accumulate=accumulate, device=device, shard_bytes=shard_bytes,
-                                 output_format=output_format, force=force, hash_inputs=hash_inputs, copy=copy,
-                                 method=method, provenance=provenance, run=run, piece_elements=piece_elements,
-                                 progress=progress)
+        return average_on_ranks(ranks, inputs, out, timeout=timeout, weights=weights, normalize=normalize,
+                                out_dtype=out_dtype, accumulate=accumulate, device=device, shard_bytes=shard_bytes,
+                                output_format=output_format, force=force, hash_inputs=hash_inputs, copy=copy,
+                                method=method, provenance=provenance, run=run, piece_elements=piece_elements,
+                                progress=progress)
     output = open_output(out, force=force)
     output.check()
     dev = resolve_device(device)
