@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_matches, reference_average
+from conftest import assert_matches, cli, reference_average
 from safetensors.torch import load_file, save_file
 
 from ckptavg.engine.ranks import Ranks, first_host, from_environment
@@ -25,6 +25,9 @@ def test_the_rank_comes_from_torchrun_or_srun_and_alone_is_none():
     torchrun = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
                 "MASTER_PORT": "29400"}
     assert from_environment(torchrun) == Ranks(2, 4, 0, 2, "n1", 29400)
+    elastic = {**torchrun, "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "x",
+               "TORCHELASTIC_RESTART_COUNT": "1"}  # (torchrun's agent serves the store: joined under a prefix)
+    assert from_environment(elastic) == Ranks(2, 4, 0, 2, "n1", 29400, "ckptavg/x/1/")
     srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
             "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_STEP_TASKS_PER_NODE": "2(x4)", "SLURM_JOB_ID": "1234"}
     assert from_environment(srun) == Ranks(5, 8, 1, 2, "gpu07", 21234)
@@ -245,3 +248,40 @@ def test_each_output_format_on_two_ranks_is_the_one_process_output(name, tmp_pat
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
     side = json.loads((one / "ckptavg.json").read_text())["output"].get("side_files_from_newest_input", [])
     assert all((tmp_path / "two" / n).read_bytes() == (one / n).read_bytes() for n in side)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_a_trajectory_and_interpolations_on_two_ranks_are_the_one_process_outputs(three, tmp_path):
+    """Every window (and alpha) shared by the ranks in turn, one group for the whole command; rank 0 speaks."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for i, folder in enumerate(three):
+        (run / f"step{(i + 1) * 10}").symlink_to(folder)
+    schedule = ["--k", "2", "--nu", "10", "--interval", "10"]
+    one = cli("trajectory", run, *schedule, "--out", tmp_path / "one", "-q")
+    assert one.exit_code == 0, one.stderr
+    said = finish(launch(2, sys.executable, "-m", "ckptavg", "trajectory", run, *schedule, "--out", "two", "-q",
+                         cwd=tmp_path))
+    assert [code for code, _ in said] == [0, 0], said
+    assert "output(s) written" in said[0][1] and "written" not in said[1][1]
+    ones = sorted((tmp_path / "one").rglob("ckptavg.json"))
+    twos = sorted((tmp_path / "two").rglob("ckptavg.json"))
+    assert [p.relative_to(tmp_path / "one") for p in ones] == [p.relative_to(tmp_path / "two") for p in twos]
+    assert len(twos) == 2 and all(json.loads(p.read_text())["ranks"] == 2 for p in twos)
+    for a, b in zip(ones, twos, strict=True):
+        want, got = _tensors(a.parent), _tensors(b.parent)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    said = finish(launch(2, sys.executable, "-m", "ckptavg", "interpolate", three[0], three[2], "--alphas", "0.3,0.7",
+                         "--out", "lmc", "-q", cwd=tmp_path))
+    assert [code for code, _ in said] == [0, 0], said
+    from ckptavg.engine.average import average_in_memory
+
+    for alpha in (0.3, 0.7):
+        want = average_in_memory([three[0], three[2]], weights=[alpha, 1 - alpha], normalize=False)
+        got = _tensors(tmp_path / "lmc" / f"alpha{alpha:g}")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

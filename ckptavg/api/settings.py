@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import options as opt
+from ..engine.ranks import TIMEOUT_S, Ranks
 from ..errors import OptionError
 from ..report.tracking import Tracking
 
@@ -115,6 +116,8 @@ class Averaging:
     keep_downloads: bool = False
     force: bool = False  # redo finished outputs
     output_format: str = "auto"  # auto (the inputs' own: DCP, a trainer's file; else safetensors), or one
+    ranks: Ranks | None = None  # launched by torchrun or srun (`engine.ranks.from_environment()`): each window shared
+    timeout: float = TIMEOUT_S  # seconds a rank may be silent before the others stop
 
     def checked(self, dry_run: bool = False) -> Averaging:
         budget = opt.size(self.disk_budget, "--disk-budget") if isinstance(self.disk_budget, str) else self.disk_budget

@@ -3,6 +3,7 @@ following it while it trains."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +74,9 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path |
     for spec in specs:
         check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha, spec.decay_shape)
     scoring = scoring if scoring and scoring.tasks else None
+    if scoring is not None and averaging.ranks is not None:
+        raise OptionError("a trajectory on several ranks averages only: score its outputs afterwards with "
+                          "`ckptavg eval`")
     out = output_tree(out, "out", needs_filesystem="scoring" if scoring is not None else None)
     if scoring is not None and not dry_run:
         scoring = scoring.registered()
@@ -95,8 +99,8 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path |
         events.planned(plan, duplicates)
         if dry_run:
             return TrajectoryRun(plan, tuple(duplicates))
-        with tracked_events(scoring, events) as (scoring, events):
-            return _execute(source, plan, duplicates, averaging, scoring, store, events)
+        with tracked_events(scoring, events) as (scoring, events), joined(averaging) as group:
+            return _execute(source, plan, duplicates, averaging, scoring, store, events, group)
     finally:
         if store is not None:
             store.close()
@@ -158,8 +162,15 @@ def follow_trajectories(runs: Sequence[tuple[object, RunSpec | Sequence[RunSpec]
         return follow(followed, options or FollowOptions())
 
 
+def joined(averaging: Averaging):
+    """The ranks' group for a run on several (`averaging.ranks`): joined once, for all its windows."""
+    from ..engine.ranks import Group
+
+    return Group(averaging.ranks, averaging.timeout) if averaging.ranks else contextlib.nullcontext()
+
+
 def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store,
-             events: Events) -> TrajectoryRun:
+             events: Events, group=None) -> TrajectoryRun:
     out_dtype = torch_dtype(averaging.dtype)
     listeners, in_memory, scorer = events, None, None
     if scoring is not None:
@@ -172,7 +183,8 @@ def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: S
         listeners = Broadcast(events, scoring_listeners)
     written = execute_run(source, plan, force=averaging.force, keep_downloads=averaging.keep_downloads,
                           device=averaging.device, out_dtype=out_dtype, copy=averaging.copy,
-                          output_format=averaging.output_format, events=listeners, in_memory=in_memory)
+                          output_format=averaging.output_format, events=listeners, in_memory=in_memory,
+                          group=group)
     if scorer is not None and not scoring.in_memory:  # the averages, and originals not scored on the way
         from ..evaluation.scorer import run_eval
         from ..evaluation.targets import find_targets

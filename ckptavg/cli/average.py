@@ -8,16 +8,15 @@ from typing import Optional
 import typer
 
 from .. import options as opt
-from ..errors import OptionError
 from ..units import format_size
 from .console import app, say, user_errors
-from .groups import Arithmetic, grouped
+from .groups import Arithmetic, Launch, grouped
 from .progress import Bars
 
 
 @app.command()
 @user_errors
-@grouped(arith=Arithmetic)
+@grouped(arith=Arithmetic, launch=Launch)
 def average(
     srcs: list[str] = typer.Argument(..., help="Checkpoint folders (or weight files), oldest first, local or "
                                      "on an object store (s3://bucket/run/step1000, any fsspec URL; credentials "
@@ -41,10 +40,7 @@ def average(
                                      "the manifest: computed from the bytes the average reads anyway, "
                                      "cached per file, free for Hugging Face cache files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    timeout: float = typer.Option(300.0, help="Launched on several ranks (torchrun, srun): seconds a rank may be "
-                                  "silent (killed, its node lost) before the others stop; a rank busy with a long "
-                                  "share is never silent."),
-    arith: Arithmetic = None,
+    arith: Arithmetic = None, launch: Launch = None,
 ) -> None:
     """Average local checkpoints tensor by tensor into a new model folder.
 
@@ -65,11 +61,7 @@ def average(
     shard_bytes, patterns = opt.size(shard_size, "--shard-size"), opt.copy_patterns(arith.copy)
     output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
     opt.device(arith.device)
-    if not timeout > 0:
-        raise OptionError(f"--timeout must be a positive number of seconds, not {timeout:g}")
-    from ..engine.ranks import from_environment
-
-    ranks = from_environment()  # launched by torchrun or srun: one of several ranks sharing the average
+    ranks = launch.ranks()  # launched by torchrun or srun: one of several ranks sharing the average
     quiet = quiet or bool(ranks and ranks.rank)
     if hash_inputs and ranks is None:  # checked options first, then, before torch is imported, while a core idles
         from .. import hash_ahead
@@ -85,7 +77,7 @@ def average(
         result = average_checkpoints(srcs, out_dir, weights=w, normalize=normalize, out_dtype=out_dtype,
                                      accumulate=acc_dtype, device=device, shard_bytes=shard_bytes, force=force,
                                      hash_inputs=hash_inputs, copy=patterns, output_format=output_format,
-                                     progress=bars.for_plan("averaging"), ranks=ranks, timeout=timeout)
+                                     progress=bars.for_plan("averaging"), ranks=ranks, timeout=launch.timeout)
     if ranks is None or ranks.rank == 0:
         size, seconds = output_summary(result)
         shared = f", {ranks.world} ranks" if ranks else ""
@@ -94,7 +86,7 @@ def average(
 
 @app.command()
 @user_errors
-@grouped(arith=Arithmetic)
+@grouped(arith=Arithmetic, launch=Launch)
 def interpolate(
     a: str = typer.Argument(..., help="Checkpoint A (a path, or a URL on an object store)."),
     b: str = typer.Argument(..., help="Checkpoint B (config, tokenizer and non-averaged tensors come from B)."),
@@ -104,14 +96,18 @@ def interpolate(
                                 "on an object store, s3://bucket/lmc)."),
     force: bool = typer.Option(False, "--force", help="Redo finished outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    arith: Arithmetic = None,
+    arith: Arithmetic = None, launch: Launch = None,
 ) -> None:
-    """Linear interpolation between two checkpoints, a probe of linear mode connectivity."""
+    """Linear interpolation between two checkpoints, a probe of linear mode connectivity.
+
+    Launched by torchrun or srun, the ranks share each interpolation in turn (as `ckptavg average` does)."""
     from ..api import interpolate as run
 
-    with Bars(quiet) as bars:
+    ranks = launch.ranks()
+    with Bars(quiet or bool(ranks and ranks.rank)) as bars:
         done = run(a, b, opt.floats(alphas, "--alphas"), out_dir, device=arith.device, dtype=arith.dtype,
                    copy=arith.copy, force=force, output_format=arith.output_format,
-                   progress=lambda alpha: bars.for_plan(f"alpha {alpha:g}"))
-    for _, folder, written in done:
-        say(f"wrote {folder}" if written else f"skipped {folder} (finished)")
+                   progress=lambda alpha: bars.for_plan(f"alpha {alpha:g}"), ranks=ranks, timeout=launch.timeout)
+    if ranks is None or ranks.rank == 0:
+        for _, folder, written in done:
+            say(f"wrote {folder}" if written else f"skipped {folder} (finished)")

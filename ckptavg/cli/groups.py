@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from ..engine.ranks import TIMEOUT_S, Ranks, from_environment
 from ..trajectory import methods
 from .console import fail
 
@@ -92,6 +93,22 @@ class Arithmetic:
                                       "trainer's own file for Lightning .ckpt, nanoGPT ckpt.pt and DeepSpeed "
                                       "inputs, optimizer state left out; safetensors for the rest), "
                                       "safetensors (a Hugging Face model folder), dcp or torch.")
+
+
+@dataclass
+class Launch:
+    """How a command launched on several ranks (torchrun, srun) shares its averages."""
+
+    timeout: float = typer.Option(TIMEOUT_S, help="Launched on several ranks (torchrun --nproc-per-node N, srun -n N: "
+                                  "they share each average, rank 0 commits it): seconds a rank may be silent (killed, "
+                                  "its node lost) before the others stop; a rank busy with a long share is never "
+                                  "silent.")
+
+    def ranks(self) -> Ranks | None:
+        """This process's place among the ranks of a torchrun or srun launch (None: it runs alone)."""
+        if not self.timeout > 0:
+            raise fail(f"--timeout must be a positive number of seconds, not {self.timeout:g}")
+        return from_environment()
 
 
 @dataclass

@@ -13,7 +13,7 @@ from ..trajectory.events import Broadcast, Events
 from ..trajectory.pythia import PAPER_END, PAPER_START
 from ..units import format_size, format_tokens
 from .console import app, fail, out, say, user_errors
-from .groups import Arithmetic, Downloads, Follow, Schedule, Study, Tasks, grouped, scoring
+from .groups import Arithmetic, Downloads, Follow, Launch, Schedule, Study, Tasks, grouped, scoring
 from .progress import Bars, Following, following
 
 DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, peak disk) and exit; reads no tensor data."
@@ -21,7 +21,8 @@ DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, pea
 
 @app.command()
 @user_errors
-@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study, watching=Follow)
+@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study, watching=Follow,
+         launch=Launch)
 def trajectory(
     source: str = typer.Argument(..., help="A local run folder of checkpoints named by step, as a trainer "
                                  "saves them (step1000/, OLMo-core's stepN/model_and_optim/, torchtitan's step-N/, "
@@ -44,14 +45,15 @@ def trajectory(
     force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars."),
     schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
-    study: Study = None, watching: Follow = None,
+    study: Study = None, watching: Follow = None, launch: Launch = None,
 ) -> None:
     """Average a training trajectory window by window (LAWA, WMA, decay, EMA or SWA), local, on a store or on
     the Hub.
 
     Each Hub revision is downloaded once, by commit id, into the Hugging Face cache and deleted after
     its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
-    where it stopped. --follow keeps going while the run trains.
+    where it stopped. --follow keeps going while the run trains. Launched by torchrun or srun, the ranks
+    share each window in turn (as `ckptavg average` does; averages only, on a shared filesystem).
     """
     from ..api import open_trajectory
 
@@ -59,8 +61,10 @@ def trajectory(
     options = watching.options()
     out_dir = opt.output_tree(out_dir, "--out", needs_filesystem="scoring (--eval)" if study.study_tasks else
                               "--follow" if options is not None else None)
-    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
+    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run, launch)
     if options is not None:
+        if checks[0].ranks is not None:
+            raise fail("--follow runs as one process (launched on several ranks: leave out --follow)")
         return _follow(source, schedule, start, end, options, steps_from, out_dir, checks,
                        cache_dir=downloads.cache_dir, dry_run=dry_run, quiet=quiet)
     bars = Bars(quiet)
@@ -73,7 +77,7 @@ def trajectory(
 
 @app.command()
 @user_errors
-@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study)
+@grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study, launch=Launch)
 def pythia(
     model: str = typer.Option(..., "--model", help="Pythia size: 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b or 12b."),
     start: int = typer.Option(PAPER_START, help="First output step."),
@@ -88,7 +92,7 @@ def pythia(
     force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars."),
     schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
-    study: Study = None,
+    study: Study = None, launch: Launch = None,
 ) -> None:
     """Average EleutherAI Pythia revisions from the Hub (LAWA by default: k=5, nu=1000, every 3000 steps).
 
@@ -103,7 +107,7 @@ def pythia(
     spec = _spec(schedule, start, end, False)
     spec.windows(None)  # the schedule's own checks, before the Hub is asked anything
     out_dir = opt.output_tree(out_dir, "--out", needs_filesystem="scoring (--eval)" if study.study_tasks else None)
-    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run)
+    checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run, launch)
     bars = Bars(quiet)
     src = (CatalogueTrajectory(model, deduped) if dry_run else
            pythia_trajectory(model, deduped, cache_dir=downloads.cache_dir, bars=bars))
@@ -170,7 +174,7 @@ def _spec(s: Schedule, start: int, end: int, skip_incomplete: bool):
 
 
 def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks: Tasks, study: Study,
-             disk_budget: Optional[str], force: bool, dry_run: bool):
+             disk_budget: Optional[str], force: bool, dry_run: bool, launch: Launch):
     """Every option of a run, checked before the trajectory is listed: (averaging, scoring)."""
     from ..api import Averaging
     from ..trajectory.methods import check_parameters
@@ -178,13 +182,16 @@ def _checked(schedule: Schedule, arith: Arithmetic, downloads: Downloads, tasks:
     check_parameters(schedule.method, schedule.k, schedule.nu, schedule.interval, schedule.ema_alpha,
                      schedule.decay_shape)
     averaging = Averaging(arith.device, arith.dtype, disk_budget, tuple(arith.copy), downloads.keep_downloads,
-                          force, arith.output_format).checked(dry_run)
+                          force, arith.output_format, launch.ranks(), launch.timeout).checked(dry_run)
     return averaging, scoring(study.study_tasks, tasks, originals=study.originals, in_memory=study.in_memory,
                               diversity=study.diversity, register=not dry_run, device=averaging.device)
 
 
 def _run(source, spec, out_dir: Path, averaging, checked_scoring, *, dry_run: bool, quiet: bool, bars: Bars) -> None:
     from ..api import run_trajectory
+
+    if averaging.ranks is not None and averaging.ranks.rank:  # (rank 0 speaks for them all)
+        quiet, bars = True, Bars(True)
 
     class Plan(Events):
         def planned(self, plan, duplicates) -> None:
@@ -203,7 +210,7 @@ def _run(source, spec, out_dir: Path, averaging, checked_scoring, *, dry_run: bo
             bars.count_scores(2 * len(spec.windows(None)) * len(checked_scoring.tasks))  # at most
         run = run_trajectory(source, spec, out_dir, averaging, checked_scoring, dry_run=dry_run,
                              events=Broadcast(bars, Plan()))
-    if dry_run:
+    if dry_run or averaging.ranks is not None and averaging.ranks.rank:
         return
     if scores and checked_scoring.in_memory:
         say(f"{len(run.plan.todo)} window(s) averaged in memory and scored")

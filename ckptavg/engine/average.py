@@ -40,7 +40,7 @@ from ..storage.base import FileInfo
 from ..storage.paths import RemotePath
 from .pipeline import PIECE_ELEMENTS, Progress, execute_in_memory, execute_into, execute_plan, resolve_device
 from .plan import DEFAULT_COPY_PATTERNS, AveragePlan, check_weights, plan_average, uniform_weights
-from .ranks import TIMEOUT_S, Ranks
+from .ranks import TIMEOUT_S, Group, Ranks
 from .upload import open_output
 from .writer import copy_side_files
 
@@ -147,7 +147,7 @@ def average_checkpoints(
     piece_elements: int = PIECE_ELEMENTS,
     progress: Callable[[AveragePlan], Progress | None] | None = None,
     reread: Collection[int] = (),
-    ranks: Ranks | None = None,
+    ranks: Ranks | Group | None = None,
     timeout: float = TIMEOUT_S,
 ) -> Path | RemotePath:
     """Average checkpoints (oldest first, newest last) into the folder `out`: a Hugging Face model folder
@@ -165,8 +165,9 @@ def average_checkpoints(
     memory available they are read through the page cache, for that average to find them there, while
     the others are read past it. `out` may be a URL (`s3://bucket/avg`): the files are put there as they
     are computed, the manifest last (`upload.py`). `ranks` (`ranks.from_environment()`: launched by
-    torchrun or srun): this process is one of several that share the average (`on_ranks.py`), and gives up
-    `timeout` seconds after another falls silent. Returns the output folder.
+    torchrun or srun; or the `ranks.Group` they joined, for a command of several averages): this process is
+    one of several that share the average (`on_ranks.py`), and gives up `timeout` seconds after another falls
+    silent. Returns the output folder.
     """
     if ranks is not None:
         from .on_ranks import average_on_ranks

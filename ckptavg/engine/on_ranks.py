@@ -100,14 +100,17 @@ def plan_digest(plan: AveragePlan, checkpoints: Sequence[Checkpoint]) -> str:
     return hashlib.sha256(repr((plan.weights, plan.format, plan.copy_patterns, inputs, shards)).encode()).hexdigest()
 
 
-def average_on_ranks(ranks: Ranks, inputs: Inputs, out: str | os.PathLike | RemotePath, *, timeout: float,
+def average_on_ranks(ranks: Ranks | Group, inputs: Inputs, out: str | os.PathLike | RemotePath, *, timeout: float,
                      weights: Sequence[float] | None, normalize: bool, out_dtype: torch.dtype | None,
                      accumulate: torch.dtype | None, device: str | torch.device, shard_bytes: int,
                      output_format: str, force: bool, hash_inputs: bool, copy: Sequence[str],
                      method: Method | None, provenance: Sequence[Provenance] | None, run: RunId | None,
                      piece_elements: int, progress: Callable[[AveragePlan], Progress | None] | None) -> Path:
-    """`average_checkpoints` as one of `ranks`: the same output, bit for bit, in less time."""
-    group = Group(ranks, timeout)
+    """`average_checkpoints` as one of `ranks`: the same output, bit for bit, in less time. Given a `Group`
+    (a command that makes several averages joins once), the caller leaves it."""
+    own = not isinstance(ranks, Group)
+    group = Group(ranks, timeout) if own else ranks
+    ranks = group.ranks
     first = ranks.rank == 0
     output: RankedOutput | None = None
     finished = False
@@ -165,7 +168,8 @@ def average_on_ranks(ranks: Ranks, inputs: Inputs, out: str | os.PathLike | Remo
     finally:
         if first and output is not None:
             output.release()  # (after a failure the folder stays: the same command takes it up again)
-        group.close(finished)
+        if own:
+            group.close(finished)
 
 
 def _execute(share: AveragePlan, output: RankedOutput, checkpoints: Sequence[Checkpoint], owned: Collection[Path],

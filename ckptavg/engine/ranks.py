@@ -111,18 +111,19 @@ class Group:
         self._beater = threading.Thread(target=self._beat_on, name="ckptavg-heartbeat", daemon=True)
         self._beater.start()
 
-    def _connect(self, serve: bool) -> Any:
-        """The ranks' store: served by rank 0 (`serve`), or torchrun's agent's, under this attempt's prefix."""
+    def _connect(self, serve: bool, joining: bool = True) -> Any:
+        """The ranks' store: served by rank 0 (`serve`), or torchrun's agent's, under this attempt's prefix; each
+        rank `joining` is counted once (the heartbeat's own connection is not)."""
         ranks, wait = self.ranks, datetime.timedelta(seconds=self.timeout)
         if ranks.agent_store is None:
-            return self.dist.TCPStore(ranks.master_addr, ranks.master_port, ranks.world if serve else None, serve,
-                                      timeout=wait, wait_for_workers=serve)
+            return self.dist.TCPStore(ranks.master_addr, ranks.master_port, ranks.world if joining else None, serve,
+                                      timeout=wait, wait_for_workers=joining)
         agent = self.dist.TCPStore(ranks.master_addr, ranks.master_port, None, False, timeout=wait,
                                    wait_for_workers=False)
         return self.dist.PrefixStore(ranks.agent_store, agent)
 
     def _beat_on(self) -> None:
-        store = self._connect(False)
+        store = self._connect(False, joining=False)
         while not self._stop.wait(self.beat):
             try:
                 store.add(self._beats[self.ranks.rank], 1)
@@ -132,6 +133,12 @@ class Group:
     @property
     def rank(self) -> int:
         return self.ranks.rank
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> None:
+        self.close(finished=error is None)
 
     def wait(self) -> None:
         """Until every rank has come this far; a `RankError` once one has been silent for `timeout` seconds."""

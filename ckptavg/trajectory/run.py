@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import MismatchError, MissingStepsError
 from ..layout import output_folder, run_folder, run_log
@@ -21,6 +21,9 @@ from .events import QUIET, Events
 from .methods import DEFAULT_DECAY_SHAPE, DEFAULT_EMA_ALPHA, method
 from .schedule import FetchPlan, Window, plan_fetches, steps_of
 from .sources import Duplicate
+
+if TYPE_CHECKING:
+    from ..engine.ranks import Group
 
 
 class Source(Protocol):
@@ -139,7 +142,7 @@ def plan_run(source: Source, spec: RunSpec, out: Path | RemotePath, **options) -
 
 def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_downloads: bool = False,
                 events: Events = QUIET, in_memory: Callable[[Job, list[Path], list[int]], None] | None = None,
-                **average_kwargs) -> list[Path]:
+                group: Group | None = None, **average_kwargs) -> list[Path]:
     """Carry out the plan, telling `events` as it goes (`fetched` while a revision is on disk, so that an
     original is scored without a second download; `window_inputs` before each window, `averaged` after
     it; `bar` for each average's progress); `average_kwargs` go to `average_checkpoints` (device, dtype...).
@@ -150,7 +153,11 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
 
     Every action is appended to the run log (`layout.run_log`), with the bytes the source holds on disk
     after it: the record of a long run, and of its disk budget.
+
+    `group` (the ranks of a torchrun or srun launch, on a shared filesystem): every window is shared by them,
+    one after another; rank 0 alone fetches (the others are told where), evicts, logs and tells `events`.
     """
+    first = group is None or group.rank == 0
     on_disk: dict[int, Path] = {}
     written = []
     # by action: the positions of its window's members that a later window reads too (one backward pass)
@@ -161,18 +168,22 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
             members = plan.todo[plan.fetch.actions[i].window].window.members
             reread[i] = [p for p, s in enumerate(members) if s in later]
             later.update(members)
-    log = _RunLog(plan.log_dir if in_memory is None else None, source)
-    if not keep_downloads:
+    log = _RunLog(plan.log_dir if in_memory is None and first else None, source)
+    events = events if first else QUIET
+    if first and not keep_downloads:
         for commit in source.evict_leftovers(set(steps_of([j.window for j in plan.todo]))):
             log.write("evict-leftover", None, revision=commit)
     try:
         for i, action in enumerate(plan.fetch.actions):
             job = plan.todo[action.window] if action.kind == "average" else None
             if action.kind == "fetch":
-                on_disk[action.step] = source.fetch(action.step)
+                on_disk[action.step] = source.fetch(action.step) if first else None
+                if group is not None:
+                    on_disk[action.step] = group.from_first(on_disk[action.step])
                 events.fetched(action.step, on_disk[action.step])
             elif action.kind == "evict":
-                source.evict(action.step)
+                if first:  # (every rank is done with it: the average before committed on all)
+                    source.evict(action.step)
                 on_disk.pop(action.step, None)
             else:
                 folders = [on_disk[s] for s in job.window.members]
@@ -180,7 +191,8 @@ def execute_run(source: Source, plan: RunPlan, *, force: bool = False, keep_down
                 if in_memory is not None:
                     in_memory(job, folders, reread[i])
                 else:
-                    written_to = _average(source, job, folders, force, events, reread[i], average_kwargs)
+                    written_to = _average(source, job, folders, force, events, reread[i],
+                                          average_kwargs | ({"ranks": group} if group is not None else {}))
                     written.append(written_to)
                     events.averaged(job, written_to)
             extra = {"run": job.run.tag} if job is not None and len(plan.roots) > 1 else {}
