@@ -285,3 +285,22 @@ def test_a_trajectory_and_interpolations_on_two_ranks_are_the_one_process_output
         want = average_in_memory([three[0], three[2]], weights=[alpha, 1 - alpha], normalize=False)
         got = _tensors(tmp_path / "lmc" / f"alpha{alpha:g}")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+TWO_AVERAGES = """
+import sys
+from ckptavg.engine.average import average_checkpoints
+from ckptavg.engine.ranks import from_environment
+
+*inputs, out = sys.argv[1:]
+for name in ("a", "b"):  # two groups, one after the other, on the same port
+    average_checkpoints(inputs, f"{out}/{name}", ranks=from_environment(), timeout=30)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_that_averages_twice_on_ranks_joins_twice(three, tmp_path):
+    said = finish(launch(2, sys.executable, "-c", TWO_AVERAGES, *three, tmp_path / "out", cwd=tmp_path))
+    assert [code for code, _ in said] == [0, 0], said
+    for name in ("a", "b"):
+        assert_matches(tmp_path / "out" / name, reference_average(three), max_ulp=0)

@@ -23,6 +23,8 @@ from typing import Any
 from ..errors import OptionError, RankError
 
 TIMEOUT_S = 300.0  # how long a rank may be silent (no heartbeat) before the others give up on it
+_groups = 0  # groups this process has joined
+_stores: dict[tuple, Any] = {}  # (address, port, prefix): this process's connection to the ranks' store
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,10 @@ class Group:
     def __init__(self, ranks: Ranks, timeout: float = TIMEOUT_S) -> None:
         import torch.distributed as dist
 
+        global _groups
+        _groups += 1  # (every rank makes its groups in the same order: their keys never meet an earlier group's)
         self.ranks, self.dist, self.timeout = ranks, dist, timeout
+        self.prefix = f"group{_groups}/"
         self.beat = min(max(timeout / 6, 0.2), 10.0)
         self._steps = 0
         self._stop = threading.Event()
@@ -112,15 +117,21 @@ class Group:
         self._beater.start()
 
     def _connect(self, serve: bool, joining: bool = True) -> Any:
-        """The ranks' store: served by rank 0 (`serve`), or torchrun's agent's, under this attempt's prefix; each
-        rank `joining` is counted once (the heartbeat's own connection is not)."""
-        ranks, wait = self.ranks, datetime.timedelta(seconds=self.timeout)
-        if ranks.agent_store is None:
-            return self.dist.TCPStore(ranks.master_addr, ranks.master_port, ranks.world if joining else None, serve,
-                                      timeout=wait, wait_for_workers=joining)
-        agent = self.dist.TCPStore(ranks.master_addr, ranks.master_port, None, False, timeout=wait,
-                                   wait_for_workers=False)
-        return self.dist.PrefixStore(ranks.agent_store, agent)
+        """The ranks' store, under this group's prefix: served by rank 0 (`serve`), or torchrun's agent's. The
+        connection of each rank `joining` is counted once and kept for the process's later groups (a new server
+        on the same port would race the old one's shutdown); the heartbeat's own is neither."""
+        ranks, wait, prefix = self.ranks, datetime.timedelta(seconds=self.timeout), self.prefix
+        key = (ranks.master_addr, ranks.master_port, ranks.agent_store)
+        store = _stores.get(key) if joining else None
+        if store is None and ranks.agent_store is None:
+            store = self.dist.TCPStore(ranks.master_addr, ranks.master_port, ranks.world if joining else None, serve,
+                                       timeout=wait, wait_for_workers=joining)
+        elif store is None:
+            store = self.dist.TCPStore(ranks.master_addr, ranks.master_port, None, False, timeout=wait,
+                                       wait_for_workers=False)
+        if joining:
+            _stores[key] = store
+        return self.dist.PrefixStore((ranks.agent_store or "") + prefix, store)
 
     def _beat_on(self) -> None:
         store = self._connect(False, joining=False)
@@ -141,13 +152,22 @@ class Group:
         self.close(finished=error is None)
 
     def wait(self) -> None:
-        """Until every rank has come this far; a `RankError` once one has been silent for `timeout` seconds."""
+        """Until every rank has come this far; a `RankError` once one has been silent for `timeout` seconds.
+        The last rank to come says so, and the others wake at once (a poll would add its period to every step)."""
         self._steps += 1
-        key, world = f"arrived/{self._steps}", self.ranks.world
+        world = self.ranks.world
+        done = f"all-here/{self._steps}"
         heard: dict[int, tuple[bytes, float]] = {}
         try:
-            self.store.add(key, 1)
-            while self.store.add(key, 0) < world:
+            if self.store.add(f"arrived/{self._steps}", 1) == world:
+                self.store.set(done, b"1")
+                return
+            while True:
+                try:
+                    self.store.wait([done], datetime.timedelta(seconds=min(self.beat, 1.0)))
+                    return
+                except self.dist.DistStoreError:  # not yet: is every rank still there?
+                    pass
                 now = time.monotonic()
                 for r, beat in enumerate(self.store.multi_get(self._beats)):
                     if r not in heard or heard[r][0] != beat:
@@ -155,7 +175,6 @@ class Group:
                     elif now - heard[r][1] > self.timeout:
                         raise RankError(f"rank {r} of {world} has been silent for {self.timeout:g} s (killed, or "
                                         f"its node lost): the others stopped")
-                time.sleep(min(self.beat, 1.0))
         except RuntimeError as e:
             raise RankError(f"lost rank 0 (which holds the ranks' store): {_first_line(e)}") from None
 
