@@ -304,3 +304,29 @@ def test_a_script_that_averages_twice_on_ranks_joins_twice(three, tmp_path):
     assert [code for code, _ in said] == [0, 0], said
     for name in ("a", "b"):
         assert_matches(tmp_path / "out" / name, reference_average(three), max_ulp=0)
+
+
+@pytest.mark.slow
+def test_executor_slurm_submits_one_average_as_a_job_of_ranks(three, tmp_path, slurm):
+    """From the login node: one sbatch job (submitit) of 1 node x 2 tasks, every task a rank."""
+    out = tmp_path / "avg"
+    r = subprocess.run([sys.executable, "-m", "ckptavg", "average", *map(str, three), "--out", str(out), "--executor",
+                        "slurm", "--partition", "debug", "--nodes", "1", "--tasks-per-node", "2", "--cpus-per-task",
+                        "1", "--time-min", "10"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, SLURM_CONF=str(slurm.conf), PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks, Slurm job" in r.stdout + r.stderr
+    assert json.loads((out / "ckptavg.json").read_text())["ranks"] == 2
+    assert_matches(out, reference_average(three), max_ulp=0)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\x10" + b"\0" * 15)  # a header longer than the file
+    r = subprocess.run([sys.executable, "-m", "ckptavg", "average", str(three[0]), str(bad), "--out", "avg2",
+                        "--executor", "slurm", "--partition", "debug", "--nodes", "1", "--tasks-per-node", "2",
+                        "--cpus-per-task", "1", "--time-min", "10"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=dict(os.environ, SLURM_CONF=str(slurm.conf),
+                                              PYTHONPATH=os.pathsep.join(sys.path)))
+    said = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(said) == 1 and "failed" in said[0] and "bad/model.safetensors" in said[0], said
+    assert not (tmp_path / "avg2").exists()

@@ -361,3 +361,17 @@ def test_megatron_core_loads_the_dcp_average_into_its_model(tmp_path):
     assert torch.equal(got["decoder.layers.1.mlp.linear_fc1.weight"], mean.float()[1])
     assert torch.equal(got["embedding.word_embeddings.weight"],
                        (sum(s["embedding.word_embeddings.weight"].double() for s in states) / 3).float())
+
+
+def test_a_dcp_output_past_the_shard_size_is_in_several_files_that_torch_loads_as_one(tmp_path):
+    """DCP's own layout for the files of several ranks (`__R_0.distcp`), as an average on ranks writes it."""
+    run = RUN["megatron"]  # (with its non-tensor entries, after the last file's records)
+    members = [DATA / run.name / run.checkpoint.format(s) for s in run.steps[-2:]]
+    whole = average_checkpoints(members, tmp_path / "whole", device="cpu")
+    split = average_checkpoints(members, tmp_path / "split", device="cpu", shard_bytes=20_000)
+    files = sorted(p.name for p in split.glob("*.distcp"))
+    assert [p.name for p in whole.glob("*.distcp")] == ["__0_0.distcp"] and len(files) > 2
+    assert files == [f"__{i}_0.distcp" for i in range(len(files))]
+    want, got = load_reference(whole), load_reference(split)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) if isinstance(want[k], torch.Tensor) else got[k] == want[k] for k in want)

@@ -8,15 +8,16 @@ from typing import Optional
 import typer
 
 from .. import options as opt
+from ..errors import OptionError
 from ..units import format_size
 from .console import app, say, user_errors
-from .groups import Arithmetic, Launch, grouped
+from .groups import Arithmetic, Launch, Submit, grouped
 from .progress import Bars
 
 
 @app.command()
 @user_errors
-@grouped(arith=Arithmetic, launch=Launch)
+@grouped(arith=Arithmetic, launch=Launch, submit=Submit)
 def average(
     srcs: list[str] = typer.Argument(..., help="Checkpoint folders (or weight files), oldest first, local or "
                                      "on an object store (s3://bucket/run/step1000, any fsspec URL; credentials "
@@ -34,13 +35,14 @@ def average(
                                    "float64 for float32 ones: the float64 mean cast once either way), "
                                    "float32 (faster on float32 inputs, not exact), or float64."),
     shard_size: str = typer.Option("5GB", help="Largest output shard (e.g. 5GB, 500MiB); "
-                                   "larger outputs are split, with a model.safetensors.index.json."),
+                                   "larger outputs are split, with a model.safetensors.index.json (DCP "
+                                   "outputs: into __0_0.distcp, __1_0.distcp, ...)."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
     hash_inputs: bool = typer.Option(True, "--hash/--no-hash", help="Record each input file's sha256 in "
                                      "the manifest: computed from the bytes the average reads anyway, "
                                      "cached per file, free for Hugging Face cache files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    arith: Arithmetic = None, launch: Launch = None,
+    arith: Arithmetic = None, launch: Launch = None, submit: Submit = None,
 ) -> None:
     """Average local checkpoints tensor by tensor into a new model folder.
 
@@ -53,7 +55,8 @@ def average(
 
     Launched by torchrun or srun (`torchrun --nproc-per-node 8 -m ckptavg average ...`, `srun -n 8 ckptavg
     average ...`), the ranks share one average: each writes some of the output files, rank 0 commits. Run the
-    same command again after a failure: the files that were finished are kept.
+    same command again after a failure: the files that were finished are kept. `--executor slurm` submits
+    that launch as a Slurm job from here and waits for it.
     """
     dtype = opt.choice(arith.dtype, opt.AVERAGE_DTYPES, "--dtype")
     acc = opt.choice(accumulate, opt.ACCUMULATE_DTYPES, "--accumulate")
@@ -62,6 +65,13 @@ def average(
     output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
     opt.device(arith.device)
     ranks = launch.ranks()  # launched by torchrun or srun: one of several ranks sharing the average
+    job = submit.job()
+    if job is not None:
+        if ranks is not None:
+            raise OptionError("--executor slurm submits the ranks: run it once, from a login node, not under "
+                              "torchrun or srun")
+        return _submitted(srcs, out_dir, job, w, normalize, dtype, acc, shard_bytes, force, hash_inputs, patterns,
+                          output_format, launch.timeout, arith.device)
     quiet = quiet or bool(ranks and ranks.rank)
     if hash_inputs and ranks is None:  # checked options first, then, before torch is imported, while a core idles
         from .. import hash_ahead
@@ -82,6 +92,21 @@ def average(
         size, seconds = output_summary(result)
         shared = f", {ranks.world} ranks" if ranks else ""
         say(f"wrote {result} ({format_size(size)}, {len(srcs)} inputs{shared}, {seconds:.1f} s)")
+
+
+def _submitted(srcs, out_dir, job, weights, normalize, dtype, acc, shard_bytes, force, hash_inputs, patterns,
+               output_format, timeout, device) -> None:
+    from ..api import output_summary, torch_dtype
+    from ..api.cluster import submit_average
+
+    say(f"submitting one average of {len(srcs)} inputs as a Slurm job of {job.nodes} x {job.tasks_per_node} ranks")
+    result, job_id = submit_average(srcs, out_dir, job, force=force, weights=weights, normalize=normalize,
+                                    out_dtype=torch_dtype(dtype), accumulate=torch_dtype(acc), device=device,
+                                    shard_bytes=shard_bytes, hash_inputs=hash_inputs, copy=patterns,
+                                    output_format=output_format, timeout=timeout)
+    size, seconds = output_summary(result)
+    say(f"wrote {result} ({format_size(size)}, {len(srcs)} inputs, {job.nodes * job.tasks_per_node} ranks, Slurm "
+        f"job {job_id}, {seconds:.1f} s)")
 
 
 @app.command()

@@ -111,6 +111,39 @@ class Launch:
         return from_environment()
 
 
+SLURM = "Slurm (--executor slurm)"
+
+
+@dataclass
+class Submit:
+    """Where one average runs: here (alone, or as the ranks torchrun or srun launched), or as a Slurm job."""
+
+    executor: str = typer.Option("local", help="local (this process, or the ranks torchrun or srun launched) or "
+                                 "slurm (one job of --nodes x --tasks-per-node ranks, submitted from here through "
+                                 "submitit and waited for; SLURM_CONF and the Slurm commands as this shell has "
+                                 "them; inputs and output on a filesystem the nodes share).")
+    nodes: int = typer.Option(1, help="Nodes of the job.", rich_help_panel=SLURM)
+    tasks_per_node: int = typer.Option(8, help="Ranks on each node.", rich_help_panel=SLURM)
+    cpus_per_task: int = typer.Option(2, help="CPUs of each rank.", rich_help_panel=SLURM)
+    partition: Optional[str] = typer.Option(None, help="Slurm partition.", rich_help_panel=SLURM)
+    time_min: int = typer.Option(240, help="Time limit, in minutes.", rich_help_panel=SLURM)
+    mem: Optional[str] = typer.Option(None, help="Memory per node, as sbatch takes it (e.g. 64G).",
+                                      rich_help_panel=SLURM)
+    sbatch: list[str] = typer.Option([], help="Another sbatch option, KEY=VALUE (e.g. account=proj). Repeatable.",
+                                     rich_help_panel=SLURM)
+
+    def job(self):
+        """The Slurm job asked for (`api.cluster.SlurmJob`, checked), or None to run here."""
+        if self.executor not in ("local", "slurm"):
+            raise fail(f"--executor: unknown value {self.executor!r} (choose from local, slurm)")
+        if self.executor == "local":
+            return None
+        from ..api.cluster import SlurmJob
+
+        return SlurmJob(self.nodes, self.tasks_per_node, self.cpus_per_task, self.partition, self.time_min, self.mem,
+                        tuple(self.sbatch)).checked()
+
+
 @dataclass
 class Downloads:
     """Where Hub revisions go and whether they stay."""
