@@ -657,3 +657,34 @@ def test_following_a_run_on_the_store_that_deletes_its_checkpoints(store, tmp_pa
         manifest = json.loads((outputs / f"step{step}" / MANIFEST).read_text())
         assert {i["source"] for i in manifest["inputs"]} == {f"s3://{BUCKET}/live"}
     assert not list(kept.iterdir())  # every kept step released
+
+
+@pytest.mark.slow
+def test_ranks_put_one_average_on_the_store_and_a_rerun_keeps_their_finished_objects(store, tmp_path):
+    """Each rank puts its own `.distcp` object, rank 0 the `.metadata` and the manifest last; a rank killed
+    mid-upload leaves the others' finished objects, which the same command run again keeps."""
+    import sys
+
+    from test_ranks import KILLED_MID_WRITE, finish, launch
+
+    members = [store.url(f"olmo-core-fsdp/{s}/model_and_optim") for s in ("step4", "step6")]
+    url = store.url("ranks/avg")
+    command = [sys.executable, "-m", "ckptavg", "average", *members, "--out", url, "-q", "--timeout", "3"]
+    said = finish(launch(2, *command, cwd=tmp_path,
+                         rank_args={1: [sys.executable, "-c", KILLED_MID_WRITE, *members, url]}))
+    assert said[0][0] == 2 and "rank 1 of 2 has been silent" in said[0][1], said
+    fs = store.fs()
+    left = {p: fs.info(p)["LastModified"] for p in fs.find(f"{BUCKET}/ranks/avg") if p.endswith(".distcp")}
+    assert left and not fs.exists(f"{BUCKET}/ranks/avg/{MANIFEST}")
+    said = finish(launch(2, *command, cwd=tmp_path))
+    assert [code for code, _ in said] == [0, 0], said
+    assert {p: fs.info(p)["LastModified"] for p in left} == left  # kept, not put again
+    fs.get(f"{BUCKET}/ranks/avg", str(tmp_path / "got"), recursive=True)
+    written = json.loads((tmp_path / "got" / MANIFEST).read_text())["output"]["files"]
+    assert sorted(p.name for p in (tmp_path / "got").rglob("*.distcp")) == sorted(
+        Path(f["name"]).name for f in written) and len(written) >= 2
+    local = average_checkpoints([DATA / "olmo-core-fsdp" / s / "model_and_optim" for s in ("step4", "step6")],
+                                tmp_path / "local", device="cpu")
+    got, want = tensors(tmp_path / "got"), tensors(local)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "got" / MANIFEST).read_text())["ranks"] == 2

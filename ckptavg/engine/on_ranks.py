@@ -28,11 +28,11 @@ from ..checkpoints.index import Checkpoint
 from ..errors import CkptavgError, InputError, RankError
 from ..hashing import file_sha256, known_sha256
 from ..manifest import Method, Provenance, RunId
-from ..storage.paths import RemotePath
+from ..storage.paths import RemotePath, location
 from .average import Inputs, _copy_side_files, _manifest, _open_and_plan
 from .pipeline import Progress, execute_plan, resolve_device
 from .plan import AveragePlan
-from .ranked_output import RankedOutput
+from .ranked_output import RankedOutput, RankedRemoteOutput
 from .ranks import Group, Ranks
 from .writer import write_extra_files
 
@@ -105,20 +105,18 @@ def average_on_ranks(ranks: Ranks | Group, inputs: Inputs, out: str | os.PathLik
                      accumulate: torch.dtype | None, device: str | torch.device, shard_bytes: int,
                      output_format: str, force: bool, hash_inputs: bool, copy: Sequence[str],
                      method: Method | None, provenance: Sequence[Provenance] | None, run: RunId | None,
-                     piece_elements: int, progress: Callable[[AveragePlan], Progress | None] | None) -> Path:
+                     piece_elements: int, progress: Callable[[AveragePlan], Progress | None] | None
+                     ) -> Path | RemotePath:
     """`average_checkpoints` as one of `ranks`: the same output, bit for bit, in less time. Given a `Group`
     (a command that makes several averages joins once), the caller leaves it."""
     own = not isinstance(ranks, Group)
     group = Group(ranks, timeout) if own else ranks
     ranks = group.ranks
     first = ranks.rank == 0
-    output: RankedOutput | None = None
+    output: RankedOutput | RankedRemoteOutput | None = None
     finished = False
     try:
         def prepare() -> tuple[list[Checkpoint], AveragePlan]:
-            if isinstance(out, RemotePath) or "://" in str(out):
-                raise InputError(f"{out}: an average on several ranks is written to a shared filesystem, not yet "
-                                 f"to an object store")
             checkpoints, plan = _open_and_plan(inputs, weights, normalize, copy, out_dtype=out_dtype,
                                                accumulate=accumulate, shard_bytes=shard_bytes,
                                                output_format=output_format)
@@ -137,32 +135,41 @@ def average_on_ranks(ranks: Ranks | Group, inputs: Inputs, out: str | os.PathLik
             odd = next(r for r, d in enumerate(digests) if d != digests[0])
             raise InputError(f"rank {odd} planned another average than rank 0 (other inputs, options or files): "
                              f"every rank must run the same command on the same files")
-        output = RankedOutput(Path(out), digest, force=force)
+        where = location(out)
+        output = (RankedRemoteOutput(where, digest, force=force) if isinstance(where, RemotePath) else
+                  RankedOutput(where, digest, force=force))
         _together(group, lambda: output.create(plan.output_bytes) if first else None)
         dealt = shares(plan, ranks.world)
         mine = [plan.shards[i] for i in dealt[ranks.rank] if not output.done(plan.shards[i])]
         files = sorted({f for c in checkpoints for f in c.files}, key=str) if hash_inputs else []
         owned = hash_owners(plan, files, dealt)[ranks.rank]
+        # an object on a store may be overwritten while it is read: its version before and after must agree
+        remote = {f: f.info() for c in checkpoints for f in c.files if isinstance(f, RemotePath)} if first else {}
         started = time.time()
 
         def execute() -> dict[str, tuple[str, str]]:
             return _execute(replace(plan, shards=tuple(mine), extra_files=()), output, checkpoints, owned,
                             device=device, piece_elements=piece_elements, progress=progress)
 
-        hashes = {Path(f): d for part in group.gather(_together(group, execute)) for f, d in part.items()}
+        named = {str(f): f for c in checkpoints for f in c.files}
+        hashes = {named[f]: d for part in group.gather(_together(group, execute)) for f, d in part.items()}
 
         def commit() -> Path | None:
             if not first:
                 return None
+            changed = [f for f, before in remote.items() if f.info().identity != before.identity]
+            if changed:
+                raise InputError(f"{changed[0]} changed while it was being read (its ETag differs): nothing was "
+                                 f"committed; run again once the run has finished writing it")
             write_extra_files(output.path, plan.extra_files)
             side = _copy_side_files(plan, checkpoints[-1], output.path)
-            manifest = _manifest(plan, checkpoints, hashes if hash_inputs else None, {}, side,
+            manifest = _manifest(plan, checkpoints, hashes if hash_inputs else None, remote, side,
                                  str(resolve_device(device)), time.time() - started, normalize=normalize,
                                  out_dtype=out_dtype, method=method, provenance=provenance, run=run,
                                  ranks=ranks.world)
             return output.commit(manifest, fsync_files=[output.path / n for n in side])
 
-        result = Path(group.from_first(str(_together(group, commit))))
+        result = location(group.from_first(str(_together(group, commit))))
         finished = True
         return result
     finally:
@@ -172,7 +179,8 @@ def average_on_ranks(ranks: Ranks | Group, inputs: Inputs, out: str | os.PathLik
             group.close(finished)
 
 
-def _execute(share: AveragePlan, output: RankedOutput, checkpoints: Sequence[Checkpoint], owned: Collection[Path],
+def _execute(share: AveragePlan, output: RankedOutput | RankedRemoteOutput, checkpoints: Sequence[Checkpoint],
+             owned: Collection[Path],
              *, device: str | torch.device, piece_elements: int,
              progress: Callable[[AveragePlan], Progress | None] | None) -> dict[str, tuple[str, str]]:
     """This rank's output files, each marked done once durable, and the sha256 of each input file it owns

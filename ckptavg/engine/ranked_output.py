@@ -7,6 +7,11 @@ node lost) keeps the finished files and writes the rest: a failed launch leaves 
 rerun, and any other run on the same output removes it. While a launch lives, its rank 0 holds the output's
 lock (`writer.try_lock`, flock on the shared filesystem), so a second launch on the same output refuses, and
 no run, on this host or another, takes the live launch's folder for a dead one's.
+
+On an object store (`RankedRemoteOutput`) the files go to their final names, as one process's do
+(`upload.py`), and rank 0's marker, put again while the launch lives, names the plan: a second launch finds
+it alive and refuses; a rerun of the same plan finds it stale and keeps the objects of the right size (an
+upload becomes an object only once complete); any other run clears them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from pathlib import Path
 from ..errors import OutputExistsError
 from ..layout import lock_name, ranked_temporary_name
 from ..manifest import Manifest
+from ..storage.paths import RemotePath
 from .plan import Shard
+from .upload import RemoteOutputDir
 from .writer import check_free_space, commit_folder, remove_stale_temporaries, try_lock, unlock
 
 DONE = ".done"  # in the temporary folder: one empty marker per finished output file, removed at commit
@@ -84,3 +91,29 @@ class RankedOutput:
         if self._lock is not None:
             unlock(self.final, self._lock)
             self._lock = None
+
+
+class RankedRemoteOutput(RemoteOutputDir):
+    """`RankedOutput`'s contract on a store (rank 0 creates and commits, the others write their objects)."""
+
+    def __init__(self, final: RemotePath, digest: str, *, force: bool = False) -> None:
+        super().__init__(final, force)
+        self.plan = digest
+
+    def create(self, nbytes: int) -> None:
+        self.check()  # (a live launch's marker: refused)
+        left = self._writer()
+        if self.force or left is None or left.get("plan") != self.plan:
+            self._clear()  # (the same plan's failed attempt: its finished objects are kept)
+        self._start()
+
+    def done(self, shard: Shard) -> bool:
+        file = self.final / shard.filename
+        return file.is_file() and file.stat().st_size == shard.nbytes
+
+    def mark(self, shard: Shard) -> None:
+        """(An object is whole once its upload completes: nothing to mark.)"""
+
+    def release(self) -> None:
+        """Stop the marker's heartbeat; after a failure the objects stay, for the same command to take up."""
+        self._stop()

@@ -82,6 +82,7 @@ class RemoteOutputDir:
         self.force = force
         self._committed = False
         self._token = uuid.uuid4().hex  # this run's, in its marker
+        self.plan: str | None = None  # what an average on ranks computes (its digest), in its marker
         self._stop_beating = threading.Event()
         self._beating: threading.Thread | None = None
 
@@ -114,7 +115,7 @@ class RemoteOutputDir:
 
     def _put_marker(self, started: str) -> None:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": self._token, "started": started,
-                 "beat": time.time()}
+                 "beat": time.time(), **({"plan": self.plan} if self.plan else {})}
         (self.final / WRITING).write_text(json.dumps(owner))
 
     def _beat(self, started: str) -> None:
@@ -127,11 +128,15 @@ class RemoteOutputDir:
     def __enter__(self) -> RemoteOutputDir:
         self.check()
         self._clear()
+        self._start()
+        return self
+
+    def _start(self) -> None:
+        """Put the marker, and again every `HEARTBEAT` seconds until the commit."""
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._put_marker(started)
         self._beating = threading.Thread(target=self._beat, args=(started,), daemon=True, name="ckptavg-marker")
         self._beating.start()
-        return self
 
     def _stop(self) -> None:
         self._stop_beating.set()
