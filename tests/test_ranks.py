@@ -330,3 +330,36 @@ def test_executor_slurm_submits_one_average_as_a_job_of_ranks(three, tmp_path, s
     assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(said) == 1 and "failed" in said[0] and "bad/model.safetensors" in said[0], said
     assert not (tmp_path / "avg2").exists()
+
+
+@pytest.mark.slow
+def test_executor_slurm_runs_a_trajectory_command_as_a_job_of_ranks(three, tmp_path, slurm):
+    """`ckptavg trajectory ... --executor slurm`: the command line itself, less the job's options, in every task."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for i, folder in enumerate(three):
+        (run / f"step{(i + 1) * 10}").symlink_to(folder)
+    schedule = ["--k", "2", "--nu", "10", "--interval", "10"]
+    one = cli("trajectory", run, *schedule, "--out", tmp_path / "one", "-q")
+    assert one.exit_code == 0, one.stderr
+    r = subprocess.run([sys.executable, "-m", "ckptavg", "trajectory", "run", *schedule, "--out", "two", "-q",
+                        "--executor=slurm", "--partition", "debug", "--nodes", "1", "--tasks-per-node", "2",
+                        "--cpus-per-task", "1", "--time-min", "10"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=dict(os.environ, SLURM_CONF=str(slurm.conf),
+                                              PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 output(s) written under two" in r.stderr and "2 ranks)" in r.stderr, r.stderr
+    ones = sorted((tmp_path / "one").rglob("ckptavg.json"))
+    twos = sorted((tmp_path / "two").rglob("ckptavg.json"))
+    assert len(twos) == 2 and all(json.loads(p.read_text())["ranks"] == 2 for p in twos)
+    for a, b in zip(ones, twos, strict=True):
+        want, got = _tensors(a.parent), _tensors(b.parent)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_submitted_command_line_loses_only_the_job_s_options():
+    from ckptavg.api.cluster import without_job_options
+
+    argv = ["trajectory", "run", "--k", "2", "--executor", "slurm", "--nodes=4", "--tasks-per-node", "8", "--sbatch",
+            "account=x", "--out", "o", "--mem", "64G", "-q"]
+    assert without_job_options(argv) == ["trajectory", "run", "--k", "2", "--out", "o", "-q"]

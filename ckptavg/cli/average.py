@@ -111,7 +111,7 @@ def _submitted(srcs, out_dir, job, weights, normalize, dtype, acc, shard_bytes, 
 
 @app.command()
 @user_errors
-@grouped(arith=Arithmetic, launch=Launch)
+@grouped(arith=Arithmetic, launch=Launch, submit=Submit)
 def interpolate(
     a: str = typer.Argument(..., help="Checkpoint A (a path, or a URL on an object store)."),
     b: str = typer.Argument(..., help="Checkpoint B (config, tokenizer and non-averaged tensors come from B)."),
@@ -121,14 +121,17 @@ def interpolate(
                                 "on an object store, s3://bucket/lmc)."),
     force: bool = typer.Option(False, "--force", help="Redo finished outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    arith: Arithmetic = None, launch: Launch = None,
+    arith: Arithmetic = None, launch: Launch = None, submit: Submit = None,
 ) -> None:
     """Linear interpolation between two checkpoints, a probe of linear mode connectivity.
 
-    Launched by torchrun or srun, the ranks share each interpolation in turn (as `ckptavg average` does)."""
+    Launched by torchrun or srun, the ranks share each interpolation in turn (as `ckptavg average` does);
+    `--executor slurm` submits that launch as a Slurm job from here and waits for it."""
     from ..api import interpolate as run
 
     ranks = launch.ranks()
+    if submit.submitted(ranks):
+        return
     with Bars(quiet or bool(ranks and ranks.rank)) as bars:
         done = run(a, b, opt.floats(alphas, "--alphas"), out_dir, device=arith.device, dtype=arith.dtype,
                    copy=arith.copy, force=force, output_format=arith.output_format,

@@ -16,7 +16,7 @@ import typer
 
 from ..engine.ranks import TIMEOUT_S, Ranks, from_environment
 from ..trajectory import methods
-from .console import fail
+from .console import fail, say
 
 
 def grouped(**groups: type) -> Callable[[Callable], Callable]:
@@ -142,6 +142,27 @@ class Submit:
 
         return SlurmJob(self.nodes, self.tasks_per_node, self.cpus_per_task, self.partition, self.time_min, self.mem,
                         tuple(self.sbatch)).checked()
+
+    def submitted(self, ranks) -> bool:
+        """With --executor slurm: this command line (less the job's options) run as a Slurm job of ranks, waited
+        for, and what its rank 0 printed printed here; True. False: run it here."""
+        job = self.job()
+        if job is None:
+            return False
+        if ranks is not None:
+            raise fail("--executor slurm submits the ranks: run it once, from a login node, not under torchrun "
+                       "or srun")
+        import sys
+
+        from ..api.cluster import submit_command, without_job_options
+
+        args = without_job_options(sys.argv[1:])
+        say(f"submitting `ckptavg {args[0]}` as a Slurm job of {job.nodes} x {job.tasks_per_node} ranks")
+        printed, job_id = submit_command(args, job, Path.cwd() / ".ckptavg-slurm")
+        if printed:
+            say(printed, markup=False)
+        say(f"(Slurm job {job_id}, {job.nodes * job.tasks_per_node} ranks)")
+        return True
 
 
 @dataclass

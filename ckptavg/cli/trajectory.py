@@ -13,7 +13,7 @@ from ..trajectory.events import Broadcast, Events
 from ..trajectory.pythia import PAPER_END, PAPER_START
 from ..units import format_size, format_tokens
 from .console import app, fail, out, say, user_errors
-from .groups import Arithmetic, Downloads, Follow, Launch, Schedule, Study, Tasks, grouped, scoring
+from .groups import Arithmetic, Downloads, Follow, Launch, Schedule, Study, Submit, Tasks, grouped, scoring
 from .progress import Bars, Following, following
 
 DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, peak disk) and exit; reads no tensor data."
@@ -22,7 +22,7 @@ DRY_HELP = "Print the plan (windows, checkpoints, bytes to download or read, pea
 @app.command()
 @user_errors
 @grouped(schedule=Schedule, arith=Arithmetic, downloads=Downloads, tasks=Tasks, study=Study, watching=Follow,
-         launch=Launch)
+         launch=Launch, submit=Submit)
 def trajectory(
     source: str = typer.Argument(..., help="A local run folder of checkpoints named by step, as a trainer "
                                  "saves them (step1000/, OLMo-core's stepN/model_and_optim/, torchtitan's step-N/, "
@@ -45,7 +45,7 @@ def trajectory(
     force: bool = typer.Option(False, "--force", help="Redo outputs that are already finished."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan table or progress bars."),
     schedule: Schedule = None, arith: Arithmetic = None, downloads: Downloads = None, tasks: Tasks = None,
-    study: Study = None, watching: Follow = None, launch: Launch = None,
+    study: Study = None, watching: Follow = None, launch: Launch = None, submit: Submit = None,
 ) -> None:
     """Average a training trajectory window by window (LAWA, WMA, decay, EMA or SWA), local, on a store or on
     the Hub.
@@ -53,7 +53,8 @@ def trajectory(
     Each Hub revision is downloaded once, by commit id, into the Hugging Face cache and deleted after
     its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
     where it stopped. --follow keeps going while the run trains. Launched by torchrun or srun, the ranks
-    share each window in turn (as `ckptavg average` does; averages only, on a shared filesystem).
+    share each window in turn (as `ckptavg average` does; averages only, on a shared filesystem);
+    `--executor slurm` submits that launch as a Slurm job from here and waits for it.
     """
     from ..api import open_trajectory
 
@@ -62,6 +63,8 @@ def trajectory(
     out_dir = opt.output_tree(out_dir, "--out", needs_filesystem="scoring (--eval)" if study.study_tasks else
                               "--follow" if options is not None else None)
     checks = _checked(schedule, arith, downloads, tasks, study, disk_budget, force, dry_run, launch)
+    if not dry_run and submit.submitted(checks[0].ranks):
+        return
     if options is not None:
         if checks[0].ranks is not None:
             raise fail("--follow runs as one process (launched on several ranks: leave out --follow)")
