@@ -107,6 +107,11 @@ class JobsFailedError(CkptavgError):
     exit_code = 4
 
 
+class SubmitError(CkptavgError):
+    """Slurm would not take a job (no controller reachable, a partition or account it refuses): sbatch's own
+    line; nothing was queued."""
+
+
 class RankError(CkptavgError):
     """Another rank of an average shared by several (torchrun, srun) failed or fell silent: this one stopped
     too, with nothing committed; the failing rank's own line says why."""

@@ -366,3 +366,15 @@ def test_a_submitted_command_line_loses_only_the_job_s_options():
     argv = ["trajectory", "run", "--k", "2", "--executor", "slurm", "--nodes=4", "--tasks-per-node", "8", "--sbatch",
             "account=x", "--out", "o", "--mem", "64G", "-q"]
     assert without_job_options(argv) == ["trajectory", "run", "--k", "2", "--out", "o", "-q"]
+
+
+@pytest.mark.slow
+def test_a_job_slurm_will_not_take_is_one_line_and_nothing_queued(three, tmp_path, slurm):
+    r = subprocess.run([sys.executable, "-m", "ckptavg", "average", *map(str, three), "--out", "avg", "--executor",
+                        "slurm", "--partition", "no-such-partition", "--nodes", "1", "--tasks-per-node", "2"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env=dict(os.environ, SLURM_CONF=str(slurm.conf), PYTHONPATH=os.pathsep.join(sys.path)))
+    said = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(said) == 1 and "Slurm did not take the job" in said[0], said
+    assert not (tmp_path / "avg").exists()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import JobsFailedError, OptionError, OutputExistsError
+from ..errors import JobsFailedError, OptionError, OutputExistsError, SubmitError
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,17 @@ def _executor(job: SlurmJob, logs: Path, name: str):
     return executor
 
 
+def submitting(submit, *args):
+    """`submit(*args)` (submitit's `submit` or `map_array`), or a `SubmitError` of sbatch's last line."""
+    import submitit
+
+    try:
+        return submit(*args)
+    except (submitit.core.utils.FailedJobError, OSError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise SubmitError(f"Slurm did not take the job: {lines[-1] if lines else type(e).__name__}") from None
+
+
 def _wait(submitted) -> list:
     """Every task's answer, or one line for a failed job."""
     import submitit
@@ -94,7 +105,7 @@ def submit_command(args: Sequence[str], job: SlurmJob, logs: str | os.PathLike) 
     filesystem); waits for it. Returns (what rank 0 printed, the job's id); its logs go to `logs`."""
     job = job.checked()
     args = list(args)
-    submitted = _executor(job, Path(logs), f"ckptavg-{args[0]}").submit(_command_task, args, os.getcwd())
+    submitted = submitting(_executor(job, Path(logs), f"ckptavg-{args[0]}").submit, _command_task, args, os.getcwd())
     return _wait(submitted)[0], submitted.job_id
 
 
@@ -120,6 +131,6 @@ def submit_average(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         raise OptionError(f"{missing}: no such file or folder (the job's nodes read the inputs from a shared "
                           f"filesystem, by the same path)")
     executor = _executor(job, out.parent / f".{out.name}.ckptavg-slurm", f"ckptavg-{out.name}")
-    submitted = executor.submit(_average_task, [str(Path(p).absolute()) for p in inputs], str(out),
-                                dict(options, force=force))
+    submitted = submitting(executor.submit, _average_task, [str(Path(p).absolute()) for p in inputs], str(out),
+                           dict(options, force=force))
     return Path(_wait(submitted)[0]), submitted.job_id  # (rank 0's: every rank answers the same)

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..api.cluster import submitting
 from ..atomic import write_text
 from ..errors import JobsFailedError, OptionError
 from ..trajectory.run import Job, RunPlan
@@ -114,8 +115,8 @@ def submit(s, options: SlurmOptions, plans, offline: tuple[str, ...] = ()) -> li
         return []
     stores = [str(folder / f"results-{sh.source}-{sh.group}.sqlite") for sh in shares]
     caches = [str(folder / f"hf-cache-{sh.source}-{sh.group}") for sh in shares]
-    jobs = executor.map_array(run_share, [str(Path(s.path).absolute())] * len(shares),
-                              [str(s.root.absolute())] * len(shares), shares, stores, caches)
+    jobs = submitting(executor.map_array, run_share, [str(Path(s.path).absolute())] * len(shares),
+                      [str(s.root.absolute())] * len(shares), shares, stores, caches)
     record = [{"job": job.job_id, "source": plans[sh.source].source, "group": sh.group, "windows": len(sh.windows),
                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "store": store}
               for job, sh, store in zip(jobs, shares, stores, strict=True)]
