@@ -232,6 +232,23 @@ def test_a_cancelled_job_is_reported_and_a_resubmission_completes_the_study(hub,
     assert len(scored) == 20 + 5  # every average, and the original at each output step, 2000 to 6000
 
 
+def test_a_job_of_two_ranks_shares_each_average_and_its_rank_0_scores(hub, slurm, tmp_path):
+    """`--ranks-per-job 2`: each array task is two ranks (srun's tasks), every average shared by both."""
+    file = scored_study(tmp_path)
+    r = hub_cli(hub, tmp_path, "study", "run", str(file), "--root", str(tmp_path), *SLURM_ARGS, "--ranks-per-job",
+                "2", env=conf(slurm))
+    assert r.returncode == 0, r.stderr
+    manifests = sorted((tmp_path / "out").rglob("ckptavg.json"))
+    assert len(manifests) == 20 and all(json.loads(m.read_text())["ranks"] == 2 for m in manifests)
+    for (k, nu), first in LAWA.items():
+        for t in range(first, 7000, 1000):
+            members = [hub.folders[s] for s in range(t - (k - 1) * nu, t + 1, nu)]
+            assert_matches(tmp_path / "out" / "grid-run" / f"lawa-k{k}-nu{nu}" / f"step{t}",
+                           reference_average(members), max_ulp=1)
+    scored = {(tag, step) for _, tag, step, *_ in rows(tmp_path / "results.sqlite")}
+    assert len(scored) == 20 + 5  # every average, and the original at each output step, scored once
+
+
 def test_slurm_jobs_score_offline_once_the_task_data_is_fetched_here(hub, slurm, tmp_path):
     """`study plan --task-data` names a task whose Hub dataset is not cached; `study run --executor slurm
     --fetch-tasks` fetches it once on the submitting machine, and the jobs run with HF_DATASETS_OFFLINE=1:

@@ -74,9 +74,10 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path |
     for spec in specs:
         check_parameters(spec.method, spec.k, spec.nu, spec.interval, spec.ema_alpha, spec.decay_shape)
     scoring = scoring if scoring and scoring.tasks else None
-    if scoring is not None and averaging.ranks is not None:
-        raise OptionError("a trajectory on several ranks averages only: score its outputs afterwards with "
-                          "`ckptavg eval`")
+    if scoring is not None and averaging.ranks is not None:  # every rank averages; rank 0 alone scores
+        if scoring.in_memory:
+            raise OptionError("scoring in memory keeps no average for the ranks to share: leave out --in-memory")
+        scoring = scoring if averaging.ranks.rank == 0 else None
     out = output_tree(out, "out", needs_filesystem="scoring" if scoring is not None else None)
     if scoring is not None and not dry_run:
         scoring = scoring.registered()

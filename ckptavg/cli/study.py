@@ -85,6 +85,8 @@ class Cluster:
     jobs_per_source: int = typer.Option(4, help="Array tasks each source's windows are split into (groups of "
                                         "consecutive steps).", rich_help_panel=SLURM)
     cpus_per_job: int = typer.Option(2, help="CPUs per task.", rich_help_panel=SLURM)
+    ranks_per_job: int = typer.Option(1, help="Tasks of each job, on one node: the ranks that share each of its "
+                                      "averages (its rank 0 scores them).", rich_help_panel=SLURM)
     gpus_per_job: int = typer.Option(0, help="GPUs per task.", rich_help_panel=SLURM)
     mem: Optional[str] = typer.Option(None, help="Memory per task, as sbatch takes it (e.g. 32G).",
                                       rich_help_panel=SLURM)
@@ -126,7 +128,7 @@ def run(file: Path = FILE_ARG, root: Optional[Path] = ROOT_OPT,
         totals = submit_study(study, SlurmOptions(cluster.partition, cluster.jobs_per_source, cluster.cpus_per_job,
                                                   cluster.gpus_per_job, cluster.mem, cluster.time_min,
                                                   cluster.array_parallelism, tuple(cluster.sbatch),
-                                                  cluster.fetch_tasks))
+                                                  cluster.fetch_tasks, cluster.ranks_per_job))
         say(f"{totals['written']} output(s) written under {study.out} by Slurm jobs"
             + (f"; {totals['scored']} task score(s) merged into {study.results}, {totals['failed']} failed"
                if study.scoring.get("tasks") else ""))

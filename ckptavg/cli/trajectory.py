@@ -53,7 +53,7 @@ def trajectory(
     Each Hub revision is downloaded once, by commit id, into the Hugging Face cache and deleted after
     its last window. Finished outputs (with a ckptavg.json) are skipped, so an interrupted run resumes
     where it stopped. --follow keeps going while the run trains. Launched by torchrun or srun, the ranks
-    share each window in turn (as `ckptavg average` does; averages only, on a shared filesystem);
+    share each window in turn (as `ckptavg average` does, on a shared filesystem; rank 0 scores);
     `--executor slurm` submits that launch as a Slurm job from here and waits for it.
     """
     from ..api import open_trajectory

@@ -32,9 +32,10 @@ class SlurmOptions:
     array_parallelism: int = 32  # array tasks running at once
     sbatch: tuple[str, ...] = ()  # extra sbatch options, KEY=VALUE (e.g. account=proj, qos=high)
     fetch_tasks: bool = False  # fetch the tasks' data here first, so that the jobs score offline
+    ranks_per_job: int = 1  # tasks of each job, on one node: the ranks that share each of its averages
 
     def checked(self) -> SlurmOptions:
-        for name in ("jobs_per_source", "cpus_per_job", "time_min", "array_parallelism"):
+        for name in ("jobs_per_source", "cpus_per_job", "time_min", "array_parallelism", "ranks_per_job"):
             if getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')} must be at least 1")
         if self.gpus_per_job < 0:
@@ -79,6 +80,7 @@ def state_folder(study) -> Path:
 def run_share(study_path: str, root: str, share: Share, store: str, cache_dir: str) -> dict:
     """What one array task runs (in its own process on a node): its windows of one source."""
     from ..api import run_trajectory
+    from ..engine.ranks import from_environment
     from . import _averaging, _open, _scoring, load_study
 
     s = load_study(study_path, root)
@@ -86,7 +88,9 @@ def run_share(study_path: str, root: str, share: Share, store: str, cache_dir: s
     source = _open(entry, offline_catalogue=False)
     wanted = set(share.windows)
     scoring = _scoring(s, register=True)
-    run = run_trajectory(source, entry.specs(s.grid, source.steps()), s.out, _averaging(s).checked(),
+    # a job of several tasks: its ranks share each average, and its rank 0 scores
+    averaging = replace(_averaging(s), ranks=from_environment()).checked()
+    run = run_trajectory(source, entry.specs(s.grid, source.steps()), s.out, averaging,
                          # trackers are told by the submitting machine, from the merged store (a node may
                          # be offline, and a job's store keeps no ledger of what went where)
                          replace(scoring, results=Path(store), tracking=None) if scoring else None,
@@ -103,6 +107,7 @@ def submit(s, options: SlurmOptions, plans, offline: tuple[str, ...] = ()) -> li
     executor = submitit.AutoExecutor(folder=folder / "logs", cluster="slurm")
     extra = dict(flag.lstrip("-").split("=", 1) for flag in options.sbatch)
     executor.update_parameters(slurm_partition=options.partition, cpus_per_task=options.cpus_per_job,
+                               tasks_per_node=options.ranks_per_job,
                                gpus_per_node=options.gpus_per_job or None, timeout_min=options.time_min,
                                slurm_array_parallelism=options.array_parallelism, slurm_job_name=Path(s.path).stem,
                                **({"slurm_mem": options.mem} if options.mem else {}),
@@ -157,7 +162,7 @@ def collect(s, submitted) -> dict:
     failed = []
     for job, _, store in submitted:
         try:
-            result = job.result()
+            result = job.results()[0]  # (rank 0's, for a job of several ranks: it scored)
             for key in totals:
                 totals[key] += result[key]
         except Exception as e:  # a task that raised, was cancelled or lost its node
