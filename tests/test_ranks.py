@@ -257,16 +257,25 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.slow
-def test_a_trajectory_and_interpolations_on_two_ranks_are_the_one_process_outputs(three, tmp_path):
-    """Every window (and alpha) shared by the ranks in turn, one group for the whole command; rank 0 speaks."""
+SCHEDULE = ["--k", "2", "--nu", "10", "--interval", "10"]
+
+
+def one_process_trajectory(three: list[Path], tmp_path: Path) -> tuple[Path, list[str]]:
+    """A run folder of the three checkpoints (steps 10, 20, 30), and its LAWA windows averaged by one process
+    into tmp_path/one: (the run folder, the schedule's options)."""
     run = tmp_path / "run"
     run.mkdir()
     for i, folder in enumerate(three):
         (run / f"step{(i + 1) * 10}").symlink_to(folder)
-    schedule = ["--k", "2", "--nu", "10", "--interval", "10"]
-    one = cli("trajectory", run, *schedule, "--out", tmp_path / "one", "-q")
+    one = cli("trajectory", run, *SCHEDULE, "--out", tmp_path / "one", "-q")
     assert one.exit_code == 0, one.stderr
+    return run, SCHEDULE
+
+
+@pytest.mark.slow
+def test_a_trajectory_and_interpolations_on_two_ranks_are_the_one_process_outputs(three, tmp_path):
+    """Every window (and alpha) shared by the ranks in turn, one group for the whole command; rank 0 speaks."""
+    run, schedule = one_process_trajectory(three, tmp_path)
     said = finish(launch(2, sys.executable, "-m", "ckptavg", "trajectory", run, *schedule, "--out", "two", "-q",
                          cwd=tmp_path))
     assert [code for code, _ in said] == [0, 0], said
@@ -338,13 +347,7 @@ def test_executor_slurm_submits_one_average_as_a_job_of_ranks(three, tmp_path, s
 @pytest.mark.slow
 def test_executor_slurm_runs_a_trajectory_command_as_a_job_of_ranks(three, tmp_path, slurm):
     """`ckptavg trajectory ... --executor slurm`: the command line itself, less the job's options, in every task."""
-    run = tmp_path / "run"
-    run.mkdir()
-    for i, folder in enumerate(three):
-        (run / f"step{(i + 1) * 10}").symlink_to(folder)
-    schedule = ["--k", "2", "--nu", "10", "--interval", "10"]
-    one = cli("trajectory", run, *schedule, "--out", tmp_path / "one", "-q")
-    assert one.exit_code == 0, one.stderr
+    run, schedule = one_process_trajectory(three, tmp_path)
     r = subprocess.run([sys.executable, "-m", "ckptavg", "trajectory", "run", *schedule, "--out", "two", "-q",
                         "--executor=slurm", "--partition", "debug", "--nodes", "1", "--tasks-per-node", "2",
                         "--cpus-per-task", "1", "--time-min", "10"], capture_output=True, text=True, timeout=300,

@@ -203,6 +203,18 @@ def test_slurm_gives_the_local_executors_outputs_and_rows(hub, slurm, tmp_path):
     assert len(states) == 2 and all("COMPLETED" in line for line in states), r.stdout
 
 
+def assert_the_scored_grid(hub, root: Path) -> None:
+    """Every LAWA average of the scored study the float64 mean of its members, and every average and the
+    original at each output step (2000 to 6000) scored once."""
+    for (k, nu), first in LAWA.items():
+        for t in range(first, 7000, 1000):
+            members = [hub.folders[s] for s in range(t - (k - 1) * nu, t + 1, nu)]
+            assert_matches(root / "out" / "grid-run" / f"lawa-k{k}-nu{nu}" / f"step{t}",
+                           reference_average(members), max_ulp=1)
+    scored = {(tag, step) for _, tag, step, *_ in rows(root / "results.sqlite")}
+    assert len(scored) == 20 + 5
+
+
 def test_a_cancelled_job_is_reported_and_a_resubmission_completes_the_study(hub, slurm, tmp_path):
     file = scored_study(tmp_path)
     hub.stall, hub.release = ("step6000", "model.safetensors"), type(hub.release)()
@@ -223,13 +235,7 @@ def test_a_cancelled_job_is_reported_and_a_resubmission_completes_the_study(hub,
     assert r.returncode == 0, r.stderr
     done = outputs(tmp_path / "out")
     assert len(done) == 20
-    for (k, nu), first in LAWA.items():
-        for t in range(first, 7000, 1000):
-            members = [hub.folders[s] for s in range(t - (k - 1) * nu, t + 1, nu)]
-            assert_matches(tmp_path / "out" / "grid-run" / f"lawa-k{k}-nu{nu}" / f"step{t}",
-                           reference_average(members), max_ulp=1)
-    scored = {(tag, step) for _, tag, step, *_ in rows(tmp_path / "results.sqlite")}
-    assert len(scored) == 20 + 5  # every average, and the original at each output step, 2000 to 6000
+    assert_the_scored_grid(hub, tmp_path)
 
 
 def test_a_job_of_two_ranks_shares_each_average_and_its_rank_0_scores(hub, slurm, tmp_path):
@@ -240,13 +246,7 @@ def test_a_job_of_two_ranks_shares_each_average_and_its_rank_0_scores(hub, slurm
     assert r.returncode == 0, r.stderr
     manifests = sorted((tmp_path / "out").rglob("ckptavg.json"))
     assert len(manifests) == 20 and all(json.loads(m.read_text())["ranks"] == 2 for m in manifests)
-    for (k, nu), first in LAWA.items():
-        for t in range(first, 7000, 1000):
-            members = [hub.folders[s] for s in range(t - (k - 1) * nu, t + 1, nu)]
-            assert_matches(tmp_path / "out" / "grid-run" / f"lawa-k{k}-nu{nu}" / f"step{t}",
-                           reference_average(members), max_ulp=1)
-    scored = {(tag, step) for _, tag, step, *_ in rows(tmp_path / "results.sqlite")}
-    assert len(scored) == 20 + 5  # every average, and the original at each output step, scored once
+    assert_the_scored_grid(hub, tmp_path)
 
 
 def test_slurm_jobs_score_offline_once_the_task_data_is_fetched_here(hub, slurm, tmp_path):

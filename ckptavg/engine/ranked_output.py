@@ -33,6 +33,8 @@ DONE = ".done"  # in the temporary folder: one empty marker per finished output 
 
 
 class RankedOutput:
+    """An output folder on a shared filesystem: rank 0 `create`s and `commit`s it, every rank writes into `path`."""
+
     def __init__(self, final: str | os.PathLike, digest: str, *, force: bool = False) -> None:
         self.final = Path(final).absolute()
         self.force = force
