@@ -96,7 +96,9 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path |
                          disk_budget=averaging.disk_budget, sizes=sizes, done=done, select=select)
         # only the revisions still to be read: a resumed run does not re-check what it is done with
         to_read = steps_of([j.window for j in plan.todo])
-        duplicates = [] if sizes is not None else source.duplicates(to_read, read_data=not dry_run)
+        # (rank 0 says what is duplicated: the others would only ask the Hub the same again)
+        speaks = averaging.ranks is None or averaging.ranks.rank == 0
+        duplicates = [] if sizes is not None or not speaks else source.duplicates(to_read, read_data=not dry_run)
         events.planned(plan, duplicates)
         if dry_run:
             return TrajectoryRun(plan, tuple(duplicates))
