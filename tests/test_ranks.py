@@ -381,3 +381,28 @@ def test_a_job_slurm_will_not_take_is_one_line_and_nothing_queued(three, tmp_pat
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert len(said) == 1 and "Slurm did not take the job" in said[0], said
     assert not (tmp_path / "avg").exists()
+
+
+RAISES_MID_WRITE = """
+import sys
+from ckptavg.engine.average import average_checkpoints
+from ckptavg.engine.ranks import from_environment
+
+def broken(plan):
+    def report(nbytes):
+        raise ValueError("a bug in a progress hook")
+    return report
+
+average_checkpoints(sys.argv[1:-1], sys.argv[-1], ranks=from_environment(), timeout=120, progress=broken)
+"""
+
+
+@pytest.mark.slow
+def test_a_bug_on_one_rank_stops_the_others_at_once_not_after_the_timeout(three, tmp_path):
+    started = time.monotonic()
+    said = finish(launch(2, sys.executable, "-m", "ckptavg", "average", *three, "--out", "avg", "--timeout", "120",
+                         cwd=tmp_path, rank_args={1: [sys.executable, "-c", RAISES_MID_WRITE, *three, "avg"]}))
+    assert time.monotonic() - started < 60  # (a silent rank would have taken the 120 s)
+    assert said[0][0] == 2 and "error: rank 1 of 2 failed: ValueError: a bug in a progress hook" in said[0][1], said
+    assert "Traceback" in said[1][1] and said[1][0] == 1  # (the bug keeps its traceback where it happened)
+    assert not (tmp_path / "avg").exists()

@@ -39,12 +39,17 @@ from .writer import write_extra_files
 
 def _together(group: Group, step: Callable[[], object]) -> object:
     """`step` on this rank, then, if it failed on any rank, an error on every one (on a rank where it failed,
-    its own error; elsewhere a `RankError` naming the rank and what it said), so that no rank goes on alone."""
+    its own error, a bug's with its traceback; elsewhere a `RankError` naming the rank and what it said at
+    once, rather than after the timeout its silence would take), so that no rank goes on alone."""
     try:
         result, error = step(), None
-    except (CkptavgError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (said to the others, then raised here as it is)
         result, error = None, e
-    said = group.gather(None if error is None else str(error).splitlines()[0])
+    if error is not None and not isinstance(error, (CkptavgError, OSError)):  # (a bug: say what kind)
+        line = f"{type(error).__name__}: {error}"
+    else:
+        line = None if error is None else str(error)
+    said = group.gather(None if line is None else (line.splitlines() or ["?"])[0])
     if error is not None:
         raise error
     failed = next(((r, line) for r, line in enumerate(said) if line is not None), None)
