@@ -26,13 +26,24 @@ class SlurmJob:
     sbatch: tuple[str, ...] = ()  # extra sbatch options, KEY=VALUE (e.g. account=proj)
 
     def checked(self) -> SlurmJob:
-        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
-            if getattr(self, name) < 1:
-                raise OptionError(f"--{name.replace('_', '-')} must be at least 1")
-        for flag in self.sbatch:
-            if "=" not in flag.lstrip("-"):
-                raise OptionError(f"--sbatch takes KEY=VALUE, got {flag!r}")
+        check_job_options(self, ("nodes", "tasks_per_node", "cpus_per_task", "time_min"))
         return self
+
+
+def check_job_options(options, counts: Sequence[str]) -> None:
+    """Each of `options`' fields `counts` at least 1, and its `sbatch` flags KEY=VALUE (a job's or a study's)."""
+    for name in counts:
+        if getattr(options, name) < 1:
+            raise OptionError(f"--{name.replace('_', '-')} must be at least 1")
+    sbatch_options(options.sbatch)
+
+
+def sbatch_options(flags: Sequence[str]) -> dict[str, str]:
+    """`--sbatch KEY=VALUE` flags as submitit's `slurm_additional_parameters`."""
+    for flag in flags:
+        if "=" not in flag.lstrip("-"):
+            raise OptionError(f"--sbatch takes KEY=VALUE, got {flag!r}")
+    return dict(flag.lstrip("-").split("=", 1) for flag in flags)
 
 
 JOB_OPTIONS = ("--executor", "--nodes", "--tasks-per-node", "--cpus-per-task", "--partition", "--time-min", "--mem",
@@ -69,7 +80,7 @@ def _executor(job: SlurmJob, logs: Path, name: str):
     executor = submitit.AutoExecutor(folder=logs, cluster="slurm")
     executor.update_parameters(nodes=job.nodes, tasks_per_node=job.tasks_per_node, cpus_per_task=job.cpus_per_task,
                                timeout_min=job.time_min, slurm_partition=job.partition, slurm_job_name=name,
-                               slurm_additional_parameters=dict(f.lstrip("-").split("=", 1) for f in job.sbatch),
+                               slurm_additional_parameters=sbatch_options(job.sbatch),
                                **({"slurm_mem": job.mem} if job.mem else {}))
     return executor
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import options as opt
-from ..engine.ranks import TIMEOUT_S, Ranks
+from ..engine.ranks import TIMEOUT_S, Ranks, joined
 from ..errors import OptionError
 from ..manifest import Method, is_finished, read_manifest
 from ..storage.paths import RemotePath
@@ -22,7 +21,6 @@ def interpolate(a: str | Path, b: str | Path, alphas: Sequence[float], out: str 
     Returns (alpha, folder, written) per alpha. `progress(alpha)` gives `average_checkpoints`' hook. `ranks`
     (launched by torchrun or srun): every alpha shared by them, one after another (`average_checkpoints`)."""
     from ..engine.average import average_checkpoints
-    from ..engine.ranks import Group
     from ..layout import interpolation_folder
 
     if not alphas:
@@ -31,7 +29,7 @@ def interpolate(a: str | Path, b: str | Path, alphas: Sequence[float], out: str 
     patterns, dev = opt.copy_patterns(copy), resolve_device(device)
     output_format = opt.choice(output_format, opt.OUTPUT_FORMATS, "--output-format")
     done = []
-    with Group(ranks, timeout) if ranks else contextlib.nullcontext() as group:
+    with joined(ranks, timeout) as group:
         for alpha in alphas:
             target = interpolation_folder(out, alpha)
             finished = not force and is_finished(target)

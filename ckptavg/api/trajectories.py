@@ -3,12 +3,12 @@ following it while it trains."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoints.layouts import DEFAULT_STEP_PATTERN
+from ..engine.ranks import joined
 from ..errors import OptionError
 from ..manifest import is_finished
 from ..options import output_tree
@@ -102,7 +102,7 @@ def run_trajectory(source, specs: RunSpec | Sequence[RunSpec], out: str | Path |
         events.planned(plan, duplicates)
         if dry_run:
             return TrajectoryRun(plan, tuple(duplicates))
-        with tracked_events(scoring, events) as (scoring, events), joined(averaging) as group:
+        with tracked_events(scoring, events) as (scoring, events), joined(averaging.ranks, averaging.timeout) as group:
             return _execute(source, plan, duplicates, averaging, scoring, store, events, group)
     finally:
         if store is not None:
@@ -163,13 +163,6 @@ def follow_trajectories(runs: Sequence[tuple[object, RunSpec | Sequence[RunSpec]
             root = location(root)
             followed.append(Followed(root, specs, out, *rounds_of(root.name), pattern, events, averaging.disk_budget))
         return follow(followed, options or FollowOptions())
-
-
-def joined(averaging: Averaging):
-    """The ranks' group for a run on several (`averaging.ranks`): joined once, for all its windows."""
-    from ..engine.ranks import Group
-
-    return Group(averaging.ranks, averaging.timeout) if averaging.ranks else contextlib.nullcontext()
 
 
 def _execute(source, plan: RunPlan, duplicates, averaging: Averaging, scoring: Scoring | None, store,

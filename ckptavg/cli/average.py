@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from .. import options as opt
-from ..errors import OptionError
 from ..units import format_size
 from .console import app, say, user_errors
 from .groups import Arithmetic, Launch, Submit, grouped
@@ -65,11 +64,8 @@ def average(
     output_format = opt.choice(arith.output_format, opt.OUTPUT_FORMATS, "--output-format")
     opt.device(arith.device)
     ranks = launch.ranks()  # launched by torchrun or srun: one of several ranks sharing the average
-    job = submit.job()
+    job = submit.job(ranks)
     if job is not None:
-        if ranks is not None:
-            raise OptionError("--executor slurm submits the ranks: run it once, from a login node, not under "
-                              "torchrun or srun")
         return _submitted(srcs, out_dir, job, w, normalize, dtype, acc, shard_bytes, force, hash_inputs, patterns,
                           output_format, launch.timeout, arith.device)
     quiet = quiet or bool(ranks and ranks.rank)

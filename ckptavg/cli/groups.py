@@ -132,12 +132,15 @@ class Submit:
     sbatch: list[str] = typer.Option([], help="Another sbatch option, KEY=VALUE (e.g. account=proj). Repeatable.",
                                      rich_help_panel=SLURM)
 
-    def job(self):
-        """The Slurm job asked for (`api.cluster.SlurmJob`, checked), or None to run here."""
+    def job(self, ranks: Ranks | None):
+        """The Slurm job asked for (`api.cluster.SlurmJob`, checked), or None to run here (as one of `ranks`)."""
         if self.executor not in ("local", "slurm"):
             raise fail(f"--executor: unknown value {self.executor!r} (choose from local, slurm)")
         if self.executor == "local":
             return None
+        if ranks is not None:
+            raise fail("--executor slurm submits the ranks: run it once, from a login node, not under torchrun "
+                       "or srun")
         from ..api.cluster import SlurmJob
 
         return SlurmJob(self.nodes, self.tasks_per_node, self.cpus_per_task, self.partition, self.time_min, self.mem,
@@ -146,12 +149,9 @@ class Submit:
     def submitted(self, ranks) -> bool:
         """With --executor slurm: this command line (less the job's options) run as a Slurm job of ranks, waited
         for, and what its rank 0 printed printed here; True. False: run it here."""
-        job = self.job()
+        job = self.job(ranks)
         if job is None:
             return False
-        if ranks is not None:
-            raise fail("--executor slurm submits the ranks: run it once, from a login node, not under torchrun "
-                       "or srun")
         import sys
 
         from ..api.cluster import submit_command, without_job_options

@@ -11,6 +11,7 @@ Without either (or with one rank) nothing changes: `from_environment` gives None
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -214,6 +215,12 @@ class Group:
         self._beater.join()
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+def joined(ranks: Ranks | None, timeout: float = TIMEOUT_S):
+    """The ranks' group for a command of several averages, joined once for all of them (a `Group`, or, run alone,
+    a context of None)."""
+    return Group(ranks, timeout) if ranks is not None else contextlib.nullcontext()
 
 
 def _first_line(e: BaseException) -> str:

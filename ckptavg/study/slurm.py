@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..api.cluster import submitting
+from ..api.cluster import check_job_options, sbatch_options, submitting
 from ..atomic import write_text
 from ..errors import JobsFailedError, OptionError
 from ..trajectory.run import Job, RunPlan
@@ -35,14 +35,10 @@ class SlurmOptions:
     ranks_per_job: int = 1  # tasks of each job, on one node: the ranks that share each of its averages
 
     def checked(self) -> SlurmOptions:
-        for name in ("jobs_per_source", "cpus_per_job", "time_min", "array_parallelism", "ranks_per_job"):
-            if getattr(self, name) < 1:
-                raise OptionError(f"--{name.replace('_', '-')} must be at least 1")
+        check_job_options(self, ("jobs_per_source", "cpus_per_job", "time_min", "array_parallelism",
+                                 "ranks_per_job"))
         if self.gpus_per_job < 0:
             raise OptionError("--gpus-per-job must not be negative")
-        for flag in self.sbatch:
-            if "=" not in flag.lstrip("-"):
-                raise OptionError(f"--sbatch takes KEY=VALUE, got {flag!r}")
         return self
 
 
@@ -105,7 +101,7 @@ def submit(s, options: SlurmOptions, plans, offline: tuple[str, ...] = ()) -> li
 
     folder = state_folder(s)
     executor = submitit.AutoExecutor(folder=folder / "logs", cluster="slurm")
-    extra = dict(flag.lstrip("-").split("=", 1) for flag in options.sbatch)
+    extra = sbatch_options(options.sbatch)
     executor.update_parameters(slurm_partition=options.partition, cpus_per_task=options.cpus_per_job,
                                tasks_per_node=options.ranks_per_job,
                                gpus_per_node=options.gpus_per_job or None, timeout_min=options.time_min,
